@@ -1,0 +1,152 @@
+"""The ``ketch`` command: ``ketch serve`` runs the gateway and its workers, ``ketch worker``
+joins a running gateway with one more worker (possibly from another machine)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ketch.errors import TargetLoadError
+from ketch.httpserver import run_event_loop
+from ketch.server import DEFAULT_BROKER, ServeOptions, serve
+from ketch.zmq_transport.liveness import DEFAULT_INTERVAL_S, DEFAULT_LIVENESS, Heartbeat
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
+    return value
+
+
+def _add_heartbeat_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=_positive_float,
+        default=DEFAULT_INTERVAL_S,
+        metavar="SECONDS",
+        help="seconds between heartbeats, both ways (default %(default)s)",
+    )
+    parser.add_argument(
+        "--heartbeat-liveness",
+        type=_positive_int,
+        default=DEFAULT_LIVENESS,
+        metavar="N",
+        help="a peer silent for N heartbeat intervals is dead (default %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ketch", description="Serve models over HTTP.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_cmd = commands.add_parser("serve", help="serve the models of a file or module over HTTP")
+    serve_cmd.add_argument("source", metavar="PATH_OR_MODULE", help="e.g. app.py or pkg.models")
+    serve_cmd.add_argument(
+        "--host", default="127.0.0.1", help="HTTP interface (default %(default)s)"
+    )
+    serve_cmd.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        help="HTTP port, 0 for any free port (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--broker",
+        default=DEFAULT_BROKER,
+        metavar="ENDPOINT",
+        help="ZeroMQ endpoint workers connect to; tcp://0.0.0.0:7070 admits remote workers "
+        "(default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--workers-per-model",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes per model version (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="answer 504 when a request has no result after this long (default %(default)s)",
+    )
+    _add_heartbeat_options(serve_cmd)
+
+    worker_cmd = commands.add_parser(
+        "worker", help="serve one model as a worker of a running gateway"
+    )
+    worker_cmd.add_argument(
+        "target",
+        metavar="PATH_OR_MODULE[:name]",
+        help="file or module with the model, and the model's name if it has several",
+    )
+    worker_cmd.add_argument(
+        "--connect",
+        default=DEFAULT_BROKER,
+        metavar="ENDPOINT",
+        help="the gateway's broker endpoint (default %(default)s)",
+    )
+    worker_cmd.add_argument("--model-version", default=None, help="which version to serve")
+    _add_heartbeat_options(worker_cmd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="ketch %(levelname)s %(name)s: %(message)s"
+    )
+    heartbeat = Heartbeat(args.heartbeat_interval, args.heartbeat_liveness)
+    try:
+        if args.command == "serve":
+            options = ServeOptions(
+                source=args.source,
+                host=args.host,
+                port=args.port,
+                broker=args.broker,
+                workers_per_model=args.workers_per_model,
+                heartbeat=heartbeat,
+                request_timeout_s=args.request_timeout,
+            )
+            run_event_loop(serve(options))
+        else:
+            return _run_worker(args.target, args.model_version, args.connect, heartbeat)
+    except (TargetLoadError, OSError) as exc:
+        print(f"ketch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _run_worker(target: str, version: str | None, broker: str, heartbeat: Heartbeat) -> int:
+    from ketch.workers import run_worker
+    from ketch.zmq_transport.worker import WorkerOptions
+
+    options = WorkerOptions(broker=broker, heartbeat=heartbeat, rejoin=True)
+    print(f"ketch: worker for {target} joining {broker}", file=sys.stderr, flush=True)
+    run_worker(target, version, options)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,395 @@
+"""Per-model-version queues: gather requests into batches and hand them to free workers.
+
+One :class:`ModelQueue` per model version holds the requests waiting for a worker and the
+batches each worker is computing. A worker announces how many batches it takes at once
+(``capacity``); whenever one has room, the queue sends it everything waiting, up to the
+model's ``max_batch_size``. So batches form by themselves under load and a lone request is
+sent at once. A request larger than ``max_batch_size`` is split across batches and answered
+when all its parts are back.
+
+The :class:`Dispatcher` receives the broker's events and routes them to the right queue; it
+also tracks local worker processes from their start to their READY, so ``GET /models`` can
+say ``starting``, and turns a process exit into an immediate drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ketch.models import ModelSpec
+from ketch.types import Outputs
+from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
+from ketch.zmq_transport.protocol import ErrorKind
+
+Report = Callable[[str], None]
+
+#: A batch is sent at most this many times: once, and once more if its worker dies.
+MAX_ATTEMPTS = 2
+
+
+class PredictionError(Exception):
+    """A request that cannot be answered with outputs: carries the HTTP status and JSON body."""
+
+    def __init__(self, status: int, error: str, **details: Any) -> None:
+        super().__init__(error)
+        self.status = status
+        self.body: dict[str, Any] = {"error": error, **details}
+
+
+class Job:
+    """The inputs of one HTTP request and the future its handler awaits."""
+
+    __slots__ = ("chunks", "future", "inputs", "remaining")
+
+    def __init__(self, inputs: list[Any], future: asyncio.Future[Outputs]) -> None:
+        self.inputs = inputs
+        self.future = future
+        self.remaining = len(inputs)
+        self.chunks: list[tuple[int, Outputs]] = []
+
+    def deliver(self, start: int, outputs: Outputs) -> None:
+        if self.future.done():
+            return
+        if len(outputs) == len(self.inputs):
+            self.future.set_result(outputs)
+            return
+        self.chunks.append((start, outputs))
+        self.remaining -= len(outputs)
+        if self.remaining == 0:
+            self.future.set_result(_join_chunks(self.chunks))
+
+    def fail(self, error: PredictionError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+def _join_chunks(chunks: list[tuple[int, Outputs]]) -> Outputs:
+    ordered = [outputs for _, outputs in sorted(chunks, key=lambda chunk: chunk[0])]
+    if all(isinstance(part, np.ndarray) for part in ordered):
+        return np.concatenate(ordered)
+    return [output for part in ordered for output in part]
+
+
+@dataclass(slots=True)
+class Part:
+    """A slice ``[start, stop)`` of a job's inputs, the unit batches are made of."""
+
+    job: Job
+    start: int
+    stop: int
+    attempts: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(slots=True)
+class Batch:
+    id: int
+    worker: WorkerInfo
+    parts: list[Part]
+    size: int
+
+
+@dataclass(slots=True)
+class _Worker:
+    info: WorkerInfo
+    batches: dict[int, Batch] = field(default_factory=dict)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.batches) < self.info.capacity
+
+
+class ModelQueue:
+    """Requests and workers of one model version; see the module docstring."""
+
+    def __init__(self, spec: ModelSpec, broker: Broker, batch_ids: Callable[[], int]) -> None:
+        self.spec = spec
+        self._broker = broker
+        self._next_batch_id = batch_ids
+        self._pending: deque[Part] = deque()
+        self._workers: dict[bytes, _Worker] = {}
+        self.starting: set[int] = set()
+        self.served_from_file = False
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def submit(self, inputs: list[Any]) -> asyncio.Future[Outputs]:
+        """Queue a request's inputs; the future resolves to one output per input."""
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        job = Job(inputs, future)
+        self._pending.append(Part(job, 0, len(inputs)))
+        self.pump()
+        return future
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(part.size for part in self._pending if not part.job.future.done())
+
+    def pump(self) -> None:
+        """Send waiting inputs to every worker that has room."""
+        while self._pending:
+            worker = next((w for w in self._workers.values() if w.has_room), None)
+            if worker is None:
+                return
+            parts = self._take(self.spec.max_batch_size)
+            if not parts:
+                return
+            self._send(worker, parts)
+
+    def _take(self, limit: int) -> list[Part]:
+        parts: list[Part] = []
+        room = limit
+        while self._pending and room:
+            part = self._pending.popleft()
+            if part.job.future.done():
+                continue  # timed out, or failed through another part
+            if part.size > room:
+                rest = Part(part.job, part.start + room, part.stop, part.attempts)
+                self._pending.appendleft(rest)
+                part = Part(part.job, part.start, part.start + room, part.attempts)
+            parts.append(part)
+            room -= part.size
+        return parts
+
+    def _send(self, worker: _Worker, parts: list[Part]) -> None:
+        if len(parts) == 1 and parts[0].size == len(parts[0].job.inputs):
+            inputs: list[Any] = parts[0].job.inputs
+        else:
+            inputs = [x for part in parts for x in part.job.inputs[part.start : part.stop]]
+        for part in parts:
+            part.attempts += 1
+        batch = Batch(self._next_batch_id(), worker.info, parts, len(inputs))
+        worker.batches[batch.id] = batch
+        try:
+            # On failure the broker drops the worker, and worker_lost requeues this batch.
+            self._broker.send_batch(worker.info, batch.id, inputs)
+        except ValueError as exc:
+            worker.batches.pop(batch.id, None)
+            self._fail(parts, PredictionError(400, str(exc), **self._labels()))
+
+    # -- worker events ----------------------------------------------------------------------
+
+    def add_worker(self, info: WorkerInfo) -> None:
+        self._workers[info.identity] = _Worker(info)
+        self.pump()
+
+    def remove_worker(self, info: WorkerInfo, reason: str) -> None:
+        worker = self._workers.pop(info.identity, None)
+        if worker is None:
+            return
+        retry: list[Part] = []
+        for batch in worker.batches.values():
+            for part in batch.parts:
+                if part.attempts >= MAX_ATTEMPTS:
+                    part.job.fail(
+                        PredictionError(
+                            503,
+                            f"{info.describe()} was lost while computing this request "
+                            f"({reason}), after {part.attempts} attempts",
+                            **self._labels(),
+                        )
+                    )
+                else:
+                    retry.append(part)
+        # Retries go first: they have waited longest.
+        self._pending.extendleft(reversed(retry))
+        self.pump()
+
+    def complete(self, info: WorkerInfo, batch_id: int, outputs: Outputs) -> None:
+        batch = self._finish(info, batch_id)
+        if batch is None:
+            return
+        if len(outputs) != batch.size:
+            error = PredictionError(
+                500,
+                f"{info.describe()} returned {len(outputs)} outputs for a batch of {batch.size}",
+                **self._labels(),
+            )
+            self._fail(batch.parts, error)
+        else:
+            offset = 0
+            for part in batch.parts:
+                part.job.deliver(part.start, outputs[offset : offset + part.size])
+                offset += part.size
+        self.pump()
+
+    def fail_batch(self, info: WorkerInfo, batch_id: int, remote: RemoteError) -> None:
+        batch = self._finish(info, batch_id)
+        if batch is None:
+            return
+        if remote.kind is ErrorKind.MODEL:
+            error = PredictionError(
+                500,
+                f"model {self.spec.label()!r} raised {remote.type}: {remote.message}",
+                type=remote.type,
+                message=remote.message,
+                **self._labels(),
+            )
+        else:
+            status = 400 if remote.kind is ErrorKind.BAD_INPUT else 500
+            error = PredictionError(status, remote.message, type=remote.type, **self._labels())
+        self._fail(batch.parts, error)
+        self.pump()
+
+    def _finish(self, info: WorkerInfo, batch_id: int) -> Batch | None:
+        worker = self._workers.get(info.identity)
+        return None if worker is None else worker.batches.pop(batch_id, None)
+
+    def _fail(self, parts: list[Part], error: PredictionError) -> None:
+        for part in parts:
+            part.job.fail(error)
+
+    def _labels(self) -> dict[str, str]:
+        return {"model": self.spec.name, "version": self.spec.version}
+
+    # -- status -----------------------------------------------------------------------------
+
+    @property
+    def ready_replicas(self) -> int:
+        return len(self._workers)
+
+    @property
+    def state(self) -> str:
+        if self._workers:
+            return "ready"
+        return "starting" if self.starting else "unavailable"
+
+    def describe(self, default_version: str) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "version": self.spec.version,
+            "default": self.spec.version == default_version,
+            "state": self.state,
+            "replicas": {"ready": len(self._workers), "starting": len(self.starting)},
+            "max_batch_size": self.spec.max_batch_size,
+            "batch_input": self.spec.batch_input,
+            "queue_depth": self.queue_depth,
+            "workers": [
+                {
+                    "pid": w.info.pid,
+                    "host": w.info.host,
+                    "capacity": w.info.capacity,
+                    "batches_in_flight": len(w.batches),
+                }
+                for w in self._workers.values()
+            ],
+        }
+
+
+def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key for versions: numeric parts compare as numbers, so "10" is above "9"."""
+    return tuple(
+        (0, int(piece)) if piece.isdigit() else (1, piece) for piece in re.split(r"[.\-_]", version)
+    )
+
+
+class Dispatcher:
+    """Routes requests to model queues and broker events to the queue of the worker's model.
+
+    :param report: receives one human-readable line per state change (worker ready or lost).
+    """
+
+    def __init__(self, report: Report) -> None:
+        self._report = report
+        self._queues: dict[tuple[str, str], ModelQueue] = {}
+        self._defaults: dict[str, str] = {}
+        self._batch_ids = itertools.count(1).__next__
+        self._broker: Broker | None = None
+        self._hostname = socket.gethostname()
+
+    def attach(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def add_model(self, spec: ModelSpec, *, served_from_file: bool = True) -> ModelQueue:
+        queue = self._queues.get(spec.key)
+        if queue is None:
+            assert self._broker is not None, "attach a broker before adding models"
+            queue = ModelQueue(spec, self._broker, self._batch_ids)
+            self._queues[spec.key] = queue
+            versions = [v for (n, v) in self._queues if n == spec.name]
+            self._defaults[spec.name] = max(versions, key=version_order)
+        queue.served_from_file = queue.served_from_file or served_from_file
+        return queue
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def queue_for(self, name: str, version: str | None) -> ModelQueue:
+        default = self._defaults.get(name)
+        if default is None:
+            raise PredictionError(404, f"unknown model {name!r}", models=sorted(self._defaults))
+        queue = self._queues.get((name, version if version is not None else default))
+        if queue is None:
+            versions = sorted((v for (n, v) in self._queues if n == name), key=version_order)
+            raise PredictionError(
+                404, f"model {name!r} has no version {version!r}", model=name, versions=versions
+            )
+        return queue
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            queue.describe(self._defaults[name])
+            for (name, _), queue in sorted(
+                self._queues.items(), key=lambda kv: (kv[0][0], version_order(kv[0][1]))
+            )
+        ]
+
+    def not_ready(self) -> list[str]:
+        """Labels of models from the served file that have no ready worker."""
+        return [
+            q.spec.label()
+            for q in self._queues.values()
+            if q.served_from_file and not q.ready_replicas
+        ]
+
+    # -- local processes (from the supervisor) ----------------------------------------------
+
+    def process_started(self, spec: ModelSpec, pid: int) -> None:
+        self.add_model(spec).starting.add(pid)
+
+    def process_exited(self, spec: ModelSpec, pid: int, how: str) -> None:
+        queue = self._queues.get(spec.key)
+        if queue is not None:
+            queue.starting.discard(pid)
+        assert self._broker is not None
+        for worker in self._broker.workers():
+            if worker.pid == pid and worker.host == self._hostname:
+                self._broker.drop(worker, how)
+
+    # -- broker events ----------------------------------------------------------------------
+
+    def worker_ready(self, worker: WorkerInfo) -> None:
+        queue = self._queues.get(worker.spec.key)
+        if queue is None:
+            # A worker started by hand for a model the served file does not define.
+            queue = self.add_model(worker.spec, served_from_file=False)
+        if worker.host == self._hostname:
+            queue.starting.discard(worker.pid)
+        queue.add_worker(worker)
+        self._report(f"model {worker.spec.label()} ready: {worker.describe()}")
+
+    def worker_lost(self, worker: WorkerInfo, reason: str) -> None:
+        queue = self._queues.get(worker.spec.key)
+        if queue is not None:
+            queue.remove_worker(worker, reason)
+        self._report(f"model {worker.spec.label()} lost {worker.describe()}: {reason}")
+
+    def batch_replied(self, worker: WorkerInfo, batch_id: int, outputs: Outputs) -> None:
+        queue = self._queues.get(worker.spec.key)
+        if queue is not None:
+            queue.complete(worker, batch_id, outputs)
+
+    def batch_failed(self, worker: WorkerInfo, batch_id: int, error: RemoteError) -> None:
+        queue = self._queues.get(worker.spec.key)
+        if queue is not None:
+            queue.fail_batch(worker, batch_id, error)

@@ -1,0 +1,163 @@
+"""The HTTP gateway: a Starlette app that turns requests into queued model inputs.
+
+Routes:
+
+* ``POST /models/{name}/predict`` with ``{"input": x}`` or ``{"inputs": [x, ...]}`` and an
+  optional ``"version"``; answers ``{"output": y}`` or ``{"outputs": [y, ...]}`` with
+  ``model``, ``version`` and ``query_id``.
+* ``GET /models``: every model version with its state, replicas and queue.
+* ``GET /v2/health/live`` and ``GET /v2/health/ready`` (Open Inference Protocol health).
+
+Every error is JSON, ``{"error": "..."}`` plus details, with a status that says whose fault it
+was: 400 bad request, 404 unknown model, 500 the model failed, 503 no worker could answer,
+504 no answer in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import orjson
+from ketch.dispatch import Dispatcher, PredictionError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _to_json_value(value: Any) -> Any:
+    """orjson's fallback: numpy values it does not take natively (float16, strided views)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"cannot serialize {type(value).__qualname__} as JSON")
+
+
+def json_response(
+    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    content = orjson.dumps(body, default=_to_json_value, option=_JSON_OPTIONS)
+    return Response(content, status, headers, media_type="application/json")
+
+
+def error_response(status: int, error: str, **details: Any) -> Response:
+    return json_response({"error": error, **details}, status)
+
+
+class Gateway:
+    """Request handlers over one :class:`Dispatcher`.
+
+    :param dispatcher: where requests are queued.
+    :param request_timeout_s: longest a request waits for its outputs before a 504.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, request_timeout_s: float) -> None:
+        self.dispatcher = dispatcher
+        self.request_timeout_s = request_timeout_s
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/models", self.list_models, methods=["GET"]),
+                Route("/models/{name}/predict", self.predict, methods=["POST"]),
+                Route("/v2/health/live", self.live, methods=["GET"]),
+                Route("/v2/health/ready", self.ready, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
+        )
+
+    async def predict(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            body = _parse_body(await request.body())
+            single, inputs = _inputs_of(body)
+            version = _version_of(body)
+            queue = self.dispatcher.queue_for(name, version)
+            try:
+                async with asyncio.timeout(self.request_timeout_s):
+                    outputs = await queue.submit(inputs)
+            except TimeoutError:
+                raise PredictionError(
+                    504,
+                    f"model {queue.spec.label()!r} did not answer within "
+                    f"{self.request_timeout_s:g} s",
+                    model=queue.spec.name,
+                    version=queue.spec.version,
+                ) from None
+        except PredictionError as exc:
+            return json_response(exc.body, exc.status)
+        answer: dict[str, Any] = {"output": outputs[0]} if single else {"outputs": outputs}
+        answer["model"] = queue.spec.name
+        answer["version"] = queue.spec.version
+        answer["query_id"] = uuid.uuid4().hex
+        return json_response(answer)
+
+    async def list_models(self, request: Request) -> Response:
+        return json_response({"models": self.dispatcher.describe()})
+
+    async def live(self, request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        missing = self.dispatcher.not_ready()
+        if missing:
+            return json_response({"ready": False, "models_not_ready": missing}, 503)
+        return json_response({"ready": True})
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PredictionError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise PredictionError(
+            400, f"request body must be a JSON object, got a JSON {_json_kind(body)}"
+        )
+    return body
+
+
+def _inputs_of(body: dict[str, Any]) -> tuple[bool, list[Any]]:
+    """``(single, inputs)``: whether the request used ``input``, and the inputs as a list."""
+    has_input, has_inputs = "input" in body, "inputs" in body
+    if has_input and has_inputs:
+        raise PredictionError(400, "give either 'input' or 'inputs', not both")
+    if has_input:
+        return True, [body["input"]]
+    if not has_inputs:
+        raise PredictionError(
+            400,
+            "request body needs 'input' (one input) or 'inputs' (a list of inputs)",
+            keys=sorted(body),
+        )
+    inputs = body["inputs"]
+    if not isinstance(inputs, list):
+        raise PredictionError(400, f"'inputs' must be a list, got a JSON {_json_kind(inputs)}")
+    if not inputs:
+        raise PredictionError(400, "'inputs' is an empty list: send at least one input")
+    return False, inputs
+
+
+def _version_of(body: dict[str, Any]) -> str | None:
+    version = body.get("version")
+    if version is None or isinstance(version, str):
+        return version
+    if isinstance(version, int) and not isinstance(version, bool):
+        return str(version)
+    raise PredictionError(400, f"'version' must be a string, got {version!r}")
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (unknown route, wrong method) as JSON like all the others."""
+    return json_response({"error": exc.detail}, exc.status_code, exc.headers)

@@ -1,0 +1,189 @@
+"""``@ketch.model``: turn a batch function into a servable model.
+
+A model function takes a batch (a list, or a numpy array when its first parameter is annotated
+``np.ndarray``) and returns a sequence of the same length. The decorator validates its options
+when it decorates, so a typo fails at import time instead of at the first request, and returns a
+:class:`Model` that is still callable as the plain function.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+
+import numpy as np
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+BatchInput = Literal["list", "numpy"]
+
+#: Names and versions appear in URLs and log lines: keep them to URL-safe characters.
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+DEFAULT_VERSION = "1"
+DEFAULT_MAX_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What the gateway needs to know about a model; plain data, sent over the wire as a dict.
+
+    :param name: URL name of the model (``/models/{name}/predict``).
+    :param version: version label; requests without a version go to the highest one.
+    :param max_batch_size: most inputs handed to one call of the function.
+    :param batch_input: ``"list"`` or ``"numpy"`` (inputs stacked into one array).
+    :param is_async: whether the function is ``async def``.
+    """
+
+    name: str
+    version: str = DEFAULT_VERSION
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_input: BatchInput = "list"
+    is_async: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.version)
+
+    def label(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        """Rebuild a spec from :meth:`to_dict`, ignoring keys a newer peer may add."""
+        known = {field: data[field] for field in cls.__dataclass_fields__ if field in data}
+        return validated_spec(**known)
+
+
+def validated_spec(
+    name: str,
+    version: str | int = DEFAULT_VERSION,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    batch_input: BatchInput = "list",
+    is_async: bool = False,
+) -> ModelSpec:
+    """Build a :class:`ModelSpec`, raising ``ValueError``/``TypeError`` that names the bad value."""
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise ValueError(
+            f"model name {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-'"
+        )
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(version)
+    if not isinstance(version, str) or not _NAME_PATTERN.match(version):
+        raise ValueError(
+            f"model version {version!r} of {name!r} is not valid: "
+            "use 1-128 letters, digits, '_', '.' or '-'"
+        )
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
+        raise TypeError(f"max_batch_size of {name!r} must be an int, got {max_batch_size!r}")
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size of {name!r} must be >= 1, got {max_batch_size}")
+    if batch_input not in ("list", "numpy"):
+        raise ValueError(f"batch_input of {name!r} must be 'list' or 'numpy', got {batch_input!r}")
+    return ModelSpec(name, version, max_batch_size, batch_input, bool(is_async))
+
+
+class Model(Generic[P, R]):
+    """A decorated model function: call it like the function, serve it with ``ketch serve``."""
+
+    def __init__(self, fn: Callable[P, R], spec: ModelSpec) -> None:
+        self.fn = fn
+        self.spec = spec
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<ketch.Model {self.spec.label()} of {self.fn.__module__}.{self.fn.__qualname__}>"
+
+
+@overload
+def model(fn: Callable[P, R], /) -> Model[P, R]: ...
+
+
+@overload
+def model(
+    *,
+    name: str | None = None,
+    version: str | int = DEFAULT_VERSION,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> Callable[[Callable[P, R]], Model[P, R]]: ...
+
+
+def model(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    version: str | int = DEFAULT_VERSION,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> Model[P, R] | Callable[[Callable[P, R]], Model[P, R]]:
+    """Declare a model: ``@ketch.model`` or ``@ketch.model(name=..., version=..., ...)``.
+
+    :param name: the model's URL name; defaults to the function's name.
+    :param version: version label (default ``"1"``).
+    :param max_batch_size: most inputs passed to one call of the function (default 32).
+
+    The function receives a batch and must return one output per input. Annotate its first
+    parameter ``np.ndarray`` to receive the batch as one stacked array.
+    """
+
+    def decorate(func: Callable[P, R]) -> Model[P, R]:
+        if isinstance(func, Model):
+            raise TypeError(f"{func!r} is already a ketch model; decorate the function once")
+        if not callable(func):
+            raise TypeError(f"@ketch.model decorates a function, got {func!r}")
+        _require_batch_parameter(func)
+        spec = validated_spec(
+            name=name if name is not None else func.__name__,
+            version=version,
+            max_batch_size=max_batch_size,
+            batch_input=_batch_input_of(func),
+            is_async=inspect.iscoroutinefunction(func),
+        )
+        return Model(func, spec)
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def _require_batch_parameter(func: Callable[..., Any]) -> None:
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: trust the caller
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        raise TypeError(
+            f"model function {func.__qualname__}{signature} must accept the batch as its one "
+            f"positional argument ({exc})"
+        ) from None
+
+
+def _batch_input_of(func: Callable[..., Any]) -> BatchInput:
+    """``"numpy"`` when the batch parameter is annotated as a numpy array, else ``"list"``."""
+    try:
+        first = next(iter(inspect.signature(func).parameters.values()))
+    except (StopIteration, TypeError, ValueError):
+        return "list"
+    try:
+        hints = typing.get_type_hints(func)
+        annotation: Any = hints.get(first.name, first.annotation)
+    except Exception:
+        # Unresolvable string annotations (names only imported under TYPE_CHECKING).
+        annotation = first.annotation
+    if isinstance(annotation, str):
+        return "numpy" if re.search(r"\b(ndarray|NDArray)\b", annotation) else "list"
+    origin = typing.get_origin(annotation) or annotation
+    return "numpy" if origin is np.ndarray else "list"

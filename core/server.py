@@ -1,0 +1,112 @@
+"""``ketch serve``: discovery, broker, local workers and the HTTP gateway in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from ketch.dispatch import Dispatcher
+from ketch.gateway import Gateway
+from ketch.httpserver import bind_tcp, serve_asgi
+from ketch.workers import LocalWorkers, ProcessEvents, discover
+from ketch.zmq_transport.broker import Broker
+from ketch.zmq_transport.liveness import Heartbeat
+
+DEFAULT_BROKER = "tcp://127.0.0.1:7070"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """Everything ``ketch serve`` takes.
+
+    :param source: the file (``app.py``) or module (``pkg.models``) that defines the models.
+    :param host: interface the HTTP gateway listens on.
+    :param port: HTTP port; 0 picks a free one (printed at start).
+    :param broker: ZeroMQ endpoint workers connect to; ``tcp://0.0.0.0:7070`` admits workers
+        from other machines, ``tcp://127.0.0.1:*`` picks a free port.
+    :param workers_per_model: worker processes started for each model version.
+    :param heartbeat: heartbeat interval and liveness between broker and workers.
+    :param request_timeout_s: longest a request waits for its answer before a 504.
+    """
+
+    source: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    broker: str = DEFAULT_BROKER
+    workers_per_model: int = 1
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    request_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.workers_per_model < 1:
+            raise ValueError(f"workers per model must be >= 1, got {self.workers_per_model}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request timeout must be > 0 s, got {self.request_timeout_s}")
+
+
+class _Reporter:
+    """Prints state changes as ``ketch: ...`` lines, and ``ketch: ready`` the first time every
+    model of the served file has a ready worker (tests and scripts wait for that line)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self.is_ready: Callable[[], bool] = lambda: False
+        self._announced = False
+
+    def __call__(self, line: str) -> None:
+        print(f"ketch: {line}", file=self._out, flush=True)
+        if not self._announced and self.is_ready():
+            self._announced = True
+            print("ketch: ready", file=self._out, flush=True)
+
+
+async def serve(
+    options: ServeOptions, shutdown: asyncio.Event | None = None, out: TextIO = sys.stdout
+) -> None:
+    """Run the gateway until ``shutdown`` is set (or SIGINT/SIGTERM when none is given)."""
+    loop = asyncio.get_running_loop()
+    if shutdown is None:
+        shutdown = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, shutdown.set)
+    specs = await loop.run_in_executor(None, discover, options.source)
+    report = _Reporter(out)
+    dispatcher = Dispatcher(report)
+    report.is_ready = lambda: not dispatcher.not_ready()
+    broker = Broker(options.broker, dispatcher, options.heartbeat)
+    sock = bind_tcp(options.host, options.port)
+    workers: LocalWorkers | None = None
+    try:
+        endpoint = broker.start()
+        dispatcher.attach(broker)
+        for spec in specs:
+            dispatcher.add_model(spec)
+        host, port = sock.getsockname()[:2]
+        report(f"broker listening on {endpoint}")
+        report(f"listening on http://{_url_host(host)}:{port}")
+        workers = LocalWorkers(
+            options.source,
+            endpoint,
+            options.heartbeat,
+            ProcessEvents(dispatcher.process_started, dispatcher.process_exited),
+        )
+        for spec in specs:
+            workers.start(spec, options.workers_per_model)
+        app = Gateway(dispatcher, options.request_timeout_s).app()
+        await serve_asgi(app, sock, shutdown.wait)
+    finally:
+        sock.close()  # a no-op once serve_asgi has handed the socket to Hypercorn
+        if workers is not None:
+            workers.hold_restarts()
+        await broker.close()
+        if workers is not None:
+            await workers.stop()
+        report("stopped")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,1 @@
+"""Built-in selection policies, registered through the same hooks as third-party plugins."""

@@ -1,0 +1,157 @@
+"""The ketch worker protocol, version 1: the one place it is defined.
+
+Transport
+    ZeroMQ. The gateway's broker binds a ROUTER socket (``tcp://127.0.0.1:7070`` by default,
+    ``--broker`` to change it); every worker connects a DEALER to it, so a worker on another
+    machine joins exactly as a local one does. One worker process serves one model version.
+
+Frames
+    A worker sends ``[b"", PROTOCOL, command, header, *buffers]``; the broker receives the same
+    behind the routing identity ZeroMQ adds, ``[identity, b"", PROTOCOL, command, ...]``, and
+    replies with that identity in front.
+
+    * ``PROTOCOL`` is :data:`PROTOCOL` (``b"KETCH/1"``). A peer speaking another version is
+      answered with DISCONNECT and otherwise ignored.
+    * ``command`` is one byte, see :class:`Command`.
+    * ``header`` is a msgpack map. Numpy arrays anywhere inside it are msgpack extension values
+      (type :data:`NDARRAY_EXT`) holding ``[buffer index, dtype string, shape]``; the array's
+      bytes travel raw as ``buffers[index]``, one frame each, so no array is copied into the
+      header and nothing is pickled. Numpy scalars travel as plain numbers.
+
+Commands and their header fields
+    ``READY`` (worker -> broker), once after the model is loaded:
+        ``model`` (a :class:`~ketch.models.ModelSpec` as a map), ``pid``, ``host``,
+        ``capacity`` (batches the worker accepts at once), ``heartbeat_ms``.
+    ``REQUEST`` (broker -> worker): ``id`` (batch id, unique per broker), ``inputs`` (list, one
+        entry per input in the batch).
+    ``REPLY`` (worker -> broker): ``id``, ``outputs`` (list or array, one entry per input).
+    ``ERROR`` (worker -> broker): ``id``, ``kind`` (:class:`ErrorKind`), ``type`` (exception
+        class name), ``message``.
+    ``HEARTBEAT`` (both ways): empty map. Each side sends one every ``heartbeat_ms``; any
+        message counts as a sign of life. A peer silent for ``liveness`` intervals is dead (see
+        :mod:`ketch.zmq_transport.liveness`).
+    ``DISCONNECT`` (both ways): ``reason``. From the broker: stop sending to this broker (a
+        worker started by ``ketch serve`` exits; one started by hand reconnects with backoff and
+        sends READY again). From a worker: it is leaving; the broker retries its batches elsewhere.
+
+Flow control
+    The broker sends a worker at most ``capacity`` REQUESTs before their REPLY or ERROR. A
+    worker that dies or goes silent with batches in flight has each batch retried once on
+    another worker of the same model version; a batch that already had its retry fails.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL = b"KETCH/1"
+NDARRAY_EXT = 1
+EMPTY = b""
+
+Frame = bytes | memoryview
+
+
+class Command(bytes, enum.Enum):
+    READY = b"\x01"
+    REQUEST = b"\x02"
+    REPLY = b"\x03"
+    ERROR = b"\x04"
+    HEARTBEAT = b"\x05"
+    DISCONNECT = b"\x06"
+
+
+class ErrorKind(enum.StrEnum):
+    """Why a batch failed, so the gateway can pick the HTTP status."""
+
+    #: The model function raised.
+    MODEL = "model"
+    #: The model returned something other than one output per input, or an unsendable value.
+    BAD_OUTPUT = "bad_output"
+    #: The inputs could not be turned into the batch the model declared (e.g. ragged arrays).
+    BAD_INPUT = "bad_input"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol."""
+
+
+@dataclass(slots=True)
+class Message:
+    command: Command
+    header: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(command: Command, header: dict[str, Any] | None = None) -> list[Frame]:
+    """Frames for one message, without envelope: ``[PROTOCOL, command, header, *buffers]``."""
+    buffers: list[Frame] = []
+    packed = msgpack.packb(
+        header or {}, default=functools.partial(_pack_extension, buffers), use_bin_type=True
+    )
+    return [PROTOCOL, command.value, packed, *buffers]
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse ``[PROTOCOL, command, header, *buffers]`` (envelope already removed)."""
+    if len(frames) < 3:
+        raise ProtocolError(f"a ketch message has at least 3 frames, got {len(frames)}")
+    protocol, command, packed, *buffers = frames
+    if protocol != PROTOCOL:
+        raise ProtocolError(
+            f"peer speaks protocol {bytes(protocol)[:16]!r}, this side speaks {PROTOCOL!r}"
+        )
+    try:
+        cmd = Command(bytes(command))
+    except ValueError:
+        raise ProtocolError(f"unknown command byte {bytes(command)!r}") from None
+    try:
+        header = msgpack.unpackb(
+            packed,
+            ext_hook=functools.partial(_unpack_extension, buffers),
+            raw=False,
+            strict_map_key=False,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"header of {cmd.name} is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header of {cmd.name} must be a map, got {type(header).__name__}")
+    return Message(cmd, header)
+
+
+def split_envelope(frames: Sequence[bytes]) -> tuple[bytes, Sequence[bytes]]:
+    """Split what a ROUTER receives into the peer identity and the message frames."""
+    if len(frames) < 2 or frames[1] != EMPTY:
+        raise ProtocolError("message lacks the [identity, empty] envelope")
+    return frames[0], frames[2:]
+
+
+def _pack_extension(buffers: list[Frame], value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            return value.tolist()  # object arrays have no raw byte form; send their items
+        array = np.ascontiguousarray(value)
+        meta = msgpack.packb([len(buffers), array.dtype.str, list(array.shape)])
+        buffers.append(array.data.cast("B") if array.size else b"")
+        return msgpack.ExtType(NDARRAY_EXT, meta)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    raise TypeError(f"cannot send a value of type {type(value).__qualname__}")
+
+
+def _unpack_extension(buffers: Sequence[bytes], code: int, data: bytes) -> Any:
+    if code != NDARRAY_EXT:
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+    index, dtype, shape = msgpack.unpackb(data)
+    if not 0 <= index < len(buffers):
+        raise ProtocolError(f"array refers to buffer {index}, message has {len(buffers)}")
+    return np.frombuffer(buffers[index], dtype=np.dtype(dtype)).reshape(shape)
