@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -23,8 +24,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
 
 
@@ -35,7 +36,14 @@ def _port(text: str) -> int:
     return value
 
 
-def _add_heartbeat_options(parser: argparse.ArgumentParser) -> None:
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="what to log on stderr (default %(default)s)",
+    )
     parser.add_argument(
         "--heartbeat-interval",
         type=_positive_float,
@@ -54,7 +62,6 @@ def _add_heartbeat_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ketch", description="Serve models over HTTP.")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve_cmd = commands.add_parser("serve", help="serve the models of a file or module over HTTP")
@@ -89,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="answer 504 when a request has no result after this long (default %(default)s)",
     )
-    _add_heartbeat_options(serve_cmd)
+    _add_common_options(serve_cmd)
 
     worker_cmd = commands.add_parser(
         "worker", help="serve one model as a worker of a running gateway"
@@ -106,14 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the gateway's broker endpoint (default %(default)s)",
     )
     worker_cmd.add_argument("--model-version", default=None, help="which version to serve")
-    _add_heartbeat_options(worker_cmd)
+    _add_common_options(worker_cmd)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="ketch %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s ketch %(levelname)s %(name)s: %(message)s"
     )
     heartbeat = Heartbeat(args.heartbeat_interval, args.heartbeat_liveness)
     try:

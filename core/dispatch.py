@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from ketch.models import ModelSpec
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
@@ -351,6 +352,10 @@ class Dispatcher:
             for q in self._queues.values()
             if q.served_from_file and not q.ready_replicas
         ]
+
+    def settled(self) -> bool:
+        """Every model of the served file has a ready worker and none is still starting."""
+        return not self.not_ready() and not any(q.starting for q in self._queues.values())
 
     # -- local processes (from the supervisor) ----------------------------------------------
 

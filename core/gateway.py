@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import orjson
-from ketch.dispatch import Dispatcher, PredictionError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from ketch.dispatch import Dispatcher, PredictionError
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 

@@ -29,7 +29,7 @@ class Target:
     def parse(cls, text: str) -> Target:
         source, sep, name = text.rpartition(":")
         # "C:/x.py" style drive letters and bare "file.py" have no model name part.
-        if sep and name and source and not name.startswith(("/", "\\")) and len(source) > 1:
+        if sep and name and source and not name.startswith(("/", "\\")):
             return cls(source, name)
         return cls(text)
 
@@ -42,7 +42,9 @@ def import_source(source: str) -> ModuleType:
     try:
         return importlib.import_module(source)
     except ModuleNotFoundError as exc:
-        if exc.name and source.startswith(exc.name):
+        # Only blame the target when the missing module is the target (or a parent package);
+        # a missing dependency inside it keeps its own error.
+        if exc.name and (source == exc.name or source.startswith(exc.name + ".")):
             raise TargetLoadError(
                 f"{source!r} is neither a Python file nor an importable module ({exc})"
             ) from exc
@@ -59,8 +61,11 @@ def _import_file(path: Path) -> ModuleType:
         sys.path.insert(0, folder)
     module_name = resolved.stem if resolved.stem.isidentifier() else "ketch_user_module"
     loaded = sys.modules.get(module_name)
-    if loaded is not None and getattr(loaded, "__file__", None) == str(resolved):
-        return loaded
+    if loaded is not None:
+        if getattr(loaded, "__file__", None) == str(resolved):
+            return loaded
+        # Never shadow an imported module (a user's queue.py must not replace the stdlib's).
+        module_name = f"ketch_user_{module_name}"
     spec = importlib.util.spec_from_file_location(module_name, resolved)
     if spec is None or spec.loader is None:
         raise TargetLoadError(f"cannot import {str(path)!r} as a Python module")

@@ -177,13 +177,17 @@ def _batch_input_of(func: Callable[..., Any]) -> BatchInput:
         first = next(iter(inspect.signature(func).parameters.values()))
     except (StopIteration, TypeError, ValueError):
         return "list"
-    try:
-        hints = typing.get_type_hints(func)
-        annotation: Any = hints.get(first.name, first.annotation)
-    except Exception:
-        # Unresolvable string annotations (names only imported under TYPE_CHECKING).
-        annotation = first.annotation
+    annotation: Any = first.annotation
     if isinstance(annotation, str):
-        return "numpy" if re.search(r"\b(ndarray|NDArray)\b", annotation) else "list"
+        # Resolve just this parameter's annotation: another one that cannot be resolved
+        # (a name imported only under TYPE_CHECKING) must not change the outcome.
+        try:
+            annotation = eval(annotation, getattr(func, "__globals__", {}))
+        except Exception:
+            return "numpy" if _NUMPY_ANNOTATION.fullmatch(annotation.strip()) else "list"
     origin = typing.get_origin(annotation) or annotation
     return "numpy" if origin is np.ndarray else "list"
+
+
+#: ``np.ndarray``, ``numpy.ndarray``, ``npt.NDArray[np.float32]`` and the like, as text.
+_NUMPY_ANNOTATION = re.compile(r"(?:\w+\.)*(?:ndarray|NDArray)(?:\[.*\])?")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from ketch.httpserver import bind_tcp, serve_asgi
 from ketch.workers import LocalWorkers, ProcessEvents, discover
 from ketch.zmq_transport.broker import Broker
 from ketch.zmq_transport.liveness import Heartbeat
+
+log = logging.getLogger("ketch.server")
 
 DEFAULT_BROKER = "tcp://127.0.0.1:7070"
 
@@ -49,8 +52,8 @@ class ServeOptions:
 
 
 class _Reporter:
-    """Prints state changes as ``ketch: ...`` lines, and ``ketch: ready`` the first time every
-    model of the served file has a ready worker (tests and scripts wait for that line)."""
+    """Prints state changes as ``ketch: ...`` lines, and ``ketch: ready`` once every worker
+    started with the server has joined (tests and scripts wait for that line)."""
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
@@ -76,7 +79,7 @@ async def serve(
     specs = await loop.run_in_executor(None, discover, options.source)
     report = _Reporter(out)
     dispatcher = Dispatcher(report)
-    report.is_ready = lambda: not dispatcher.not_ready()
+    report.is_ready = dispatcher.settled
     broker = Broker(options.broker, dispatcher, options.heartbeat)
     sock = bind_tcp(options.host, options.port)
     workers: LocalWorkers | None = None
@@ -100,11 +103,13 @@ async def serve(
         await serve_asgi(app, sock, shutdown.wait)
     finally:
         sock.close()  # a no-op once serve_asgi has handed the socket to Hypercorn
+        log.info("HTTP gateway stopped; stopping workers")
         if workers is not None:
             workers.hold_restarts()
         await broker.close()
         if workers is not None:
             await workers.stop()
+        log.info("workers stopped")
         report("stopped")
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import multiprocess
+
 from ketch.errors import TargetLoadError
 from ketch.loader import Target, find_model, load_models
 from ketch.models import ModelSpec
@@ -171,16 +172,16 @@ class LocalWorkers:
             handle.cancel()
         self._restarts.clear()
 
-    async def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop every worker. The broker has told them DISCONNECT, so most exit on their own;
-        laggards are terminated, then killed, each step with a deadline."""
+    async def stop(self, grace_s: float = 1.0, timeout_s: float = 5.0) -> None:
+        """Stop every worker. The broker has told them DISCONNECT, so most exit on their own
+        within ``grace_s``; laggards are terminated, then killed, each within ``timeout_s``."""
         self.hold_restarts()
         self._all_exited = asyncio.Event()
-        for escalate in ("terminate", "kill", None):
+        for wait_s, escalate in ((grace_s, "terminate"), (timeout_s, "kill"), (timeout_s, None)):
             if not self._processes:
                 return
             try:
-                await asyncio.wait_for(self._all_exited.wait(), timeout_s)
+                await asyncio.wait_for(self._all_exited.wait(), wait_s)
                 return
             except TimeoutError:
                 pass

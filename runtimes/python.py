@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
+
 from ketch.errors import BatchInputError, BatchOutputError
 from ketch.models import Model
 from ketch.types import Outputs, Predict

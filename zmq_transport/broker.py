@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import zmq
+
 from ketch.models import ModelSpec
 from ketch.types import Outputs
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEFAULT_INTERVAL_S = 1.0
@@ -18,7 +19,7 @@ class Heartbeat:
     liveness: int = DEFAULT_LIVENESS
 
     def __post_init__(self) -> None:
-        if self.interval_s <= 0:
+        if not math.isfinite(self.interval_s) or self.interval_s <= 0:
             raise ValueError(f"heartbeat interval must be > 0 s, got {self.interval_s}")
         if self.liveness < 1:
             raise ValueError(f"heartbeat liveness must be >= 1, got {self.liveness}")

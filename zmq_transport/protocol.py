@@ -137,9 +137,11 @@ def _pack_extension(buffers: list[Frame], value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             return value.tolist()  # object arrays have no raw byte form; send their items
-        array = np.ascontiguousarray(value)
-        meta = msgpack.packb([len(buffers), array.dtype.str, list(array.shape)])
-        buffers.append(array.data.cast("B") if array.size else b"")
+        array = value if value.flags.c_contiguous else value.copy(order="C")
+        dtype = array.dtype.descr if array.dtype.fields else array.dtype.str
+        meta = msgpack.packb([len(buffers), dtype, list(array.shape)])
+        # A uint8 view gives a flat byte buffer for every dtype, datetime64 included.
+        buffers.append(array.reshape(-1).view(np.uint8).data if array.size else b"")
         return msgpack.ExtType(NDARRAY_EXT, meta)
     if isinstance(value, np.generic):
         return value.item()
@@ -154,4 +156,17 @@ def _unpack_extension(buffers: Sequence[bytes], code: int, data: bytes) -> Any:
     index, dtype, shape = msgpack.unpackb(data)
     if not 0 <= index < len(buffers):
         raise ProtocolError(f"array refers to buffer {index}, message has {len(buffers)}")
-    return np.frombuffer(buffers[index], dtype=np.dtype(dtype)).reshape(shape)
+    return np.frombuffer(buffers[index], dtype=_dtype_of(dtype)).reshape(shape)
+
+
+def _dtype_of(description: Any) -> np.dtype[Any]:
+    """A dtype from its string, or from a structured dtype's ``descr`` (lists after msgpack)."""
+    if isinstance(description, str):
+        return np.dtype(description)
+    return np.dtype([_field_of(field) for field in description])
+
+
+def _field_of(field: list[Any]) -> tuple[Any, ...]:
+    name, kind, *shape = field
+    kind = kind if isinstance(kind, str) else _dtype_of(kind)
+    return (name, kind, tuple(shape[0])) if shape else (name, kind)

@@ -10,6 +10,7 @@ Two threads share the work so a long batch never silences the worker:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+
 from ketch.errors import BatchInputError, BatchOutputError
 from ketch.models import ModelSpec
 from ketch.types import Predict
@@ -73,11 +75,21 @@ def serve(spec: ModelSpec, predict: Predict, options: WorkerOptions) -> None:
     link.start()
     try:
         while (frames := jobs.get()) is not None:
-            reply = run_batch(frames, predict, spec.label())
-            results.send_multipart(reply, copy=False)
+            try:
+                reply = run_batch(frames, predict, spec.label())
+            except (ProtocolError, KeyError) as exc:
+                # Without a readable batch id there is no one to answer; the broker's
+                # request times out. Keep serving the well-formed ones.
+                log.error("ignoring a malformed REQUEST: %r", exc)
+                continue
+            try:
+                results.send_multipart(reply, copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break  # the link has gone: nobody left to send to
     finally:
         if link.is_alive():
-            results.send(_STOP)
+            with contextlib.suppress(zmq.Again):
+                results.send(_STOP, flags=zmq.NOBLOCK)
         link.join()
         results.close(linger=0)
         context.term()

@@ -1,0 +1,91 @@
+"""Workers that die or go silent with requests in flight: every request is still answered."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import KetchServer
+
+SERVABLE = Path(__file__).with_name("servable.py")
+Start = Callable[..., KetchServer]
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        yield executor
+
+
+def post_all(
+    pool: ThreadPoolExecutor, server: KetchServer, model: str, inputs: list[float]
+) -> list[Future[httpx.Response]]:
+    def post(x: float) -> httpx.Response:
+        return httpx.post(f"{server.url}/models/{model}/predict", json={"input": x}, timeout=60)
+
+    return [pool.submit(post, x) for x in inputs]
+
+
+def test_sigkill_with_requests_in_flight_retries_them_on_another_worker(
+    start_server: Start, pool: ThreadPoolExecutor
+) -> None:
+    server = start_server(SERVABLE, "--workers-per-model", "2")
+    assert server.model_status("slow")["replicas"]["ready"] == 2
+    futures = post_all(pool, server, "slow", [0.3] * 6)
+    victim = int(server.wait_for(r"slow: computing \d+ inputs in pid (\d+)").group(1))
+    os.kill(victim, signal.SIGKILL)
+
+    responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 6
+    assert [r.json()["output"] for r in responses] == [0.3] * 6
+    server.wait_for(rf"lost worker pid {victim} .*killed by SIGKILL")
+    # The supervisor replaces the dead worker.
+    server.wait_for(r"model slow:1 ready")
+    pids = {w["pid"] for w in server.model_status("slow")["workers"]}
+    assert victim not in pids and len(pids) == 2
+
+
+def test_only_worker_killed_is_restarted_and_the_request_still_answered(
+    start_server: Start, pool: ThreadPoolExecutor
+) -> None:
+    server = start_server(SERVABLE)
+    (future,) = post_all(pool, server, "slow", [0.2])
+    victim = int(server.wait_for(r"slow: computing 1 inputs in pid (\d+)").group(1))
+    os.kill(victim, signal.SIGKILL)
+    response = future.result()
+    assert (response.status_code, response.json()["output"]) == (200, 0.2)
+    assert server.model_status("slow")["workers"][0]["pid"] != victim
+
+
+def test_request_that_kills_every_worker_gets_503_after_one_retry(start_server: Start) -> None:
+    server = start_server(SERVABLE)
+    response = server.predict("suicide", {"input": 1})
+    assert response.status_code == 503
+    body = response.json()
+    assert body["model"] == "suicide"
+    assert "was lost while computing this request" in body["error"]
+    assert "after 2 attempts" in body["error"]
+    # Everything else is still served, and the model's worker comes back.
+    assert server.predict("double", {"input": 4}).json()["output"] == 8
+    server.wait_for(r"model suicide:1 ready")
+
+
+def test_silent_worker_is_dropped_by_heartbeat_and_its_requests_retried(
+    start_server: Start, pool: ThreadPoolExecutor
+) -> None:
+    server = start_server(SERVABLE, "--workers-per-model", "2")
+    futures = post_all(pool, server, "slow", [0.3] * 4)
+    victim = int(server.wait_for(r"slow: computing \d+ inputs in pid (\d+)").group(1))
+    os.kill(victim, signal.SIGSTOP)  # alive but silent: only heartbeats can tell
+    try:
+        server.wait_for(rf"lost worker pid {victim} .*no heartbeat")
+        responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 4
+    finally:
+        os.kill(victim, signal.SIGCONT)
