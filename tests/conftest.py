@@ -61,9 +61,16 @@ class KetchProcess:
             for line in self.process.stderr:
                 self.stderr_lines.append(line.rstrip("\n"))
 
-    def wait_for(self, pattern: str, timeout: float = START_DEADLINE_S) -> re.Match[str]:
-        """The first line (from now on) matching ``pattern``; fails at the deadline or exit."""
+    def wait_for(
+        self, pattern: str, timeout: float = START_DEADLINE_S, *, seen_too: bool = False
+    ) -> re.Match[str]:
+        """The first line matching ``pattern`` from now on (or, with ``seen_too``, among those
+        already read); fails at the deadline or when the process exits."""
         regex = re.compile(pattern)
+        if seen_too:
+            for line in self.seen:
+                if match := regex.search(line):
+                    return match
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()

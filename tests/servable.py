@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import time
 
 import numpy as np
 
@@ -63,22 +61,6 @@ def wrong_count(xs: list[float]) -> list[float]:
 @ketch.model
 def unsendable(xs: list[float]) -> list[object]:
     return [object() for _ in xs]
-
-
-@ketch.model
-def slow(xs: list[float]) -> list[float]:
-    """Computes for `x` seconds per input: long enough to kill its worker mid-batch. Says so
-    on stdout (which `ketch serve` shares with its workers) so tests know when to strike."""
-    print(f"slow: computing {len(xs)} inputs in pid {os.getpid()}", flush=True)
-    time.sleep(sum(xs))
-    return list(xs)
-
-
-@ketch.model
-def suicide(xs: list[float]) -> list[float]:
-    """Kills its own worker on every batch, like a segfault in native code."""
-    os.kill(os.getpid(), signal.SIGKILL)
-    return list(xs)
 
 
 @ketch.model

@@ -13,8 +13,38 @@ import pytest
 
 from tests.conftest import KetchServer
 
-SERVABLE = Path(__file__).with_name("servable.py")
 Start = Callable[..., KetchServer]
+
+#: A small file, so that two workers per model start quickly.
+FRAGILE = """
+    import os
+    import signal
+    import time
+
+    import ketch
+
+    @ketch.model
+    def double(xs):
+        return [2 * x for x in xs]
+
+    @ketch.model
+    def slow(xs):
+        # Says on stdout (shared with `ketch serve`) when it computes, so tests know when to strike.
+        print(f"slow: computing {len(xs)} inputs in pid {os.getpid()}", flush=True)
+        time.sleep(sum(xs))
+        return list(xs)
+
+    @ketch.model
+    def suicide(xs):
+        # Kills its own worker on every batch, like a segfault in native code.
+        os.kill(os.getpid(), signal.SIGKILL)
+        return list(xs)
+"""
+
+
+@pytest.fixture
+def fragile(write_models: Callable[..., Path]) -> Path:
+    return write_models(FRAGILE)
 
 
 @pytest.fixture
@@ -33,9 +63,9 @@ def post_all(
 
 
 def test_sigkill_with_requests_in_flight_retries_them_on_another_worker(
-    start_server: Start, pool: ThreadPoolExecutor
+    start_server: Start, pool: ThreadPoolExecutor, fragile: Path
 ) -> None:
-    server = start_server(SERVABLE, "--workers-per-model", "2")
+    server = start_server(fragile, "--workers-per-model", "2")
     assert server.model_status("slow")["replicas"]["ready"] == 2
     futures = post_all(pool, server, "slow", [0.3] * 6)
     victim = int(server.wait_for(r"slow: computing \d+ inputs in pid (\d+)").group(1))
@@ -52,9 +82,9 @@ def test_sigkill_with_requests_in_flight_retries_them_on_another_worker(
 
 
 def test_only_worker_killed_is_restarted_and_the_request_still_answered(
-    start_server: Start, pool: ThreadPoolExecutor
+    start_server: Start, pool: ThreadPoolExecutor, fragile: Path
 ) -> None:
-    server = start_server(SERVABLE)
+    server = start_server(fragile)
     (future,) = post_all(pool, server, "slow", [0.2])
     victim = int(server.wait_for(r"slow: computing 1 inputs in pid (\d+)").group(1))
     os.kill(victim, signal.SIGKILL)
@@ -63,8 +93,10 @@ def test_only_worker_killed_is_restarted_and_the_request_still_answered(
     assert server.model_status("slow")["workers"][0]["pid"] != victim
 
 
-def test_request_that_kills_every_worker_gets_503_after_one_retry(start_server: Start) -> None:
-    server = start_server(SERVABLE)
+def test_request_that_kills_every_worker_gets_503_after_one_retry(
+    start_server: Start, fragile: Path
+) -> None:
+    server = start_server(fragile)
     response = server.predict("suicide", {"input": 1})
     assert response.status_code == 503
     body = response.json()
@@ -77,9 +109,9 @@ def test_request_that_kills_every_worker_gets_503_after_one_retry(start_server: 
 
 
 def test_silent_worker_is_dropped_by_heartbeat_and_its_requests_retried(
-    start_server: Start, pool: ThreadPoolExecutor
+    start_server: Start, pool: ThreadPoolExecutor, fragile: Path
 ) -> None:
-    server = start_server(SERVABLE, "--workers-per-model", "2")
+    server = start_server(fragile, "--workers-per-model", "2")
     futures = post_all(pool, server, "slow", [0.3] * 4)
     victim = int(server.wait_for(r"slow: computing \d+ inputs in pid (\d+)").group(1))
     os.kill(victim, signal.SIGSTOP)  # alive but silent: only heartbeats can tell

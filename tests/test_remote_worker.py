@@ -1,0 +1,107 @@
+"""`ketch worker --connect`: workers started by hand join a running gateway's pools."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import KetchProcess, KetchServer
+
+StartServer = Callable[..., KetchServer]
+StartWorker = Callable[..., KetchProcess]
+WriteModels = Callable[..., Path]
+
+SERVED = """
+    import os
+    import ketch
+
+    @ketch.model
+    def whoami(xs):
+        return [os.getpid()] * len(xs)
+"""
+
+ELSEWHERE = """
+    import ketch
+
+    @ketch.model(name="triple", version="3")
+    def triple(xs):
+        return [3 * x for x in xs]
+
+    @ketch.model
+    def other(xs):
+        return xs
+"""
+
+
+def test_hand_started_worker_joins_the_pool_of_a_served_model(
+    start_server: StartServer, start_worker: StartWorker, write_models: WriteModels
+) -> None:
+    models = write_models(SERVED)
+    server = start_server(models)
+    local_pid = server.model_status("whoami")["workers"][0]["pid"]
+
+    worker = start_worker(f"{models}:whoami", server.broker)
+    joined = server.wait_for(r"model whoami:1 ready: worker pid (\d+)")
+    remote_pid = int(joined.group(1))
+    assert remote_pid == worker.process.pid
+    status = server.model_status("whoami")
+    assert status["replicas"]["ready"] == 2
+    assert {w["pid"] for w in status["workers"]} == {local_pid, remote_pid}
+
+    # Stopping the hand-started worker leaves the served one answering.
+    worker.stop()
+    server.wait_for(rf"lost worker pid {remote_pid}")
+    assert server.predict("whoami", {"input": 0}).json()["output"] == local_pid
+
+
+def test_worker_for_a_model_the_gateway_does_not_define_adds_it(
+    start_server: StartServer, start_worker: StartWorker, write_models: WriteModels
+) -> None:
+    server = start_server(write_models(SERVED))
+    assert server.predict("triple", {"input": 1}).status_code == 404
+
+    start_worker(f"{write_models(ELSEWHERE, 'elsewhere.py')}:triple", server.broker)
+    server.wait_for(r"model triple:3 ready")
+    response = server.predict("triple", {"inputs": [1, 2]})
+    assert response.status_code == 200
+    assert (response.json()["outputs"], response.json()["version"]) == ([3, 6], "3")
+    # Models that join by hand do not hold back the gateway's readiness.
+    assert server.client.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_worker_rejoins_a_gateway_that_restarted(
+    start_server: StartServer, start_worker: StartWorker, write_models: WriteModels
+) -> None:
+    elsewhere = write_models(ELSEWHERE, "elsewhere.py")
+    first = start_server(write_models(SERVED))
+    broker = first.broker
+    worker = start_worker(f"{elsewhere}:triple", broker)
+    first.wait_for(r"model triple:3 ready")
+    first.stop()
+
+    # Same broker address, new gateway: the worker notices the silence and sends READY again.
+    second = start_server(write_models(SERVED), "--broker", broker)
+    second.wait_for(rf"model triple:3 ready: worker pid {worker.process.pid}", seen_too=True)
+    assert second.predict("triple", {"input": 5}).json()["output"] == 15
+
+
+def test_worker_that_cannot_load_its_model_says_why(
+    start_worker: StartWorker, write_models: WriteModels
+) -> None:
+    worker = start_worker(f"{write_models(ELSEWHERE, 'elsewhere.py')}:missing", "tcp://127.0.0.1:9")
+    assert worker.process.wait(60) == 2
+    worker.stop()
+    assert any("has no model named 'missing'" in line for line in worker.stderr_lines)
+    assert any("triple" in line for line in worker.stderr_lines)
+
+
+def test_serving_a_broken_file_fails_at_once_with_the_cause(
+    write_models: WriteModels,
+) -> None:
+    broken = write_models("import ketch\nraise RuntimeError('bad config')\n", "broken.py")
+    server = KetchServer(broken)
+    try:
+        assert server.process.wait(60) == 2
+    finally:
+        server.stop()
+    assert any("RuntimeError: bad config" in line for line in server.stderr_lines)
