@@ -129,9 +129,24 @@ class ModelQueue:
         """Queue a request's inputs; the future resolves to one output per input."""
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         job = Job(inputs, future)
+        if self._abandoned():
+            job.fail(self._no_worker_error())
+            return future
         self._pending.append(Part(job, 0, len(inputs)))
         self.pump()
         return future
+
+    def _abandoned(self) -> bool:
+        """No worker serves this model and none will come by itself: it joined by hand only."""
+        return not self.served_from_file and not self._workers and not self.starting
+
+    def _no_worker_error(self) -> PredictionError:
+        return PredictionError(
+            503,
+            f"no worker serves model {self.spec.label()!r}: its workers were started by hand "
+            "and have all left; start one with `ketch worker`",
+            **self._labels(),
+        )
 
     @property
     def queue_depth(self) -> int:
@@ -205,6 +220,10 @@ class ModelQueue:
                     retry.append(part)
         # Retries go first: they have waited longest.
         self._pending.extendleft(reversed(retry))
+        if self._abandoned():
+            error = self._no_worker_error()
+            while self._pending:
+                self._pending.popleft().job.fail(error)
         self.pump()
 
     def complete(self, info: WorkerInfo, batch_id: int, outputs: Outputs) -> None:

@@ -105,3 +105,17 @@ def test_serving_a_broken_file_fails_at_once_with_the_cause(
     finally:
         server.stop()
     assert any("RuntimeError: bad config" in line for line in server.stderr_lines)
+
+
+def test_model_whose_only_hand_started_worker_left_answers_503_at_once(
+    start_server: StartServer, start_worker: StartWorker, write_models: WriteModels
+) -> None:
+    server = start_server(write_models(SERVED))
+    worker = start_worker(f"{write_models(ELSEWHERE, 'elsewhere.py')}:triple", server.broker)
+    server.wait_for(r"model triple:3 ready")
+    worker.stop()
+    server.wait_for(r"model triple:3 lost")
+    response = server.predict("triple", {"input": 1})
+    assert response.status_code == 503
+    assert "no worker serves model 'triple:3'" in response.json()["error"]
+    assert server.model_status("triple")["state"] == "unavailable"
