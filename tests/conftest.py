@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-#: Short heartbeats so that a silent worker is noticed within a second in tests.
-TEST_HEARTBEAT = ["--heartbeat-interval", "0.1", "--heartbeat-liveness", "5"]
+#: Short heartbeats, so a silent worker is noticed within a second, yet enough of them
+#: (10) that a gateway starved of CPU by a test's burst of process starts drops no one.
+TEST_HEARTBEAT = ["--heartbeat-interval", "0.1", "--heartbeat-liveness", "10"]
 START_DEADLINE_S = 60.0
 
 
