@@ -34,7 +34,7 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock

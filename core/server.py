@@ -76,18 +76,19 @@ async def serve(
         shutdown = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, shutdown.set)
-    specs = await loop.run_in_executor(None, discover, options.source)
     report = _Reporter(out)
     dispatcher = Dispatcher(report)
-    report.is_ready = dispatcher.settled
     broker = Broker(options.broker, dispatcher, options.heartbeat)
+    # Both ports first: a port in use fails at once, before any import of user code.
     sock = bind_tcp(options.host, options.port)
     workers: LocalWorkers | None = None
     try:
         endpoint = broker.start()
         dispatcher.attach(broker)
+        specs = await loop.run_in_executor(None, discover, options.source)
         for spec in specs:
             dispatcher.add_model(spec)
+        report.is_ready = dispatcher.settled
         host, port = sock.getsockname()[:2]
         report(f"broker listening on {endpoint}")
         report(f"listening on http://{_url_host(host)}:{port}")
@@ -110,6 +111,7 @@ async def serve(
         if workers is not None:
             await workers.stop()
         log.info("workers stopped")
+        report.is_ready = lambda: False
         report("stopped")
 
 

@@ -95,18 +95,6 @@ def test_worker_that_cannot_load_its_model_says_why(
     assert any("triple" in line for line in worker.stderr_lines)
 
 
-def test_serving_a_broken_file_fails_at_once_with_the_cause(
-    write_models: WriteModels,
-) -> None:
-    broken = write_models("import ketch\nraise RuntimeError('bad config')\n", "broken.py")
-    server = KetchServer(broken)
-    try:
-        assert server.process.wait(60) == 2
-    finally:
-        server.stop()
-    assert any("RuntimeError: bad config" in line for line in server.stderr_lines)
-
-
 def test_model_whose_only_hand_started_worker_left_answers_503_at_once(
     start_server: StartServer, start_worker: StartWorker, write_models: WriteModels
 ) -> None:

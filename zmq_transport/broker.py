@@ -115,7 +115,7 @@ class Broker:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close()
-            raise OSError(f"cannot bind the broker to {self.endpoint}: {exc}") from exc
+            raise OSError(f"cannot bind the broker to {self.endpoint}: {exc.strerror}") from exc
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._loop.add_reader(_fd_of(sock), self._drain)

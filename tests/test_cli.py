@@ -1,0 +1,82 @@
+"""The `ketch` command's own errors: each exits 2 at once and says what was wrong."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.py"
+
+
+def ketch(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ketch.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_http_port_in_use(busy_port: int) -> None:
+    result = ketch(
+        "serve", str(QUICKSTART), "--port", str(busy_port), "--broker", "tcp://127.0.0.1:*"
+    )
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{busy_port}: Address already in use" in result.stderr
+    assert "ketch: ready" not in result.stdout
+
+
+def test_broker_port_in_use(busy_port: int) -> None:
+    result = ketch(
+        "serve", str(QUICKSTART), "--port", "0", "--broker", f"tcp://127.0.0.1:{busy_port}"
+    )
+    assert result.returncode == 2
+    assert f"cannot bind the broker to tcp://127.0.0.1:{busy_port}" in result.stderr
+    assert "ketch: ready" not in result.stdout
+
+
+def test_broken_file_fails_with_the_cause(write_models: Callable[..., Path]) -> None:
+    broken = write_models("import ketch\nraise RuntimeError('bad config')\n", "broken.py")
+    result = ketch("serve", str(broken), "--port", "0", "--broker", "tcp://127.0.0.1:*")
+    assert result.returncode == 2
+    assert "RuntimeError: bad config" in result.stderr
+
+
+def test_file_without_models(write_models: Callable[..., Path]) -> None:
+    empty = write_models("X = 1\n", "empty.py")
+    result = ketch("serve", str(empty), "--port", "0", "--broker", "tcp://127.0.0.1:*")
+    assert result.returncode == 2
+    assert "defines no model: decorate a function with @ketch.model" in result.stderr
+
+
+def test_unknown_module() -> None:
+    result = ketch("serve", "no_such_module_here", "--port", "0", "--broker", "tcp://127.0.0.1:*")
+    assert result.returncode == 2
+    assert "neither a Python file nor an importable module" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--workers-per-model", "0"), ("--port", "70000"), ("--heartbeat-interval", "nan")],
+)
+def test_invalid_options_are_refused_by_name(option: str, value: str) -> None:
+    result = ketch("serve", str(QUICKSTART), option, value)
+    assert result.returncode == 2
+    assert option in result.stderr
+
+
+def test_serve_help_documents_every_option() -> None:
+    result = ketch("serve", "--help")
+    assert result.returncode == 0
+    for option in ("--host", "--port", "--broker", "--workers-per-model", "--request-timeout"):
+        assert option in result.stdout
