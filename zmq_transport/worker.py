@@ -1,11 +1,12 @@
 """The worker side of the protocol: a DEALER that serves one model version.
 
-Two threads share the work so a long batch never silences the worker:
+The main thread owns the socket and does everything on the request path (receive a REQUEST,
+run the model, send the REPLY), so a request crosses no thread hand-off inside the worker.
+While the model computes, the main thread lends the socket to a **heartbeat** thread, under a
+lock, so a long batch never silences the worker. ZeroMQ allows a socket to move between
+threads this way: the lock is the full memory barrier it asks for.
 
-* the **link** thread owns the DEALER socket: it sends READY, exchanges heartbeats, notices a
-  dead broker, hands REQUEST frames to the main thread and forwards finished replies;
-* the **main** thread runs the model (frameworks expect the main thread, and signals land
-  there), one batch at a time, and passes encoded replies back over an inproc PAIR socket.
+Models run in the main thread because frameworks expect it and signals land there.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,6 @@ log = logging.getLogger("ketch.worker")
 
 #: Longest wait between two attempts to rejoin a broker that went away.
 MAX_REJOIN_BACKOFF_S = 30.0
-_STOP = b"stop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,33 +64,22 @@ class WorkerOptions:
 
 def serve(spec: ModelSpec, predict: Predict, options: WorkerOptions) -> None:
     """Serve ``spec`` with ``predict`` until the broker says DISCONNECT or goes silent (or,
-    with ``rejoin``, until interrupted). Returns after the link is closed."""
-    context = zmq.Context()
-    jobs: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
-    endpoint = f"inproc://ketch-worker-{id(jobs)}"
-    link = _Link(context, options, _ready_header(spec, options), jobs, endpoint)
-    results = context.socket(zmq.PAIR)
-    results.connect(endpoint)
-    link.start()
+    with ``rejoin``, until interrupted)."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    link = _Link(context, options, _ready_header(spec, options))
     try:
-        while (frames := jobs.get()) is not None:
-            try:
-                reply = run_batch(frames, predict, spec.label())
-            except (ProtocolError, KeyError) as exc:
-                # Without a readable batch id there is no one to answer; the broker's
-                # request times out. Keep serving the well-formed ones.
-                log.error("ignoring a malformed REQUEST: %r", exc)
-                continue
-            try:
-                results.send_multipart(reply, copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break  # the link has gone: nobody left to send to
+        while (frames := link.next_request()) is not None:
+            with link.lent_for_heartbeats():
+                try:
+                    reply = run_batch(frames, predict, spec.label())
+                except (ProtocolError, KeyError) as exc:
+                    # Without a readable batch id there is no one to answer; the broker's
+                    # request times out. Keep serving the well-formed ones.
+                    log.error("ignoring a malformed REQUEST: %r", exc)
+                    continue
+            link.send(reply)
     finally:
-        if link.is_alive():
-            with contextlib.suppress(zmq.Again):
-                results.send(_STOP, flags=zmq.NOBLOCK)
-        link.join()
-        results.close(linger=0)
+        link.close()
         context.term()
 
 
@@ -129,70 +117,93 @@ def _ready_header(spec: ModelSpec, options: WorkerOptions) -> dict[str, Any]:
     }
 
 
-class _Link(threading.Thread):
-    """Owns the DEALER socket; see the module docstring."""
+class _Link:
+    """The worker's DEALER socket: READY, heartbeats both ways, rejoining a lost broker."""
 
     def __init__(
         self,
         context: zmq.Context[zmq.Socket[bytes]],
         options: WorkerOptions,
         ready: dict[str, Any],
-        jobs: queue.SimpleQueue[list[bytes] | None],
-        results_endpoint: str,
     ) -> None:
-        super().__init__(name="ketch-worker-link", daemon=True)
         self._context = context
         self._options = options
         self._ready = ready
-        self._jobs = jobs
-        self._results = context.socket(zmq.PAIR)
-        self._results.bind(results_endpoint)
+        self._backoff = 1.0
+        self._lock = threading.Lock()
+        self._lock.acquire()  # the main thread holds the socket unless it lends it
+        self._closed = threading.Event()
+        self._dealer = self._join()
+        self._last_heard = self._last_sent = time.monotonic()
+        self._heartbeats = threading.Thread(
+            target=self._beat_while_lent, name="ketch-heartbeat", daemon=True
+        )
+        self._heartbeats.start()
 
-    def run(self) -> None:
+    def next_request(self) -> list[bytes] | None:
+        """Wait for the next REQUEST (heartbeating meanwhile); None when the worker must stop."""
         heartbeat = self._options.heartbeat
-        backoff = 1.0
-        dealer = self._join()
-        last_heard = last_sent = time.monotonic()
-        poller = zmq.Poller()
-        poller.register(self._results, zmq.POLLIN)
-        poller.register(dealer, zmq.POLLIN)
-        try:
-            while True:
-                timeout_ms = max(0.0, last_sent + heartbeat.interval_s - time.monotonic()) * 1000
-                events = dict(poller.poll(int(timeout_ms)))
-                now = time.monotonic()
-                if self._results in events:
-                    frames = self._results.recv_multipart(copy=False)
-                    if frames[0].bytes == _STOP:
-                        dealer.send_multipart([EMPTY, *encode(Command.DISCONNECT, {})])
-                        return
-                    dealer.send_multipart(frames, copy=False)
-                    last_sent = now
-                lost = False
-                if dealer in events:
-                    last_heard = now
-                    backoff = 1.0
-                    lost = self._handle_broker(dealer.recv_multipart())
-                if not lost and peer_expired(last_heard, now, _scaled(heartbeat, backoff)):
-                    log.warning("broker at %s is silent", self._options.broker)
-                    lost = True
-                if lost:
-                    if not self._options.rejoin:
-                        return
-                    poller.unregister(dealer)
-                    dealer.close(linger=0)
-                    dealer = self._join()
-                    poller.register(dealer, zmq.POLLIN)
-                    last_heard = last_sent = time.monotonic()
-                    backoff = min(backoff * 2, MAX_REJOIN_BACKOFF_S / heartbeat.timeout_s)
+        while True:
+            now = time.monotonic()
+            wait_s = max(0.0, self._last_sent + heartbeat.interval_s - now)
+            if self._dealer.poll(int(wait_s * 1000) + 1, zmq.POLLIN):
+                self._last_heard = time.monotonic()
+                self._backoff = 1.0
+                frames = self._dealer.recv_multipart()
+                if _is_request(frames):
+                    return frames
+                if not self._handle_broker(frames):
                     continue
-                if now - last_sent >= heartbeat.interval_s:
-                    dealer.send_multipart([EMPTY, *encode(Command.HEARTBEAT)])
-                    last_sent = now
+                lost = True
+            else:
+                lost = peer_expired(
+                    self._last_heard, time.monotonic(), _scaled(heartbeat, self._backoff)
+                )
+                if lost:
+                    log.warning("broker at %s is silent", self._options.broker)
+            if lost:
+                if not self._options.rejoin:
+                    return None
+                self._rejoin()
+            elif time.monotonic() - self._last_sent >= heartbeat.interval_s:
+                self._send_heartbeat()
+
+    def send(self, frames: list[Frame]) -> None:
+        self._dealer.send_multipart(frames, copy=False)
+        self._last_sent = time.monotonic()
+
+    @contextlib.contextmanager
+    def lent_for_heartbeats(self) -> Iterator[None]:
+        """Let the heartbeat thread use the socket while the main thread computes."""
+        self._lock.release()
+        try:
+            yield
         finally:
-            self._jobs.put(None)
-            dealer.close(linger=0)
-            self._results.close(linger=0)
+            self._lock.acquire()
+            # Busy is not silent: what the broker sent meanwhile is read on the next poll.
+            self._last_heard = max(self._last_heard, time.monotonic())
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(zmq.ZMQError):
+            self._dealer.send_multipart([EMPTY, *encode(Command.DISCONNECT, {})], zmq.NOBLOCK)
+        self._lock.release()
+        self._heartbeats.join()
+        self._dealer.close(linger=0)
+
+    def _beat_while_lent(self) -> None:
+        interval = self._options.heartbeat.interval_s
+        while not self._closed.wait(interval):
+            # Only gets the lock while the main thread computes (or has closed the link).
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                if time.monotonic() - self._last_sent >= interval:
+                    self._send_heartbeat()
+
+    def _send_heartbeat(self) -> None:
+        self._dealer.send_multipart([EMPTY, *encode(Command.HEARTBEAT)])
+        self._last_sent = time.monotonic()
 
     def _join(self) -> zmq.Socket[bytes]:
         dealer = self._context.socket(zmq.DEALER)
@@ -200,15 +211,20 @@ class _Link(threading.Thread):
         dealer.send_multipart([EMPTY, *encode(Command.READY, self._ready)])
         return dealer
 
+    def _rejoin(self) -> None:
+        """Reconnect with a new identity and send READY again; back off while it fails."""
+        self._dealer.close(linger=0)
+        self._dealer = self._join()
+        self._last_heard = self._last_sent = time.monotonic()
+        timeout_s = self._options.heartbeat.timeout_s
+        self._backoff = min(self._backoff * 2, MAX_REJOIN_BACKOFF_S / timeout_s)
+
     def _handle_broker(self, frames: list[bytes]) -> bool:
-        """Act on one broker message; True when the broker has let this worker go."""
+        """Act on one non-REQUEST broker message; True when the broker has let this worker go."""
         if len(frames) < 3 or frames[0] != EMPTY or frames[1] != PROTOCOL:
             log.warning("ignoring a malformed message from the broker")
             return False
-        command = frames[2]
-        if command == Command.REQUEST.value:
-            self._jobs.put(frames)
-        elif command == Command.DISCONNECT.value:
+        if frames[2] == Command.DISCONNECT.value:
             try:
                 reason = decode(frames[1:]).header.get("reason", "")
             except ProtocolError:
@@ -216,6 +232,10 @@ class _Link(threading.Thread):
             log.info("broker disconnected this worker: %s", reason)
             return True
         return False
+
+
+def _is_request(frames: list[bytes]) -> bool:
+    return len(frames) >= 3 and frames[1] == PROTOCOL and frames[2] == Command.REQUEST.value
 
 
 def _scaled(heartbeat: Heartbeat, factor: float) -> Heartbeat:
