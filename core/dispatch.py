@@ -122,6 +122,10 @@ class ModelQueue:
         self._workers: dict[bytes, _Worker] = {}
         self.starting: set[int] = set()
         self.served_from_file = False
+        #: Why the model stopped being served; set once its workers crash-looped.
+        self.unhealthy_because: str | None = None
+        self.worker_exits = 0
+        self.last_error: str | None = None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -129,6 +133,9 @@ class ModelQueue:
         """Queue a request's inputs; the future resolves to one output per input."""
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         job = Job(inputs, future)
+        if self.unhealthy_because is not None:
+            job.fail(self._unhealthy_error())
+            return future
         if self._abandoned():
             job.fail(self._no_worker_error())
             return future
@@ -139,6 +146,22 @@ class ModelQueue:
     def _abandoned(self) -> bool:
         """No worker serves this model and none will come by itself: it joined by hand only."""
         return not self.served_from_file and not self._workers and not self.starting
+
+    def mark_unhealthy(self, cause: str) -> None:
+        """Stop serving: answer everything waiting, and every new request, 503 with ``cause``."""
+        self.unhealthy_because = cause
+        self.last_error = cause
+        error = self._unhealthy_error()
+        while self._pending:
+            self._pending.popleft().job.fail(error)
+
+    def _unhealthy_error(self) -> PredictionError:
+        return PredictionError(
+            503,
+            f"model {self.spec.label()!r} is unhealthy and no longer served: "
+            f"{self.unhealthy_because}; fix it and restart ketch",
+            **self._labels(),
+        )
 
     def _no_worker_error(self) -> PredictionError:
         return PredictionError(
@@ -281,6 +304,8 @@ class ModelQueue:
 
     @property
     def state(self) -> str:
+        if self.unhealthy_because is not None:
+            return "unhealthy"
         if self._workers:
             return "ready"
         return "starting" if self.starting else "unavailable"
@@ -295,6 +320,8 @@ class ModelQueue:
             "max_batch_size": self.spec.max_batch_size,
             "batch_input": self.spec.batch_input,
             "queue_depth": self.queue_depth,
+            "worker_exits": self.worker_exits,
+            "last_error": self.last_error,
             "workers": [
                 {
                     "pid": w.info.pid,
@@ -373,8 +400,12 @@ class Dispatcher:
         ]
 
     def settled(self) -> bool:
-        """Every model of the served file has a ready worker and none is still starting."""
-        return not self.not_ready() and not any(q.starting for q in self._queues.values())
+        """Every model of the served file is ready (or given up on as unhealthy) and no worker
+        is still starting."""
+        return not any(
+            q.starting or (q.served_from_file and q.state not in ("ready", "unhealthy"))
+            for q in self._queues.values()
+        )
 
     # -- local processes (from the supervisor) ----------------------------------------------
 
@@ -385,10 +416,16 @@ class Dispatcher:
         queue = self._queues.get(spec.key)
         if queue is not None:
             queue.starting.discard(pid)
+            queue.worker_exits += 1
+            queue.last_error = how
         assert self._broker is not None
         for worker in self._broker.workers():
             if worker.pid == pid and worker.host == self._hostname:
                 self._broker.drop(worker, how)
+
+    def model_unhealthy(self, spec: ModelSpec, cause: str) -> None:
+        self.add_model(spec).mark_unhealthy(cause)
+        self._report(f"model {spec.label()} unhealthy: {cause}")
 
     # -- broker events ----------------------------------------------------------------------
 

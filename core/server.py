@@ -96,7 +96,9 @@ async def serve(
             options.source,
             endpoint,
             options.heartbeat,
-            ProcessEvents(dispatcher.process_started, dispatcher.process_exited),
+            ProcessEvents(
+                dispatcher.process_started, dispatcher.process_exited, dispatcher.model_unhealthy
+            ),
         )
         for spec in specs:
             workers.start(spec, options.workers_per_model)

@@ -22,15 +22,12 @@ import multiprocess
 from ketch.errors import TargetLoadError
 from ketch.loader import Target, find_model, load_models
 from ketch.models import ModelSpec
+from ketch.restarts import CrashHistory, RestartPolicy
 from ketch.runtimes.python import make_predict
 from ketch.zmq_transport import worker
 from ketch.zmq_transport.liveness import Heartbeat
 
 log = logging.getLogger("ketch.workers")
-
-#: Restart delays after a worker exits: doubled per quick exit, reset after a stable run.
-RESTART_BACKOFF_S = (0.1, 10.0)
-STABLE_RUN_S = 10.0
 
 
 def _context() -> Any:
@@ -39,14 +36,35 @@ def _context() -> Any:
     return context
 
 
-def run_worker(target: str, version: str | None, options: worker.WorkerOptions) -> None:
-    """Worker process body: load the model named by ``target`` and serve it."""
+def run_worker(
+    target: str, version: str | None, options: worker.WorkerOptions, load_errors: Any = None
+) -> None:
+    """Worker process body: load the model named by ``target`` and serve it.
+
+    :param load_errors: a connection that receives the error text when the model cannot be
+        loaded, so the gateway can say why the worker died.
+    """
     if not options.rejoin:
         # Started by `ketch serve`: Ctrl-C reaches the whole process group, and the gateway
         # alone decides when its workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    model = find_model(Target.parse(target), version)
-    worker.serve(model.spec, make_predict(model), options)
+    try:
+        model = find_model(Target.parse(target), version)
+        predict = make_predict(model)
+    except BaseException as exc:
+        if load_errors is not None:
+            load_errors.send(_error_text(exc))
+        raise
+    finally:
+        if load_errors is not None:
+            load_errors.close()
+    worker.serve(model.spec, predict, options)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, TargetLoadError):
+        return str(exc)
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
 def _discover_in_child(source: str, conn: Any) -> None:
@@ -92,10 +110,24 @@ def discover(source: str, timeout_s: float = 120.0) -> list[ModelSpec]:
 
 @dataclass(frozen=True, slots=True)
 class ProcessEvents:
-    """Where :class:`LocalWorkers` reports process starts and exits (the dispatcher)."""
+    """Where :class:`LocalWorkers` reports process starts and exits (the dispatcher).
+
+    ``exited`` gets the exit described for people (exit code or signal, and the load error if
+    the model could not be loaded); ``unhealthy`` is called instead of a restart once the
+    model's workers have crashed too often in a row.
+    """
 
     started: Callable[[ModelSpec, int], None]
     exited: Callable[[ModelSpec, int, str], None]
+    unhealthy: Callable[[ModelSpec, str], None]
+
+
+@dataclass(slots=True)
+class _Process:
+    spec: ModelSpec
+    handle: Any
+    started: float
+    load_errors: Any
 
 
 class LocalWorkers:
@@ -109,14 +141,20 @@ class LocalWorkers:
     """
 
     def __init__(
-        self, source: str, broker: str, heartbeat: Heartbeat, events: ProcessEvents
+        self,
+        source: str,
+        broker: str,
+        heartbeat: Heartbeat,
+        events: ProcessEvents,
+        restart_policy: RestartPolicy | None = None,
     ) -> None:
         self._source = source
         self._options = worker.WorkerOptions(broker=broker, heartbeat=heartbeat)
         self._events = events
+        self._policy = restart_policy or RestartPolicy()
         self._context = _context()
-        self._processes: dict[int, tuple[ModelSpec, Any, float]] = {}
-        self._backoff: dict[tuple[str, str], float] = {}
+        self._processes: dict[int, _Process] = {}
+        self._crashes: dict[tuple[str, str], CrashHistory] = {}
         self._restarts: dict[int, asyncio.TimerHandle] = {}
         self._restart_tokens = itertools.count()
         self._stopping = False
@@ -129,34 +167,46 @@ class LocalWorkers:
     def _spawn(self, spec: ModelSpec) -> None:
         if self._stopping:
             return
+        load_errors, child_end = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_worker,
-            args=(f"{self._source}:{spec.name}", spec.version, self._options),
+            args=(f"{self._source}:{spec.name}", spec.version, self._options, child_end),
             name=f"ketch-worker-{spec.label()}",
             daemon=True,
         )
         process.start()
-        self._processes[process.pid] = (spec, process, time.monotonic())
+        child_end.close()
+        self._processes[process.pid] = _Process(spec, process, time.monotonic(), load_errors)
         asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit, process.pid)
         self._events.started(spec, process.pid)
 
     def _on_exit(self, pid: int) -> None:
-        spec, process, started = self._processes.pop(pid)
+        entry = self._processes.pop(pid)
+        spec, process = entry.spec, entry.handle
         loop = asyncio.get_running_loop()
         loop.remove_reader(process.sentinel)
         process.join()
         how = _describe_exit(pid, process.exitcode)
+        try:
+            if entry.load_errors.poll(0):
+                how = f"{how}: cannot load the model: {entry.load_errors.recv()}"
+        except (EOFError, OSError):
+            pass
+        finally:
+            entry.load_errors.close()
         self._events.exited(spec, pid, how)
         if self._stopping:
             if not self._processes and self._all_exited is not None:
                 self._all_exited.set()
             return
-        low, high = RESTART_BACKOFF_S
-        if time.monotonic() - started > STABLE_RUN_S:
-            delay = low
-        else:
-            delay = min(self._backoff.get(spec.key, low / 2) * 2, high)
-        self._backoff[spec.key] = delay
+        history = self._crashes.setdefault(spec.key, CrashHistory(self._policy))
+        delay = history.restart_delay(time.monotonic() - entry.started)
+        if delay is None:
+            log.error("%s; giving up after %d quick exits in a row", how, history.quick_exits)
+            self._events.unhealthy(
+                spec, f"{history.quick_exits} workers in a row exited early; the last: {how}"
+            )
+            return
         log.warning("%s; restarting it in %.1f s", how, delay)
         token = next(self._restart_tokens)
         self._restarts[token] = loop.call_later(delay, self._restart, spec, token)
@@ -187,8 +237,8 @@ class LocalWorkers:
                 pass
             if escalate is None:
                 raise RuntimeError(f"worker processes {sorted(self._processes)} did not exit")
-            for _, process, _ in list(self._processes.values()):
-                getattr(process, escalate)()
+            for entry in list(self._processes.values()):
+                getattr(entry.handle, escalate)()
 
 
 def _describe_exit(pid: int, exitcode: int | None) -> str:

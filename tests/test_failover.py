@@ -121,3 +121,44 @@ def test_silent_worker_is_dropped_by_heartbeat_and_its_requests_retried(
         assert [r.status_code for r in responses] == [200] * 4
     finally:
         os.kill(victim, signal.SIGCONT)
+
+
+CRASH_LOOP = """
+    import multiprocess
+
+    import ketch
+
+    # Only the worker of gpu_only dies (discovery and other workers import this file too),
+    # as it would on a machine without the GPU or native library it needs.
+    if multiprocess.current_process().name.startswith("ketch-worker-gpu_only"):
+        raise RuntimeError("no GPU here")
+
+    @ketch.model
+    def gpu_only(xs):
+        return xs
+
+    @ketch.model
+    def double(xs):
+        return [2 * x for x in xs]
+"""
+
+
+def test_model_whose_workers_crash_loop_is_marked_unhealthy(
+    start_server: Start, write_models: Callable[..., Path]
+) -> None:
+    server = start_server(write_models(CRASH_LOOP))
+    cause = server.wait_for(r"model gpu_only:1 unhealthy: (.*)", seen_too=True).group(1)
+    assert "5 workers in a row exited early" in cause
+    assert "RuntimeError: no GPU here" in cause
+
+    response = server.predict("gpu_only", {"input": 1})
+    assert response.status_code == 503
+    assert "is unhealthy" in response.json()["error"]
+    assert "RuntimeError: no GPU here" in response.json()["error"]
+    status = server.model_status("gpu_only")
+    assert status["state"] == "unhealthy"
+    assert status["worker_exits"] == 5
+    assert "no GPU here" in status["last_error"]
+    assert server.client.get("/v2/health/ready").status_code == 503
+    # The healthy model is untouched.
+    assert server.predict("double", {"input": 2}).json()["output"] == 4
