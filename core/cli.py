@@ -22,6 +22,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
@@ -84,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument(
         "--workers-per-model",
-        type=_positive_int,
-        default=1,
+        type=_non_negative_int,
+        default=0,
         metavar="N",
-        help="worker processes per model version (default %(default)s)",
+        help="keep at least N workers warm per model version, raising each model's "
+        "min_replicas (default %(default)s: pools start at their min_replicas, often zero, "
+        "and start workers on demand)",
     )
     serve_cmd.add_argument(
         "--request-timeout",

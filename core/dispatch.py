@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import re
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,13 +50,15 @@ class PredictionError(Exception):
 class Job:
     """The inputs of one HTTP request and the future its handler awaits."""
 
-    __slots__ = ("chunks", "future", "inputs", "remaining")
+    __slots__ = ("chunks", "cold_deadline", "future", "inputs", "remaining")
 
     def __init__(self, inputs: list[Any], future: asyncio.Future[Outputs]) -> None:
         self.inputs = inputs
         self.future = future
         self.remaining = len(inputs)
         self.chunks: list[tuple[int, Outputs]] = []
+        #: Set when the job arrived with no worker ready: the latest it may wait for one.
+        self.cold_deadline: float | None = None
 
     def deliver(self, start: int, outputs: Outputs) -> None:
         if self.future.done():
@@ -126,6 +130,11 @@ class ModelQueue:
         self.unhealthy_because: str | None = None
         self.worker_exits = 0
         self.last_error: str | None = None
+        self.active_requests = 0
+        self.last_request_at = -math.inf
+        self.cold_starts = 0
+        #: Called when a request finds no worker ready or starting (the pool manager's cue).
+        self.on_demand: Callable[[], None] | None = None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -139,9 +148,55 @@ class ModelQueue:
         if self._abandoned():
             job.fail(self._no_worker_error())
             return future
+        self.active_requests += 1
+        future.add_done_callback(self._request_done)
+        self.last_request_at = now = time.monotonic()
         self._pending.append(Part(job, 0, len(inputs)))
+        if not self._workers:
+            job.cold_deadline = now + self.spec.pool.cold_start_timeout_s
+            if not self.starting and self.on_demand is not None:
+                self.cold_starts += 1
+                self.on_demand()
         self.pump()
         return future
+
+    def _request_done(self, future: asyncio.Future[Outputs]) -> None:
+        self.active_requests -= 1
+
+    def expire_cold_starts(self, now: float) -> None:
+        """Answer 503 to requests that waited their ``cold_start_timeout_s`` for a worker."""
+        if self._workers or not self._pending:
+            return
+        expired = [
+            p
+            for p in self._pending
+            if p.job.cold_deadline is not None and p.job.cold_deadline < now
+        ]
+        if not expired:
+            return
+        cause = (
+            "a worker is still starting"
+            if self.starting
+            else f"the last worker to try {self.last_error or 'did not start'}"
+        )
+        error = PredictionError(
+            503,
+            f"model {self.spec.label()!r} got no worker within "
+            f"{self.spec.pool.cold_start_timeout_s:g} s ({cause})",
+            **self._labels(),
+        )
+        for part in expired:
+            part.job.fail(error)
+
+    def idle_workers(self, count: int, local_pids: set[int]) -> list[WorkerInfo]:
+        """Up to ``count`` local workers with no batch in flight, to be scaled down."""
+        hostname = socket.gethostname()
+        idle = [
+            w.info
+            for w in self._workers.values()
+            if not w.batches and w.info.pid in local_pids and w.info.host == hostname
+        ]
+        return idle[:count]
 
     def _abandoned(self) -> bool:
         """No worker serves this model and none will come by itself: it joined by hand only."""
@@ -308,7 +363,16 @@ class ModelQueue:
             return "unhealthy"
         if self._workers:
             return "ready"
-        return "starting" if self.starting else "unavailable"
+        if self.starting:
+            return "starting"
+        return "zero" if self.served_from_file else "unavailable"
+
+    @property
+    def ready_to_serve(self) -> bool:
+        """Can answer now, or by a cold start: what readiness probes and ``ketch: ready`` mean."""
+        if self.unhealthy_because is not None:
+            return False
+        return self.spec.pool.min_replicas == 0 or bool(self._workers)
 
     def describe(self, default_version: str) -> dict[str, Any]:
         return {
@@ -320,8 +384,11 @@ class ModelQueue:
             "max_batch_size": self.spec.max_batch_size,
             "batch_input": self.spec.batch_input,
             "queue_depth": self.queue_depth,
+            "active_requests": self.active_requests,
+            "cold_starts": self.cold_starts,
             "worker_exits": self.worker_exits,
             "last_error": self.last_error,
+            "pool": asdict(self.spec.pool),
             "workers": [
                 {
                     "pid": w.info.pid,
@@ -392,32 +459,41 @@ class Dispatcher:
         ]
 
     def not_ready(self) -> list[str]:
-        """Labels of models from the served file that have no ready worker."""
+        """Labels of models from the served file that cannot serve now."""
         return [
             q.spec.label()
             for q in self._queues.values()
-            if q.served_from_file and not q.ready_replicas
+            if q.served_from_file and not q.ready_to_serve
         ]
 
     def settled(self) -> bool:
-        """Every model of the served file is ready (or given up on as unhealthy) and no worker
-        is still starting."""
+        """Every model of the served file can serve (or was given up on as unhealthy) and no
+        worker is still starting."""
         return not any(
-            q.starting or (q.served_from_file and q.state not in ("ready", "unhealthy"))
+            q.starting or (q.served_from_file and not q.ready_to_serve and q.state != "unhealthy")
             for q in self._queues.values()
         )
+
+    def queues(self) -> list[ModelQueue]:
+        return list(self._queues.values())
+
+    def retire(self, worker: WorkerInfo, reason: str) -> None:
+        """Let an idle worker go: it is told DISCONNECT and leaves its pool."""
+        assert self._broker is not None
+        self._broker.drop(worker, reason)
 
     # -- local processes (from the supervisor) ----------------------------------------------
 
     def process_started(self, spec: ModelSpec, pid: int) -> None:
         self.add_model(spec).starting.add(pid)
 
-    def process_exited(self, spec: ModelSpec, pid: int, how: str) -> None:
+    def process_exited(self, spec: ModelSpec, pid: int, how: str, expected: bool) -> None:
         queue = self._queues.get(spec.key)
         if queue is not None:
             queue.starting.discard(pid)
-            queue.worker_exits += 1
-            queue.last_error = how
+            if not expected:
+                queue.worker_exits += 1
+                queue.last_error = how
         assert self._broker is not None
         for worker in self._broker.workers():
             if worker.pid == pid and worker.host == self._hostname:

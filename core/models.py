@@ -13,7 +13,7 @@ import inspect
 import re
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import numpy as np
@@ -30,6 +30,53 @@ DEFAULT_MAX_BATCH_SIZE = 32
 
 
 @dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """How many workers a model version gets, and when.
+
+    :param min_replicas: workers kept even without traffic; 0 lets the pool scale to zero.
+    :param max_replicas: most workers the pool grows to under load.
+    :param idle_timeout_s: how long the pool must have more workers than its load needs
+        before it stops one (and, at ``min_replicas=0``, how long without traffic before it is
+        back to zero). The delay is the hysteresis that keeps pools from flapping.
+    :param target_inflight: requests queued or computing per worker that the pool aims for;
+        more than that starts another worker.
+    :param cold_start_timeout_s: how long a request waits for a worker to start before it is
+        answered 503.
+    """
+
+    min_replicas: int = 0
+    max_replicas: int = 1
+    idle_timeout_s: float = 300.0
+    target_inflight: int = 64
+    cold_start_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for field_name in ("min_replicas", "max_replicas", "target_inflight"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{field_name} must be an int, got {value!r}")
+        if self.min_replicas < 0:
+            raise ValueError(f"min_replicas must be >= 0, got {self.min_replicas}")
+        if self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(
+                f"max_replicas must be >= 1 and >= min_replicas ({self.min_replicas}), "
+                f"got {self.max_replicas}"
+            )
+        if self.target_inflight < 1:
+            raise ValueError(f"target_inflight must be >= 1, got {self.target_inflight}")
+        for field_name in ("idle_timeout_s", "cold_start_timeout_s"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{field_name} must be a number of seconds > 0, got {value!r}")
+
+    def with_floor(self, replicas: int) -> PoolSpec:
+        """This spec with at least ``replicas`` workers kept (``ketch serve --min-replicas``)."""
+        if replicas <= self.min_replicas:
+            return self
+        return replace(self, min_replicas=replicas, max_replicas=max(self.max_replicas, replicas))
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """What the gateway needs to know about a model; plain data, sent over the wire as a dict.
 
@@ -38,6 +85,7 @@ class ModelSpec:
     :param max_batch_size: most inputs handed to one call of the function.
     :param batch_input: ``"list"`` or ``"numpy"`` (inputs stacked into one array).
     :param is_async: whether the function is ``async def``.
+    :param pool: how many workers serve it, and when.
     """
 
     name: str
@@ -45,6 +93,7 @@ class ModelSpec:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_input: BatchInput = "list"
     is_async: bool = False
+    pool: PoolSpec = field(default_factory=PoolSpec)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -59,7 +108,12 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
         """Rebuild a spec from :meth:`to_dict`, ignoring keys a newer peer may add."""
-        known = {field: data[field] for field in cls.__dataclass_fields__ if field in data}
+        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        if isinstance(known.get("pool"), Mapping):
+            pool = known["pool"]
+            known["pool"] = PoolSpec(
+                **{name: pool[name] for name in PoolSpec.__dataclass_fields__ if name in pool}
+            )
         return validated_spec(**known)
 
 
@@ -69,6 +123,7 @@ def validated_spec(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batch_input: BatchInput = "list",
     is_async: bool = False,
+    pool: PoolSpec | None = None,
 ) -> ModelSpec:
     """Build a :class:`ModelSpec`, raising ``ValueError``/``TypeError`` that names the bad value."""
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
@@ -88,7 +143,7 @@ def validated_spec(
         raise ValueError(f"max_batch_size of {name!r} must be >= 1, got {max_batch_size}")
     if batch_input not in ("list", "numpy"):
         raise ValueError(f"batch_input of {name!r} must be 'list' or 'numpy', got {batch_input!r}")
-    return ModelSpec(name, version, max_batch_size, batch_input, bool(is_async))
+    return ModelSpec(name, version, max_batch_size, batch_input, bool(is_async), pool or PoolSpec())
 
 
 class Model(Generic[P, R]):
@@ -116,6 +171,11 @@ def model(
     name: str | None = None,
     version: str | int = DEFAULT_VERSION,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    min_replicas: int = 0,
+    max_replicas: int = 1,
+    idle_timeout_s: float = 300.0,
+    target_inflight: int = 64,
+    cold_start_timeout_s: float = 60.0,
 ) -> Callable[[Callable[P, R]], Model[P, R]]: ...
 
 
@@ -126,16 +186,29 @@ def model(
     name: str | None = None,
     version: str | int = DEFAULT_VERSION,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    min_replicas: int = 0,
+    max_replicas: int = 1,
+    idle_timeout_s: float = 300.0,
+    target_inflight: int = 64,
+    cold_start_timeout_s: float = 60.0,
 ) -> Model[P, R] | Callable[[Callable[P, R]], Model[P, R]]:
     """Declare a model: ``@ketch.model`` or ``@ketch.model(name=..., version=..., ...)``.
 
     :param name: the model's URL name; defaults to the function's name.
     :param version: version label (default ``"1"``).
     :param max_batch_size: most inputs passed to one call of the function (default 32).
+    :param min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s:
+        the model's worker pool, see :class:`PoolSpec`. By default a model has no worker
+        until its first request, one while it has traffic, and none again after 5 idle
+        minutes.
 
     The function receives a batch and must return one output per input. Annotate its first
     parameter ``np.ndarray`` to receive the batch as one stacked array.
     """
+
+    pool = PoolSpec(
+        min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s
+    )
 
     def decorate(func: Callable[P, R]) -> Model[P, R]:
         if isinstance(func, Model):
@@ -149,6 +222,7 @@ def model(
             max_batch_size=max_batch_size,
             batch_input=_batch_input_of(func),
             is_async=inspect.iscoroutinefunction(func),
+            pool=pool,
         )
         return Model(func, spec)
 

@@ -7,12 +7,13 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 from ketch.dispatch import Dispatcher
 from ketch.gateway import Gateway
 from ketch.httpserver import bind_tcp, serve_asgi
+from ketch.pools import PoolManager
 from ketch.workers import LocalWorkers, ProcessEvents, discover
 from ketch.zmq_transport.broker import Broker
 from ketch.zmq_transport.liveness import Heartbeat
@@ -31,7 +32,8 @@ class ServeOptions:
     :param port: HTTP port; 0 picks a free one (printed at start).
     :param broker: ZeroMQ endpoint workers connect to; ``tcp://0.0.0.0:7070`` admits workers
         from other machines, ``tcp://127.0.0.1:*`` picks a free port.
-    :param workers_per_model: worker processes started for each model version.
+    :param workers_per_model: workers kept warm for each model version at least (raises each
+        model's ``min_replicas``; 0 leaves the pools as the models declare them).
     :param heartbeat: heartbeat interval and liveness between broker and workers.
     :param request_timeout_s: longest a request waits for its answer before a 504.
     """
@@ -40,13 +42,13 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     broker: str = DEFAULT_BROKER
-    workers_per_model: int = 1
+    workers_per_model: int = 0
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     request_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.workers_per_model < 1:
-            raise ValueError(f"workers per model must be >= 1, got {self.workers_per_model}")
+        if self.workers_per_model < 0:
+            raise ValueError(f"workers per model must be >= 0, got {self.workers_per_model}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request timeout must be > 0 s, got {self.request_timeout_s}")
 
@@ -62,6 +64,9 @@ class _Reporter:
 
     def __call__(self, line: str) -> None:
         print(f"ketch: {line}", file=self._out, flush=True)
+        self.announce_if_ready()
+
+    def announce_if_ready(self) -> None:
         if not self._announced and self.is_ready():
             self._announced = True
             print("ketch: ready", file=self._out, flush=True)
@@ -82,13 +87,16 @@ async def serve(
     # Both ports first: a port in use fails at once, before any import of user code.
     sock = bind_tcp(options.host, options.port)
     workers: LocalWorkers | None = None
+    pools: PoolManager | None = None
     try:
         endpoint = broker.start()
         dispatcher.attach(broker)
-        specs = await loop.run_in_executor(None, discover, options.source)
+        specs = [
+            replace(spec, pool=spec.pool.with_floor(options.workers_per_model))
+            for spec in await loop.run_in_executor(None, discover, options.source)
+        ]
         for spec in specs:
             dispatcher.add_model(spec)
-        report.is_ready = dispatcher.settled
         host, port = sock.getsockname()[:2]
         report(f"broker listening on {endpoint}")
         report(f"listening on http://{_url_host(host)}:{port}")
@@ -100,13 +108,19 @@ async def serve(
                 dispatcher.process_started, dispatcher.process_exited, dispatcher.model_unhealthy
             ),
         )
+        pools = PoolManager(dispatcher, workers)
         for spec in specs:
-            workers.start(spec, options.workers_per_model)
+            pools.manage(spec)
+        pools.start()
+        report.is_ready = dispatcher.settled
+        report.announce_if_ready()
         app = Gateway(dispatcher, options.request_timeout_s).app()
         await serve_asgi(app, sock, shutdown.wait)
     finally:
         sock.close()  # a no-op once serve_asgi has handed the socket to Hypercorn
         log.info("HTTP gateway stopped; stopping workers")
+        if pools is not None:
+            await pools.stop()
         if workers is not None:
             workers.hold_restarts()
         await broker.close()

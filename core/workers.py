@@ -8,7 +8,6 @@ gateway's event loop, threads or sockets (which a plain fork would copy).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import signal
 import time
@@ -113,12 +112,12 @@ class ProcessEvents:
     """Where :class:`LocalWorkers` reports process starts and exits (the dispatcher).
 
     ``exited`` gets the exit described for people (exit code or signal, and the load error if
-    the model could not be loaded); ``unhealthy`` is called instead of a restart once the
-    model's workers have crashed too often in a row.
+    the model could not be loaded) and whether it was expected (scaled down, shutting down);
+    ``unhealthy`` is called once the model's workers have crashed too often in a row.
     """
 
     started: Callable[[ModelSpec, int], None]
-    exited: Callable[[ModelSpec, int, str], None]
+    exited: Callable[[ModelSpec, int, str, bool], None]
     unhealthy: Callable[[ModelSpec, str], None]
 
 
@@ -131,13 +130,16 @@ class _Process:
 
 
 class LocalWorkers:
-    """Keeps ``replicas`` worker processes per model version running, restarting with backoff.
+    """Starts and watches the worker processes the pool manager asks for.
+
+    A process that exits unasked is reported at once (so its batches are retried without
+    waiting for missed heartbeats); each quick exit in a row makes the next start of that
+    model wait longer, and too many mark the model unhealthy (:mod:`ketch.restarts`).
 
     :param source: the served file or module.
     :param broker: endpoint the workers connect to.
     :param heartbeat: heartbeat settings shared with the broker.
-    :param events: receives starts and exits, so a dead worker is dropped at once rather than
-        after missed heartbeats.
+    :param events: receives starts, exits and give-ups.
     """
 
     def __init__(
@@ -154,19 +156,19 @@ class LocalWorkers:
         self._policy = restart_policy or RestartPolicy()
         self._context = _context()
         self._processes: dict[int, _Process] = {}
+        self._retired: set[int] = set()
         self._crashes: dict[tuple[str, str], CrashHistory] = {}
-        self._restarts: dict[int, asyncio.TimerHandle] = {}
-        self._restart_tokens = itertools.count()
+        self._not_before: dict[tuple[str, str], float] = {}
         self._stopping = False
         self._all_exited: asyncio.Event | None = None
 
-    def start(self, spec: ModelSpec, replicas: int) -> None:
-        for _ in range(replicas):
-            self._spawn(spec)
+    def pids(self, spec: ModelSpec) -> set[int]:
+        return {pid for pid, entry in self._processes.items() if entry.spec.key == spec.key}
 
-    def _spawn(self, spec: ModelSpec) -> None:
-        if self._stopping:
-            return
+    def spawn(self, spec: ModelSpec) -> bool:
+        """Start a worker for ``spec``; False while its restart backoff has not elapsed."""
+        if self._stopping or time.monotonic() < self._not_before.get(spec.key, 0.0):
+            return False
         load_errors, child_end = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_worker,
@@ -179,12 +181,16 @@ class LocalWorkers:
         self._processes[process.pid] = _Process(spec, process, time.monotonic(), load_errors)
         asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit, process.pid)
         self._events.started(spec, process.pid)
+        return True
+
+    def retire(self, pid: int) -> None:
+        """``pid`` is about to be told DISCONNECT: its exit is expected, not a crash."""
+        self._retired.add(pid)
 
     def _on_exit(self, pid: int) -> None:
         entry = self._processes.pop(pid)
         spec, process = entry.spec, entry.handle
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(process.sentinel)
+        asyncio.get_running_loop().remove_reader(process.sentinel)
         process.join()
         how = _describe_exit(pid, process.exitcode)
         try:
@@ -194,10 +200,14 @@ class LocalWorkers:
             pass
         finally:
             entry.load_errors.close()
-        self._events.exited(spec, pid, how)
+        expected = self._stopping or pid in self._retired
+        self._retired.discard(pid)
+        self._events.exited(spec, pid, how, expected)
         if self._stopping:
             if not self._processes and self._all_exited is not None:
                 self._all_exited.set()
+            return
+        if expected:
             return
         history = self._crashes.setdefault(spec.key, CrashHistory(self._policy))
         delay = history.restart_delay(time.monotonic() - entry.started)
@@ -207,20 +217,12 @@ class LocalWorkers:
                 spec, f"{history.quick_exits} workers in a row exited early; the last: {how}"
             )
             return
-        log.warning("%s; restarting it in %.1f s", how, delay)
-        token = next(self._restart_tokens)
-        self._restarts[token] = loop.call_later(delay, self._restart, spec, token)
-
-    def _restart(self, spec: ModelSpec, token: int) -> None:
-        del self._restarts[token]
-        self._spawn(spec)
+        log.warning("%s; its replacement may start in %.1f s", how, delay)
+        self._not_before[spec.key] = time.monotonic() + delay
 
     def hold_restarts(self) -> None:
-        """From now on, a worker that exits stays down (the server is shutting down)."""
+        """From now on no worker starts (the server is shutting down)."""
         self._stopping = True
-        for handle in self._restarts.values():
-            handle.cancel()
-        self._restarts.clear()
 
     async def stop(self, grace_s: float = 1.0, timeout_s: float = 5.0) -> None:
         """Stop every worker. The broker has told them DISCONNECT, so most exit on their own

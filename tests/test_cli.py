@@ -67,7 +67,7 @@ def test_unknown_module() -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--workers-per-model", "0"), ("--port", "70000"), ("--heartbeat-interval", "nan")],
+    [("--workers-per-model", "-1"), ("--port", "70000"), ("--heartbeat-interval", "nan")],
 )
 def test_invalid_options_are_refused_by_name(option: str, value: str) -> None:
     result = ketch("serve", str(QUICKSTART), option, value)

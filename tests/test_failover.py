@@ -146,7 +146,7 @@ CRASH_LOOP = """
 def test_model_whose_workers_crash_loop_is_marked_unhealthy(
     start_server: Start, write_models: Callable[..., Path]
 ) -> None:
-    server = start_server(write_models(CRASH_LOOP))
+    server = start_server(write_models(CRASH_LOOP), "--workers-per-model", "1")
     cause = server.wait_for(r"model gpu_only:1 unhealthy: (.*)", seen_too=True).group(1)
     assert "5 workers in a row exited early" in cause
     assert "RuntimeError: no GPU here" in cause

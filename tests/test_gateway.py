@@ -16,7 +16,7 @@ SERVABLE = Path(__file__).with_name("servable.py")
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[KetchServer]:
-    served = KetchServer(SERVABLE)
+    served = KetchServer(SERVABLE, "--workers-per-model", "1")
     try:
         yield served.wait_ready()
     finally:

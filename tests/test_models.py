@@ -393,6 +393,13 @@ def test_spec_to_dict_is_plain_data() -> None:
         "max_batch_size": 4,
         "batch_input": "list",
         "is_async": False,
+        "pool": {
+            "min_replicas": 0,
+            "max_replicas": 1,
+            "idle_timeout_s": 300.0,
+            "target_inflight": 64,
+            "cold_start_timeout_s": 60.0,
+        },
     }
 
 

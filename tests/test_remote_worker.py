@@ -37,7 +37,7 @@ def test_hand_started_worker_joins_the_pool_of_a_served_model(
     start_server: StartServer, start_worker: StartWorker, write_models: WriteModels
 ) -> None:
     models = write_models(SERVED)
-    server = start_server(models)
+    server = start_server(models, "--workers-per-model", "1")
     local_pid = server.model_status("whoami")["workers"][0]["pid"]
 
     worker = start_worker(f"{models}:whoami", server.broker)
