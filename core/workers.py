@@ -8,11 +8,14 @@ gateway's event loop, threads or sockets (which a plain fork would copy).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import sys
 import time
 import traceback
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,22 @@ from ketch.zmq_transport import worker
 from ketch.zmq_transport.liveness import Heartbeat
 
 log = logging.getLogger("ketch.workers")
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start processes without re-importing the parent's ``__main__`` in them.
+
+    multiprocessing's spawn and forkserver children re-run the parent's main module; for
+    ``ketch serve`` that is the CLI, which would import the whole gateway (Starlette,
+    Hypercorn) into every worker and slow every cold start. Workers need none of it.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _context() -> Any:
@@ -84,7 +103,8 @@ def discover(source: str, timeout_s: float = 120.0) -> list[ModelSpec]:
     process = context.Process(
         target=_discover_in_child, args=(source, sender), name="ketch-discover", daemon=True
     )
-    process.start()
+    with _main_module_hidden():
+        process.start()
     sender.close()
     try:
         if not receiver.poll(timeout_s):
@@ -176,7 +196,8 @@ class LocalWorkers:
             name=f"ketch-worker-{spec.label()}",
             daemon=True,
         )
-        process.start()
+        with _main_module_hidden():
+            process.start()
         child_end.close()
         self._processes[process.pid] = _Process(spec, process, time.monotonic(), load_errors)
         asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit, process.pid)
