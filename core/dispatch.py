@@ -304,6 +304,14 @@ class ModelQueue:
                 self._pending.popleft().job.fail(error)
         self.pump()
 
+    def fail_in_flight(self, info: WorkerInfo, error: PredictionError) -> None:
+        worker = self._workers.get(info.identity)
+        if worker is None:
+            return
+        for batch in worker.batches.values():
+            self._fail(batch.parts, error)
+        worker.batches.clear()
+
     def complete(self, info: WorkerInfo, batch_id: int, outputs: Outputs) -> None:
         batch = self._finish(info, batch_id)
         if batch is None:
@@ -476,6 +484,18 @@ class Dispatcher:
 
     def queues(self) -> list[ModelQueue]:
         return list(self._queues.values())
+
+    def recycle(self, spec: ModelSpec, pid: int, why: str) -> None:
+        """A local worker was killed for cause: its batches fail with ``why`` (retrying them
+        would likely kill the next worker the same way) and it leaves its pool at once."""
+        queue = self._queues.get(spec.key)
+        assert self._broker is not None
+        for worker in self._broker.workers():
+            if worker.pid == pid and worker.host == self._hostname:
+                if queue is not None:
+                    error = PredictionError(503, why, model=spec.name, version=spec.version)
+                    queue.fail_in_flight(worker, error)
+                self._broker.drop(worker, why)
 
     def retire(self, worker: WorkerInfo, reason: str) -> None:
         """Let an idle worker go: it is told DISCONNECT and leaves its pool."""

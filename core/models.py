@@ -12,11 +12,13 @@ import functools
 import inspect
 import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import numpy as np
+
+from ketch.resources import Resources
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -86,6 +88,7 @@ class ModelSpec:
     :param batch_input: ``"list"`` or ``"numpy"`` (inputs stacked into one array).
     :param is_async: whether the function is ``async def``.
     :param pool: how many workers serve it, and when.
+    :param resources: what each worker may use (cores, memory, threads, GPUs).
     """
 
     name: str
@@ -94,6 +97,7 @@ class ModelSpec:
     batch_input: BatchInput = "list"
     is_async: bool = False
     pool: PoolSpec = field(default_factory=PoolSpec)
+    resources: Resources = field(default_factory=Resources)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -114,6 +118,8 @@ class ModelSpec:
             known["pool"] = PoolSpec(
                 **{name: pool[name] for name in PoolSpec.__dataclass_fields__ if name in pool}
             )
+        if isinstance(known.get("resources"), Mapping):
+            known["resources"] = Resources.from_dict(known["resources"])
         return validated_spec(**known)
 
 
@@ -124,6 +130,7 @@ def validated_spec(
     batch_input: BatchInput = "list",
     is_async: bool = False,
     pool: PoolSpec | None = None,
+    resources: Resources | None = None,
 ) -> ModelSpec:
     """Build a :class:`ModelSpec`, raising ``ValueError``/``TypeError`` that names the bad value."""
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
@@ -143,7 +150,15 @@ def validated_spec(
         raise ValueError(f"max_batch_size of {name!r} must be >= 1, got {max_batch_size}")
     if batch_input not in ("list", "numpy"):
         raise ValueError(f"batch_input of {name!r} must be 'list' or 'numpy', got {batch_input!r}")
-    return ModelSpec(name, version, max_batch_size, batch_input, bool(is_async), pool or PoolSpec())
+    return ModelSpec(
+        name,
+        version,
+        max_batch_size,
+        batch_input,
+        bool(is_async),
+        pool or PoolSpec(),
+        resources or Resources(),
+    )
 
 
 class Model(Generic[P, R]):
@@ -176,6 +191,10 @@ def model(
     idle_timeout_s: float = 300.0,
     target_inflight: int = 64,
     cold_start_timeout_s: float = 60.0,
+    cpus: Sequence[int] | None = None,
+    memory_mb: int | None = None,
+    threads: int | None = None,
+    gpus: Sequence[int] | None = None,
 ) -> Callable[[Callable[P, R]], Model[P, R]]: ...
 
 
@@ -191,6 +210,10 @@ def model(
     idle_timeout_s: float = 300.0,
     target_inflight: int = 64,
     cold_start_timeout_s: float = 60.0,
+    cpus: Sequence[int] | None = None,
+    memory_mb: int | None = None,
+    threads: int | None = None,
+    gpus: Sequence[int] | None = None,
 ) -> Model[P, R] | Callable[[Callable[P, R]], Model[P, R]]:
     """Declare a model: ``@ketch.model`` or ``@ketch.model(name=..., version=..., ...)``.
 
@@ -201,6 +224,7 @@ def model(
         the model's worker pool, see :class:`PoolSpec`. By default a model has no worker
         until its first request, one while it has traffic, and none again after 5 idle
         minutes.
+    :param cpus, memory_mb, threads, gpus: what each worker may use, see :class:`Resources`.
 
     The function receives a batch and must return one output per input. Annotate its first
     parameter ``np.ndarray`` to receive the batch as one stacked array.
@@ -208,6 +232,13 @@ def model(
 
     pool = PoolSpec(
         min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s
+    )
+
+    resources = Resources(
+        tuple(cpus) if cpus is not None else None,
+        memory_mb,
+        threads,
+        tuple(gpus) if gpus is not None else None,
     )
 
     def decorate(func: Callable[P, R]) -> Model[P, R]:
@@ -223,6 +254,7 @@ def model(
             batch_input=_batch_input_of(func),
             is_async=inspect.iscoroutinefunction(func),
             pool=pool,
+            resources=resources,
         )
         return Model(func, spec)
 

@@ -86,6 +86,8 @@ class PoolManager:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)  # a reconcile period, not a wait for a peer
+            for spec, pid, why in self._workers.over_memory():
+                self._dispatcher.recycle(spec, pid, why)
             for queue in self._dispatcher.queues():
                 if queue.spec.key in self._states:
                     self.reconcile(queue)

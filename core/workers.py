@@ -16,14 +16,17 @@ import time
 import traceback
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import multiprocess
+import psutil
 
 from ketch.errors import TargetLoadError
 from ketch.loader import Target, find_model, load_models
 from ketch.models import ModelSpec
+from ketch.resources import Resources, over_memory_cap
+from ketch.resources import apply as apply_resources
 from ketch.restarts import CrashHistory, RestartPolicy
 from ketch.runtimes.python import make_predict
 from ketch.zmq_transport import worker
@@ -55,19 +58,29 @@ def _context() -> Any:
 
 
 def run_worker(
-    target: str, version: str | None, options: worker.WorkerOptions, load_errors: Any = None
+    target: str,
+    version: str | None,
+    options: worker.WorkerOptions,
+    load_errors: Any = None,
+    resources: dict[str, Any] | None = None,
 ) -> None:
     """Worker process body: load the model named by ``target`` and serve it.
 
     :param load_errors: a connection that receives the error text when the model cannot be
         loaded, so the gateway can say why the worker died.
+    :param resources: the model's limits, when the starter knows them: applied before the
+        model's module is imported, so its libraries load with them. The model's own
+        declaration is applied again once it is loaded (all a hand-started worker has).
     """
     if not options.rejoin:
         # Started by `ketch serve`: Ctrl-C reaches the whole process group, and the gateway
         # alone decides when its workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        if resources is not None:
+            apply_resources(Resources.from_dict(resources))
         model = find_model(Target.parse(target), version)
+        apply_resources(model.spec.resources)
         predict = make_predict(model)
     except BaseException as exc:
         if load_errors is not None:
@@ -147,6 +160,9 @@ class _Process:
     handle: Any
     started: float
     load_errors: Any
+    watched: psutil.Process
+    #: Why the gateway killed it (over its memory cap), for the exit's description.
+    killed_because: str | None = None
 
 
 class LocalWorkers:
@@ -192,17 +208,43 @@ class LocalWorkers:
         load_errors, child_end = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_worker,
-            args=(f"{self._source}:{spec.name}", spec.version, self._options, child_end),
+            args=(
+                f"{self._source}:{spec.name}",
+                spec.version,
+                self._options,
+                child_end,
+                asdict(spec.resources),
+            ),
             name=f"ketch-worker-{spec.label()}",
             daemon=True,
         )
         with _main_module_hidden():
             process.start()
         child_end.close()
-        self._processes[process.pid] = _Process(spec, process, time.monotonic(), load_errors)
+        self._processes[process.pid] = _Process(
+            spec, process, time.monotonic(), load_errors, psutil.Process(process.pid)
+        )
         asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit, process.pid)
         self._events.started(spec, process.pid)
         return True
+
+    def over_memory(self) -> list[tuple[ModelSpec, int, str]]:
+        """Kill every worker over its model's ``memory_mb``; returns (spec, pid, why) of each."""
+        killed = []
+        for pid, entry in self._processes.items():
+            cap = entry.spec.resources.memory_mb
+            if cap is None or entry.killed_because is not None:
+                continue
+            rss_mb = over_memory_cap(entry.watched, cap)
+            if rss_mb is None:
+                continue
+            entry.killed_because = (
+                f"worker pid {pid} was recycled: it used {rss_mb} MB of resident memory, "
+                f"over its memory_mb cap of {cap} MB"
+            )
+            entry.handle.kill()
+            killed.append((entry.spec, pid, entry.killed_because))
+        return killed
 
     def retire(self, pid: int) -> None:
         """``pid`` is about to be told DISCONNECT: its exit is expected, not a crash."""
@@ -213,7 +255,7 @@ class LocalWorkers:
         spec, process = entry.spec, entry.handle
         asyncio.get_running_loop().remove_reader(process.sentinel)
         process.join()
-        how = _describe_exit(pid, process.exitcode)
+        how = entry.killed_because or _describe_exit(pid, process.exitcode)
         try:
             if entry.load_errors.poll(0):
                 how = f"{how}: cannot load the model: {entry.load_errors.recv()}"

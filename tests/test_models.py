@@ -400,6 +400,7 @@ def test_spec_to_dict_is_plain_data() -> None:
             "target_inflight": 64,
             "cold_start_timeout_s": 60.0,
         },
+        "resources": {"cpus": None, "memory_mb": None, "threads": None, "gpus": None},
     }
 
 

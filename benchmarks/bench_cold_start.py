@@ -1,0 +1,424 @@
+"""How long a request to a pool at zero waits for its answer, against a fresh interpreter.
+
+A model declared with ``min_replicas=0`` (the default) has no worker process until a request
+comes, and goes back to none ``idle_timeout_s`` after the last one. The first request after
+that pays for starting a worker: the *cold start*. This benchmark writes a models file with a
+trivial model (``@ketch.model(idle_timeout_s=0.3)`` doubling its inputs) to a temporary
+directory, serves it with ``ketch serve``, and measures from the client's side, on one
+keep-alive HTTP connection:
+
+- **cold start to first answer**, N times (``--cycles``, default 20): wait for the pool's
+  ``lost worker ... scaled down`` line and for that worker's process to exit, check ``GET
+  /models`` says ``zero``, then time one ``POST /models/double/predict``;
+- the **first cold start** after ``ketch: ready``, reported apart (it is also the first fork);
+- the **warm** latency of the same request, ``--warm-requests`` (default 200) back to back;
+- a **fresh interpreter** baseline, once the server has stopped: ``python -m ketch.cli worker
+  models.py:double --connect ...`` against a ROUTER socket this script binds, timed from
+  starting the process to its READY message; ``--fresh-runs`` (default 5) times.
+
+Targets: cold start to first answer, median, at most 50 ms (stretch: 25 ms).
+
+Run from anywhere: ``python benchmarks/bench_cold_start.py --cycles 10 [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+from ketch_server import KetchServer, write_models
+from procstat import CpuSample, CpuShares
+from server_process import ServerError, wait_gone
+
+from ketch.zmq_transport.protocol import Command, ProtocolError, decode, split_envelope
+
+MODEL = "double"
+PREDICT_PATH = f"/models/{MODEL}/predict"
+BODY = b'{"input": 21}'
+EXPECTED_OUTPUT = 42
+MODELS_SOURCE = """
+    import ketch
+
+
+    @ketch.model(idle_timeout_s={idle_timeout_s!r})
+    def double(xs):
+        return [2 * x for x in xs]
+"""
+#: The pool manager letting the benchmark's worker go (any other loss fails the run).
+SCALED_DOWN = re.compile(rf"^ketch: model {MODEL}:\S+ lost worker pid (?P<pid>\d+) .*: scaled down")
+COLD_START_TARGET_MS = 50.0
+COLD_START_STRETCH_MS = 25.0
+#: The pool wants zero workers ``idle_timeout_s`` after the last request and stops the worker
+#: another ``idle_timeout_s`` later; this deadline leaves ample room on a loaded machine.
+SCALE_DOWN_TIMEOUT_S = 30.0
+#: How long a worker that was told DISCONNECT may take to exit.
+WORKER_EXIT_TIMEOUT_S = 10.0
+#: A request includes a cold start; the server's own limit is 60 s.
+REQUEST_TIMEOUT_S = 60.0
+#: How long a fresh ``ketch worker`` process may take to send READY.
+FRESH_READY_TIMEOUT_S = 60.0
+#: CPU taken by unrelated processes during the cycles, in cores, above which figures are suspect.
+NOISY_OTHER_CPU = 0.25
+
+
+class BenchmarkError(Exception):
+    """A figure could not be measured; the message says why."""
+
+
+@dataclass
+class Report:
+    cycles: int
+    idle_timeout_s: float
+    first_cold_ms: float | None = None
+    cold_ms: list[float] = field(default_factory=list)
+    warm_ms: list[float] = field(default_factory=list)
+    fresh_ms: list[float] = field(default_factory=list)
+    #: ``cold_starts`` from ``GET /models`` at the end: one per timed cold request, plus one.
+    cold_starts_counted: int | None = None
+    #: CPU over the cycles, in cores: the server's group, this script, everything else.
+    cpu: CpuShares | None = None
+    server_exit_code: int | None = None
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Client:
+    """One keep-alive HTTP connection that times ``POST /models/double/predict``."""
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        if parts.hostname is None or parts.port is None:
+            raise BenchmarkError(f"cannot tell host and port from {base_url!r}")
+        self._connection = http.client.HTTPConnection(
+            parts.hostname, parts.port, timeout=REQUEST_TIMEOUT_S
+        )
+
+    def timed_predict(self) -> float:
+        """Milliseconds from sending the request to having read the whole answer."""
+        started = time.perf_counter_ns()
+        try:
+            self._connection.request(
+                "POST", PREDICT_PATH, body=BODY, headers={"Content-Type": "application/json"}
+            )
+            response = self._connection.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise BenchmarkError(f"POST {PREDICT_PATH} failed: {exc!r}") from exc
+        elapsed_ms = (time.perf_counter_ns() - started) / 1e6
+        try:
+            output = json.loads(payload).get("output")
+        except (ValueError, AttributeError):
+            output = None
+        if response.status != 200 or output != EXPECTED_OUTPUT:
+            raise BenchmarkError(
+                f"POST {PREDICT_PATH} {BODY.decode()} answered {response.status} "
+                f"{payload[:300]!r}; expected 200 with output {EXPECTED_OUTPUT}"
+            )
+        return elapsed_ms
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _expect_pool(server: KetchServer, state: str, cold_starts: int) -> None:
+    status = server.model_status(MODEL)
+    seen = (status.get("state"), status.get("cold_starts"))
+    if seen != (state, cold_starts):
+        raise BenchmarkError(
+            f"GET /models says {MODEL} is {seen[0]!r} after {seen[1]} cold starts; expected "
+            f"{state!r} after {cold_starts}: {status}"
+        )
+
+
+def _measure_server(args: argparse.Namespace, models_file: Path, report: Report) -> None:
+    server = KetchServer(models_file)
+    try:
+        with server:
+            client = Client(server.start(args.startup_timeout))
+            try:
+                _drive(server, client, args, report)
+            finally:
+                client.close()
+    except (BenchmarkError, ServerError) as exc:
+        report.failures.append(str(exc))
+    report.server_exit_code = server.exit_code
+    report.warnings.extend(f"ketch {warning}" for warning in server.stop_warnings)
+
+
+def _drive(server: KetchServer, client: Client, args: argparse.Namespace, report: Report) -> None:
+    _expect_pool(server, "zero", 0)
+    print("first cold start, then warm requests ...", file=sys.stderr, flush=True)
+    report.first_cold_ms = client.timed_predict()
+    # Back to back, each well within idle_timeout_s of the last: the worker stays.
+    report.warm_ms = [client.timed_predict() for _ in range(args.warm_requests)]
+    _expect_pool(server, "ready", 1)
+
+    print(f"{args.cycles} cold-start cycles ...", file=sys.stderr, flush=True)
+    before = CpuSample.take(server.pgid)
+    for cycle in range(args.cycles):
+        pid = int(server.wait_for(SCALED_DOWN, SCALE_DOWN_TIMEOUT_S)["pid"])
+        # The worker has been told DISCONNECT; let it exit so its teardown does not take CPU
+        # from the next cold start.
+        if wait_gone([pid], WORKER_EXIT_TIMEOUT_S):
+            raise BenchmarkError(
+                f"worker pid {pid} still runs {WORKER_EXIT_TIMEOUT_S:g} s after it was scaled down"
+            )
+        _expect_pool(server, "zero", 1 + cycle)
+        report.cold_ms.append(client.timed_predict())
+    report.cpu = CpuShares.between(before, CpuSample.take(server.pgid))
+    status = server.model_status(MODEL)
+    report.cold_starts_counted = status.get("cold_starts")
+    if report.cold_starts_counted != 1 + args.cycles:
+        raise BenchmarkError(
+            f"GET /models counts {report.cold_starts_counted} cold starts, expected "
+            f"{1 + args.cycles}: some timed requests did not find the pool at zero"
+        )
+
+
+def _fresh_worker_ms(router: zmq.Socket[bytes], endpoint: str, models_file: Path) -> float:
+    """Start ``python -m ketch.cli worker`` and time it until its READY reaches ``router``."""
+    command = [
+        sys.executable,
+        "-m",
+        "ketch.cli",
+        "worker",
+        f"{models_file.name}:{MODEL}",
+        "--connect",
+        endpoint,
+    ]
+    with tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter_ns()
+        process = subprocess.Popen(
+            command,
+            cwd=models_file.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,  # one killpg stops it and anything it started
+        )
+        pidfd = os.pidfd_open(process.pid)
+        try:
+            poller = zmq.Poller()
+            poller.register(router, zmq.POLLIN)
+            poller.register(pidfd, zmq.POLLIN)  # readable once the process has exited
+            deadline = time.monotonic() + FRESH_READY_TIMEOUT_S
+            while (remaining := deadline - time.monotonic()) > 0:
+                events = dict(poller.poll(math.ceil(remaining * 1000)))
+                if router in events:
+                    frames = router.recv_multipart()
+                    arrived = time.perf_counter_ns()
+                    try:
+                        message = decode(split_envelope(frames)[1])
+                    except ProtocolError:
+                        continue
+                    # Heartbeats of an earlier run's worker may still be in flight: skip them.
+                    if message.command is Command.READY and message.header.get("pid") == (
+                        process.pid
+                    ):
+                        return (arrived - started) / 1e6
+                elif pidfd in events:
+                    break
+            stderr.seek(0)
+            tail = stderr.read().decode(errors="replace")[-2000:]
+            raise BenchmarkError(
+                f"`{' '.join(command)}` sent no READY within {FRESH_READY_TIMEOUT_S:g} s "
+                f"(exit code {process.poll()}); its stderr:\n{tail}"
+            )
+        finally:
+            os.close(pidfd)
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+
+
+def _measure_fresh(args: argparse.Namespace, models_file: Path, report: Report) -> None:
+    print(f"{args.fresh_runs} fresh interpreters ...", file=sys.stderr, flush=True)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    try:
+        router.bind("tcp://127.0.0.1:*")
+        endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        for _ in range(args.fresh_runs):
+            report.fresh_ms.append(_fresh_worker_ms(router, endpoint, models_file))
+    except (BenchmarkError, OSError, zmq.ZMQError) as exc:
+        report.failures.append(f"fresh interpreter: {exc}")
+    finally:
+        router.close(linger=0)
+        context.term()
+
+
+def _percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _figures(report: Report) -> dict[str, Any]:
+    cold, warm, fresh = _median(report.cold_ms), _median(report.warm_ms), _median(report.fresh_ms)
+    return {
+        "cold_median_ms": cold,
+        "cold_p90_ms": _percentile(report.cold_ms, 0.90),
+        "first_cold_ms": report.first_cold_ms if report.first_cold_ms is not None else math.nan,
+        "warm_median_ms": warm,
+        "fresh_interpreter_median_ms": fresh,
+        "cold_over_fresh": cold / fresh if fresh > 0 else math.nan,
+        "cold_minus_warm_ms": cold - warm,
+    }
+
+
+def _print_table(report: Report) -> None:
+    rows = [
+        ("cold start to first answer", report.cold_ms),
+        (
+            "first cold start after `ketch: ready`",
+            [] if report.first_cold_ms is None else [report.first_cold_ms],
+        ),
+        ("warm request", report.warm_ms),
+        ("fresh interpreter to READY", report.fresh_ms),
+    ]
+    header = f"{'figure':<40}{'n':>5}{'median ms':>11}{'p90 ms':>10}{'min ms':>10}{'max ms':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, values in rows:
+        low = min(values) if values else math.nan
+        high = max(values) if values else math.nan
+        print(
+            f"{name:<40}{len(values):>5}{_median(values):>11.2f}"
+            f"{_percentile(values, 0.90):>10.2f}{low:>10.2f}{high:>10.2f}"
+        )
+
+
+def _print_figures(figures: dict[str, Any], report: Report) -> None:
+    cold = figures["cold_median_ms"]
+    if math.isfinite(cold):
+        verdict = "meets" if cold <= COLD_START_TARGET_MS else "MISSES"
+        stretch = "meets" if cold <= COLD_START_STRETCH_MS else "misses"
+        print(
+            f"cold start to first answer: median {cold:.2f} ms, p90 "
+            f"{figures['cold_p90_ms']:.2f} ms over {len(report.cold_ms)} cycles ({verdict} the "
+            f"target <= {COLD_START_TARGET_MS:g} ms; {stretch} the stretch <= "
+            f"{COLD_START_STRETCH_MS:g} ms)"
+        )
+    if math.isfinite(figures["warm_median_ms"]) and math.isfinite(cold):
+        print(
+            f"warm median {figures['warm_median_ms']:.2f} ms: starting the worker adds "
+            f"{figures['cold_minus_warm_ms']:.2f} ms"
+        )
+    if math.isfinite(figures["cold_over_fresh"]):
+        print(
+            f"cold start / fresh interpreter (medians): {cold:.2f} / "
+            f"{figures['fresh_interpreter_median_ms']:.2f} ms = {figures['cold_over_fresh']:.3f}"
+        )
+
+
+def _print_warnings(report: Report) -> None:
+    if report.cpu is not None and (report.cpu.other or 0.0) > NOISY_OTHER_CPU:
+        print(
+            f"WARNING: other processes used {100 * (report.cpu.other or 0.0):.0f}% of a core "
+            "during the cycles; the machine was not quiet, so these figures are unreliable"
+        )
+    for warning in report.warnings:
+        print(f"WARNING: {warning}")
+    for failure in report.failures:
+        print(f"FAILED: {failure}")
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a figure that could not be measured becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_report(report: Report, figures: dict[str, Any]) -> str:
+    payload = {
+        "cycles": report.cycles,
+        "idle_timeout_s": report.idle_timeout_s,
+        **figures,
+        "targets_ms": {"cold_median": COLD_START_TARGET_MS, "stretch": COLD_START_STRETCH_MS},
+        "cold_ms": report.cold_ms,
+        "fresh_interpreter_ms": report.fresh_ms,
+        "cold_starts_counted": report.cold_starts_counted,
+        "server_cpu_cores": report.cpu.server if report.cpu else None,
+        "other_cpu_cores": report.cpu.other if report.cpu else None,
+        "server_exit_code": report.server_exit_code,
+        "failures": report.failures,
+        "warnings": report.warnings,
+    }
+    return json.dumps(_finite(payload))
+
+
+def _at_least(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--cycles", type=_at_least(1), default=20, help="timed cold starts")
+    parser.add_argument("--warm-requests", type=_at_least(1), default=200, help="timed warm")
+    parser.add_argument("--fresh-runs", type=_at_least(1), default=5, help="fresh interpreters")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=0.3, help="the model's idle_timeout_s"
+    )
+    parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to ready")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args(argv)
+    if not args.idle_timeout > 0:
+        parser.error(f"--idle-timeout must be > 0 s, got {args.idle_timeout}")
+
+    report = Report(args.cycles, args.idle_timeout)
+    with tempfile.TemporaryDirectory(prefix="ketch-bench-cold-") as directory:
+        models_file = write_models(
+            Path(directory), MODELS_SOURCE.format(idle_timeout_s=args.idle_timeout)
+        )
+        print("starting ketch ...", file=sys.stderr, flush=True)
+        _measure_server(args, models_file, report)
+        # After the server has stopped, so the two do not compete for the two cores.
+        _measure_fresh(args, models_file, report)
+
+    figures = _figures(report)
+    _print_table(report)
+    _print_figures(figures, report)
+    _print_warnings(report)
+    if args.json:
+        print(_json_report(report, figures))
+    measured = report.cold_ms and report.fresh_ms and report.warm_ms
+    return 1 if report.failures or not measured else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

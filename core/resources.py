@@ -1,0 +1,111 @@
+"""What a model's workers may use: CPU cores, resident memory, math-library threads, GPUs.
+
+A worker applies its own limits as it starts (:func:`apply`): CPU affinity through psutil,
+thread counts through the environment variables the math libraries read when they load, plus
+threadpoolctl for the BLAS numpy already loaded, and ``CUDA_VISIBLE_DEVICES`` for the GPUs.
+The memory cap is enforced from outside, by the gateway watching each worker's resident
+memory (:func:`over_memory_cap`): a process cannot be trusted to police its own leaks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+#: Environment variables through which OpenMP, MKL, OpenBLAS, numexpr and Accelerate take
+#: their thread counts.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """Limits for each worker of a model; ``None`` leaves that resource alone.
+
+    :param cpus: cores the worker may run on (CPU affinity), e.g. ``(0, 1)``.
+    :param memory_mb: resident memory above which the worker is recycled.
+    :param threads: threads the math libraries (OpenMP, MKL, OpenBLAS, torch) may use.
+    :param gpus: GPU indices the worker sees (``CUDA_VISIBLE_DEVICES``); ``()`` hides all.
+    """
+
+    cpus: tuple[int, ...] | None = None
+    memory_mb: int | None = None
+    threads: int | None = None
+    gpus: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("cpus", "gpus"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, int | str) or not isinstance(value, Iterable):
+                raise TypeError(f"{name} must be a list of indices, got {value!r}")
+            items = tuple(value)
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+                raise ValueError(f"{name} must hold indices >= 0, got {value!r}")
+            if name == "cpus" and not items:
+                raise ValueError("cpus must name at least one core")
+            object.__setattr__(self, name, items)
+        for name in ("memory_mb", "threads"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Resources:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+
+def apply(resources: Resources) -> None:
+    """Apply ``resources`` to the calling worker process; call it before the model loads.
+
+    Raises ``ValueError`` naming the cores when the affinity cannot be set (a core this
+    machine does not have).
+    """
+    if resources.cpus is not None:
+        try:
+            psutil.Process().cpu_affinity(list(resources.cpus))
+        except (ValueError, OSError) as exc:
+            available = psutil.Process().cpu_affinity()
+            raise ValueError(
+                f"cannot pin the worker to cores {list(resources.cpus)}: {exc}; "
+                f"this machine offers {available}"
+            ) from None
+    if resources.gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in resources.gpus)
+    if resources.threads is not None:
+        limit_threads(resources.threads)
+
+
+def limit_threads(threads: int) -> None:
+    """Cap the math libraries' threads: those loaded later by the environment, those already
+    loaded (numpy's BLAS, torch) directly."""
+    for variable in THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+def over_memory_cap(process: psutil.Process, memory_mb: int) -> int | None:
+    """The process's resident memory in MB when it exceeds ``memory_mb``, else None."""
+    try:
+        rss_mb = process.memory_info().rss // (1024 * 1024)
+    except psutil.Error:
+        return None  # exited meanwhile: its exit is reported on its own
+    return rss_mb if rss_mb > memory_mb else None
