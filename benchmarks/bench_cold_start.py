@@ -44,6 +44,7 @@ import zmq
 from ketch_server import KetchServer, write_models
 from loadgen import LoadSpec, _build_target, _parse_head
 from procstat import CpuSample, CpuShares
+from report import finite
 from server_process import ServerError, wait_gone
 
 from ketch.zmq_transport.protocol import Command, ProtocolError, decode, split_envelope
@@ -375,17 +376,6 @@ def _print_warnings(report: Report) -> None:
         print(f"FAILED: {failure}")
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: a figure that could not be measured becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _json_report(report: Report, figures: dict[str, Any]) -> str:
     payload = {
         "cycles": report.cycles,
@@ -401,7 +391,7 @@ def _json_report(report: Report, figures: dict[str, Any]) -> str:
         "failures": report.failures,
         "warnings": report.warnings,
     }
-    return json.dumps(_finite(payload))
+    return json.dumps(finite(payload))
 
 
 def _at_least(minimum: int) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import urllib.error
@@ -28,6 +27,7 @@ from typing import Any
 
 from loadgen import LoadResult, LoadSpec, run_load
 from procstat import CpuSample, CpuShares
+from report import finite
 from server_process import ServerError, ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -208,17 +208,6 @@ def _print_warnings(reports: Sequence[TargetReport], rows: Sequence[Row]) -> Non
             print(f"FAILED: {report.name}: {report.failure}")
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: a percentile of zero successful requests becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _json_report(
     args: argparse.Namespace, reports: Sequence[TargetReport], ratios: dict[str, Any]
 ) -> str:
@@ -243,7 +232,7 @@ def _json_report(
         "ratios": ratios,
         "targets": targets,
     }
-    return json.dumps(_finite(payload))
+    return json.dumps(finite(payload))
 
 
 def _parse_counts(text: str) -> list[int]:

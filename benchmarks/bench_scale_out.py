@@ -40,11 +40,11 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ketch_server import WORKER_LOST, WORKER_READY, KetchServer, write_models
 from loadgen import LoadSpec, _build_target, _Connection, _Run, _run_loop, _Target
 from procstat import CpuSample, CpuShares
+from report import finite
 from server_process import ServerError
 
 MODEL = "burn"
@@ -320,21 +320,10 @@ def _print_warnings(report: Report) -> None:
         print(f"FAILED: {failure}")
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: a figure that could not be measured becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _json_report(report: Report) -> str:
     payload = asdict(report)
     payload["cpu"] = None if report.cpu is None else asdict(report.cpu)
-    return json.dumps(_finite(payload))
+    return json.dumps(finite(payload))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
