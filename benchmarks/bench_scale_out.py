@@ -42,7 +42,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ketch_server import WORKER_LOST, WORKER_READY, KetchServer, write_models
-from loadgen import LoadSpec, _build_target, _Connection, _Run, _run_loop, _Target
+from loadgen import (
+    LoadSpec,
+    _build_target,
+    _Connection,
+    _Run,
+    _run_loop,
+    _Target,
+    connect_all,
+)
 from procstat import CpuSample, CpuShares
 from report import finite
 from server_process import ServerError
@@ -163,14 +171,10 @@ async def _step_load(target: _Target, connections: int, duration_s: float) -> tu
     run = _TimedRun(target)
     run.connections = [_Connection(run) for _ in range(connections)]
     try:
-        outcomes = await asyncio.gather(
-            *(conn.connect() for conn in run.connections), return_exceptions=True
-        )
-        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-        if failures:
-            raise BenchmarkError(
-                f"cannot connect to {target.host}:{target.port}: {failures[0]}"
-            ) from failures[0]
+        try:
+            await connect_all(run.connections, target)
+        except ConnectionError as exc:
+            raise BenchmarkError(str(exc)) from exc
         started_ns = time.perf_counter_ns()
         run.sending = True
         for conn in run.connections:

@@ -285,6 +285,19 @@ class _Tally:
     cpu_s: float
 
 
+async def connect_all(connections: list[_Connection], target: _Target) -> None:
+    """Open every connection, or raise ConnectionError naming the first failure."""
+    # return_exceptions: let every attempt finish, so none connects after the caller's cleanup.
+    outcomes = await asyncio.gather(
+        *(conn.connect() for conn in connections), return_exceptions=True
+    )
+    failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    if failures:
+        raise ConnectionError(
+            f"cannot connect to {target.host}:{target.port}: {failures[0]}; is the server running?"
+        ) from failures[0]
+
+
 async def _drive(
     target: _Target,
     connections: int,
@@ -295,16 +308,7 @@ async def _drive(
     run = _Run(target)
     run.connections = [_Connection(run) for _ in range(connections)]
     try:
-        # return_exceptions: let every attempt finish, so none connects after the cleanup below.
-        outcomes = await asyncio.gather(
-            *(conn.connect() for conn in run.connections), return_exceptions=True
-        )
-        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-        if failures:
-            raise ConnectionError(
-                f"cannot connect to {target.host}:{target.port}: {failures[0]}; "
-                "is the server running?"
-            ) from failures[0]
+        await connect_all(run.connections, target)
         if start_line is not None:
             # Every worker process opens its connections first, so load starts everywhere
             # at nearly the same moment and the measured windows overlap.
