@@ -155,12 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_worker(target: str, version: str | None, broker: str, heartbeat: Heartbeat) -> int:
-    from ketch.workers import run_worker
-    from ketch.zmq_transport.worker import WorkerOptions
+    from ketch.worker_main import WorkerPlan, run_worker
 
-    options = WorkerOptions(broker=broker, heartbeat=heartbeat, rejoin=True)
+    plan = WorkerPlan(
+        target, version, broker, heartbeat.interval_s, heartbeat.liveness, managed=False
+    )
     print(f"ketch: worker for {target} joining {broker}", file=sys.stderr, flush=True)
-    run_worker(target, version, options)
+    run_worker(plan)
     return 0
 
 

@@ -135,6 +135,8 @@ class ModelQueue:
         self.cold_starts = 0
         #: Called when a request finds no worker ready or starting (the pool manager's cue).
         self.on_demand: Callable[[], None] | None = None
+        #: A ``preload=True`` model's template process (pid, state, memory), while it runs.
+        self.template: dict[str, Any] | None = None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -397,6 +399,8 @@ class ModelQueue:
             "worker_exits": self.worker_exits,
             "last_error": self.last_error,
             "pool": asdict(self.spec.pool),
+            "start": asdict(self.spec.start),
+            "template": self.template,
             "workers": [
                 {
                     "pid": w.info.pid,
@@ -518,6 +522,21 @@ class Dispatcher:
         for worker in self._broker.workers():
             if worker.pid == pid and worker.host == self._hostname:
                 self._broker.drop(worker, how)
+
+    def template_changed(self, spec: ModelSpec, template: dict[str, Any] | None) -> None:
+        queue = self.add_model(spec)
+        queue.template = template
+        if template is None:
+            return
+        if template["state"] == "ready":
+            self._report(
+                f"model {spec.label()} template ready: pid {template['pid']}, "
+                f"{template['rss_mb']} MB with the model's imports preloaded"
+            )
+            if queue.queue_depth and queue.on_demand is not None:
+                queue.on_demand()  # requests were waiting for the template
+        else:
+            self._report(f"model {spec.label()} template starting: pid {template['pid']}")
 
     def model_unhealthy(self, spec: ModelSpec, cause: str) -> None:
         self.add_model(spec).mark_unhealthy(cause)

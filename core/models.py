@@ -79,6 +79,28 @@ class PoolSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerStart:
+    """How a model's worker processes start.
+
+    :param preload: keep a template process with the model's module imported, even while the
+        pool is at zero, and fork each worker from it: a cold start then skips the model's own
+        imports (seconds for ``import torch``), at the cost of the template's memory.
+    :param python: the interpreter that runs the workers (e.g. the model's virtualenv's
+        ``bin/python``, or a name looked up on ``PATH``); ketch must be installed there.
+        ``None`` uses the gateway's interpreter.
+    """
+
+    preload: bool = False
+    python: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.preload, bool):
+            raise TypeError(f"preload must be True or False, got {self.preload!r}")
+        if self.python is not None and (not isinstance(self.python, str) or not self.python):
+            raise ValueError(f"python must name an interpreter, got {self.python!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """What the gateway needs to know about a model; plain data, sent over the wire as a dict.
 
@@ -89,6 +111,7 @@ class ModelSpec:
     :param is_async: whether the function is ``async def``.
     :param pool: how many workers serve it, and when.
     :param resources: what each worker may use (cores, memory, threads, GPUs).
+    :param start: how its workers start (a preloaded template, another interpreter).
     """
 
     name: str
@@ -98,6 +121,7 @@ class ModelSpec:
     is_async: bool = False
     pool: PoolSpec = field(default_factory=PoolSpec)
     resources: Resources = field(default_factory=Resources)
+    start: WorkerStart = field(default_factory=WorkerStart)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -120,6 +144,11 @@ class ModelSpec:
             )
         if isinstance(known.get("resources"), Mapping):
             known["resources"] = Resources.from_dict(known["resources"])
+        if isinstance(known.get("start"), Mapping):
+            start = known["start"]
+            known["start"] = WorkerStart(
+                **{name: start[name] for name in WorkerStart.__dataclass_fields__ if name in start}
+            )
         return validated_spec(**known)
 
 
@@ -131,6 +160,7 @@ def validated_spec(
     is_async: bool = False,
     pool: PoolSpec | None = None,
     resources: Resources | None = None,
+    start: WorkerStart | None = None,
 ) -> ModelSpec:
     """Build a :class:`ModelSpec`, raising ``ValueError``/``TypeError`` that names the bad value."""
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
@@ -158,6 +188,7 @@ def validated_spec(
         bool(is_async),
         pool or PoolSpec(),
         resources or Resources(),
+        start or WorkerStart(),
     )
 
 
@@ -195,6 +226,8 @@ def model(
     memory_mb: int | None = None,
     threads: int | None = None,
     gpus: Sequence[int] | None = None,
+    preload: bool = False,
+    python: str | None = None,
 ) -> Callable[[Callable[P, R]], Model[P, R]]: ...
 
 
@@ -214,6 +247,8 @@ def model(
     memory_mb: int | None = None,
     threads: int | None = None,
     gpus: Sequence[int] | None = None,
+    preload: bool = False,
+    python: str | None = None,
 ) -> Model[P, R] | Callable[[Callable[P, R]], Model[P, R]]:
     """Declare a model: ``@ketch.model`` or ``@ketch.model(name=..., version=..., ...)``.
 
@@ -225,6 +260,7 @@ def model(
         until its first request, one while it has traffic, and none again after 5 idle
         minutes.
     :param cpus, memory_mb, threads, gpus: what each worker may use, see :class:`Resources`.
+    :param preload, python: how its workers start, see :class:`WorkerStart`.
 
     The function receives a batch and must return one output per input. Annotate its first
     parameter ``np.ndarray`` to receive the batch as one stacked array.
@@ -240,6 +276,7 @@ def model(
         threads,
         tuple(gpus) if gpus is not None else None,
     )
+    start = WorkerStart(preload, python)
 
     def decorate(func: Callable[P, R]) -> Model[P, R]:
         if isinstance(func, Model):
@@ -255,6 +292,7 @@ def model(
             is_async=inspect.iscoroutinefunction(func),
             pool=pool,
             resources=resources,
+            start=start,
         )
         return Model(func, spec)
 

@@ -72,6 +72,7 @@ class PoolManager:
         queue = self._dispatcher.add_model(spec)
         self._states[spec.key] = ScaleState()
         queue.on_demand = lambda: self.reconcile(queue)
+        self._workers.prepare(spec)
         self.reconcile(queue)
 
     def start(self) -> None:

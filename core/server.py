@@ -105,7 +105,10 @@ async def serve(
             endpoint,
             options.heartbeat,
             ProcessEvents(
-                dispatcher.process_started, dispatcher.process_exited, dispatcher.model_unhealthy
+                dispatcher.process_started,
+                dispatcher.process_exited,
+                dispatcher.model_unhealthy,
+                dispatcher.template_changed,
             ),
         )
         pools = PoolManager(dispatcher, workers)

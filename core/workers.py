@@ -1,101 +1,44 @@
-"""Local worker processes: discovering the served file's models and running their workers.
+"""Local worker processes: discovering the served file's models and supervising workers.
 
-Processes come from ``multiprocess``'s forkserver, whose server has ketch, numpy and pyzmq
-imported once: each worker is a fork of it, so it skips those imports and never inherits the
-gateway's event loop, threads or sockets (which a plain fork would copy).
+How a process starts (shared forkserver, the model's template, another interpreter) is
+:mod:`ketch.processes`; this module decides when, watches each process's exit and output,
+and reports them to the dispatcher.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-import sys
+import os
+import socket
 import time
 import traceback
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import multiprocess
 import psutil
 
 from ketch.errors import TargetLoadError
-from ketch.loader import Target, find_model, load_models
+from ketch.loader import Target, load_models
 from ketch.models import ModelSpec
-from ketch.resources import Resources, over_memory_cap
-from ketch.resources import apply as apply_resources
+from ketch.processes import (
+    Kind,
+    LaunchError,
+    WorkerProcess,
+    describe_exit,
+    forkserver_context,
+    launch,
+    start_process,
+)
+from ketch.resources import over_memory_cap
 from ketch.restarts import CrashHistory, RestartPolicy
-from ketch.runtimes.python import make_predict
-from ketch.zmq_transport import worker
+from ketch.templates import control_pair, fork_worker, read_ready
+from ketch.worker_main import WorkerPlan
+from ketch.worker_output import OutputTail
 from ketch.zmq_transport.liveness import Heartbeat
 
 log = logging.getLogger("ketch.workers")
-
-
-@contextlib.contextmanager
-def _main_module_hidden() -> Iterator[None]:
-    """Start processes without re-importing the parent's ``__main__`` in them.
-
-    multiprocessing's spawn and forkserver children re-run the parent's main module; for
-    ``ketch serve`` that is the CLI, which would import the whole gateway (Starlette,
-    Hypercorn) into every worker and slow every cold start. Workers need none of it.
-    """
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
-
-
-def _context() -> Any:
-    context = multiprocess.get_context("forkserver")
-    context.set_forkserver_preload(["ketch.workers"])
-    return context
-
-
-def run_worker(
-    target: str,
-    version: str | None,
-    options: worker.WorkerOptions,
-    load_errors: Any = None,
-    resources: dict[str, Any] | None = None,
-) -> None:
-    """Worker process body: load the model named by ``target`` and serve it.
-
-    :param load_errors: a connection that receives the error text when the model cannot be
-        loaded, so the gateway can say why the worker died.
-    :param resources: the model's limits, when the starter knows them: applied before the
-        model's module is imported, so its libraries load with them. The model's own
-        declaration is applied again once it is loaded (all a hand-started worker has).
-    """
-    if not options.rejoin:
-        # Started by `ketch serve`: Ctrl-C reaches the whole process group, and the gateway
-        # alone decides when its workers stop.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        if resources is not None:
-            apply_resources(Resources.from_dict(resources))
-        model = find_model(Target.parse(target), version)
-        apply_resources(model.spec.resources)
-        predict = make_predict(model)
-    except BaseException as exc:
-        if load_errors is not None:
-            load_errors.send(_error_text(exc))
-        raise
-    finally:
-        if load_errors is not None:
-            load_errors.close()
-    worker.serve(model.spec, predict, options)
-
-
-def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, TargetLoadError):
-        return str(exc)
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
 def _discover_in_child(source: str, conn: Any) -> None:
@@ -111,13 +54,9 @@ def _discover_in_child(source: str, conn: Any) -> None:
 
 def discover(source: str, timeout_s: float = 120.0) -> list[ModelSpec]:
     """The models ``source`` defines, read by importing it in a throw-away process."""
-    context = _context()
+    context = forkserver_context()
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(
-        target=_discover_in_child, args=(source, sender), name="ketch-discover", daemon=True
-    )
-    with _main_module_hidden():
-        process.start()
+    process = start_process(context, _discover_in_child, (source, sender), "ketch-discover")
     sender.close()
     try:
         if not receiver.poll(timeout_s):
@@ -142,27 +81,37 @@ def discover(source: str, timeout_s: float = 120.0) -> list[ModelSpec]:
 
 @dataclass(frozen=True, slots=True)
 class ProcessEvents:
-    """Where :class:`LocalWorkers` reports process starts and exits (the dispatcher).
+    """Where :class:`LocalWorkers` reports what happens to its processes (the dispatcher).
 
-    ``exited`` gets the exit described for people (exit code or signal, and the load error if
-    the model could not be loaded) and whether it was expected (scaled down, shutting down);
-    ``unhealthy`` is called once the model's workers have crashed too often in a row.
+    ``exited`` gets the exit described for people (exit code or signal, and the last lines the
+    worker printed) and whether it was expected (scaled down, shutting down); ``unhealthy`` is
+    called once the model's workers have crashed too often in a row, or cannot start at all;
+    ``template`` gets a ``preload=True`` model's template as it changes (None: it is gone).
     """
 
     started: Callable[[ModelSpec, int], None]
     exited: Callable[[ModelSpec, int, str, bool], None]
     unhealthy: Callable[[ModelSpec, str], None]
+    template: Callable[[ModelSpec, dict[str, Any] | None], None]
 
 
 @dataclass(slots=True)
 class _Process:
     spec: ModelSpec
-    handle: Any
+    kind: Kind
+    handle: WorkerProcess
+    output: OutputTail
     started: float
-    load_errors: Any
     watched: psutil.Process
     #: Why the gateway killed it (over its memory cap), for the exit's description.
     killed_because: str | None = None
+
+
+@dataclass(slots=True)
+class _Template:
+    pid: int
+    control: socket.socket
+    ready: bool = False
 
 
 class LocalWorkers:
@@ -170,7 +119,9 @@ class LocalWorkers:
 
     A process that exits unasked is reported at once (so its batches are retried without
     waiting for missed heartbeats); each quick exit in a row makes the next start of that
-    model wait longer, and too many mark the model unhealthy (:mod:`ketch.restarts`).
+    model wait longer, and too many mark the model unhealthy (:mod:`ketch.restarts`). A
+    ``preload=True`` model gets a template process as soon as it is managed, kept while the
+    server runs, and its workers fork from it.
 
     :param source: the served file or module.
     :param broker: endpoint the workers connect to.
@@ -187,53 +138,146 @@ class LocalWorkers:
         restart_policy: RestartPolicy | None = None,
     ) -> None:
         self._source = source
-        self._options = worker.WorkerOptions(broker=broker, heartbeat=heartbeat)
+        self._broker = broker
+        self._heartbeat = heartbeat
         self._events = events
         self._policy = restart_policy or RestartPolicy()
-        self._context = _context()
+        self._context = forkserver_context()
         self._processes: dict[int, _Process] = {}
+        self._templates: dict[tuple[str, str], _Template] = {}
         self._retired: set[int] = set()
-        self._crashes: dict[tuple[str, str], CrashHistory] = {}
+        self._crashes: dict[tuple[str, str, Kind], CrashHistory] = {}
         self._not_before: dict[tuple[str, str], float] = {}
         self._stopping = False
         self._all_exited: asyncio.Event | None = None
 
     def pids(self, spec: ModelSpec) -> set[int]:
-        return {pid for pid, entry in self._processes.items() if entry.spec.key == spec.key}
+        """The pids of ``spec``'s local workers (not its template)."""
+        return {
+            pid
+            for pid, entry in self._processes.items()
+            if entry.spec.key == spec.key and entry.kind == "worker"
+        }
+
+    def prepare(self, spec: ModelSpec) -> None:
+        """Get ``spec`` ready for its first worker: start its template if it has one."""
+        if spec.start.preload and spec.key not in self._templates:
+            self._start_template(spec)
 
     def spawn(self, spec: ModelSpec) -> bool:
-        """Start a worker for ``spec``; False while its restart backoff has not elapsed."""
+        """Start a worker for ``spec``; False while it cannot start yet (restart backoff, its
+        template still loading) or at all (then the model has been reported unhealthy)."""
         if self._stopping or time.monotonic() < self._not_before.get(spec.key, 0.0):
             return False
-        load_errors, child_end = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=run_worker,
-            args=(
-                f"{self._source}:{spec.name}",
-                spec.version,
-                self._options,
-                child_end,
-                asdict(spec.resources),
-            ),
-            name=f"ketch-worker-{spec.label()}",
-            daemon=True,
-        )
-        with _main_module_hidden():
-            process.start()
-        child_end.close()
-        self._processes[process.pid] = _Process(
-            spec, process, time.monotonic(), load_errors, psutil.Process(process.pid)
-        )
-        asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit, process.pid)
-        self._events.started(spec, process.pid)
+        template = self._templates.get(spec.key) if spec.start.preload else None
+        if spec.start.preload and (template is None or not template.ready):
+            self.prepare(spec)
+            return False
+        output_r, output_w = os.pipe()
+        try:
+            if template is not None:
+                handle: WorkerProcess = fork_worker(template.control, self._plan(spec), output_w)
+            else:
+                handle = launch(
+                    "worker",
+                    self._plan(spec),
+                    output_w,
+                    spec.start.python,
+                    self._context,
+                    f"ketch-worker-{spec.label()}",
+                )
+        except (LaunchError, OSError) as exc:
+            os.close(output_r)
+            self._cannot_start(spec, "worker", exc)
+            return False
+        finally:
+            os.close(output_w)
+        self._watch(spec, "worker", handle, output_r)
+        self._events.started(spec, handle.pid)
         return True
+
+    def _plan(self, spec: ModelSpec) -> WorkerPlan:
+        return WorkerPlan(
+            target=f"{self._source}:{spec.name}",
+            version=spec.version,
+            broker=self._broker,
+            heartbeat_interval_s=self._heartbeat.interval_s,
+            heartbeat_liveness=self._heartbeat.liveness,
+            resources=asdict(spec.resources),
+        )
+
+    def _start_template(self, spec: ModelSpec) -> None:
+        if self._stopping:
+            return
+        gateway_end, template_end = control_pair()
+        output_r, output_w = os.pipe()
+        try:
+            handle = launch(
+                "template",
+                self._plan(spec),
+                output_w,
+                spec.start.python,
+                self._context,
+                f"ketch-template-{spec.label()}",
+                control=template_end,
+            )
+        except (LaunchError, OSError) as exc:
+            os.close(output_r)
+            gateway_end.close()
+            self._cannot_start(spec, "template", exc)
+            return
+        finally:
+            os.close(output_w)
+            template_end.close()
+        self._watch(spec, "template", handle, output_r)
+        template = _Template(handle.pid, gateway_end)
+        self._templates[spec.key] = template
+        asyncio.get_running_loop().add_reader(
+            gateway_end.fileno(), self._on_template_ready, spec, template
+        )
+        self._events.template(spec, {"pid": handle.pid, "state": "loading"})
+
+    def _on_template_ready(self, spec: ModelSpec, template: _Template) -> None:
+        asyncio.get_running_loop().remove_reader(template.control.fileno())
+        if read_ready(template.control) is None:
+            return  # it could not load the model; its exit reports why
+        template.ready = True
+        try:
+            rss_mb = psutil.Process(template.pid).memory_info().rss // (1024 * 1024)
+        except psutil.Error:
+            return  # died meanwhile; its exit reports why
+        log.info("template of %s ready: pid %d, %d MB", spec.label(), template.pid, rss_mb)
+        self._events.template(spec, {"pid": template.pid, "state": "ready", "rss_mb": rss_mb})
+
+    def _cannot_start(self, spec: ModelSpec, kind: Kind, exc: Exception) -> None:
+        if isinstance(exc, LaunchError):
+            self._events.unhealthy(spec, f"cannot start its {kind}: {exc}")
+            return
+        # The template failed to fork: replace it, and let the next worker wait a little.
+        log.error("cannot start a %s for %s: %s", kind, spec.label(), exc)
+        self._not_before[spec.key] = time.monotonic() + self._policy.first_delay_s
+        template = self._templates.get(spec.key)
+        if template is not None:
+            self._processes[template.pid].handle.kill()
+
+    def _watch(self, spec: ModelSpec, kind: Kind, handle: WorkerProcess, output_r: int) -> None:
+        name = f"{spec.label()} {'' if kind == 'worker' else kind + ' '}pid {handle.pid}"
+        self._processes[handle.pid] = _Process(
+            spec,
+            kind,
+            handle,
+            OutputTail(output_r, name),
+            time.monotonic(),
+            psutil.Process(handle.pid),
+        )
+        asyncio.get_running_loop().add_reader(handle.sentinel, self._on_exit, handle.pid)
 
     def over_memory(self) -> list[tuple[ModelSpec, int, str]]:
         """Kill every worker over its model's ``memory_mb``; returns (spec, pid, why) of each."""
         killed = []
         for pid, entry in self._processes.items():
             cap = entry.spec.resources.memory_mb
-            if cap is None or entry.killed_because is not None:
+            if cap is None or entry.kind != "worker" or entry.killed_because is not None:
                 continue
             rss_mb = over_memory_cap(entry.watched, cap)
             if rss_mb is None:
@@ -252,46 +296,80 @@ class LocalWorkers:
 
     def _on_exit(self, pid: int) -> None:
         entry = self._processes.pop(pid)
-        spec, process = entry.spec, entry.handle
-        asyncio.get_running_loop().remove_reader(process.sentinel)
-        process.join()
-        how = entry.killed_because or _describe_exit(pid, process.exitcode)
-        try:
-            if entry.load_errors.poll(0):
-                how = f"{how}: cannot load the model: {entry.load_errors.recv()}"
-        except (EOFError, OSError):
-            pass
-        finally:
-            entry.load_errors.close()
+        asyncio.get_running_loop().remove_reader(entry.handle.sentinel)
+        exitcode = entry.handle.exitcode()
+        entry.handle.close()
+        entry.output.drain()
+        how = entry.killed_because or describe_exit(entry.kind, pid, exitcode)
+        if entry.killed_because is None and (tail := entry.output.tail()):
+            how = f"{how}; its last output:\n{tail}"
+        entry.output.close()
         expected = self._stopping or pid in self._retired
         self._retired.discard(pid)
+        if entry.kind == "template":
+            self._template_exited(entry, how, expected)
+        else:
+            self._worker_exited(entry, pid, how, expected)
+        if self._stopping and not self._processes and self._all_exited is not None:
+            self._all_exited.set()
+
+    def _worker_exited(self, entry: _Process, pid: int, how: str, expected: bool) -> None:
+        spec = entry.spec
         self._events.exited(spec, pid, how, expected)
-        if self._stopping:
-            if not self._processes and self._all_exited is not None:
-                self._all_exited.set()
-            return
         if expected:
             return
-        history = self._crashes.setdefault(spec.key, CrashHistory(self._policy))
+        delay = self._restart_delay(entry, how)
+        if delay is not None:
+            log.warning("%s; its replacement may start in %.1f s", how, delay)
+            self._not_before[spec.key] = time.monotonic() + delay
+
+    def _template_exited(self, entry: _Process, how: str, expected: bool) -> None:
+        spec = entry.spec
+        template = self._templates.pop(spec.key, None)
+        if template is not None:
+            if not template.ready:
+                asyncio.get_running_loop().remove_reader(template.control.fileno())
+            template.control.close()
+        self._events.template(spec, None)
+        if expected:
+            return
+        if template is None or not template.ready:
+            self._events.unhealthy(spec, f"its template could not load the model: {how}")
+            return
+        delay = self._restart_delay(entry, how)
+        if delay is not None:
+            log.warning("%s; a new template starts in %.1f s", how, delay)
+            asyncio.get_running_loop().call_later(delay, self.prepare, spec)
+
+    def _restart_delay(self, entry: _Process, how: str) -> float | None:
+        """Backoff before replacing ``entry``; None (and the model reported unhealthy) once
+        it has exited early too many times in a row."""
+        key = (*entry.spec.key, entry.kind)
+        history = self._crashes.setdefault(key, CrashHistory(self._policy))
         delay = history.restart_delay(time.monotonic() - entry.started)
         if delay is None:
             log.error("%s; giving up after %d quick exits in a row", how, history.quick_exits)
             self._events.unhealthy(
-                spec, f"{history.quick_exits} workers in a row exited early; the last: {how}"
+                entry.spec,
+                f"{history.quick_exits} {entry.kind}s in a row exited early; the last: {how}",
             )
-            return
-        log.warning("%s; its replacement may start in %.1f s", how, delay)
-        self._not_before[spec.key] = time.monotonic() + delay
+        return delay
 
     def hold_restarts(self) -> None:
         """From now on no worker starts (the server is shutting down)."""
         self._stopping = True
 
     async def stop(self, grace_s: float = 1.0, timeout_s: float = 5.0) -> None:
-        """Stop every worker. The broker has told them DISCONNECT, so most exit on their own
-        within ``grace_s``; laggards are terminated, then killed, each within ``timeout_s``."""
+        """Stop every worker and template. The broker has told the workers DISCONNECT, so most
+        exit on their own within ``grace_s``, and a template exits once its workers have;
+        laggards are terminated, then killed, each within ``timeout_s``."""
         self.hold_restarts()
         self._all_exited = asyncio.Event()
+        for template in self._templates.values():
+            if not template.ready:
+                asyncio.get_running_loop().remove_reader(template.control.fileno())
+            template.control.close()
+        self._templates.clear()
         for wait_s, escalate in ((grace_s, "terminate"), (timeout_s, "kill"), (timeout_s, None)):
             if not self._processes:
                 return
@@ -304,15 +382,3 @@ class LocalWorkers:
                 raise RuntimeError(f"worker processes {sorted(self._processes)} did not exit")
             for entry in list(self._processes.values()):
                 getattr(entry.handle, escalate)()
-
-
-def _describe_exit(pid: int, exitcode: int | None) -> str:
-    if exitcode is None:
-        return f"worker pid {pid} exited"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"worker pid {pid} was killed by {name}"
-    return f"worker pid {pid} exited with code {exitcode}"

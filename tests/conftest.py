@@ -42,6 +42,8 @@ class KetchProcess:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         self.stderr_lines: list[str] = []
+        self._stderr_changed = threading.Condition()
+        self._stderr_closed = False
         self._readers = [
             threading.Thread(target=self._read, args=(self.process.stdout, self.lines)),
             threading.Thread(target=self._collect_stderr),
@@ -60,7 +62,33 @@ class KetchProcess:
         assert self.process.stderr is not None
         with self.process.stderr:
             for line in self.process.stderr:
-                self.stderr_lines.append(line.rstrip("\n"))
+                with self._stderr_changed:
+                    self.stderr_lines.append(line.rstrip("\n"))
+                    self._stderr_changed.notify_all()
+        with self._stderr_changed:
+            self._stderr_closed = True
+            self._stderr_changed.notify_all()
+
+    def wait_for_stderr(self, pattern: str, timeout: float = START_DEADLINE_S) -> re.Match[str]:
+        """The first line on stderr matching ``pattern`` (where `ketch serve` forwards what its
+        workers print), waiting for it up to ``timeout``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        checked = 0
+        with self._stderr_changed:
+            while True:
+                for line in self.stderr_lines[checked:]:
+                    if match := regex.search(line):
+                        return match
+                checked = len(self.stderr_lines)
+                remaining = deadline - time.monotonic()
+                if self._stderr_closed or remaining <= 0:
+                    break
+                self._stderr_changed.wait(remaining)
+        pytest.fail(
+            f"ketch {' '.join(self.args)} printed no /{pattern}/ on stderr within {timeout} s; "
+            f"stderr: {self.stderr_lines[-20:]}"
+        )
 
     def wait_for(
         self, pattern: str, timeout: float = START_DEADLINE_S, *, seen_too: bool = False
