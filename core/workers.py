@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from ketch import __version__
 from ketch.errors import TargetLoadError
 from ketch.loader import Target, load_models
 from ketch.models import ModelSpec
@@ -29,6 +31,7 @@ from ketch.processes import (
     describe_exit,
     forkserver_context,
     launch,
+    resolve_python,
     start_process,
 )
 from ketch.resources import over_memory_cap
@@ -42,6 +45,10 @@ log = logging.getLogger("ketch.workers")
 
 
 def _discover_in_child(source: str, conn: Any) -> None:
+    # What the served file prints as it is imported belongs with the workers' output on
+    # stderr; the gateway's stdout carries its own status lines.
+    sys.stdout.flush()
+    os.dup2(2, 1)
     try:
         specs = [m.spec.to_dict() for m in load_models(Target(source))]
         conn.send(("ok", specs))
@@ -160,7 +167,15 @@ class LocalWorkers:
         }
 
     def prepare(self, spec: ModelSpec) -> None:
-        """Get ``spec`` ready for its first worker: start its template if it has one."""
+        """Get ``spec`` ready for its first worker: check its interpreter, start its template
+        if it has one. A model that cannot start is reported unhealthy now, not at its first
+        request."""
+        if spec.start.python is not None:
+            try:
+                resolve_python(spec.start.python)
+            except LaunchError as exc:
+                self._cannot_start(spec, "worker", exc)
+                return
         if spec.start.preload and spec.key not in self._templates:
             self._start_template(spec)
 
@@ -303,6 +318,11 @@ class LocalWorkers:
         how = entry.killed_because or describe_exit(entry.kind, pid, exitcode)
         if entry.killed_because is None and (tail := entry.output.tail()):
             how = f"{how}; its last output:\n{tail}"
+            if entry.spec.start.python is not None and "No module named 'ketch'" in tail:
+                how += (
+                    f"\n(install ketch=={__version__} for {entry.spec.start.python} "
+                    "to run this model's workers there)"
+                )
         entry.output.close()
         expected = self._stopping or pid in self._retired
         self._retired.discard(pid)
