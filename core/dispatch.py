@@ -399,6 +399,7 @@ class ModelQueue:
             "worker_exits": self.worker_exits,
             "last_error": self.last_error,
             "pool": asdict(self.spec.pool),
+            "resources": asdict(self.spec.resources),
             "start": asdict(self.spec.start),
             "template": self.template,
             "workers": [
