@@ -176,11 +176,9 @@ class ModelQueue:
         ]
         if not expired:
             return
-        cause = (
-            "a worker is still starting"
-            if self.starting
-            else f"the last worker to try {self.last_error or 'did not start'}"
-        )
+        cause = "a worker is still starting" if self.starting else "no worker could start"
+        if self.last_error is not None:
+            cause = f"{cause}; the last attempt: {self.last_error}"
         error = PredictionError(
             503,
             f"model {self.spec.label()!r} got no worker within "
@@ -394,6 +392,7 @@ class ModelQueue:
             "max_batch_size": self.spec.max_batch_size,
             "batch_input": self.spec.batch_input,
             "queue_depth": self.queue_depth,
+            "in_flight": sum(b.size for w in self._workers.values() for b in w.batches.values()),
             "active_requests": self.active_requests,
             "cold_starts": self.cold_starts,
             "worker_exits": self.worker_exits,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -87,6 +90,15 @@ POOLED = """
     @ketch.model(cold_start_timeout_s=0.5)
     def sluggish(xs):
         return xs
+
+    # Its workers die as they load, fewer times than it takes to be marked unhealthy
+    # within its cold-start deadline.
+    if multiprocess.current_process().name.startswith("ketch-worker-flaky"):
+        raise RuntimeError("weights file missing")
+
+    @ketch.model(cold_start_timeout_s=0.3)
+    def flaky(xs):
+        return xs
 """
 
 
@@ -146,3 +158,32 @@ def test_requests_that_wait_too_long_for_a_cold_start_get_503(pooled: KetchServe
     assert body["model"] == "sluggish"
     assert "got no worker within 0.5 s (a worker is still starting)" in body["error"]
     assert pooled.predict("double", {"input": 1}).json()["output"] == 2
+
+
+def test_cold_start_503_names_the_failed_start_and_its_output(pooled: KetchServer) -> None:
+    response = pooled.predict("flaky", {"input": 1})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert "'flaky:1' got no worker within 0.3 s" in error
+    assert re.search(r"the last attempt: worker pid \d+ exited with code 2", error)
+    assert "RuntimeError: weights file missing" in error
+    assert pooled.predict("double", {"input": 1}).json()["output"] == 2
+
+
+def test_models_endpoint_shows_queued_and_in_flight_requests_under_load(
+    pooled: KetchServer,
+) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(burst, pooled, "slow", 12)
+        deadline = time.monotonic() + 30
+        seen: list[tuple[int, int, int]] = []
+        while time.monotonic() < deadline and not load.done():
+            status = pooled.model_status("slow")
+            seen.append((status["queue_depth"], status["in_flight"], status["active_requests"]))
+            if status["queue_depth"] and status["in_flight"]:
+                break
+        assert all(r.status_code == 200 for r in load.result())
+    queued, in_flight, active = seen[-1]
+    assert queued >= 1 and in_flight >= 1 and active >= queued + in_flight, seen
+    status = pooled.model_status("slow")
+    assert (status["queue_depth"], status["in_flight"], status["active_requests"]) == (0, 0, 0)
