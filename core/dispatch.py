@@ -27,7 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from ketch.models import ModelSpec
+from ketch.batching import BatchSizer, batch_latency_target_s
+from ketch.cache import PredictionCache
+from ketch.jobs import Inputs, Job, Part, PredictionError
+from ketch.models import ModelSpec, cache_limit
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
 from ketch.zmq_transport.protocol import ErrorKind
@@ -36,65 +39,10 @@ Report = Callable[[str], None]
 
 #: A batch is sent at most this many times: once, and once more if its worker dies.
 MAX_ATTEMPTS = 2
-
-
-class PredictionError(Exception):
-    """A request that cannot be answered with outputs: carries the HTTP status and JSON body."""
-
-    def __init__(self, status: int, error: str, **details: Any) -> None:
-        super().__init__(error)
-        self.status = status
-        self.body: dict[str, Any] = {"error": error, **details}
-
-
-class Job:
-    """The inputs of one HTTP request and the future its handler awaits."""
-
-    __slots__ = ("chunks", "cold_deadline", "future", "inputs", "remaining")
-
-    def __init__(self, inputs: list[Any], future: asyncio.Future[Outputs]) -> None:
-        self.inputs = inputs
-        self.future = future
-        self.remaining = len(inputs)
-        self.chunks: list[tuple[int, Outputs]] = []
-        #: Set when the job arrived with no worker ready: the latest it may wait for one.
-        self.cold_deadline: float | None = None
-
-    def deliver(self, start: int, outputs: Outputs) -> None:
-        if self.future.done():
-            return
-        if len(outputs) == len(self.inputs):
-            self.future.set_result(outputs)
-            return
-        self.chunks.append((start, outputs))
-        self.remaining -= len(outputs)
-        if self.remaining == 0:
-            self.future.set_result(_join_chunks(self.chunks))
-
-    def fail(self, error: PredictionError) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-def _join_chunks(chunks: list[tuple[int, Outputs]]) -> Outputs:
-    ordered = [outputs for _, outputs in sorted(chunks, key=lambda chunk: chunk[0])]
-    if all(isinstance(part, np.ndarray) for part in ordered):
-        return np.concatenate(ordered)
-    return [output for part in ordered for output in part]
-
-
-@dataclass(slots=True)
-class Part:
-    """A slice ``[start, stop)`` of a job's inputs, the unit batches are made of."""
-
-    job: Job
-    start: int
-    stop: int
-    attempts: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
+#: Weight of the newest batch in the moving average of how fast a queue drains.
+_RATE_SMOOTHING = 0.2
+#: Incompatible (differently shaped) parts a batch looks past before it is sent as it is.
+_SCAN_AHEAD = 64
 
 
 @dataclass(slots=True)
@@ -103,11 +51,14 @@ class Batch:
     worker: WorkerInfo
     parts: list[Part]
     size: int
+    sent_at: float
 
 
 @dataclass(slots=True)
 class _Worker:
     info: WorkerInfo
+    #: Adapts this worker's batch size to the model's ``slo_ms``; None without one.
+    sizer: BatchSizer | None
     batches: dict[int, Batch] = field(default_factory=dict)
 
     @property
@@ -137,23 +88,43 @@ class ModelQueue:
         self.on_demand: Callable[[], None] | None = None
         #: A ``preload=True`` model's template process (pid, state, memory), while it runs.
         self.template: dict[str, Any] | None = None
+        limit = cache_limit(spec.cache_size, spec.name)
+        self.cache = PredictionCache(*limit) if limit is not None else None
+        #: Inputs waiting for a worker, from requests still waiting for their answer.
+        self._queued_items = 0
+        #: Inputs answered per second, smoothed: how soon a full queue has room again.
+        self._drain_rate = 0.0
+        self._last_completion = -math.inf
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self.rejected = 0
+        self.expired = 0
+        self.last_batch_size = 0
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, inputs: list[Any]) -> asyncio.Future[Outputs]:
-        """Queue a request's inputs; the future resolves to one output per input."""
-        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        job = Job(inputs, future)
+    def submit(self, inputs: Inputs, timeout_s: float) -> asyncio.Future[Outputs]:
+        """Queue a request's inputs; the future resolves to one output per input, or fails
+        with a :class:`PredictionError` (429 when the queue is full, 504 after ``timeout_s``).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outputs] = loop.create_future()
+        now = time.monotonic()
+        job = Job(inputs, future, now, now + timeout_s)
         if self.unhealthy_because is not None:
             job.fail(self._unhealthy_error())
             return future
         if self._abandoned():
             job.fail(self._no_worker_error())
             return future
+        if self._queued_items and self._queued_items + len(inputs) > self.spec.max_queue:
+            self.rejected += 1
+            job.fail(self._queue_full_error())
+            return future
         self.active_requests += 1
-        future.add_done_callback(self._request_done)
-        self.last_request_at = now = time.monotonic()
-        self._pending.append(Part(job, 0, len(inputs)))
+        job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
+        future.add_done_callback(lambda _, job=job: self._job_done(job))  # type: ignore[misc]
+        self.last_request_at = now
+        self._enqueue(Part(job, 0, len(inputs)))
         if not self._workers:
             job.cold_deadline = now + self.spec.pool.cold_start_timeout_s
             if not self.starting and self.on_demand is not None:
@@ -162,8 +133,51 @@ class ModelQueue:
         self.pump()
         return future
 
-    def _request_done(self, future: asyncio.Future[Outputs]) -> None:
+    def _enqueue(self, part: Part, *, first: bool = False) -> None:
+        if first:
+            self._pending.appendleft(part)
+        else:
+            self._pending.append(part)
+        part.job.queued += part.size
+        self._queued_items += part.size
+
+    def _job_done(self, job: Job) -> None:
         self.active_requests -= 1
+        self._queued_items -= job.queued
+        job.queued = 0
+        if job.timer is not None:
+            job.timer.cancel()
+
+    def _expire(self, job: Job, timeout_s: float) -> None:
+        if job.future.done():
+            return
+        self.expired += 1
+        where = (
+            "while its batch was computing"
+            if job.dispatched
+            else "before a worker was free, so it was never computed"
+        )
+        job.fail(
+            PredictionError(
+                504,
+                f"model {self.spec.label()!r} did not answer within {timeout_s * 1000:g} ms: "
+                f"the request's deadline passed {where}",
+                **self._labels(),
+            )
+        )
+
+    def _queue_full_error(self) -> PredictionError:
+        retry_after = 1
+        if self._drain_rate > 0:
+            retry_after = max(1, min(60, math.ceil(self._queued_items / self._drain_rate)))
+        error = PredictionError(
+            429,
+            f"model {self.spec.label()!r} has {self._queued_items} inputs waiting, its "
+            f"max_queue is {self.spec.max_queue}: retry after {retry_after} s",
+            **self._labels(),
+        )
+        error.headers["Retry-After"] = str(retry_after)
+        return error
 
     def expire_cold_starts(self, now: float) -> None:
         """Answer 503 to requests that waited their ``cold_start_timeout_s`` for a worker."""
@@ -228,43 +242,80 @@ class ModelQueue:
 
     @property
     def queue_depth(self) -> int:
-        return sum(part.size for part in self._pending if not part.job.future.done())
+        return self._queued_items
 
     def pump(self) -> None:
-        """Send waiting inputs to every worker that has room."""
+        """Send waiting inputs to every worker that has room: up to its batch size limit, and
+        once ``max_delay_ms`` has passed for the oldest unless the batch is already full."""
         while self._pending:
             worker = next((w for w in self._workers.values() if w.has_room), None)
             if worker is None:
                 return
-            parts = self._take(self.spec.max_batch_size)
+            limit = worker.sizer.limit if worker.sizer is not None else self.spec.max_batch_size
+            if self._should_wait(limit):
+                return
+            parts = self._take(limit)
             if not parts:
                 return
             self._send(worker, parts)
 
+    def _should_wait(self, limit: int) -> bool:
+        """Whether to hold a batch smaller than ``limit`` for more inputs (``max_delay_ms``);
+        if so, a timer pumps again when the oldest input has waited long enough."""
+        if self.spec.max_delay_ms <= 0 or self._queued_items >= limit:
+            return False
+        send_at = self._pending[0].job.arrived + self.spec.max_delay_ms / 1000
+        wait_s = send_at - time.monotonic()
+        if wait_s <= 0:
+            return False
+        if self._delay_timer is None or self._delay_timer.cancelled():
+            self._delay_timer = asyncio.get_running_loop().call_later(wait_s, self._delay_over)
+        return True
+
+    def _delay_over(self) -> None:
+        self._delay_timer = None
+        self.pump()
+
     def _take(self, limit: int) -> list[Part]:
+        """Up to ``limit`` waiting inputs, oldest first; for numpy models, only inputs of the
+        first one's shape (the others wait for a batch of their own shape)."""
         parts: list[Part] = []
+        skipped: list[Part] = []
         room = limit
-        while self._pending and room:
+        shape: tuple[int, ...] | None = None
+        while self._pending and room and len(skipped) < _SCAN_AHEAD:
             part = self._pending.popleft()
             if part.job.future.done():
-                continue  # timed out, or failed through another part
+                continue  # timed out, or failed through another part: no longer counted
+            if parts and part.item_shape() != shape:
+                skipped.append(part)
+                continue
+            shape = part.item_shape()
             if part.size > room:
                 rest = Part(part.job, part.start + room, part.stop, part.attempts)
                 self._pending.appendleft(rest)
                 part = Part(part.job, part.start, part.start + room, part.attempts)
+            part.job.queued -= part.size
+            self._queued_items -= part.size
             parts.append(part)
             room -= part.size
+        self._pending.extendleft(reversed(skipped))
         return parts
 
     def _send(self, worker: _Worker, parts: list[Part]) -> None:
-        if len(parts) == 1 and parts[0].size == len(parts[0].job.inputs):
-            inputs: list[Any] = parts[0].job.inputs
+        first = parts[0]
+        if len(parts) == 1 and first.size == len(first.job.inputs):
+            inputs: Inputs = first.job.inputs
+        elif isinstance(first.job.inputs, np.ndarray):
+            inputs = np.concatenate([part.inputs() for part in parts])
         else:
-            inputs = [x for part in parts for x in part.job.inputs[part.start : part.stop]]
+            inputs = [x for part in parts for x in part.inputs()]
         for part in parts:
             part.attempts += 1
-        batch = Batch(self._next_batch_id(), worker.info, parts, len(inputs))
+            part.job.dispatched = True
+        batch = Batch(self._next_batch_id(), worker.info, parts, len(inputs), time.monotonic())
         worker.batches[batch.id] = batch
+        self.last_batch_size = batch.size
         try:
             # On failure the broker drops the worker, and worker_lost requeues this batch.
             self._broker.send_batch(worker.info, batch.id, inputs)
@@ -275,7 +326,11 @@ class ModelQueue:
     # -- worker events ----------------------------------------------------------------------
 
     def add_worker(self, info: WorkerInfo) -> None:
-        self._workers[info.identity] = _Worker(info)
+        sizer = None
+        if self.spec.slo_ms is not None:
+            target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
+            sizer = BatchSizer(target_s, self.spec.max_batch_size)
+        self._workers[info.identity] = _Worker(info, sizer)
         self.pump()
 
     def remove_worker(self, info: WorkerInfo, reason: str) -> None:
@@ -285,6 +340,8 @@ class ModelQueue:
         retry: list[Part] = []
         for batch in worker.batches.values():
             for part in batch.parts:
+                if part.job.future.done():
+                    continue
                 if part.attempts >= MAX_ATTEMPTS:
                     part.job.fail(
                         PredictionError(
@@ -297,7 +354,8 @@ class ModelQueue:
                 else:
                     retry.append(part)
         # Retries go first: they have waited longest.
-        self._pending.extendleft(reversed(retry))
+        for part in reversed(retry):
+            self._enqueue(part, first=True)
         if self._abandoned():
             error = self._no_worker_error()
             while self._pending:
@@ -316,6 +374,14 @@ class ModelQueue:
         batch = self._finish(info, batch_id)
         if batch is None:
             return
+        now = time.monotonic()
+        worker = self._workers[info.identity]
+        if worker.sizer is not None:
+            worker.sizer.observe(batch.size, now - batch.sent_at)
+        if self._last_completion > -math.inf:
+            rate = batch.size / max(now - self._last_completion, 1e-6)
+            self._drain_rate += _RATE_SMOOTHING * (rate - self._drain_rate)
+        self._last_completion = now
         if len(outputs) != batch.size:
             error = PredictionError(
                 500,
@@ -391,9 +457,18 @@ class ModelQueue:
             "replicas": {"ready": len(self._workers), "starting": len(self.starting)},
             "max_batch_size": self.spec.max_batch_size,
             "batch_input": self.spec.batch_input,
+            "batching": {
+                "max_delay_ms": self.spec.max_delay_ms,
+                "slo_ms": self.spec.slo_ms,
+                "max_queue": self.spec.max_queue,
+                "last_batch_size": self.last_batch_size,
+            },
             "queue_depth": self.queue_depth,
             "in_flight": sum(b.size for w in self._workers.values() for b in w.batches.values()),
             "active_requests": self.active_requests,
+            "rejected": self.rejected,
+            "expired": self.expired,
+            "cache": self.cache.describe() if self.cache is not None else None,
             "cold_starts": self.cold_starts,
             "worker_exits": self.worker_exits,
             "last_error": self.last_error,
@@ -407,6 +482,9 @@ class ModelQueue:
                     "host": w.info.host,
                     "capacity": w.info.capacity,
                     "batches_in_flight": len(w.batches),
+                    "batch_limit": (
+                        w.sizer.limit if w.sizer is not None else self.spec.max_batch_size
+                    ),
                 }
                 for w in self._workers.values()
             ],

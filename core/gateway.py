@@ -2,20 +2,21 @@
 
 Routes:
 
-* ``POST /models/{name}/predict`` with ``{"input": x}`` or ``{"inputs": [x, ...]}`` and an
-  optional ``"version"``; answers ``{"output": y}`` or ``{"outputs": [y, ...]}`` with
-  ``model``, ``version`` and ``query_id``.
+* ``POST /models/{name}/predict`` with ``{"input": x}`` or ``{"inputs": [x, ...]}``, an
+  optional ``"version"`` and an optional ``"timeout_ms"`` (or an ``X-Ketch-Timeout-Ms``
+  header); answers ``{"output": y}`` or ``{"outputs": [y, ...]}`` with ``model``,
+  ``version`` and ``query_id``.
 * ``GET /models``: every model version with its state, replicas and queue.
 * ``GET /v2/health/live`` and ``GET /v2/health/ready`` (Open Inference Protocol health).
 
 Every error is JSON, ``{"error": "..."}`` plus details, with a status that says whose fault it
-was: 400 bad request, 404 unknown model, 500 the model failed, 503 no worker could answer,
-504 no answer in time.
+was: 400 bad request, 404 unknown model, 429 the model's queue is full (with
+``Retry-After``), 500 the model failed, 503 no worker could answer, 504 the request's deadline
+passed (its own timeout, else the model's ``slo_ms``, else the server's request timeout).
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ketch.dispatch import Dispatcher, PredictionError
+from ketch.dispatch import Dispatcher
+from ketch.jobs import PredictionError
+from ketch.predict import predict
+
+TIMEOUT_HEADER = "x-ketch-timeout-ms"
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -55,7 +60,8 @@ class Gateway:
     """Request handlers over one :class:`Dispatcher`.
 
     :param dispatcher: where requests are queued.
-    :param request_timeout_s: longest a request waits for its outputs before a 504.
+    :param request_timeout_s: longest a request waits for its outputs before a 504, unless
+        it sets its own timeout or its model has an ``slo_ms``.
     """
 
     def __init__(self, dispatcher: Dispatcher, request_timeout_s: float) -> None:
@@ -79,20 +85,14 @@ class Gateway:
             body = _parse_body(await request.body())
             single, inputs = _inputs_of(body)
             version = _version_of(body)
+            timeout_ms = _timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
             queue = self.dispatcher.queue_for(name, version)
-            try:
-                async with asyncio.timeout(self.request_timeout_s):
-                    outputs = await queue.submit(inputs)
-            except TimeoutError:
-                raise PredictionError(
-                    504,
-                    f"model {queue.spec.label()!r} did not answer within "
-                    f"{self.request_timeout_s:g} s",
-                    model=queue.spec.name,
-                    version=queue.spec.version,
-                ) from None
+            if timeout_ms is None:
+                timeout_ms = queue.spec.slo_ms
+            timeout_s = self.request_timeout_s if timeout_ms is None else timeout_ms / 1000
+            outputs = await predict(queue, inputs, timeout_s)
         except PredictionError as exc:
-            return json_response(exc.body, exc.status)
+            return json_response(exc.body, exc.status, exc.headers)
         answer: dict[str, Any] = {"output": outputs[0]} if single else {"outputs": outputs}
         answer["model"] = queue.spec.name
         answer["version"] = queue.spec.version
@@ -152,6 +152,23 @@ def _version_of(body: dict[str, Any]) -> str | None:
     if isinstance(version, int) and not isinstance(version, bool):
         return str(version)
     raise PredictionError(400, f"'version' must be a string, got {version!r}")
+
+
+def _timeout_ms_of(body: dict[str, Any], header: str | None) -> float | None:
+    """The request's own timeout in ms: the ``timeout_ms`` field, else the header."""
+    value: Any = body.get("timeout_ms")
+    where = "'timeout_ms'"
+    if value is None and header is not None:
+        where = "the X-Ketch-Timeout-Ms header"
+        try:
+            value = float(header)
+        except ValueError:
+            value = header
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+        raise PredictionError(400, f"{where} must be a number of milliseconds > 0, got {value!r}")
+    return float(value)
 
 
 def _json_kind(value: Any) -> str:

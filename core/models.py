@@ -29,6 +29,11 @@ BatchInput = Literal["list", "numpy"]
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 DEFAULT_VERSION = "1"
 DEFAULT_MAX_BATCH_SIZE = 32
+#: Inputs a model's queue holds before new requests get 429: enough for bursts, small enough
+#: that an overloaded gateway's memory stays bounded.
+DEFAULT_MAX_QUEUE = 4096
+_CACHE_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*$", re.IGNORECASE)
+_BYTE_UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,13 @@ class ModelSpec:
     :param version: version label; requests without a version go to the highest one.
     :param max_batch_size: most inputs handed to one call of the function.
     :param batch_input: ``"list"`` or ``"numpy"`` (inputs stacked into one array).
+    :param max_delay_ms: longest a request waits for others to fill its batch (0: a free
+        worker gets what is waiting at once).
+    :param slo_ms: latency objective: each worker's batch size adapts to meet it, and it is
+        every request's deadline unless the request sets its own.
+    :param max_queue: inputs waiting for a worker beyond which requests are answered 429.
+    :param cache_size: prediction cache, off by default: a number of entries, or a size in
+        bytes as text (``"64MB"``, ``"1GiB"``).
     :param is_async: whether the function is ``async def``.
     :param pool: how many workers serve it, and when.
     :param resources: what each worker may use (cores, memory, threads, GPUs).
@@ -119,6 +131,10 @@ class ModelSpec:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_input: BatchInput = "list"
     is_async: bool = False
+    max_delay_ms: float = 0.0
+    slo_ms: float | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    cache_size: int | str | None = None
     pool: PoolSpec = field(default_factory=PoolSpec)
     resources: Resources = field(default_factory=Resources)
     start: WorkerStart = field(default_factory=WorkerStart)
@@ -158,6 +174,10 @@ def validated_spec(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batch_input: BatchInput = "list",
     is_async: bool = False,
+    max_delay_ms: float = 0.0,
+    slo_ms: float | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    cache_size: int | str | None = None,
     pool: PoolSpec | None = None,
     resources: Resources | None = None,
     start: WorkerStart | None = None,
@@ -180,15 +200,53 @@ def validated_spec(
         raise ValueError(f"max_batch_size of {name!r} must be >= 1, got {max_batch_size}")
     if batch_input not in ("list", "numpy"):
         raise ValueError(f"batch_input of {name!r} must be 'list' or 'numpy', got {batch_input!r}")
+    if not _is_number(max_delay_ms) or not max_delay_ms >= 0:
+        raise ValueError(f"max_delay_ms of {name!r} must be a number >= 0, got {max_delay_ms!r}")
+    if slo_ms is not None and (not _is_number(slo_ms) or not slo_ms > max_delay_ms):
+        raise ValueError(
+            f"slo_ms of {name!r} must be a number of milliseconds above max_delay_ms "
+            f"({max_delay_ms:g}), got {slo_ms!r}"
+        )
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+        raise ValueError(f"max_queue of {name!r} must be an int >= 1, got {max_queue!r}")
+    cache_limit(cache_size, name)
     return ModelSpec(
         name,
         version,
         max_batch_size,
         batch_input,
         bool(is_async),
+        float(max_delay_ms),
+        float(slo_ms) if slo_ms is not None else None,
+        max_queue,
+        cache_size,
         pool or PoolSpec(),
         resources or Resources(),
         start or WorkerStart(),
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def cache_limit(cache_size: int | str | None, name: str) -> tuple[str, int] | None:
+    """``("entries", n)`` or ``("bytes", n)`` for a ``cache_size``; None when caching is off.
+
+    Raises ``ValueError`` naming the model and the value when it is neither.
+    """
+    if cache_size is None:
+        return None
+    if isinstance(cache_size, int) and not isinstance(cache_size, bool) and cache_size >= 1:
+        return ("entries", cache_size)
+    if isinstance(cache_size, str) and (match := _CACHE_BYTES.match(cache_size)):
+        amount, unit = match.groups()
+        size = int(float(amount) * _BYTE_UNITS[unit[:-1].lower()])
+        if size >= 1:
+            return ("bytes", size)
+    raise ValueError(
+        f"cache_size of {name!r} must be a number of entries >= 1 or a size like '64MB', "
+        f"got {cache_size!r}"
     )
 
 
@@ -217,6 +275,10 @@ def model(
     name: str | None = None,
     version: str | int = DEFAULT_VERSION,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_delay_ms: float = 0.0,
+    slo_ms: float | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    cache_size: int | str | None = None,
     min_replicas: int = 0,
     max_replicas: int = 1,
     idle_timeout_s: float = 300.0,
@@ -238,6 +300,10 @@ def model(
     name: str | None = None,
     version: str | int = DEFAULT_VERSION,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_delay_ms: float = 0.0,
+    slo_ms: float | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    cache_size: int | str | None = None,
     min_replicas: int = 0,
     max_replicas: int = 1,
     idle_timeout_s: float = 300.0,
@@ -255,6 +321,8 @@ def model(
     :param name: the model's URL name; defaults to the function's name.
     :param version: version label (default ``"1"``).
     :param max_batch_size: most inputs passed to one call of the function (default 32).
+    :param max_delay_ms, slo_ms, max_queue, cache_size: batching, deadlines, backpressure and
+        the prediction cache, see :class:`ModelSpec`.
     :param min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s:
         the model's worker pool, see :class:`PoolSpec`. By default a model has no worker
         until its first request, one while it has traffic, and none again after 5 idle
@@ -288,6 +356,10 @@ def model(
             name=name if name is not None else func.__name__,
             version=version,
             max_batch_size=max_batch_size,
+            max_delay_ms=max_delay_ms,
+            slo_ms=slo_ms,
+            max_queue=max_queue,
+            cache_size=cache_size,
             batch_input=_batch_input_of(func),
             is_async=inspect.iscoroutinefunction(func),
             pool=pool,

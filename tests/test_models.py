@@ -393,6 +393,10 @@ def test_spec_to_dict_is_plain_data() -> None:
         "max_batch_size": 4,
         "batch_input": "list",
         "is_async": False,
+        "max_delay_ms": 0.0,
+        "slo_ms": None,
+        "max_queue": 4096,
+        "cache_size": None,
         "pool": {
             "min_replicas": 0,
             "max_replicas": 1,

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+import numpy as np
 import zmq
 
 from ketch.models import ModelSpec
@@ -145,7 +146,9 @@ class Broker:
     def workers(self) -> Iterator[WorkerInfo]:
         return iter(list(self._workers.values()))
 
-    def send_batch(self, worker: WorkerInfo, batch_id: int, inputs: Sequence[Any]) -> bool:
+    def send_batch(
+        self, worker: WorkerInfo, batch_id: int, inputs: Sequence[Any] | np.ndarray
+    ) -> bool:
         """Send one REQUEST; False (and the worker dropped) when it cannot be delivered."""
         try:
             frames = encode(Command.REQUEST, {"id": batch_id, "inputs": inputs})
