@@ -5,7 +5,10 @@ computed, its latency (from sending the batch to its reply) is compared with the
 share of the objective:
 
 - comfortably below it (under :data:`INCREASE_BELOW` of the target) and the batch was full:
-  the limit grows by one input (additive increase);
+  the limit grows by one input (additive increase). Until the first batch that is too slow
+  it doubles instead (TCP's slow start): a new worker facing a queue reaches a useful size
+  in a handful of batches rather than dozens, which with ``slo_ms`` as every request's
+  deadline is the difference between meeting it and a burst of 504s;
 - above it: the limit shrinks by at least :data:`DECREASE_FACTOR`, more when the batch
   overshot by more (multiplicative decrease), never below one.
 
@@ -43,6 +46,8 @@ class BatchSizer:
     max_size: int
     size: float = 1.0
     batches: int = 0
+    #: Doubling until the first batch over the target (slow start), then adding one.
+    slow_start: bool = True
 
     @property
     def limit(self) -> int:
@@ -52,7 +57,9 @@ class BatchSizer:
         """Adjust the limit after a batch of ``batch_size`` inputs took ``latency_s``."""
         self.batches += 1
         if latency_s > self.target_s:
+            self.slow_start = False
             shrink = min(DECREASE_FACTOR, self.target_s / latency_s)
             self.size = max(1.0, self.limit * shrink)
         elif latency_s < INCREASE_BELOW * self.target_s and batch_size >= self.limit:
-            self.size = min(float(self.max_size), self.limit + 1.0)
+            grown = self.limit * 2.0 if self.slow_start else self.limit + 1.0
+            self.size = min(float(self.max_size), grown)

@@ -370,14 +370,19 @@ class ModelQueue:
             self._fail(batch.parts, error)
         worker.batches.clear()
 
-    def complete(self, info: WorkerInfo, batch_id: int, outputs: Outputs) -> None:
+    def complete(
+        self, info: WorkerInfo, batch_id: int, outputs: Outputs, compute_s: float | None = None
+    ) -> None:
+        """A batch came back: deliver its outputs; ``compute_s`` is the model's time on it as
+        the worker measured it (the round trip when unknown), which the batch size tunes by:
+        a busy gateway's own delays must not shrink the workers' batches."""
         batch = self._finish(info, batch_id)
         if batch is None:
             return
         now = time.monotonic()
         worker = self._workers[info.identity]
         if worker.sizer is not None:
-            worker.sizer.observe(batch.size, now - batch.sent_at)
+            worker.sizer.observe(batch.size, compute_s if compute_s else now - batch.sent_at)
         if self._last_completion > -math.inf:
             rate = batch.size / max(now - self._last_completion, 1e-6)
             self._drain_rate += _RATE_SMOOTHING * (rate - self._drain_rate)
@@ -638,10 +643,12 @@ class Dispatcher:
             queue.remove_worker(worker, reason)
         self._report(f"model {worker.spec.label()} lost {worker.describe()}: {reason}")
 
-    def batch_replied(self, worker: WorkerInfo, batch_id: int, outputs: Outputs) -> None:
+    def batch_replied(
+        self, worker: WorkerInfo, batch_id: int, outputs: Outputs, compute_s: float | None
+    ) -> None:
         queue = self._queues.get(worker.spec.key)
         if queue is not None:
-            queue.complete(worker, batch_id, outputs)
+            queue.complete(worker, batch_id, outputs, compute_s)
 
     def batch_failed(self, worker: WorkerInfo, batch_id: int, error: RemoteError) -> None:
         queue = self._queues.get(worker.spec.key)

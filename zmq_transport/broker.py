@@ -78,7 +78,9 @@ class BrokerEvents(Protocol):
 
     def worker_lost(self, worker: WorkerInfo, reason: str) -> None: ...
 
-    def batch_replied(self, worker: WorkerInfo, batch_id: int, outputs: Outputs) -> None: ...
+    def batch_replied(
+        self, worker: WorkerInfo, batch_id: int, outputs: Outputs, compute_s: float | None
+    ) -> None: ...
 
     def batch_failed(self, worker: WorkerInfo, batch_id: int, error: RemoteError) -> None: ...
 
@@ -239,7 +241,13 @@ class Broker:
         worker.last_heard = time.monotonic()
         header = message.header
         if message.command is Command.REPLY:
-            self._events.batch_replied(worker, header["id"], header["outputs"])
+            compute_s = header.get("compute_s")
+            self._events.batch_replied(
+                worker,
+                header["id"],
+                header["outputs"],
+                float(compute_s) if isinstance(compute_s, int | float) else None,
+            )
         elif message.command is Command.ERROR:
             error = RemoteError(ErrorKind(header["kind"]), header["type"], header["message"])
             self._events.batch_failed(worker, header["id"], error)

@@ -24,7 +24,8 @@ Commands and their header fields
         ``capacity`` (batches the worker accepts at once), ``heartbeat_ms``.
     ``REQUEST`` (broker -> worker): ``id`` (batch id, unique per broker), ``inputs`` (list, one
         entry per input in the batch).
-    ``REPLY`` (worker -> broker): ``id``, ``outputs`` (list or array, one entry per input).
+    ``REPLY`` (worker -> broker): ``id``, ``outputs`` (list or array, one entry per input),
+    ``compute_s`` (seconds the model took on the batch, which adaptive batching tunes by).
     ``ERROR`` (worker -> broker): ``id``, ``kind`` (:class:`ErrorKind`), ``type`` (exception
         class name), ``message``.
     ``HEARTBEAT`` (both ways): empty map. Each side sends one every ``heartbeat_ms``; any

@@ -87,6 +87,7 @@ def run_batch(frames: Sequence[bytes], predict: Predict, label: str) -> list[Fra
     """Decode one REQUEST, run it, and return the encoded REPLY or ERROR (with envelope)."""
     message = decode(frames[1:])
     batch_id = message.header["id"]
+    started = time.perf_counter()
     try:
         outputs = predict(message.header["inputs"])
     except BatchInputError as exc:
@@ -97,7 +98,9 @@ def run_batch(frames: Sequence[bytes], predict: Predict, label: str) -> list[Fra
         log.debug("model %s raised", label, exc_info=True)
         return _error(batch_id, ErrorKind.MODEL, exc)
     try:
-        return [EMPTY, *encode(Command.REPLY, {"id": batch_id, "outputs": outputs})]
+        compute_s = time.perf_counter() - started
+        reply = {"id": batch_id, "outputs": outputs, "compute_s": compute_s}
+        return [EMPTY, *encode(Command.REPLY, reply)]
     except (TypeError, ValueError) as exc:
         return _error(batch_id, ErrorKind.BAD_OUTPUT, BatchOutputError(f"model {label!r}: {exc}"))
 
