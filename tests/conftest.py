@@ -23,6 +23,9 @@ import pytest
 #: (10) that a gateway starved of CPU by a test's burst of process starts drops no one.
 TEST_HEARTBEAT = ["--heartbeat-interval", "0.1", "--heartbeat-liveness", "10"]
 START_DEADLINE_S = 60.0
+#: How the gateway reports a worker killed by SIGKILL: by its supervisor (the exit status) or,
+#: when a heartbeat reaches the dead worker's socket first, by the broker.
+KILLED_REASON = r"(killed by SIGKILL|cannot deliver to it)"
 
 
 class KetchProcess:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import KetchServer
+from tests.conftest import KILLED_REASON, KetchServer
 
 Start = Callable[..., KetchServer]
 
@@ -75,7 +75,7 @@ def test_sigkill_with_requests_in_flight_retries_them_on_another_worker(
     responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * 6
     assert [r.json()["output"] for r in responses] == [0.3] * 6
-    server.wait_for(rf"lost worker pid {victim} .*killed by SIGKILL")
+    server.wait_for(rf"lost worker pid {victim} .*{KILLED_REASON}")
     # The supervisor replaces the dead worker.
     server.wait_for(r"model slow:1 ready")
     pids = {w["pid"] for w in server.model_status("slow")["workers"]}

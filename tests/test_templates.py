@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import KetchServer
+from tests.conftest import KILLED_REASON, KetchServer
 
 Start = Callable[..., KetchServer]
 WriteModels = Callable[..., Path]
@@ -111,7 +111,7 @@ def test_worker_killed_under_a_template_is_noticed_and_replaced(
 ) -> None:
     victim = preloaded.predict("heavy", {"input": 1}).json()["output"]["pid"]
     os.kill(victim, signal.SIGKILL)
-    preloaded.wait_for(rf"lost worker pid {victim} .*killed by SIGKILL")
+    preloaded.wait_for(rf"lost worker pid {victim} .*{KILLED_REASON}")
     output = preloaded.predict("heavy", {"input": 4}).json()["output"]
     assert output["pid"] != victim and output["x"] == 4
 
