@@ -1,12 +1,28 @@
 """ketch: serve models over HTTP, batched, in worker processes that ZeroMQ connects.
 
-The public API is what ``__all__`` lists; every other module is internal.
+The public API is what ``__all__`` lists; every other module is internal. Plugin authors
+implement the hooks of ``ketch.hookspecs`` with ``@ketch.hookimpl``.
 """
 
 from __future__ import annotations
 
+from ketch.apps import AppSpec, app
+from ketch.hookspecs import hookimpl
 from ketch.models import Model, ModelSpec, model
+from ketch.policy import Combined, Feedback, Policy, Query
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "ModelSpec", "__version__", "model"]
+__all__ = [
+    "AppSpec",
+    "Combined",
+    "Feedback",
+    "Model",
+    "ModelSpec",
+    "Policy",
+    "Query",
+    "__version__",
+    "app",
+    "hookimpl",
+    "model",
+]

@@ -1,5 +1,6 @@
 """The ``ketch`` command: ``ketch serve`` runs the gateway and its workers, ``ketch worker``
-joins a running gateway with one more worker (possibly from another machine)."""
+joins a running gateway with one more worker (possibly from another machine), ``ketch
+plugins`` lists the plugins and policies the gateway would load."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from ketch.errors import TargetLoadError
+from ketch.errors import KetchError
 from ketch.httpserver import run_event_loop
 from ketch.server import DEFAULT_BROKER, ServeOptions, serve
 from ketch.zmq_transport.liveness import DEFAULT_INTERVAL_S, DEFAULT_LIVENESS, Heartbeat
@@ -67,6 +69,18 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-p",
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="load this module or file as a plugin too (repeatable); installed plugins (the "
+        "'ketch' entry-point group) load unless KETCH_DISABLE_PLUGIN_AUTOLOAD is set",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ketch", description="Serve models over HTTP.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,7 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="answer 504 when a request has no result after this long (default %(default)s)",
     )
+    serve_cmd.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where applications keep their policies' state across restarts (default "
+        "$KETCH_STATE_DIR, else ~/.local/state/ketch)",
+    )
+    _add_plugin_option(serve_cmd)
     _add_common_options(serve_cmd)
+
+    plugins_cmd = commands.add_parser(
+        "plugins", help="list the plugins and the policies they register"
+    )
+    _add_plugin_option(plugins_cmd)
+    plugins_cmd.add_argument(
+        "--reference",
+        action="store_true",
+        help="print the hooks a plugin can implement, with their documentation (Markdown)",
+    )
 
     worker_cmd = commands.add_parser(
         "worker", help="serve one model as a worker of a running gateway"
@@ -129,10 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s ketch %(levelname)s %(name)s: %(message)s"
+        level=getattr(args, "log_level", "WARNING"),
+        format="%(asctime)s ketch %(levelname)s %(name)s: %(message)s",
     )
-    heartbeat = Heartbeat(args.heartbeat_interval, args.heartbeat_liveness)
     try:
+        if args.command == "plugins":
+            if args.reference:
+                from ketch.hookspecs import reference
+
+                print(reference(), end="")
+                return 0
+            return _list_plugins(args.plugin)
+        heartbeat = Heartbeat(args.heartbeat_interval, args.heartbeat_liveness)
         if args.command == "serve":
             options = ServeOptions(
                 source=args.source,
@@ -142,15 +183,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers_per_model=args.workers_per_model,
                 heartbeat=heartbeat,
                 request_timeout_s=args.request_timeout,
+                plugins=tuple(args.plugin),
+                state_dir=args.state_dir,
             )
             run_event_loop(serve(options))
         else:
             return _run_worker(args.target, args.model_version, args.connect, heartbeat)
-    except (TargetLoadError, OSError) as exc:
+    except (KetchError, OSError) as exc:
         print(f"ketch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _list_plugins(extra: Sequence[str]) -> int:
+    from ketch.plugin_manager import load_plugins
+
+    plugins = load_plugins(extra)
+    rows = [("PLUGIN", "FROM", "POLICIES")]
+    rows += [(p.name, p.source, ", ".join(p.policies) or "-") for p in plugins.describe()]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for name, source, policies in rows:
+        print(f"{name:<{widths[0]}}  {source:<{widths[1]}}  {policies}")
     return 0
 
 

@@ -17,3 +17,8 @@ class BatchOutputError(KetchError):
 
 class TargetLoadError(KetchError):
     """A file or module named on the command line could not be imported or holds no model."""
+
+
+class AppError(KetchError):
+    """An application cannot be served: its policy or one of its models is unknown, or its
+    policy rejects its parameters."""

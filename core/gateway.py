@@ -7,6 +7,12 @@ Routes:
   header); answers ``{"output": y}`` or ``{"outputs": [y, ...]}`` with ``model``,
   ``version`` and ``query_id``.
 * ``GET /models``: every model version with its state, replicas and queue.
+* ``POST /apps/{app}/predict`` with ``{"input": x}`` (and an optional ``"timeout_ms"``):
+  the application's policy picks the models and combines their answers into
+  ``{"output": y, "query_id": ..., "default": false, "models": [...], ...}``.
+* ``POST /apps/{app}/feedback`` with ``{"query_id": ..., "reward": r}`` (``r`` in [0, 1])
+  and/or ``"label"``: the policy learns from it.
+* ``GET /apps``: every application with its policy, models, counts and policy state.
 * ``GET /v2/health/live`` and ``GET /v2/health/ready`` (Open Inference Protocol health).
 
 Every error is JSON, ``{"error": "..."}`` plus details, with a status that says whose fault it
@@ -17,6 +23,7 @@ passed (its own timeout, else the model's ``slo_ms``, else the server's request 
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ketch.application import Applications
 from ketch.dispatch import Dispatcher
 from ketch.jobs import PredictionError
 from ketch.predict import predict
@@ -60,12 +68,16 @@ class Gateway:
     """Request handlers over one :class:`Dispatcher`.
 
     :param dispatcher: where requests are queued.
+    :param apps: the applications (``/apps/...``).
     :param request_timeout_s: longest a request waits for its outputs before a 504, unless
         it sets its own timeout or its model has an ``slo_ms``.
     """
 
-    def __init__(self, dispatcher: Dispatcher, request_timeout_s: float) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, apps: Applications, request_timeout_s: float
+    ) -> None:
         self.dispatcher = dispatcher
+        self.apps = apps
         self.request_timeout_s = request_timeout_s
 
     def app(self) -> Starlette:
@@ -73,6 +85,9 @@ class Gateway:
             routes=[
                 Route("/models", self.list_models, methods=["GET"]),
                 Route("/models/{name}/predict", self.predict, methods=["POST"]),
+                Route("/apps", self.list_apps, methods=["GET"]),
+                Route("/apps/{name}/predict", self.app_predict, methods=["POST"]),
+                Route("/apps/{name}/feedback", self.app_feedback, methods=["POST"]),
                 Route("/v2/health/live", self.live, methods=["GET"]),
                 Route("/v2/health/ready", self.ready, methods=["GET"]),
             ],
@@ -98,6 +113,46 @@ class Gateway:
         answer["version"] = queue.spec.version
         answer["query_id"] = uuid.uuid4().hex
         return json_response(answer)
+
+    async def app_predict(self, request: Request) -> Response:
+        try:
+            application = self.apps.get(request.path_params["name"])
+            body = _parse_body(await request.body())
+            if "input" not in body:
+                raise PredictionError(
+                    400,
+                    "request body needs 'input': an application answers one input",
+                    keys=sorted(body),
+                )
+            timeout_ms = _timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
+            answer = await application.predict(body["input"], timeout_ms)
+        except PredictionError as exc:
+            return json_response(exc.body, exc.status, exc.headers)
+        return json_response(answer)
+
+    async def app_feedback(self, request: Request) -> Response:
+        try:
+            application = self.apps.get(request.path_params["name"])
+            body = _parse_body(await request.body())
+            query_id = body.get("query_id")
+            if not isinstance(query_id, str) or not query_id:
+                raise PredictionError(
+                    400, f"feedback needs the 'query_id' of an answer, got {query_id!r}"
+                )
+            reward = _reward_of(body)
+            if reward is None and "label" not in body:
+                raise PredictionError(
+                    400,
+                    "feedback needs a 'reward' (a number in [0, 1]) or a 'label'",
+                    keys=sorted(body),
+                )
+            answer = application.feedback(query_id, reward, body.get("label"), "label" in body)
+        except PredictionError as exc:
+            return json_response(exc.body, exc.status, exc.headers)
+        return json_response(answer)
+
+    async def list_apps(self, request: Request) -> Response:
+        return json_response({"apps": self.apps.describe()})
 
     async def list_models(self, request: Request) -> Response:
         return json_response({"models": self.dispatcher.describe()})
@@ -169,6 +224,20 @@ def _timeout_ms_of(body: dict[str, Any], header: str | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
         raise PredictionError(400, f"{where} must be a number of milliseconds > 0, got {value!r}")
     return float(value)
+
+
+def _reward_of(body: dict[str, Any]) -> float | None:
+    reward = body.get("reward")
+    if reward is None:
+        return None
+    if (
+        isinstance(reward, bool)
+        or not isinstance(reward, int | float)
+        or not math.isfinite(reward)
+        or not 0 <= reward <= 1
+    ):
+        raise PredictionError(400, f"'reward' must be a number in [0, 1], got {reward!r}")
+    return float(reward)
 
 
 def _json_kind(value: Any) -> str:

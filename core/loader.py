@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ketch.apps import APPS_ATTRIBUTE, AppSpec
 from ketch.errors import TargetLoadError
 from ketch.models import Model
 
@@ -94,6 +95,12 @@ def models_in(module: ModuleType) -> list[Model[..., Any]]:
             )
         found[value.spec.key] = value
     return list(found.values())
+
+
+def apps_in(module: ModuleType) -> list[AppSpec]:
+    """The applications a module declares with ``ketch.app``, in declaration order."""
+    declared: dict[str, AppSpec] = vars(module).get(APPS_ATTRIBUTE, {})
+    return list(declared.values())
 
 
 def load_models(target: Target) -> list[Model[..., Any]]:

@@ -26,7 +26,7 @@ R = TypeVar("R")
 BatchInput = Literal["list", "numpy"]
 
 #: Names and versions appear in URLs and log lines: keep them to URL-safe characters.
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 DEFAULT_VERSION = "1"
 DEFAULT_MAX_BATCH_SIZE = 32
 #: Inputs a model's queue holds before new requests get 429: enough for bursts, small enough
@@ -183,13 +183,13 @@ def validated_spec(
     start: WorkerStart | None = None,
 ) -> ModelSpec:
     """Build a :class:`ModelSpec`, raising ``ValueError``/``TypeError`` that names the bad value."""
-    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise ValueError(
             f"model name {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-'"
         )
     if isinstance(version, int) and not isinstance(version, bool):
         version = str(version)
-    if not isinstance(version, str) or not _NAME_PATTERN.match(version):
+    if not isinstance(version, str) or not NAME_PATTERN.match(version):
         raise ValueError(
             f"model version {version!r} of {name!r} is not valid: "
             "use 1-128 letters, digits, '_', '.' or '-'"

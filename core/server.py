@@ -8,11 +8,15 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TextIO
 
+from ketch.app_state import StateStore, default_state_dir
+from ketch.application import Applications, build_applications
 from ketch.dispatch import Dispatcher
 from ketch.gateway import Gateway
 from ketch.httpserver import bind_tcp, serve_asgi
+from ketch.plugin_manager import load_plugins
 from ketch.pools import PoolManager
 from ketch.workers import LocalWorkers, ProcessEvents, discover
 from ketch.zmq_transport.broker import Broker
@@ -36,6 +40,9 @@ class ServeOptions:
         model's ``min_replicas``; 0 leaves the pools as the models declare them).
     :param heartbeat: heartbeat interval and liveness between broker and workers.
     :param request_timeout_s: longest a request waits for its answer before a 504.
+    :param plugins: modules or files to load as plugins, besides the installed ones.
+    :param state_dir: where applications keep their policies' state across restarts
+        (``None``: ``$KETCH_STATE_DIR``, else ``~/.local/state/ketch``).
     """
 
     source: str
@@ -45,6 +52,8 @@ class ServeOptions:
     workers_per_model: int = 0
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     request_timeout_s: float = 60.0
+    plugins: tuple[str, ...] = ()
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.workers_per_model < 0:
@@ -88,18 +97,29 @@ async def serve(
     sock = bind_tcp(options.host, options.port)
     workers: LocalWorkers | None = None
     pools: PoolManager | None = None
+    apps: Applications | None = None
     try:
         endpoint = broker.start()
         dispatcher.attach(broker)
+        plugins = load_plugins(options.plugins)
+        served = await loop.run_in_executor(None, discover, options.source)
         specs = [
             replace(spec, pool=spec.pool.with_floor(options.workers_per_model))
-            for spec in await loop.run_in_executor(None, discover, options.source)
+            for spec in served.models
         ]
         for spec in specs:
             dispatcher.add_model(spec)
+        store = StateStore(options.state_dir or default_state_dir())
+        apps = build_applications(
+            served.apps, plugins, dispatcher, store, options.request_timeout_s
+        )
         host, port = sock.getsockname()[:2]
         report(f"broker listening on {endpoint}")
         report(f"listening on http://{_url_host(host)}:{port}")
+        for app_spec in served.apps:
+            report(
+                f"app {app_spec.name}: policy {app_spec.policy} over {', '.join(app_spec.models)}"
+            )
         workers = LocalWorkers(
             options.source,
             endpoint,
@@ -117,10 +137,13 @@ async def serve(
         pools.start()
         report.is_ready = dispatcher.settled
         report.announce_if_ready()
-        app = Gateway(dispatcher, options.request_timeout_s).app()
+        apps.start()
+        app = Gateway(dispatcher, apps, options.request_timeout_s).app()
         await serve_asgi(app, sock, shutdown.wait)
     finally:
         sock.close()  # a no-op once serve_asgi has handed the socket to Hypercorn
+        if apps is not None:
+            await apps.stop()
         log.info("HTTP gateway stopped; stopping workers")
         if pools is not None:
             await pools.stop()

@@ -21,8 +21,9 @@ from typing import Any
 import psutil
 
 from ketch import __version__
+from ketch.apps import AppSpec
 from ketch.errors import TargetLoadError
-from ketch.loader import Target, load_models
+from ketch.loader import Target, apps_in, import_source, load_models
 from ketch.models import ModelSpec
 from ketch.processes import (
     Kind,
@@ -50,8 +51,9 @@ def _discover_in_child(source: str, conn: Any) -> None:
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
-        specs = [m.spec.to_dict() for m in load_models(Target(source))]
-        conn.send(("ok", specs))
+        models = [m.spec.to_dict() for m in load_models(Target(source))]
+        apps = [a.to_dict() for a in apps_in(import_source(source))]
+        conn.send(("ok", {"models": models, "apps": apps}))
     except BaseException as exc:
         detail = str(exc) if isinstance(exc, TargetLoadError) else traceback.format_exc()
         conn.send(("error", detail))
@@ -59,8 +61,17 @@ def _discover_in_child(source: str, conn: Any) -> None:
         conn.close()
 
 
-def discover(source: str, timeout_s: float = 120.0) -> list[ModelSpec]:
-    """The models ``source`` defines, read by importing it in a throw-away process."""
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What a served file declares: its models and its applications."""
+
+    models: list[ModelSpec]
+    apps: list[AppSpec]
+
+
+def discover(source: str, timeout_s: float = 120.0) -> Served:
+    """The models and applications ``source`` declares, read by importing it in a throw-away
+    process (the gateway never imports user code)."""
     context = forkserver_context()
     receiver, sender = context.Pipe(duplex=False)
     process = start_process(context, _discover_in_child, (source, sender), "ketch-discover")
@@ -83,7 +94,10 @@ def discover(source: str, timeout_s: float = 120.0) -> list[ModelSpec]:
             process.join()
     if status != "ok":
         raise TargetLoadError(f"cannot load {source!r}:\n{payload}")
-    return [ModelSpec.from_dict(spec) for spec in payload]
+    return Served(
+        [ModelSpec.from_dict(spec) for spec in payload["models"]],
+        [AppSpec.from_dict(spec) for spec in payload["apps"]],
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,6 +187,14 @@ class KetchServer(KetchProcess):
         return super().stop()
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Servers keep their applications' state in a folder of the test's, never the user's."""
+    folder = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("KETCH_STATE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def write_models(tmp_path: Path) -> Callable[[str, str], Path]:
     """Write a models file into the test's temporary folder and return its path."""

@@ -1,0 +1,94 @@
+"""Keep each application's policy state on disk, so a restarted gateway goes on learning.
+
+One JSON file per application under the state directory (``apps/{name}.json``), written
+atomically (a temporary file, then a rename) so a crash mid-write leaves the previous state.
+The file records the policy and models it was learnt with: state saved for another policy or
+another set of models is not loaded into this one (it is kept aside as ``.stale``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ketch.apps import AppSpec
+
+log = logging.getLogger("ketch.apps")
+
+#: Where policy state goes unless ``--state-dir`` or ``KETCH_STATE_DIR`` says otherwise.
+STATE_DIR_ENV = "KETCH_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    """``$KETCH_STATE_DIR``, else ``$XDG_STATE_HOME/ketch``, else ``~/.local/state/ketch``."""
+    if explicit := os.environ.get(STATE_DIR_ENV):
+        return Path(explicit)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "ketch"
+
+
+class StateStore:
+    """Reads and writes the policy state of applications under ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def path_of(self, app_name: str) -> Path:
+        return self.directory / "apps" / f"{app_name}.json"
+
+    def load(self, spec: AppSpec) -> dict[str, Any] | None:
+        """The state saved for this application with the same policy and models, or None."""
+        path = self.path_of(spec.name)
+        try:
+            saved = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            self._set_aside(path, f"it cannot be read ({exc})")
+            return None
+        if (
+            not isinstance(saved, dict)
+            or saved.get("policy") != spec.policy
+            or saved.get("models") != list(spec.models)
+            or not isinstance(saved.get("state"), dict)
+        ):
+            self._set_aside(
+                path,
+                f"it was saved for policy {saved.get('policy')!r} with models "
+                f"{saved.get('models')!r}, not {spec.policy!r} with {list(spec.models)!r}"
+                if isinstance(saved, dict)
+                else "it is not a JSON object",
+            )
+            return None
+        state: dict[str, Any] = saved["state"]
+        return state
+
+    def save(self, spec: AppSpec, state: dict[str, Any]) -> None:
+        """Write ``state`` for the application; raises ``TypeError`` when it is not JSON."""
+        content = orjson.dumps(
+            {"app": spec.name, "policy": spec.policy, "models": list(spec.models), "state": state},
+            option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2,
+        )
+        path = self.path_of(spec.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{spec.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(content)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        stale = path.with_suffix(".stale")
+        log.warning("not loading the policy state in %s: %s; moved to %s", path, why, stale)
+        try:
+            os.replace(path, stale)
+        except OSError:
+            pass
