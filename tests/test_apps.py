@@ -59,7 +59,18 @@ def large(xs):
     return [{"label": "large", "confidence": 0.99, "calls": calls} for _ in xs]
 
 
+@ketch.model(name="versioned", version="1", min_replicas=1)
+def versioned_v1(xs):
+    return ["v1" for _ in xs]
+
+
+@ketch.model(name="versioned", version="2", min_replicas=1)
+def versioned_v2(xs):
+    return ["v2" for _ in xs]
+
+
 ketch.app("one", models=["good"])
+ketch.app("pinned", models=["versioned:1", "versioned"], policy="ensemble")
 ketch.app("ab", models=["good", "bad"], policy="split",
           params={"weights": {"good": 3, "bad": 1}, "seed": 7})
 ketch.app("shadowed", models=["good", "bad"], policy="shadow")
@@ -116,6 +127,13 @@ def test_single_answers_with_its_model(served: KetchServer) -> None:
     assert answer["output"] == 0.9
     assert (answer["app"], answer["default"], answer["models"]) == ("one", False, ["good"])
     assert len(answer["query_id"]) == 32 and answer["missing"] == {}
+
+
+def test_an_application_can_pin_a_model_version(served: KetchServer) -> None:
+    answer = ask(served, "pinned", 1)
+    assert answer["models"] == ["versioned:1", "versioned"]
+    # A tie between v1 and the default version (v2): the application's order decides.
+    assert answer["output"] == "v1"
 
 
 def test_split_routes_by_weight(served: KetchServer) -> None:
