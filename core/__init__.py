@@ -7,9 +7,12 @@ implement the hooks of ``ketch.hookspecs`` with ``@ketch.hookimpl``.
 from __future__ import annotations
 
 from ketch.apps import AppSpec, app
+from ketch.deployments import deploy
 from ketch.hookspecs import hookimpl
 from ketch.models import Model, ModelSpec, model
 from ketch.policy import Combined, Feedback, Policy, Query
+from ketch.runtime import Runtime
+from ketch.signature import TensorSpec
 
 __version__ = "0.1.0"
 
@@ -21,8 +24,11 @@ __all__ = [
     "ModelSpec",
     "Policy",
     "Query",
+    "Runtime",
+    "TensorSpec",
     "__version__",
     "app",
+    "deploy",
     "hookimpl",
     "model",
 ]

@@ -86,7 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve_cmd = commands.add_parser("serve", help="serve the models of a file or module over HTTP")
-    serve_cmd.add_argument("source", metavar="PATH_OR_MODULE", help="e.g. app.py or pkg.models")
+    serve_cmd.add_argument(
+        "source",
+        metavar="PATH_OR_MODULE",
+        nargs="?",
+        help="the file or module with the models and applications, e.g. app.py or pkg.models",
+    )
+    serve_cmd.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=RUNTIME:PATH",
+        help="also serve a saved model through a runtime, e.g. resnet=torch:model.pt2 "
+        "(repeatable; `ketch plugins` lists the runtimes)",
+    )
     serve_cmd.add_argument(
         "--host", default="127.0.0.1", help="HTTP interface (default %(default)s)"
     )
@@ -185,11 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 request_timeout_s=args.request_timeout,
                 plugins=tuple(args.plugin),
                 state_dir=args.state_dir,
+                models=tuple(args.model),
             )
             run_event_loop(serve(options))
         else:
             return _run_worker(args.target, args.model_version, args.connect, heartbeat)
-    except (KetchError, OSError) as exc:
+    except (KetchError, OSError, ValueError) as exc:
         print(f"ketch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -198,14 +212,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _list_plugins(extra: Sequence[str]) -> int:
-    from ketch.plugin_manager import load_plugins
+    from ketch.plugin_manager import load_plugins, share_plugins
 
-    plugins = load_plugins(extra)
-    rows = [("PLUGIN", "FROM", "POLICIES")]
-    rows += [(p.name, p.source, ", ".join(p.policies) or "-") for p in plugins.describe()]
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    for name, source, policies in rows:
-        print(f"{name:<{widths[0]}}  {source:<{widths[1]}}  {policies}")
+    share_plugins(extra)
+    plugins = load_plugins()
+    rows = [("PLUGIN", "FROM", "POLICIES", "RUNTIMES")]
+    rows += [
+        (p.name, p.source, ", ".join(p.policies) or "-", ", ".join(p.runtimes) or "-")
+        for p in plugins.describe()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for name, source, policies, runtimes in rows:
+        print(f"{name:<{widths[0]}}  {source:<{widths[1]}}  {policies:<{widths[2]}}  {runtimes}")
     return 0
 
 

@@ -22,7 +22,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -325,6 +325,11 @@ class ModelQueue:
 
     # -- worker events ----------------------------------------------------------------------
 
+    def learn_tensors(self, announced: ModelSpec) -> None:
+        """Take the tensors a worker's runtime found, so requests are checked against them."""
+        if announced.inputs and announced.inputs != self.spec.inputs:
+            self.spec = replace(self.spec, inputs=announced.inputs, outputs=announced.outputs)
+
     def add_worker(self, info: WorkerInfo) -> None:
         sizer = None
         if self.spec.slo_ms is not None:
@@ -460,6 +465,11 @@ class ModelQueue:
             "default": self.spec.version == default_version,
             "state": self.state,
             "replicas": {"ready": len(self._workers), "starting": len(self.starting)},
+            "runtime": self.spec.runtime,
+            "artifact": self.spec.artifact,
+            "options": self.spec.options,
+            "inputs": [t.to_dict() for t in self.spec.inputs],
+            "outputs": [t.to_dict() for t in self.spec.outputs],
             "max_batch_size": self.spec.max_batch_size,
             "batch_input": self.spec.batch_input,
             "batching": {
@@ -532,6 +542,9 @@ class Dispatcher:
         return queue
 
     # -- lookups ----------------------------------------------------------------------------
+
+    def has_model(self, key: tuple[str, str]) -> bool:
+        return key in self._queues
 
     def queue_for(self, name: str, version: str | None) -> ModelQueue:
         default = self._defaults.get(name)
@@ -634,6 +647,7 @@ class Dispatcher:
             queue = self.add_model(worker.spec, served_from_file=False)
         if worker.host == self._hostname:
             queue.starting.discard(worker.pid)
+        queue.learn_tensors(worker.spec)
         queue.add_worker(worker)
         self._report(f"model {worker.spec.label()} ready: {worker.describe()}")
 

@@ -28,6 +28,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from ketch.policy import Feedback, Policy, Query
+    from ketch.runtime import Runtime
 
 #: The project name pluggy uses for markers, and the entry-point group plugins register under.
 PROJECT = "ketch"
@@ -38,6 +39,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: ``register(name, policy_class)``: what ``ketch_register_policies`` receives.
 RegisterPolicy: TypeAlias = "Callable[[str, type[Policy]], None]"
+#: ``register(name, runtime_class)``: what ``ketch_register_runtimes`` receives.
+RegisterRuntime: TypeAlias = "Callable[[str, type[Runtime]], None]"
 
 
 @hookspec
@@ -48,6 +51,23 @@ def ketch_register_policies(register: RegisterPolicy) -> None:
         an application's ``policy=`` names (letters, digits and ``_``); ``policy_class`` is a
         subclass of :class:`ketch.Policy`. Two plugins registering one name is an error that
         names both.
+    :return: nothing.
+    """
+
+
+@hookspec
+def ketch_register_runtimes(register: RegisterRuntime) -> None:
+    """Contribute runtimes, the adapters that load saved models in workers.
+    *Registration hook: every plugin's implementation runs.*
+
+    Runtimes are looked up where a model is deployed (``ketch.deploy(runtime=...)``,
+    ``ketch serve --model NAME=RUNTIME:PATH``) and again inside each worker, so a runtime's
+    plugin must be installed wherever its workers run.
+
+    :param register: call ``register(name, runtime_class)`` once per runtime. ``name`` is
+        what ``runtime=`` names; ``runtime_class`` is a subclass of :class:`ketch.Runtime`,
+        whose module must not import its framework at import time (only its constructor
+        does, inside the worker). Two plugins registering one name is an error that names both.
     :return: nothing.
     """
 

@@ -15,8 +15,9 @@ from types import ModuleType
 from typing import Any
 
 from ketch.apps import APPS_ATTRIBUTE, AppSpec
+from ketch.deployments import DEPLOYMENTS_ATTRIBUTE
 from ketch.errors import TargetLoadError
-from ketch.models import Model
+from ketch.models import Model, ModelSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,26 @@ def apps_in(module: ModuleType) -> list[AppSpec]:
     """The applications a module declares with ``ketch.app``, in declaration order."""
     declared: dict[str, AppSpec] = vars(module).get(APPS_ATTRIBUTE, {})
     return list(declared.values())
+
+
+def served_specs(module: ModuleType) -> list[ModelSpec]:
+    """Every model a served module declares: decorated functions, then ``ketch.deploy``s."""
+    specs = [m.spec for m in models_in(module)]
+    seen = {spec.key for spec in specs}
+    deployed: dict[tuple[str, str], ModelSpec] = vars(module).get(DEPLOYMENTS_ATTRIBUTE, {})
+    for spec in deployed.values():
+        if spec.key in seen:
+            raise TargetLoadError(
+                f"model {spec.label()!r} is both a decorated function and a deployment in "
+                f"{module.__name__}; give one another name or version"
+            )
+        specs.append(spec)
+    if not specs:
+        raise TargetLoadError(
+            f"{module.__name__!r} defines no model: decorate a function with @ketch.model or "
+            "deploy a saved one with ketch.deploy"
+        )
+    return specs
 
 
 def load_models(target: Target) -> list[Model[..., Any]]:

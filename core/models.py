@@ -19,6 +19,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 import numpy as np
 
 from ketch.resources import Resources
+from ketch.signature import TensorSpec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -124,6 +125,12 @@ class ModelSpec:
     :param pool: how many workers serve it, and when.
     :param resources: what each worker may use (cores, memory, threads, GPUs).
     :param start: how its workers start (a preloaded template, another interpreter).
+    :param runtime: the runtime that loads it in the worker: ``"python"`` for a decorated
+        function, a framework adapter's name (``"torch"``) for a deployed artifact.
+    :param artifact: the deployed model's path (absolute), or None.
+    :param options: the runtime's options (``{"device": "cpu"}``).
+    :param inputs, outputs: its tensors per item, as its worker announced them (empty until
+        a worker has loaded it, or when the runtime cannot tell).
     """
 
     name: str
@@ -138,6 +145,16 @@ class ModelSpec:
     pool: PoolSpec = field(default_factory=PoolSpec)
     resources: Resources = field(default_factory=Resources)
     start: WorkerStart = field(default_factory=WorkerStart)
+    runtime: str = "python"
+    artifact: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+    @property
+    def deployed(self) -> bool:
+        """Loaded by a runtime from an artifact rather than defined by a decorated function."""
+        return self.runtime != "python" or self.artifact is not None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -147,7 +164,11 @@ class ModelSpec:
         return f"{self.name}:{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["options"] = dict(self.options)
+        data["inputs"] = [tensor.to_dict() for tensor in self.inputs]
+        data["outputs"] = [tensor.to_dict() for tensor in self.outputs]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
@@ -165,6 +186,9 @@ class ModelSpec:
             known["start"] = WorkerStart(
                 **{name: start[name] for name in WorkerStart.__dataclass_fields__ if name in start}
             )
+        for tensors in ("inputs", "outputs"):
+            if tensors in known:
+                known[tensors] = tuple(TensorSpec.from_dict(t) for t in known[tensors])
         return validated_spec(**known)
 
 
@@ -181,6 +205,11 @@ def validated_spec(
     pool: PoolSpec | None = None,
     resources: Resources | None = None,
     start: WorkerStart | None = None,
+    runtime: str = "python",
+    artifact: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    inputs: Sequence[TensorSpec] = (),
+    outputs: Sequence[TensorSpec] = (),
 ) -> ModelSpec:
     """Build a :class:`ModelSpec`, raising ``ValueError``/``TypeError`` that names the bad value."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -223,6 +252,11 @@ def validated_spec(
         pool or PoolSpec(),
         resources or Resources(),
         start or WorkerStart(),
+        runtime,
+        artifact,
+        dict(options or {}),
+        tuple(inputs),
+        tuple(outputs),
     )
 
 

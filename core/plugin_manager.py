@@ -1,10 +1,10 @@
 """Build the plugin manager, and a typed face over its hooks.
 
 :func:`load_plugins` is the one factory: the hookspecs, then the built-in plugins
-(``ketch.plugins.BUILTIN_PLUGINS``), then every entry point in the ``ketch`` group (unless
-``KETCH_DISABLE_PLUGIN_AUTOLOAD`` is set), then the modules or files named with ``--plugin``,
-and last ``check_pending()``, so an implementation of a hook that does not exist fails loudly.
-Nothing is built at import time.
+(``ketch.plugins.BUILTIN_PLUGINS``, ``ketch.runtimes.BUILTIN_RUNTIMES``), then every entry
+point in the ``ketch`` group (unless ``KETCH_DISABLE_PLUGIN_AUTOLOAD`` is set), then the
+modules or files named with ``--plugin``, and last ``check_pending()``, so an implementation
+of a hook that does not exist fails loudly. Nothing is built at import time.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pluggy
 
@@ -28,12 +29,18 @@ from ketch.hookspecs import PROJECT
 from ketch.loader import import_source
 from ketch.plugins import BUILTIN_PLUGINS
 from ketch.policy import Feedback, Policy, Query
+from ketch.runtime import Runtime
+from ketch.runtimes import BUILTIN_RUNTIMES
 
 log = logging.getLogger("ketch.plugins")
 
 #: Set (to anything but an empty string) to load no plugin from entry points.
 DISABLE_AUTOLOAD_ENV = "KETCH_DISABLE_PLUGIN_AUTOLOAD"
-_POLICY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+#: Modules or files to load as plugins besides the installed ones, separated by ``os.pathsep``:
+#: how ``--plugin`` reaches every process of a server (discovery, templates, workers).
+PLUGINS_ENV = "KETCH_PLUGINS"
+_REGISTERED_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+T = TypeVar("T")
 
 
 class PluginError(KetchError):
@@ -42,11 +49,60 @@ class PluginError(KetchError):
 
 @dataclass(frozen=True, slots=True)
 class PluginInfo:
-    """One loaded plugin: its name, where it came from, and the policies it registered."""
+    """One loaded plugin: its name, where it came from, and what it registered."""
 
     name: str
     source: str
     policies: tuple[str, ...]
+    runtimes: tuple[str, ...]
+
+
+class _Registry(Generic[T]):
+    """The classes of one kind (policies, runtimes) the plugins registered, by name."""
+
+    def __init__(self, kind: str, kinds: str, base: type[T]) -> None:
+        self.kind = kind
+        self.kinds = kinds
+        self.base = base
+        self.classes: dict[str, type[T]] = {}
+        self.owners: dict[str, str] = {}
+
+    def register_for(self, plugin: str) -> Callable[[str, type[T]], None]:
+        """The ``register`` callback handed to ``plugin``'s registration hook."""
+
+        def register(name: str, cls: type[T]) -> None:
+            if not isinstance(name, str) or not _REGISTERED_NAME.match(name):
+                raise PluginError(
+                    f"plugin {plugin!r} registered a {self.kind} named {name!r}: use letters, "
+                    "digits and '_', starting with a letter"
+                )
+            if not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise PluginError(
+                    f"plugin {plugin!r} registered {self.kind} {name!r} as {cls!r}, which is "
+                    f"not a subclass of ketch.{self.base.__name__}"
+                )
+            other = self.owners.get(name)
+            if other is not None:
+                raise PluginError(
+                    f"{self.kind} {name!r} is registered twice: by plugin {other!r} and by "
+                    f"plugin {plugin!r}; uninstall one of them"
+                )
+            self.classes[name] = cls
+            self.owners[name] = plugin
+
+        return register
+
+    def get(self, name: str) -> type[T]:
+        try:
+            return self.classes[name]
+        except KeyError:
+            installed = ", ".join(sorted(self.classes))
+            raise PluginError(
+                f"no {self.kind} named {name!r}; installed {self.kinds}: {installed}"
+            ) from None
+
+    def of_plugin(self, plugin: str) -> tuple[str, ...]:
+        return tuple(name for name, owner in self.owners.items() if owner == plugin)
 
 
 class Plugins:
@@ -55,65 +111,43 @@ class Plugins:
     def __init__(self, manager: pluggy.PluginManager, sources: Mapping[str, str]) -> None:
         self.manager = manager
         self._sources = dict(sources)
-        self._policies: dict[str, type[Policy]] = {}
-        self._policy_plugin: dict[str, str] = {}
-        self._collect_policies()
-
-    # -- registration -----------------------------------------------------------------------
-
-    def _collect_policies(self) -> None:
-        for impl in self.manager.hook.ketch_register_policies.get_hookimpls():
-            impl.function(register=self._policy_register(impl.plugin_name))
-
-    def _policy_register(self, plugin: str) -> Callable[[str, type[Policy]], None]:
-        def register(name: str, policy_class: type[Policy]) -> None:
-            if not isinstance(name, str) or not _POLICY_NAME.match(name):
-                raise PluginError(
-                    f"plugin {plugin!r} registered a policy named {name!r}: use letters, "
-                    "digits and '_', starting with a letter"
-                )
-            if not (isinstance(policy_class, type) and issubclass(policy_class, Policy)):
-                raise PluginError(
-                    f"plugin {plugin!r} registered policy {name!r} as {policy_class!r}, "
-                    "which is not a subclass of ketch.Policy"
-                )
-            other = self._policy_plugin.get(name)
-            if other is not None:
-                raise PluginError(
-                    f"policy {name!r} is registered twice: by plugin {other!r} and by plugin "
-                    f"{plugin!r}; uninstall one of them"
-                )
-            self._policies[name] = policy_class
-            self._policy_plugin[name] = plugin
-
-        return register
+        self._policies = _Registry("policy", "policies", Policy)
+        self._runtimes = _Registry("runtime", "runtimes", Runtime)
+        for hook, registry in (
+            (manager.hook.ketch_register_policies, self._policies),
+            (manager.hook.ketch_register_runtimes, self._runtimes),
+        ):
+            # Called plugin by plugin, so that each registration knows whose it is.
+            for impl in hook.get_hookimpls():
+                impl.function(register=registry.register_for(impl.plugin_name))
 
     # -- lookups ----------------------------------------------------------------------------
 
     @property
     def policy_names(self) -> list[str]:
-        return sorted(self._policies)
+        return sorted(self._policies.classes)
 
     def policy_class(self, name: str) -> type[Policy]:
-        try:
-            return self._policies[name]
-        except KeyError:
-            raise PluginError(
-                f"no policy named {name!r}; installed policies: {', '.join(self.policy_names)}"
-            ) from None
+        return self._policies.get(name)
 
     def plugin_of_policy(self, name: str) -> str:
-        return self._policy_plugin[name]
+        return self._policies.owners[name]
+
+    def runtime_class(self, name: str) -> type[Runtime]:
+        return self._runtimes.get(name)
 
     def describe(self) -> list[PluginInfo]:
         """Every loaded plugin in load order, for ``ketch plugins``."""
-        infos = []
-        for name, plugin in self.manager.list_name_plugin():
-            if plugin is None:
-                continue
-            policies = tuple(p for p, owner in self._policy_plugin.items() if owner == name)
-            infos.append(PluginInfo(name, self._sources.get(name, "registered"), policies))
-        return infos
+        return [
+            PluginInfo(
+                name,
+                self._sources.get(name, "registered"),
+                self._policies.of_plugin(name),
+                self._runtimes.of_plugin(name),
+            )
+            for name, plugin in self.manager.list_name_plugin()
+            if plugin is not None
+        ]
 
     # -- hook calls -------------------------------------------------------------------------
 
@@ -158,10 +192,11 @@ def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> 
     """
     if autoload is None:
         autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    extra = list(dict.fromkeys([*extra, *shared_plugins()]))
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(hookspecs)
     sources: dict[str, str] = {}
-    for module_name in BUILTIN_PLUGINS:
+    for module_name in (*BUILTIN_PLUGINS, *BUILTIN_RUNTIMES):
         manager.register(importlib.import_module(module_name), module_name)
         sources[module_name] = "built in"
     if autoload:
@@ -176,6 +211,22 @@ def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> 
             f"{exc}; the hooks a plugin can implement are in ketch.hookspecs"
         ) from None
     return Plugins(manager, sources)
+
+
+def share_plugins(references: Sequence[str]) -> None:
+    """Make ``references`` load in this process and every process it starts, with files as
+    absolute paths (a worker may run in another folder)."""
+    resolved = [
+        str(Path(r).resolve()) if r.endswith(".py") or Path(r).is_file() else r for r in references
+    ]
+    merged = list(dict.fromkeys([*shared_plugins(), *resolved]))
+    if merged:
+        os.environ[PLUGINS_ENV] = os.pathsep.join(merged)
+
+
+def shared_plugins() -> list[str]:
+    """The plugins :envvar:`KETCH_PLUGINS` names."""
+    return [r for r in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if r]
 
 
 def _load_entry_points(manager: pluggy.PluginManager, sources: dict[str, str]) -> None:

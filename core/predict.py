@@ -51,7 +51,27 @@ def _batchable(queue: ModelQueue, inputs: list[Any]) -> Inputs:
         raise _not_stackable(queue, str(exc)) from None
     if array.dtype == object:
         raise _not_stackable(queue, "they are not numbers or strings of one shape")
+    _check_tensor(queue, array)
     return array
+
+
+def _check_tensor(queue: ModelQueue, array: np.ndarray) -> None:
+    """A 400 naming the expected tensor when the inputs cannot be what the model takes."""
+    if len(queue.spec.inputs) != 1:
+        return  # unknown yet (no worker loaded it), or several named inputs
+    (tensor,) = queue.spec.inputs
+    item_shape = array.shape[1:]
+    numeric = tensor.datatype not in ("str", "bytes") and np.dtype(tensor.datatype).kind in "biuf"
+    if tensor.accepts(item_shape) and (not numeric or array.dtype.kind in "biuf"):
+        return
+    got = f"{array.dtype.name}[{', '.join(map(str, item_shape))}]"
+    raise PredictionError(
+        400,
+        f"model {queue.spec.label()!r} takes inputs of {tensor.describe()} each, got {got}",
+        model=queue.spec.name,
+        version=queue.spec.version,
+        expected={"shape": list(tensor.shape), "datatype": tensor.datatype},
+    )
 
 
 def _not_stackable(queue: ModelQueue, why: str) -> PredictionError:

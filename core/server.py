@@ -13,12 +13,14 @@ from typing import TextIO
 
 from ketch.app_state import StateStore, default_state_dir
 from ketch.application import Applications, build_applications
+from ketch.deployments import parse_model_argument
 from ketch.dispatch import Dispatcher
+from ketch.errors import TargetLoadError
 from ketch.gateway import Gateway
 from ketch.httpserver import bind_tcp, serve_asgi
-from ketch.plugin_manager import load_plugins
+from ketch.plugin_manager import load_plugins, share_plugins
 from ketch.pools import PoolManager
-from ketch.workers import LocalWorkers, ProcessEvents, discover
+from ketch.workers import LocalWorkers, ProcessEvents, Served, discover
 from ketch.zmq_transport.broker import Broker
 from ketch.zmq_transport.liveness import Heartbeat
 
@@ -31,7 +33,10 @@ DEFAULT_BROKER = "tcp://127.0.0.1:7070"
 class ServeOptions:
     """Everything ``ketch serve`` takes.
 
-    :param source: the file (``app.py``) or module (``pkg.models``) that defines the models.
+    :param source: the file (``app.py``) or module (``pkg.models``) that defines the models
+        and applications; None when every model comes from ``models``.
+    :param models: saved models to serve as well, each ``NAME=RUNTIME:PATH``
+        (``ketch serve --model``).
     :param host: interface the HTTP gateway listens on.
     :param port: HTTP port; 0 picks a free one (printed at start).
     :param broker: ZeroMQ endpoint workers connect to; ``tcp://0.0.0.0:7070`` admits workers
@@ -45,7 +50,7 @@ class ServeOptions:
         (``None``: ``$KETCH_STATE_DIR``, else ``~/.local/state/ketch``).
     """
 
-    source: str
+    source: str | None
     host: str = "127.0.0.1"
     port: int = 8000
     broker: str = DEFAULT_BROKER
@@ -54,8 +59,11 @@ class ServeOptions:
     request_timeout_s: float = 60.0
     plugins: tuple[str, ...] = ()
     state_dir: Path | None = None
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.source is None and not self.models:
+            raise ValueError("name a file or module to serve, or models with --model")
         if self.workers_per_model < 0:
             raise ValueError(f"workers per model must be >= 0, got {self.workers_per_model}")
         if self.request_timeout_s <= 0:
@@ -101,13 +109,20 @@ async def serve(
     try:
         endpoint = broker.start()
         dispatcher.attach(broker)
-        plugins = load_plugins(options.plugins)
-        served = await loop.run_in_executor(None, discover, options.source)
+        share_plugins(options.plugins)
+        plugins = load_plugins()
+        served = (
+            await loop.run_in_executor(None, discover, options.source)
+            if options.source is not None
+            else Served([], [])
+        )
         specs = [
             replace(spec, pool=spec.pool.with_floor(options.workers_per_model))
-            for spec in served.models
+            for spec in [*served.models, *map(parse_model_argument, options.models)]
         ]
         for spec in specs:
+            if dispatcher.has_model(spec.key):
+                raise TargetLoadError(f"model {spec.label()!r} is declared twice")
             dispatcher.add_model(spec)
         store = StateStore(options.state_dir or default_state_dir())
         apps = build_applications(
@@ -121,7 +136,7 @@ async def serve(
                 f"app {app_spec.name}: policy {app_spec.policy} over {', '.join(app_spec.models)}"
             )
         workers = LocalWorkers(
-            options.source,
+            options.source or "",
             endpoint,
             options.heartbeat,
             ProcessEvents(

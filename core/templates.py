@@ -49,9 +49,9 @@ def run_template(plan: WorkerPlan, control_fd: int) -> NoReturn:
     gateway closes the control socket."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=control_fd)
-    model, predict = load(plan)
+    spec, predict = load(plan)
     _send(control, {"ready": True, "pid": os.getpid()})
-    _Zygote(control, model.spec, predict).serve()
+    _Zygote(control, spec, predict).serve()
 
 
 class _Zygote:

@@ -18,16 +18,16 @@ import signal
 import sys
 import traceback
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ketch.errors import TargetLoadError
 from ketch.loader import Target, find_model
-from ketch.models import Model
+from ketch.models import ModelSpec
 from ketch.resources import Resources
 from ketch.resources import apply as apply_resources
-from ketch.runtimes.python import make_predict
-from ketch.types import Predict
+from ketch.runtimes.python import checked_outputs, make_predict, stack
+from ketch.types import Outputs, Predict
 from ketch.zmq_transport import worker
 from ketch.zmq_transport.liveness import Heartbeat
 
@@ -48,6 +48,8 @@ class WorkerPlan:
         model's module is imported so its libraries load with them.
     :param managed: started by ``ketch serve``, which replaces it when it dies (it exits when
         the broker goes away and ignores Ctrl-C); a hand-started worker rejoins instead.
+    :param deployment: a deployed model's spec (as a dict): its runtime loads its artifact,
+        and ``target`` is not imported.
     """
 
     target: str
@@ -57,6 +59,7 @@ class WorkerPlan:
     heartbeat_liveness: int = Heartbeat().liveness
     resources: dict[str, Any] | None = None
     managed: bool = True
+    deployment: dict[str, Any] | None = None
 
     def options(self) -> worker.WorkerOptions:
         heartbeat = Heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
@@ -71,8 +74,9 @@ class WorkerPlan:
         return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
-def load(plan: WorkerPlan) -> tuple[Model[..., Any], Predict]:
-    """Apply the plan's limits, import the model and build its batch predict function.
+def load(plan: WorkerPlan) -> tuple[ModelSpec, Predict]:
+    """Apply the plan's limits, load the model and build its batch predict function; the
+    spec returned is the one the worker announces (with the tensors its runtime found).
 
     On failure, prints the traceback and a last line naming the model and the error (the
     gateway quotes the tail of a worker's output when it reports the exit), and exits with
@@ -81,15 +85,32 @@ def load(plan: WorkerPlan) -> tuple[Model[..., Any], Predict]:
     try:
         if plan.resources is not None:
             apply_resources(Resources.from_dict(plan.resources))
+        if plan.deployment is not None:
+            return _load_deployment(ModelSpec.from_dict(plan.deployment))
         model = find_model(Target.parse(plan.target), plan.version)
         apply_resources(model.spec.resources)
-        return model, make_predict(model)
+        return model.spec, make_predict(model)
     except Exception as exc:
         if not isinstance(exc, TargetLoadError):
             traceback.print_exc()
-        print(f"ketch: error: cannot load {plan.target}: {_error_text(exc)}", file=sys.stderr)
+        print(f"ketch: error: cannot load {_what(plan)}: {_error_text(exc)}", file=sys.stderr)
         sys.stderr.flush()
         raise SystemExit(EXIT_LOAD_FAILED) from None
+
+
+def _load_deployment(spec: ModelSpec) -> tuple[ModelSpec, Predict]:
+    from ketch.plugin_manager import load_plugins
+
+    apply_resources(spec.resources)
+    runtime = load_plugins().runtime_class(spec.runtime)(spec.artifact, spec.options)
+    spec = replace(spec, inputs=runtime.inputs, outputs=runtime.outputs)
+    label = spec.label()
+
+    def predict(inputs: list[Any]) -> Outputs:
+        batch = stack(inputs, label) if spec.batch_input == "numpy" else inputs
+        return checked_outputs(runtime.predict(batch), len(inputs), label)
+
+    return spec, predict
 
 
 def run_worker(plan: WorkerPlan) -> None:
@@ -98,8 +119,8 @@ def run_worker(plan: WorkerPlan) -> None:
         # Ctrl-C reaches the whole process group; the gateway alone decides when its
         # workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    model, predict = load(plan)
-    worker.serve(model.spec, predict, plan.options())
+    spec, predict = load(plan)
+    worker.serve(spec, predict, plan.options())
 
 
 def redirect_output(fd: int) -> None:
@@ -113,6 +134,16 @@ def redirect_output(fd: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
+
+
+def _what(plan: WorkerPlan) -> str:
+    deployment = plan.deployment
+    if deployment is None:
+        return plan.target
+    return (
+        f"model {deployment['name']}:{deployment['version']} "
+        f"(runtime {deployment['runtime']}, {deployment['artifact']})"
+    )
 
 
 def _error_text(exc: BaseException) -> str:

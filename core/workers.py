@@ -23,7 +23,7 @@ import psutil
 from ketch import __version__
 from ketch.apps import AppSpec
 from ketch.errors import TargetLoadError
-from ketch.loader import Target, apps_in, import_source, load_models
+from ketch.loader import apps_in, import_source, served_specs
 from ketch.models import ModelSpec
 from ketch.processes import (
     Kind,
@@ -51,8 +51,9 @@ def _discover_in_child(source: str, conn: Any) -> None:
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
-        models = [m.spec.to_dict() for m in load_models(Target(source))]
-        apps = [a.to_dict() for a in apps_in(import_source(source))]
+        module = import_source(source)
+        models = [spec.to_dict() for spec in served_specs(module)]
+        apps = [a.to_dict() for a in apps_in(module)]
         conn.send(("ok", {"models": models, "apps": apps}))
     except BaseException as exc:
         detail = str(exc) if isinstance(exc, TargetLoadError) else traceback.format_exc()
@@ -233,6 +234,7 @@ class LocalWorkers:
             heartbeat_interval_s=self._heartbeat.interval_s,
             heartbeat_liveness=self._heartbeat.liveness,
             resources=asdict(spec.resources),
+            deployment=spec.to_dict() if spec.deployed else None,
         )
 
     def _start_template(self, spec: ModelSpec) -> None:

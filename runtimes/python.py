@@ -1,15 +1,64 @@
-"""The ``python`` runtime: run a ``@ketch.model`` function on a batch inside a worker."""
+"""The ``python`` runtime: run a ``@ketch.model`` function on a batch inside a worker.
+
+Decorated functions in the served file use it. Deployed, its artifact is the function as
+``ketch worker`` names it, ``FILE_OR_MODULE:name``:
+``ketch serve --model double=python:examples/quickstart.py:double``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ketch.errors import BatchInputError, BatchOutputError
-from ketch.models import Model
+from ketch.hookspecs import RegisterRuntime, hookimpl
+from ketch.models import BatchInput, Model
+from ketch.runtime import Runtime
 from ketch.types import Outputs, Predict
+
+
+class PythonRuntime(Runtime):
+    """A ``@ketch.model`` function found by ``FILE_OR_MODULE:name``.
+
+    Options: ``version``, the model's version when the file defines several.
+    """
+
+    batch_input: ClassVar[BatchInput] = "list"  # the worker stacks numpy batches itself
+    artifact_is_path: ClassVar[bool] = False
+    default_options: ClassVar[Mapping[str, Any]] = {"version": None}
+
+    @classmethod
+    def check(cls, artifact: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
+        from ketch.loader import Target
+
+        checked = super().check(artifact, options)
+        if artifact is None:
+            raise ValueError("the python runtime needs the function as FILE_OR_MODULE:name")
+        source = Target.parse(artifact).source
+        if source.endswith(".py") and not Path(source).is_file():
+            raise FileNotFoundError(f"no such file: {source!r}")
+        return checked
+
+    def __init__(self, artifact: str | None, options: Mapping[str, Any]) -> None:
+        from ketch.loader import Target, find_model
+
+        super().__init__(artifact, options)
+        assert artifact is not None
+        version = self.options["version"]
+        self.model = find_model(Target.parse(artifact), None if version is None else str(version))
+        self._predict = make_predict(self.model)
+
+    def predict(self, batch: Any) -> Outputs:
+        return self._predict(list(batch))
+
+
+@hookimpl
+def ketch_register_runtimes(register: RegisterRuntime) -> None:
+    register("python", PythonRuntime)
 
 
 def make_predict(model: Model[..., Any]) -> Predict:
@@ -23,7 +72,7 @@ def make_predict(model: Model[..., Any]) -> Predict:
     loop = asyncio.new_event_loop() if spec.is_async else None
 
     def predict(inputs: list[Any]) -> Outputs:
-        batch = _stack(inputs, spec.label()) if spec.batch_input == "numpy" else inputs
+        batch = stack(inputs, spec.label()) if spec.batch_input == "numpy" else inputs
         result = fn(batch)
         if loop is not None:
             result = loop.run_until_complete(result)
@@ -32,7 +81,8 @@ def make_predict(model: Model[..., Any]) -> Predict:
     return predict
 
 
-def _stack(inputs: list[Any], label: str) -> np.ndarray:
+def stack(inputs: list[Any], label: str) -> np.ndarray:
+    """The batch as one array, or :class:`BatchInputError` saying why it cannot be."""
     try:
         return np.asarray(inputs)
     except ValueError as exc:

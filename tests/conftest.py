@@ -148,11 +148,11 @@ class KetchProcess:
 class KetchServer(KetchProcess):
     """`ketch serve` on an ephemeral HTTP port and an ephemeral broker port."""
 
-    def __init__(self, source: str | Path, *extra: str, cwd: Path | None = None) -> None:
+    def __init__(self, source: str | Path | None, *extra: str, cwd: Path | None = None) -> None:
         super().__init__(
             [
                 "serve",
-                str(source),
+                *([] if source is None else [str(source)]),
                 "--port",
                 "0",
                 "--broker",

@@ -17,6 +17,7 @@ import pytest
 
 import ketch
 from ketch.models import DEFAULT_MAX_BATCH_SIZE, DEFAULT_VERSION, Model, ModelSpec
+from ketch.signature import TensorSpec
 
 
 def _import_source(tmp_path: Path, source: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -406,6 +407,11 @@ def test_spec_to_dict_is_plain_data() -> None:
         },
         "resources": {"cpus": None, "memory_mb": None, "threads": None, "gpus": None},
         "start": {"preload": False, "python": None},
+        "runtime": "python",
+        "artifact": None,
+        "options": {},
+        "inputs": [],
+        "outputs": [],
     }
 
 
@@ -415,6 +421,14 @@ def test_spec_to_dict_is_plain_data() -> None:
         ModelSpec(name="m"),
         ModelSpec(name="a.b-c_d", version="2024.01", max_batch_size=1, batch_input="numpy"),
         ModelSpec(name="async_one", version="7", max_batch_size=512, is_async=True),
+        ModelSpec(
+            name="deployed",
+            runtime="torch",
+            artifact="/models/m.pt2",
+            options={"device": "cpu"},
+            inputs=(TensorSpec("x", "float32", (3, -1)),),
+            outputs=(TensorSpec("y", "int64", ()),),
+        ),
     ],
 )
 def test_spec_round_trips_through_dict(spec: ModelSpec) -> None:
