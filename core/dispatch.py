@@ -325,10 +325,17 @@ class ModelQueue:
 
     # -- worker events ----------------------------------------------------------------------
 
-    def learn_tensors(self, announced: ModelSpec) -> None:
-        """Take the tensors a worker's runtime found, so requests are checked against them."""
-        if announced.inputs and announced.inputs != self.spec.inputs:
-            self.spec = replace(self.spec, inputs=announced.inputs, outputs=announced.outputs)
+    def learn_loaded(self, announced: ModelSpec) -> None:
+        """Take what a worker's runtime found (the tensors, so requests are checked against
+        them, and what it says of the model)."""
+        learnt = (announced.inputs, announced.outputs, announced.runtime_info)
+        if learnt != (self.spec.inputs, self.spec.outputs, self.spec.runtime_info):
+            self.spec = replace(
+                self.spec,
+                inputs=announced.inputs,
+                outputs=announced.outputs,
+                runtime_info=announced.runtime_info,
+            )
 
     def add_worker(self, info: WorkerInfo) -> None:
         sizer = None
@@ -470,6 +477,7 @@ class ModelQueue:
             "options": self.spec.options,
             "inputs": [t.to_dict() for t in self.spec.inputs],
             "outputs": [t.to_dict() for t in self.spec.outputs],
+            "runtime_info": self.spec.runtime_info,
             "max_batch_size": self.spec.max_batch_size,
             "batch_input": self.spec.batch_input,
             "batching": {
@@ -647,7 +655,7 @@ class Dispatcher:
             queue = self.add_model(worker.spec, served_from_file=False)
         if worker.host == self._hostname:
             queue.starting.discard(worker.pid)
-        queue.learn_tensors(worker.spec)
+        queue.learn_loaded(worker.spec)
         queue.add_worker(worker)
         self._report(f"model {worker.spec.label()} ready: {worker.describe()}")
 

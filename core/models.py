@@ -131,6 +131,8 @@ class ModelSpec:
     :param options: the runtime's options (``{"device": "cpu"}``).
     :param inputs, outputs: its tensors per item, as its worker announced them (empty until
         a worker has loaded it, or when the runtime cannot tell).
+    :param runtime_info: what the runtime says of the loaded model (``Runtime.describe()``),
+        as its worker announced it.
     """
 
     name: str
@@ -150,6 +152,7 @@ class ModelSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    runtime_info: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def deployed(self) -> bool:
@@ -168,6 +171,7 @@ class ModelSpec:
         data["options"] = dict(self.options)
         data["inputs"] = [tensor.to_dict() for tensor in self.inputs]
         data["outputs"] = [tensor.to_dict() for tensor in self.outputs]
+        data["runtime_info"] = dict(self.runtime_info)
         return data
 
     @classmethod
@@ -210,6 +214,7 @@ def validated_spec(
     options: Mapping[str, Any] | None = None,
     inputs: Sequence[TensorSpec] = (),
     outputs: Sequence[TensorSpec] = (),
+    runtime_info: Mapping[str, Any] | None = None,
 ) -> ModelSpec:
     """Build a :class:`ModelSpec`, raising ``ValueError``/``TypeError`` that names the bad value."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -257,6 +262,7 @@ def validated_spec(
         dict(options or {}),
         tuple(inputs),
         tuple(outputs),
+        dict(runtime_info or {}),
     )
 
 

@@ -103,7 +103,9 @@ def _load_deployment(spec: ModelSpec) -> tuple[ModelSpec, Predict]:
 
     apply_resources(spec.resources)
     runtime = load_plugins().runtime_class(spec.runtime)(spec.artifact, spec.options)
-    spec = replace(spec, inputs=runtime.inputs, outputs=runtime.outputs)
+    spec = replace(
+        spec, inputs=runtime.inputs, outputs=runtime.outputs, runtime_info=runtime.describe()
+    )
     label = spec.label()
 
     def predict(inputs: list[Any]) -> Outputs:

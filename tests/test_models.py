@@ -412,6 +412,7 @@ def test_spec_to_dict_is_plain_data() -> None:
         "options": {},
         "inputs": [],
         "outputs": [],
+        "runtime_info": {},
     }
 
 

@@ -128,6 +128,7 @@ def test_the_gateway_shows_the_tensors_the_archive_declares(served: KetchServer)
     assert status["runtime"] == "torch"
     assert status["artifact"].endswith("tiny.pt2")
     assert status["inputs"] == [{"name": "input", "datatype": "float32", "shape": [3]}]
+    assert status["runtime_info"] == {"format": "torch.export", "device": "cpu"}
 
 
 @pytest.mark.parametrize("model", ["exported", "scripted"])
