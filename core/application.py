@@ -127,8 +127,12 @@ class Application:
             if not more:
                 break
             self._ask(more, asked, record, failures, deadline)
-        in_time = {m: record.predictions[m] for m in self.spec.models if m in record.predictions}
-        in_time = {m: v for m, v in in_time.items() if m in asked}
+        # Snapshot now: a straggler that arrives later is kept for feedback, not combined.
+        in_time = {
+            m: record.predictions[m]
+            for m in self.spec.models
+            if m in asked and m in record.predictions
+        }
         missing = {m: _why_missing(failures.get(m), budget_s) for m in asked if m not in in_time}
         if mirror_tasks:
             self._compare_later(query, in_time, mirror_tasks, record)

@@ -118,7 +118,7 @@ def test_the_command_line_deploys_with_a_plugin_runtime_and_the_python_runtime(
         ),
         (
             'ketch.deploy("t", runtime="tabel", path="data/table.json")',
-            "model 't': no runtime named 'tabel'; installed runtimes: python, table, torch",
+            "model 't': no runtime named 'tabel'; installed runtimes: ",
         ),
     ],
 )
