@@ -93,7 +93,7 @@ def deployment_spec(
 
     :param folder: what a relative artifact path is relative to.
     """
-    from ketch.plugin_manager import PluginError, load_plugins
+    from ketch.plugin_manager import PluginError, installed_plugins
 
     serving = {k: v for k, v in settings.items() if k in _SPEC_OPTIONS}
     pool = {k: v for k, v in settings.items() if k in _POOL_OPTIONS}
@@ -102,7 +102,7 @@ def deployment_spec(
     taken = {*serving, *pool, *resources, *start}
     runtime_options = {k: v for k, v in settings.items() if k not in taken}
     try:
-        runtime_class = load_plugins().runtime_class(runtime)
+        runtime_class = installed_plugins().runtime_class(runtime)
     except PluginError as exc:
         raise ValueError(f"model {name!r}: {exc}") from None
     if artifact is not None and runtime_class.artifact_is_path:

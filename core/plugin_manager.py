@@ -9,6 +9,7 @@ of a hook that does not exist fails loudly. Nothing is built at import time.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -211,6 +212,17 @@ def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> 
             f"{exc}; the hooks a plugin can implement are in ketch.hookspecs"
         ) from None
     return Plugins(manager, sources)
+
+
+def installed_plugins() -> Plugins:
+    """The plugins of this process (built-ins, entry points and ``KETCH_PLUGINS``), loaded
+    once: a served file may deploy many models, each looking up its runtime."""
+    return _plugins_for(os.environ.get(PLUGINS_ENV, ""), os.environ.get(DISABLE_AUTOLOAD_ENV, ""))
+
+
+@functools.lru_cache(maxsize=4)
+def _plugins_for(shared: str, autoload_disabled: str) -> Plugins:
+    return load_plugins()
 
 
 def share_plugins(references: Sequence[str]) -> None:

@@ -99,10 +99,10 @@ def load(plan: WorkerPlan) -> tuple[ModelSpec, Predict]:
 
 
 def _load_deployment(spec: ModelSpec) -> tuple[ModelSpec, Predict]:
-    from ketch.plugin_manager import load_plugins
+    from ketch.plugin_manager import installed_plugins
 
     apply_resources(spec.resources)
-    runtime = load_plugins().runtime_class(spec.runtime)(spec.artifact, spec.options)
+    runtime = installed_plugins().runtime_class(spec.runtime)(spec.artifact, spec.options)
     spec = replace(
         spec, inputs=runtime.inputs, outputs=runtime.outputs, runtime_info=runtime.describe()
     )
