@@ -16,6 +16,7 @@ import numpy as np
 from ketch.cache import input_key
 from ketch.dispatch import ModelQueue
 from ketch.jobs import Inputs, PredictionError
+from ketch.signature import item_problem
 from ketch.types import Outputs
 
 
@@ -44,6 +45,7 @@ async def predict(queue: ModelQueue, inputs: list[Any], timeout_s: float) -> Out
 
 def _batchable(queue: ModelQueue, inputs: list[Any]) -> Inputs:
     if queue.spec.batch_input != "numpy":
+        _check_items(queue, inputs)
         return inputs
     try:
         array = np.asarray(inputs)
@@ -61,8 +63,7 @@ def _check_tensor(queue: ModelQueue, array: np.ndarray) -> None:
         return  # unknown yet (no worker loaded it), or several named inputs
     (tensor,) = queue.spec.inputs
     item_shape = array.shape[1:]
-    numeric = tensor.datatype not in ("str", "bytes") and np.dtype(tensor.datatype).kind in "biuf"
-    if tensor.accepts(item_shape) and (not numeric or array.dtype.kind in "biuf"):
+    if tensor.accepts(item_shape) and (not tensor.numeric or array.dtype.kind in "biuf"):
         return
     got = f"{array.dtype.name}[{', '.join(map(str, item_shape))}]"
     raise PredictionError(
@@ -72,6 +73,25 @@ def _check_tensor(queue: ModelQueue, array: np.ndarray) -> None:
         version=queue.spec.version,
         expected={"shape": list(tensor.shape), "datatype": tensor.datatype},
     )
+
+
+def _check_items(queue: ModelQueue, inputs: list[Any]) -> None:
+    """A 400 for a request whose inputs cannot be what the model's runtime announced, before
+    they can share a batch with other requests' (and fail it)."""
+    tensors = queue.spec.inputs
+    if not tensors:
+        return
+    for index, value in enumerate(inputs):
+        if problem := item_problem(tensors, value):
+            takes = ", ".join(t.describe() for t in tensors)
+            raise PredictionError(
+                400,
+                f"model {queue.spec.label()!r} takes inputs of {{{takes}}}; input {index}: "
+                f"{problem}",
+                model=queue.spec.name,
+                version=queue.spec.version,
+                expected=[t.to_dict() for t in tensors],
+            )
 
 
 def _not_stackable(queue: ModelQueue, why: str) -> PredictionError:

@@ -12,4 +12,5 @@ from __future__ import annotations
 BUILTIN_RUNTIMES: tuple[str, ...] = (
     "ketch.runtimes.python",
     "ketch.runtimes.torch",
+    "ketch.runtimes.tensorflow",
 )

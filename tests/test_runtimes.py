@@ -82,6 +82,24 @@ def test_a_plugin_runtime_serves_a_deployment_from_the_served_file(
     assert server.predict("plain", {"input": 1}).json()["output"] == 2
 
 
+def test_inputs_unlike_the_announced_tensors_are_refused_in_the_gateway(
+    start_server: Start, folder: Path
+) -> None:
+    server = start_server(folder / "served.py", "--plugin", str(folder / "table_runtime.py"))
+    server.predict("lookup", {"input": "a"})  # the worker has announced key: str[]
+    response = server.predict("lookup", {"inputs": ["a", 7]})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"] == (
+        "model 'lookup:1' takes inputs of {key: str[]}; input 1: key takes str[] per item, "
+        "got numbers"
+    )
+    assert body["expected"] == [{"name": "key", "datatype": "str", "shape": []}]
+    nested = server.predict("lookup", {"input": ["a", "b"]})
+    assert "key takes str[] per item, got shape [2]" in nested.json()["error"]
+    assert server.predict("lookup", {"input": "b"}).json()["output"][0] == [2, 3]
+
+
 def test_the_command_line_deploys_with_a_plugin_runtime_and_the_python_runtime(
     folder: Path,
 ) -> None:
