@@ -1,0 +1,256 @@
+"""A framework runtime through ketch against calling the same model in-process, in one run.
+
+The model is an MLP (``--dim`` inputs, two hidden layers of ``--hidden``, 10 outputs), saved
+by the framework (``--framework torch``: a ``torch.export`` archive with a dynamic batch
+dimension; ``tensorflow``: a SavedModel with a ``[None, dim]`` signature). The baseline loads
+the same artifact in this process with one thread (the worker gets ``threads=1`` too) and calls
+it directly; ketch serves it with ``ketch.deploy(..., runtime=FRAMEWORK)`` over HTTP:
+
+- single-row latency: ``--requests`` sequential one-row calls (one keep-alive connection for
+  ketch), median and p99;
+- batched throughput: rows per second with ``--batch`` rows per call, sequentially in-process,
+  and for ketch ``--connections`` closed-loop connections each sending ``--batch`` rows, plus
+  the same connections sending one row each, which ketch batches itself.
+
+Needs the framework installed beside ketch (``torch==2.13.0``, ``tensorflow-cpu``). Prints
+the figures and the ratios.
+
+    python benchmarks/bench_frameworks.py --framework torch
+    python benchmarks/bench_frameworks.py --framework tensorflow
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from ketch_server import KetchServer
+from loadgen import LoadSpec, run_load
+
+SERVED = """
+import ketch
+
+ketch.deploy("mlp", runtime="{framework}", path="{artifact}", max_batch_size=64,
+             max_delay_ms=1, min_replicas=1, max_replicas=1, threads=1)
+"""
+
+#: A batch predict function called in-process: a float32 array in, an array out.
+Direct = Callable[[np.ndarray], np.ndarray]
+
+
+def build_torch(folder: Path, dim: int, hidden: int) -> tuple[str, Direct]:
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(dim, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 10),
+    ).eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.randn(4, dim),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(folder / "mlp.pt2"))
+    loaded = torch.export.load(str(folder / "mlp.pt2")).module()
+    torch.set_num_threads(1)
+
+    def direct(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            result: np.ndarray = loaded(torch.from_numpy(batch)).numpy()
+            return result
+
+    return "mlp.pt2", direct
+
+
+def build_tensorflow(folder: Path, dim: int, hidden: int) -> tuple[str, Direct]:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    generator = np.random.default_rng(0)
+    sizes = [dim, hidden, hidden, 10]
+    module = tf.Module()
+    module.weights = [
+        tf.Variable(generator.normal(0, 0.05, (a, b)).astype(np.float32))
+        for a, b in itertools.pairwise(sizes)
+    ]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32, name="x")])
+    def serve(x: Any) -> Any:
+        for i, weight in enumerate(module.weights):
+            x = x @ weight
+            if i < len(module.weights) - 1:
+                x = tf.nn.relu(x)
+        return {"scores": x}
+
+    tf.saved_model.save(module, str(folder / "mlp"), signatures={"serving_default": serve})
+    signature = tf.saved_model.load(str(folder / "mlp")).signatures["serving_default"]
+
+    def direct(batch: np.ndarray) -> np.ndarray:
+        result: np.ndarray = signature(x=tf.constant(batch))["scores"].numpy()
+        return result
+
+    return "mlp", direct
+
+
+BUILDERS: dict[str, Callable[[Path, int, int], tuple[str, Direct]]] = {
+    "torch": build_torch,
+    "tensorflow": build_tensorflow,
+}
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def direct_figures(
+    direct: Direct, rows: list[list[float]], args: argparse.Namespace
+) -> dict[str, float]:
+    latencies = []
+    for i in range(args.requests):
+        start = time.perf_counter()
+        direct(np.asarray([rows[i % len(rows)]], dtype=np.float32))
+        latencies.append(time.perf_counter() - start)
+    batch = np.asarray(rows[: args.batch], dtype=np.float32)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.duration:
+        direct(batch)
+        done += args.batch
+    elapsed = time.perf_counter() - start
+    return {
+        "single_p50_ms": 1000 * statistics.median(latencies),
+        "single_p99_ms": 1000 * percentile(latencies, 0.99),
+        "batched_rows_per_s": done / elapsed,
+    }
+
+
+def ketch_single_row(url: str, rows: list[list[float]], count: int) -> list[float]:
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    latencies = []
+    try:
+        for i in range(count):
+            body = json.dumps({"input": rows[i % len(rows)]})
+            start = time.perf_counter()
+            connection.request(
+                "POST", "/models/mlp/predict", body, {"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            payload = response.read()
+            latencies.append(time.perf_counter() - start)
+            if response.status != 200:
+                raise RuntimeError(f"ketch answered {response.status}: {payload[:200]!r}")
+    finally:
+        connection.close()
+    return latencies
+
+
+def ketch_figures(url: str, rows: list[list[float]], args: argparse.Namespace) -> dict[str, float]:
+    ketch_single_row(url, rows, 50)  # warm the connection path and the worker
+    latencies = ketch_single_row(url, rows, args.requests)
+    predict = f"{url}/models/mlp/predict"
+    batched = run_load(
+        LoadSpec(
+            predict,
+            json.dumps({"inputs": rows[: args.batch]}).encode(),
+            connections=args.connections,
+            duration_s=args.duration,
+            warmup_s=1.0,
+        )
+    )
+    single = run_load(
+        LoadSpec(
+            predict,
+            json.dumps({"input": rows[0]}).encode(),
+            connections=args.connections * args.batch // 4,
+            duration_s=args.duration,
+            warmup_s=1.0,
+        )
+    )
+    return {
+        "single_p50_ms": 1000 * statistics.median(latencies),
+        "single_p99_ms": 1000 * percentile(latencies, 0.99),
+        "batched_rows_per_s": batched.requests_per_s * args.batch,
+        "batched_errors": batched.errors,
+        "one_row_requests_rows_per_s": single.requests_per_s,
+        "one_row_requests_connections": single.connections,
+        "one_row_requests_p99_ms": single.p99_ms,
+        "one_row_requests_errors": single.errors,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--framework", choices=sorted(BUILDERS), default="torch")
+    parser.add_argument("--dim", type=int, default=256, help="inputs per row (default 256)")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden units (default 512)")
+    parser.add_argument("--requests", type=int, default=500, help="single-row calls (500)")
+    parser.add_argument("--batch", type=int, default=64, help="rows per batched call (64)")
+    parser.add_argument("--connections", type=int, default=4, help="HTTP connections (4)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run (5)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args(argv)
+
+    import random
+
+    generator = random.Random(1)
+    rows = [[round(generator.uniform(-1, 1), 4) for _ in range(args.dim)] for _ in range(256)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        artifact, call = BUILDERS[args.framework](folder, args.dim, args.hidden)
+        served = SERVED.format(framework=args.framework, artifact=artifact)
+        (folder / "models.py").write_text(textwrap.dedent(served).lstrip())
+        print("in-process ...", file=sys.stderr)
+        direct = direct_figures(call, rows, args)
+        print("ketch ...", file=sys.stderr)
+        with KetchServer(folder / "models.py") as server:
+            url = server.start(120.0)
+            through = ketch_figures(url, rows, args)
+
+    print(
+        f"{args.framework} MLP {args.dim}-{args.hidden}-{args.hidden}-10, one thread, "
+        "in-process vs ketch"
+    )
+    print(f"{'figure':<44}{'in-process':>12}{'ketch':>12}{'ratio':>9}")
+    lines = [
+        ("single-row latency p50 (ms)", "single_p50_ms", "single_p50_ms"),
+        ("single-row latency p99 (ms)", "single_p99_ms", "single_p99_ms"),
+        (f"rows/s, {args.batch}-row calls", "batched_rows_per_s", "batched_rows_per_s"),
+        (
+            f"rows/s, one-row calls on {through['one_row_requests_connections']:.0f} conns",
+            "batched_rows_per_s",
+            "one_row_requests_rows_per_s",
+        ),
+    ]
+    for label, mine, theirs in lines:
+        ratio = through[theirs] / direct[mine]
+        print(f"{label:<44}{direct[mine]:>12.3f}{through[theirs]:>12.3f}{ratio:>8.2f}x")
+    print(
+        f"errors: {through['batched_errors']:.0f} in {args.batch}-row calls, "
+        f"{through['one_row_requests_errors']:.0f} in one-row calls "
+        f"(p99 {through['one_row_requests_p99_ms']:.1f} ms)"
+    )
+    if args.json:
+        print(json.dumps({"in_process": direct, "ketch": through}))
+    return 0 if through["batched_errors"] == through["one_row_requests_errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
