@@ -13,4 +13,5 @@ BUILTIN_RUNTIMES: tuple[str, ...] = (
     "ketch.runtimes.python",
     "ketch.runtimes.torch",
     "ketch.runtimes.tensorflow",
+    "ketch.runtimes.triton",
 )

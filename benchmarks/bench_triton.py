@@ -1,0 +1,376 @@
+"""The triton runtime: a model on a Triton server through ketch against calling Triton directly.
+
+The model is "affine" (3 float32 inputs, 2 outputs, ``x @ W + b``): so small that the figures
+are the cost of the path, not of the model. It runs on the Triton Inference Server that
+PyTriton bundles (on CPU), started by this script from a virtualenv with ``nvidia-pytriton``
+(``--pytriton-python``; by default the one ``tests/frameworks/test_triton.py`` caches). The
+baseline calls Triton with tritonclient from this process; ketch serves the model with
+``ketch.deploy(..., runtime="triton")`` (``--replicas`` workers, 1 by default, and
+``max_batch_size=64``) and is called over HTTP, its workers calling Triton over ``--protocol``
+(the baseline uses the same protocol). A worker makes one call at a time, so the replicas are
+how many of ketch's calls Triton sees at once:
+
+- single-row latency: ``--requests`` sequential one-row calls on one connection, median and
+  p99;
+- batched throughput: rows per second with ``--batch``-row calls on ``--connections``
+  connections (closed loop), plus, for ketch, one-row calls on ``connections * batch / 4``
+  connections, which ketch batches itself.
+
+Needs ``tritonclient[http,grpc]`` beside ketch. Prints the figures and the ratios.
+
+    python benchmarks/bench_triton.py [--protocol grpc] [--pytriton-python PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import importlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from ketch_server import KetchServer
+from loadgen import LoadSpec, run_load
+
+#: Where the test suite keeps its PyTriton virtualenv (see tests/frameworks/test_triton.py).
+CACHED_PYTRITON = (
+    Path(os.environ.get("KETCH_TEST_CACHE") or Path.home() / ".cache" / "ketch-tests")
+    / f"pytriton-0.7.0-py{sys.version_info.major}{sys.version_info.minor}"
+    / "bin"
+    / "python"
+)
+START_TIMEOUT_S = 180.0
+
+SERVER = """
+import signal
+import sys
+
+import numpy as np
+from pytriton.decorators import batch
+from pytriton.model_config import ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+W = np.array([[1.0, 2.0], [0.5, -1.0], [-3.0, 0.25]], dtype=np.float32)
+B = np.array([0.1, -0.2], dtype=np.float32)
+
+
+@batch
+def affine(x):
+    return {"y": x @ W + B}
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+http_port, grpc_port, metrics_port = map(int, sys.argv[1:4])
+config = TritonConfig(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+# Unrestricted, so that the benchmark can read how many rows each call carried.
+security = TritonSecurityConfig(restricted_endpoints=[])
+with Triton(config=config, workspace=sys.argv[4], security_config=security) as triton:
+    triton.bind(
+        "affine",
+        affine,
+        inputs=[Tensor(name="x", dtype=np.float32, shape=(3,))],
+        outputs=[Tensor(name="y", dtype=np.float32, shape=(2,))],
+        config=ModelConfig(max_batch_size=64),
+    )
+    print("READY", flush=True)
+    triton.serve()
+"""
+
+SERVED = """
+import ketch
+
+ketch.deploy("affine", runtime="triton", url="{url}", model="affine", protocol="{protocol}",
+             max_batch_size=64, max_delay_ms=1, min_replicas={replicas},
+             max_replicas={replicas})
+"""
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@contextlib.contextmanager
+def pytriton_server(python: Path, folder: Path) -> Iterator[tuple[str, str]]:
+    """PyTriton's server with "affine" on free ports: ``(http url, grpc url)``; stopped with
+    SIGTERM, then its process group killed."""
+    script = folder / "triton_server.py"
+    script.write_text(SERVER)
+    log = folder / "triton.log"
+    ports = free_ports(3)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # PyTriton's Python backend loads libpython, which pyenv keeps off the loader's path.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [str(python), str(script), *map(str, ports), str(folder / "workspace")],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not re.search(r"^READY$", log.read_text(errors="replace"), re.MULTILINE):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"PyTriton's server did not start:\n{tail}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class Direct:
+    """Calls of "affine" on Triton with tritonclient, one client per thread."""
+
+    def __init__(self, protocol: str, url: str) -> None:
+        self.module: Any = importlib.import_module(f"tritonclient.{protocol}")
+        self.url = url
+
+    def client(self) -> Any:
+        return self.module.InferenceServerClient(self.url)
+
+    def counts(self) -> tuple[int, int]:
+        """(rows inferred, model executions) so far, from Triton's statistics."""
+        client = self.client()
+        try:
+            stats = client.get_inference_statistics("affine", **self._as_json())
+        finally:
+            client.close()
+        (model,) = stats["model_stats"]
+        return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+
+    def _as_json(self) -> dict[str, Any]:
+        return {"as_json": True} if self.module.__name__.endswith("grpc") else {}
+
+    def call(self, client: Any, batch: np.ndarray) -> np.ndarray:
+        request = self.module.InferInput("x", list(batch.shape), "FP32")
+        request.set_data_from_numpy(batch)
+        result: np.ndarray = client.infer("affine", [request]).as_numpy("y")
+        return result
+
+
+def direct_figures(direct: Direct, rows: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    client = direct.client()
+    try:
+        for i in range(50):
+            direct.call(client, rows[i : i + 1])  # warm the connection and the model
+        latencies = []
+        for i in range(args.requests):
+            start = time.perf_counter()
+            direct.call(client, rows[i % len(rows) : i % len(rows) + 1])
+            latencies.append(time.perf_counter() - start)
+    finally:
+        client.close()
+    calls = closed_loop(direct, rows[: args.batch], args.connections, args.duration)
+    return {
+        "single_p50_ms": 1000 * statistics.median(latencies),
+        "single_p99_ms": 1000 * percentile(latencies, 0.99),
+        "batched_rows_per_s": calls * args.batch / args.duration,
+    }
+
+
+def closed_loop(direct: Direct, batch: np.ndarray, connections: int, duration_s: float) -> int:
+    """Calls completed inside a ``duration_s`` window (after 1 s of warm-up) by
+    ``connections`` threads, each with its own client and one call in flight."""
+    start = time.perf_counter() + 1.0
+    end = start + duration_s
+    counts = [0] * connections
+
+    def run(index: int) -> None:
+        client = direct.client()
+        try:
+            while (now := time.perf_counter()) < end:
+                direct.call(client, batch)
+                if now >= start and time.perf_counter() <= end:
+                    counts[index] += 1
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts)
+
+
+def ketch_single_row(url: str, rows: list[list[float]], count: int) -> list[float]:
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    latencies = []
+    try:
+        for i in range(count):
+            body = json.dumps({"input": rows[i % len(rows)]})
+            start = time.perf_counter()
+            connection.request(
+                "POST", "/models/affine/predict", body, {"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            payload = response.read()
+            latencies.append(time.perf_counter() - start)
+            if response.status != 200:
+                raise RuntimeError(f"ketch answered {response.status}: {payload[:200]!r}")
+    finally:
+        connection.close()
+    return latencies
+
+
+def ketch_figures(
+    url: str, direct: Direct, rows: list[list[float]], args: argparse.Namespace
+) -> dict[str, float]:
+    ketch_single_row(url, rows, 50)  # warm the connection path and the worker
+    latencies = ketch_single_row(url, rows, args.requests)
+    predict = f"{url}/models/affine/predict"
+    batched = run_load(
+        LoadSpec(
+            predict,
+            json.dumps({"inputs": rows[: args.batch]}).encode(),
+            connections=args.connections,
+            duration_s=args.duration,
+            warmup_s=1.0,
+        )
+    )
+    inferred, executions = direct.counts()
+    single = run_load(
+        LoadSpec(
+            predict,
+            json.dumps({"input": rows[0]}).encode(),
+            connections=args.connections * args.batch // 4,
+            duration_s=args.duration,
+            warmup_s=1.0,
+        )
+    )
+    now_inferred, now_executions = direct.counts()
+    return {
+        "single_p50_ms": 1000 * statistics.median(latencies),
+        "single_p99_ms": 1000 * percentile(latencies, 0.99),
+        "batched_rows_per_s": batched.requests_per_s * args.batch,
+        "batched_errors": batched.errors,
+        "one_row_requests_rows_per_s": single.requests_per_s,
+        "one_row_requests_connections": single.connections,
+        "one_row_requests_p99_ms": single.p99_ms,
+        "one_row_requests_errors": single.errors,
+        # Each worker makes one call at a time: this is the batch size ketch formed.
+        "one_row_requests_rows_per_triton_call": (now_inferred - inferred)
+        / max(1, now_executions - executions),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument(
+        "--pytriton-python",
+        type=Path,
+        default=CACHED_PYTRITON,
+        help=f"python of a virtualenv with nvidia-pytriton (default {CACHED_PYTRITON})",
+    )
+    parser.add_argument("--replicas", type=int, default=1, help="ketch workers (1)")
+    parser.add_argument("--requests", type=int, default=300, help="single-row calls (300)")
+    parser.add_argument("--batch", type=int, default=64, help="rows per batched call (64)")
+    parser.add_argument("--connections", type=int, default=4, help="connections (4)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run (5)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args(argv)
+    if not args.pytriton_python.exists():
+        parser.error(
+            f"no {args.pytriton_python}: run tests/frameworks/test_triton.py once, or make a "
+            "virtualenv with `pip install nvidia-pytriton` and pass its python"
+        )
+
+    generator = random.Random(1)
+    rows = [[round(generator.uniform(-1, 1), 4) for _ in range(3)] for _ in range(256)]
+    array = np.asarray(rows, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        print("starting Triton ...", file=sys.stderr)
+        with pytriton_server(args.pytriton_python, folder) as (http_url, grpc_url):
+            triton_url = grpc_url if args.protocol == "grpc" else http_url
+            print(f"Triton directly ({args.protocol}) ...", file=sys.stderr)
+            client = Direct(args.protocol, triton_url)
+            direct = direct_figures(client, array, args)
+            served = SERVED.format(url=triton_url, protocol=args.protocol, replicas=args.replicas)
+            (folder / "models.py").write_text(textwrap.dedent(served).lstrip())
+            print("ketch ...", file=sys.stderr)
+            with KetchServer(folder / "models.py") as server:
+                url = server.start(120.0)
+                through = ketch_figures(url, client, rows, args)
+
+    print(
+        f"affine 3->2 on PyTriton's Triton (CPU), over {args.protocol}: tritonclient directly "
+        f"vs ketch over HTTP ({args.replicas} worker{'s' if args.replicas > 1 else ''})"
+    )
+    print(f"{'figure':<44}{'direct':>12}{'ketch':>12}{'ratio':>9}")
+    lines = [
+        ("single-row latency p50 (ms)", "single_p50_ms", "single_p50_ms"),
+        ("single-row latency p99 (ms)", "single_p99_ms", "single_p99_ms"),
+        (
+            f"rows/s, {args.batch}-row calls on {args.connections} conns",
+            "batched_rows_per_s",
+            "batched_rows_per_s",
+        ),
+        (
+            f"rows/s, one-row calls on {through['one_row_requests_connections']:.0f} conns",
+            "batched_rows_per_s",
+            "one_row_requests_rows_per_s",
+        ),
+    ]
+    for label, mine, theirs in lines:
+        ratio = through[theirs] / direct[mine]
+        print(f"{label:<44}{direct[mine]:>12.3f}{through[theirs]:>12.3f}{ratio:>8.2f}x")
+    print(
+        f"errors: {through['batched_errors']:.0f} in {args.batch}-row calls, "
+        f"{through['one_row_requests_errors']:.0f} in one-row calls "
+        f"(p99 {through['one_row_requests_p99_ms']:.1f} ms, "
+        f"{through['one_row_requests_rows_per_triton_call']:.1f} rows per call to Triton)"
+    )
+    if args.json:
+        print(json.dumps({"direct": direct, "ketch": through}))
+    return 0 if through["batched_errors"] == through["one_row_requests_errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
