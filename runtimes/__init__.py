@@ -12,6 +12,7 @@ from __future__ import annotations
 BUILTIN_RUNTIMES: tuple[str, ...] = (
     "ketch.runtimes.python",
     "ketch.runtimes.torch",
+    "ketch.runtimes.spark",
     "ketch.runtimes.tensorflow",
     "ketch.runtimes.triton",
 )
