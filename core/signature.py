@@ -82,6 +82,8 @@ def item_problem(tensors: Sequence[TensorSpec], value: Any) -> str | None:
 
 def _value_problem(tensor: TensorSpec, value: Any) -> str | None:
     takes = f"{tensor.name} takes {tensor.type_name()} per item, got"
+    if value is None:
+        return f"{takes} null"
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):

@@ -97,6 +97,8 @@ def test_inputs_unlike_the_announced_tensors_are_refused_in_the_gateway(
     assert body["expected"] == [{"name": "key", "datatype": "str", "shape": []}]
     nested = server.predict("lookup", {"input": ["a", "b"]})
     assert "key takes str[] per item, got shape [2]" in nested.json()["error"]
+    null = server.predict("lookup", {"input": None})
+    assert "input 0: key takes str[] per item, got null" in null.json()["error"]
     assert server.predict("lookup", {"input": "b"}).json()["output"][0] == [2, 3]
 
 
