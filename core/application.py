@@ -413,6 +413,13 @@ class Applications:
     def __len__(self) -> int:
         return len(self._apps)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._apps
+
+    def items(self) -> list[tuple[str, Application]]:
+        """``(name, application)`` pairs, sorted by name (for ``GET /metrics``)."""
+        return sorted(self._apps.items())
+
     def start(self) -> None:
         self._saver = asyncio.ensure_future(self._save_periodically())
 

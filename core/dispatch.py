@@ -30,6 +30,7 @@ import numpy as np
 from ketch.batching import BatchSizer, batch_latency_target_s
 from ketch.cache import PredictionCache
 from ketch.jobs import Inputs, Job, Part, PredictionError
+from ketch.metrics import Metrics, ModelMetrics
 from ketch.models import ModelSpec, cache_limit
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
@@ -69,8 +70,15 @@ class _Worker:
 class ModelQueue:
     """Requests and workers of one model version; see the module docstring."""
 
-    def __init__(self, spec: ModelSpec, broker: Broker, batch_ids: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        broker: Broker,
+        batch_ids: Callable[[], int],
+        metrics: ModelMetrics,
+    ) -> None:
         self.spec = spec
+        self._metrics = metrics
         self._broker = broker
         self._next_batch_id = batch_ids
         self._pending: deque[Part] = deque()
@@ -84,6 +92,8 @@ class ModelQueue:
         self.active_requests = 0
         self.last_request_at = -math.inf
         self.cold_starts = 0
+        #: When the pending cold start began (the first worker's READY ends it); None: none.
+        self._cold_start_began: float | None = None
         #: Called when a request finds no worker ready or starting (the pool manager's cue).
         self.on_demand: Callable[[], None] | None = None
         #: A ``preload=True`` model's template process (pid, state, memory), while it runs.
@@ -129,6 +139,7 @@ class ModelQueue:
             job.cold_deadline = now + self.spec.pool.cold_start_timeout_s
             if not self.starting and self.on_demand is not None:
                 self.cold_starts += 1
+                self._cold_start_began = now
                 self.on_demand()
         self.pump()
         return future
@@ -322,6 +333,8 @@ class ModelQueue:
         except ValueError as exc:
             worker.batches.pop(batch.id, None)
             self._fail(parts, PredictionError(400, str(exc), **self._labels()))
+        else:
+            self._metrics.batch_sent(batch.size)
 
     # -- worker events ----------------------------------------------------------------------
 
@@ -343,6 +356,9 @@ class ModelQueue:
             target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
             sizer = BatchSizer(target_s, self.spec.max_batch_size)
         self._workers[info.identity] = _Worker(info, sizer)
+        if self._cold_start_began is not None:
+            self._metrics.cold_start_done(time.monotonic() - self._cold_start_began)
+            self._cold_start_began = None
         self.pump()
 
     def remove_worker(self, info: WorkerInfo, reason: str) -> None:
@@ -392,6 +408,8 @@ class ModelQueue:
         if batch is None:
             return
         now = time.monotonic()
+        if compute_s is not None:
+            self._metrics.batch_computed(compute_s)
         worker = self._workers[info.identity]
         if worker.sizer is not None:
             worker.sizer.observe(batch.size, compute_s if compute_s else now - batch.sent_at)
@@ -534,6 +552,9 @@ class Dispatcher:
         self._batch_ids = itertools.count(1).__next__
         self._broker: Broker | None = None
         self._hostname = socket.gethostname()
+        #: This server's Prometheus metrics; the gauges read the queues at scrape time.
+        self.metrics = Metrics()
+        self.metrics.watch_queues(self.queues)
 
     def attach(self, broker: Broker) -> None:
         self._broker = broker
@@ -542,7 +563,8 @@ class Dispatcher:
         queue = self._queues.get(spec.key)
         if queue is None:
             assert self._broker is not None, "attach a broker before adding models"
-            queue = ModelQueue(spec, self._broker, self._batch_ids)
+            model_metrics = self.metrics.for_model(spec.name, spec.version)
+            queue = ModelQueue(spec, self._broker, self._batch_ids, model_metrics)
             self._queues[spec.key] = queue
             versions = [v for (n, v) in self._queues if n == spec.name]
             self._defaults[spec.name] = max(versions, key=version_order)

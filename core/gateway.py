@@ -13,7 +13,8 @@ Routes:
 * ``POST /apps/{app}/feedback`` with ``{"query_id": ..., "reward": r}`` (``r`` in [0, 1])
   and/or ``"label"``: the policy learns from it.
 * ``GET /apps``: every application with its policy, models, counts and policy state.
-* ``GET /v2/health/live`` and ``GET /v2/health/ready`` (Open Inference Protocol health).
+* ``GET /v2/health/live`` and ``GET /v2/health/ready`` (Open Inference Protocol health);
+  the rest of the protocol (``/v2``, ``/v2/models/...``) is in :mod:`ketch.oip`.
 
 Every error is JSON, ``{"error": "..."}`` plus details, with a status that says whose fault it
 was: 400 bad request, 404 unknown model, 429 the model's queue is full (with
@@ -81,6 +82,10 @@ class Gateway:
         self.request_timeout_s = request_timeout_s
 
     def app(self) -> Starlette:
+        # Imported here: ketch.oip builds on this module's helpers, so importing it at the top
+        # would be circular.
+        from ketch.oip import OpenInference
+
         return Starlette(
             routes=[
                 Route("/models", self.list_models, methods=["GET"]),
@@ -90,8 +95,11 @@ class Gateway:
                 Route("/apps/{name}/feedback", self.app_feedback, methods=["POST"]),
                 Route("/v2/health/live", self.live, methods=["GET"]),
                 Route("/v2/health/ready", self.ready, methods=["GET"]),
+                *OpenInference(self.dispatcher, self.request_timeout_s).routes(),
+                Route("/metrics", self.dispatcher.metrics.endpoint, methods=["GET"]),
             ],
             exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
+            middleware=[self.dispatcher.metrics.middleware()],
         )
 
     async def predict(self, request: Request) -> Response:

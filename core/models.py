@@ -129,8 +129,12 @@ class ModelSpec:
         function, a framework adapter's name (``"torch"``) for a deployed artifact.
     :param artifact: the deployed model's path (absolute), or None.
     :param options: the runtime's options (``{"device": "cpu"}``).
-    :param inputs, outputs: its tensors per item, as its worker announced them (empty until
-        a worker has loaded it, or when the runtime cannot tell).
+    :param inputs, outputs: its tensors per item: declared with ``@ketch.model(inputs=...)``,
+        or as its worker's runtime announced them (empty until a worker has loaded it, or when
+        the runtime cannot tell). Requests are checked against its inputs.
+    :param hinted_inputs, hinted_outputs: tensors guessed from the function's type hints
+        (``list[float]``: one float64 per item), shown in the V2 model metadata when nothing
+        was declared or announced, and never enforced: a hint is not a contract.
     :param runtime_info: what the runtime says of the loaded model (``Runtime.describe()``),
         as its worker announced it.
     """
@@ -153,6 +157,8 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     runtime_info: Mapping[str, Any] = field(default_factory=dict)
+    hinted_inputs: tuple[TensorSpec, ...] = ()
+    hinted_outputs: tuple[TensorSpec, ...] = ()
 
     @property
     def deployed(self) -> bool:
@@ -171,6 +177,8 @@ class ModelSpec:
         data["options"] = dict(self.options)
         data["inputs"] = [tensor.to_dict() for tensor in self.inputs]
         data["outputs"] = [tensor.to_dict() for tensor in self.outputs]
+        data["hinted_inputs"] = [tensor.to_dict() for tensor in self.hinted_inputs]
+        data["hinted_outputs"] = [tensor.to_dict() for tensor in self.hinted_outputs]
         data["runtime_info"] = dict(self.runtime_info)
         return data
 
@@ -190,7 +198,7 @@ class ModelSpec:
             known["start"] = WorkerStart(
                 **{name: start[name] for name in WorkerStart.__dataclass_fields__ if name in start}
             )
-        for tensors in ("inputs", "outputs"):
+        for tensors in ("inputs", "outputs", "hinted_inputs", "hinted_outputs"):
             if tensors in known:
                 known[tensors] = tuple(TensorSpec.from_dict(t) for t in known[tensors])
         return validated_spec(**known)
@@ -215,6 +223,8 @@ def validated_spec(
     inputs: Sequence[TensorSpec] = (),
     outputs: Sequence[TensorSpec] = (),
     runtime_info: Mapping[str, Any] | None = None,
+    hinted_inputs: Sequence[TensorSpec] = (),
+    hinted_outputs: Sequence[TensorSpec] = (),
 ) -> ModelSpec:
     """Build a :class:`ModelSpec`, raising ``ValueError``/``TypeError`` that names the bad value."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -263,6 +273,8 @@ def validated_spec(
         tuple(inputs),
         tuple(outputs),
         dict(runtime_info or {}),
+        tuple(hinted_inputs),
+        tuple(hinted_outputs),
     )
 
 
@@ -330,6 +342,8 @@ def model(
     gpus: Sequence[int] | None = None,
     preload: bool = False,
     python: str | None = None,
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
 ) -> Callable[[Callable[P, R]], Model[P, R]]: ...
 
 
@@ -355,6 +369,8 @@ def model(
     gpus: Sequence[int] | None = None,
     preload: bool = False,
     python: str | None = None,
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
 ) -> Model[P, R] | Callable[[Callable[P, R]], Model[P, R]]:
     """Declare a model: ``@ketch.model`` or ``@ketch.model(name=..., version=..., ...)``.
 
@@ -369,6 +385,12 @@ def model(
         minutes.
     :param cpus, memory_mb, threads, gpus: what each worker may use, see :class:`Resources`.
     :param preload, python: how its workers start, see :class:`WorkerStart`.
+    :param inputs, outputs: the model's tensors, per item (:class:`TensorSpec`, shapes without
+        the batch axis): requests are checked against the inputs (a 400 naming the expected
+        tensor), and the Open Inference Protocol's metadata lists them. A model with several
+        inputs receives each item as ``{name: value}``. Without them, the metadata shows what
+        the type hints say, if they are plain enough (``list[float]``, ``list[str]``,
+        ``list[list[int]]``), unenforced.
 
     The function receives a batch and must return one output per input. Annotate its first
     parameter ``np.ndarray`` to receive the batch as one stacked array.
@@ -392,19 +414,32 @@ def model(
         if not callable(func):
             raise TypeError(f"@ketch.model decorates a function, got {func!r}")
         _require_batch_parameter(func)
+        model_name = name if name is not None else func.__name__
+        batch_input = _batch_input_of(func)
+        declared_inputs = _tensors(inputs, "inputs", model_name)
+        if batch_input == "numpy" and len(declared_inputs) > 1:
+            raise ValueError(
+                f"model {model_name!r} takes its batch as one numpy array, so it has one input "
+                f"tensor, not {len(declared_inputs)}; annotate it list[dict] for named inputs"
+            )
+        hinted_inputs, hinted_outputs = _hinted_tensors(func)
         spec = validated_spec(
-            name=name if name is not None else func.__name__,
+            name=model_name,
             version=version,
             max_batch_size=max_batch_size,
             max_delay_ms=max_delay_ms,
             slo_ms=slo_ms,
             max_queue=max_queue,
             cache_size=cache_size,
-            batch_input=_batch_input_of(func),
+            batch_input=batch_input,
             is_async=inspect.iscoroutinefunction(func),
             pool=pool,
             resources=resources,
             start=start,
+            inputs=declared_inputs,
+            outputs=_tensors(outputs, "outputs", model_name),
+            hinted_inputs=hinted_inputs,
+            hinted_outputs=hinted_outputs,
         )
         return Model(func, spec)
 
@@ -447,3 +482,80 @@ def _batch_input_of(func: Callable[..., Any]) -> BatchInput:
 
 #: ``np.ndarray``, ``numpy.ndarray``, ``npt.NDArray[np.float32]`` and the like, as text.
 _NUMPY_ANNOTATION = re.compile(r"(?:\w+\.)*(?:ndarray|NDArray)(?:\[.*\])?")
+
+
+def _tensors(value: Sequence[TensorSpec] | None, what: str, name: str) -> tuple[TensorSpec, ...]:
+    """Declared tensors, checked now so a typo fails at import rather than on a request."""
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes | TensorSpec) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} of {name!r} must be a list of ketch.TensorSpec, got {value!r}")
+    tensors: list[TensorSpec] = []
+    for tensor in value:
+        if not isinstance(tensor, TensorSpec):
+            raise TypeError(f"{what} of {name!r} must be ketch.TensorSpec, got {tensor!r}")
+        if not isinstance(tensor.name, str) or not tensor.name:
+            raise ValueError(f"{what} of {name!r}: a tensor needs a name, got {tensor.name!r}")
+        if tensor.datatype not in ("str", "bytes"):
+            try:
+                np.dtype(tensor.datatype)
+            except TypeError:
+                raise ValueError(
+                    f"{what} of {name!r}: {tensor.name} has datatype {tensor.datatype!r}, "
+                    "which is not a numpy dtype name ('float32', 'int64', 'bool') nor 'str'"
+                ) from None
+        shape = tuple(tensor.shape) if isinstance(tensor.shape, Sequence) else None
+        if shape is None or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape
+        ):
+            raise ValueError(
+                f"{what} of {name!r}: {tensor.name} must have a shape of sizes >= 0 (or -1 for "
+                f"any size), per item without the batch axis, got {tensor.shape!r}"
+            )
+        tensors.append(replace(tensor, shape=shape))  # a list given as shape becomes a tuple
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} of {name!r} name a tensor twice: {names}")
+    return tuple(tensors)
+
+
+#: Element types whose hint says what an item holds, as a TensorSpec datatype.
+_HINTED_DATATYPES: dict[Any, str] = {float: "float64", int: "int64", bool: "bool", str: "str"}
+
+
+def _hinted_tensors(func: Callable[..., Any]) -> tuple[tuple[TensorSpec, ...], ...]:
+    """``(inputs, outputs)`` read off plain type hints: ``list[float]`` is one float64 per item,
+    ``list[list[str]]`` a variable-length list of strings per item. Anything else (numpy arrays,
+    whose hint says neither rank nor dtype for sure, dicts, ``Any``) gives no tensor."""
+    try:
+        signature = inspect.signature(func)
+        first = next(iter(signature.parameters.values()))
+    except (StopIteration, TypeError, ValueError):
+        return (), ()
+    hinted_input = _item_tensor(_resolved(first.annotation, func), "input_0")
+    hinted_output = _item_tensor(_resolved(signature.return_annotation, func), "output_0")
+    return hinted_input, hinted_output
+
+
+def _resolved(annotation: Any, func: Callable[..., Any]) -> Any:
+    """An annotation, evaluated when it is text (``from __future__ import annotations``);
+    None when it cannot be."""
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, getattr(func, "__globals__", {}))
+    except Exception:
+        return None
+
+
+def _item_tensor(batch_hint: Any, name: str) -> tuple[TensorSpec, ...]:
+    """The tensor of one item of a batch hinted ``list[...]`` (or a ``Sequence``)."""
+    if typing.get_origin(batch_hint) not in (list, Sequence):
+        return ()
+    (item,) = typing.get_args(batch_hint) or (None,)
+    shape: tuple[int, ...] = ()
+    while typing.get_origin(item) in (list, Sequence) and len(shape) < 8:
+        (item,) = typing.get_args(item) or (None,)
+        shape += (-1,)
+    datatype = _HINTED_DATATYPES.get(item)
+    return (TensorSpec(name, datatype, shape),) if datatype is not None else ()

@@ -16,12 +16,15 @@ import numpy as np
 from ketch.cache import input_key
 from ketch.dispatch import ModelQueue
 from ketch.jobs import Inputs, PredictionError
+from ketch.metrics import note_model
 from ketch.signature import item_problem
 from ketch.types import Outputs
 
 
 async def predict(queue: ModelQueue, inputs: list[Any], timeout_s: float) -> Outputs:
     """The outputs for ``inputs``, one each, from the cache or the model's workers."""
+    # The metrics middleware sees only the path: it labels the request with this version.
+    note_model(queue.spec.name, queue.spec.version)
     cache = queue.cache
     if cache is None:
         return await queue.submit(_batchable(queue, inputs), timeout_s)

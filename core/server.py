@@ -128,6 +128,7 @@ async def serve(
         apps = build_applications(
             served.apps, plugins, dispatcher, store, options.request_timeout_s
         )
+        dispatcher.metrics.watch_apps(apps)
         host, port = sock.getsockname()[:2]
         report(f"broker listening on {endpoint}")
         report(f"listening on http://{_url_host(host)}:{port}")

@@ -50,6 +50,8 @@ class PythonRuntime(Runtime):
         assert artifact is not None
         version = self.options["version"]
         self.model = find_model(Target.parse(artifact), None if version is None else str(version))
+        # Announce the tensors the function declared, as a framework runtime would its own.
+        self.inputs, self.outputs = self.model.spec.inputs, self.model.spec.outputs
         self._predict = make_predict(self.model)
 
     def predict(self, batch: Any) -> Outputs:

@@ -48,6 +48,9 @@ def test_bare_decorator_uses_function_name_and_defaults() -> None:
         max_batch_size=DEFAULT_MAX_BATCH_SIZE,
         batch_input="list",
         is_async=False,
+        # Unenforced, for the Open Inference Protocol's metadata.
+        hinted_inputs=(TensorSpec("input_0", "str", ()),),
+        hinted_outputs=(TensorSpec("output_0", "float64", ()),),
     )
     assert sentiment.spec.key == ("sentiment", "1")
     assert sentiment.spec.label() == "sentiment:1"
@@ -69,7 +72,8 @@ def test_decorator_with_empty_parentheses_is_like_bare() -> None:
     def echo(batch: list[int]) -> list[int]:
         return batch
 
-    assert echo.spec == ModelSpec(name="echo")
+    hinted = (TensorSpec("input_0", "int64", ()),), (TensorSpec("output_0", "int64", ()),)
+    assert echo.spec == ModelSpec(name="echo", hinted_inputs=hinted[0], hinted_outputs=hinted[1])
 
 
 @pytest.mark.parametrize(("version", "expected"), [(2, "2"), (0, "0"), (10, "10"), ("3", "3")])
@@ -413,6 +417,8 @@ def test_spec_to_dict_is_plain_data() -> None:
         "inputs": [],
         "outputs": [],
         "runtime_info": {},
+        "hinted_inputs": [{"name": "input_0", "datatype": "int64", "shape": []}],
+        "hinted_outputs": [{"name": "output_0", "datatype": "int64", "shape": []}],
     }
 
 

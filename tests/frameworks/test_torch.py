@@ -181,7 +181,11 @@ def test_an_artifact_in_the_wrong_format_is_reported_with_its_path_and_reason(
     server = KetchServer(None, "--model", "broken=torch:broken.pt2", cwd=folder)
     try:
         server.wait_ready()
-        response = server.predict("broken", {"input": [1.0, 2.0, 3.0]})
+        # The request waits while workers fail to load: until the model is marked unhealthy
+        # (five failed starts, each importing torch) or its cold-start deadline (60 s) passes.
+        response = server.client.post(
+            "/models/broken/predict", json={"input": [1.0, 2.0, 3.0]}, timeout=150
+        )
         assert response.status_code == 503
         error = response.json()["error"]
         assert "broken.pt2" in error

@@ -1,0 +1,119 @@
+"""Open Inference Protocol (KServe V2) datatypes and their numpy counterparts.
+
+V2 names a tensor's element type (``FP32``, ``BYTES``); ketch's :class:`~ketch.TensorSpec` and
+the arrays a model sees use numpy dtype names (``float32``, ``str``). BYTES elements travel as
+JSON strings, so they become numpy ``str`` arrays here and Python strings for list models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Every V2 datatype ketch accepts in a request, with the numpy dtype its data becomes.
+V2_TO_NUMPY: dict[str, np.dtype[np.generic]] = {
+    "BOOL": np.dtype(np.bool_),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.str_),
+}
+
+_NUMPY_TO_V2 = {dtype.name: v2 for v2, dtype in V2_TO_NUMPY.items() if v2 != "BYTES"}
+
+#: Which kinds of JSON values (as numpy infers them) each V2 datatype takes: numbers are not
+#: silently read as booleans, nor fractions truncated into integers.
+_ACCEPTED_KINDS = {"BOOL": "b", "BYTES": "U"} | {
+    v2: ("iuf" if v2.startswith("FP") else "iu") for v2 in V2_TO_NUMPY if v2[0] in "IUF"
+}
+
+
+def v2_datatype(numpy_name: str) -> str | None:
+    """The V2 datatype for a numpy dtype name of a :class:`~ketch.TensorSpec` (``float32`` ->
+    ``FP32``, ``str`` -> ``BYTES``), or None for a type V2 has no name for in JSON."""
+    if numpy_name in ("str", "bytes", "object"):
+        return "BYTES"
+    if numpy_name == "bfloat16":
+        return "BF16"  # frameworks announce it; V2 names it, even if JSON requests cannot send it
+    try:
+        dtype = np.dtype(numpy_name)
+    except TypeError:
+        return None
+    if dtype.kind in "USO":
+        return "BYTES"
+    return _NUMPY_TO_V2.get(dtype.name)
+
+
+def v2_datatype_of(array: np.ndarray) -> str | None:
+    """The V2 datatype of an output array, or None when it holds what V2 cannot carry."""
+    if array.dtype.kind in "US":
+        return "BYTES"
+    return _NUMPY_TO_V2.get(array.dtype.name)
+
+
+def tensor_from_json(datatype: str, shape: list[int], data: object) -> np.ndarray:
+    """The array that V2 JSON ``data`` (flat row-major, or nested) of ``shape`` holds.
+
+    Raises ``ValueError`` naming what is wrong: an unknown datatype, values of another kind,
+    or a number of elements that is not the shape's.
+    """
+    dtype = V2_TO_NUMPY.get(datatype)
+    if dtype is None:
+        known = ", ".join(V2_TO_NUMPY)
+        raise ValueError(f"datatype {datatype!r} is not supported; use one of {known}")
+    try:
+        raw = np.asarray(data)
+    except ValueError:
+        raise ValueError("data is nested lists of uneven lengths") from None
+    if raw.dtype == object:
+        raise ValueError("data is nested lists of uneven lengths or of mixed types")
+    if raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[datatype]:
+        got = "strings" if raw.dtype.kind in "US" else f"{raw.dtype.name} values"
+        raise ValueError(f"data of datatype {datatype} cannot hold {got}")
+    expected = int(np.prod(shape)) if shape else 1
+    if raw.size != expected:
+        raise ValueError(f"shape {shape} holds {expected} elements, data has {raw.size}")
+    if datatype.startswith(("INT", "UINT")) and raw.size:
+        info = np.iinfo(dtype.name)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise ValueError(f"data has values outside the range of {datatype}")
+    array = raw.astype(dtype, copy=False)
+    return array.reshape(shape)
+
+
+def tensor_from_binary(datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    """The array in a binary tensor (Triton's binary data extension, what ``tritonclient``
+    sends by default): little-endian row-major elements, BYTES as 4-byte length + UTF-8."""
+    dtype = V2_TO_NUMPY.get(datatype)
+    if dtype is None:
+        known = ", ".join(V2_TO_NUMPY)
+        raise ValueError(f"datatype {datatype!r} is not supported; use one of {known}")
+    expected = int(np.prod(shape)) if shape else 1
+    if datatype != "BYTES":
+        if len(raw) != expected * dtype.itemsize:
+            raise ValueError(
+                f"shape {shape} of {datatype} takes {expected * dtype.itemsize} bytes, "
+                f"got {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    texts: list[str] = []
+    offset = 0
+    try:
+        while offset < len(raw):
+            size = int.from_bytes(raw[offset : offset + 4], "little")
+            if offset + 4 + size > len(raw):
+                raise ValueError("a BYTES element runs past the end of its data")
+            texts.append(raw[offset + 4 : offset + 4 + size].decode())
+            offset += 4 + size
+    except UnicodeDecodeError:
+        raise ValueError("BYTES elements must be UTF-8 text") from None
+    if len(texts) != expected:
+        raise ValueError(f"shape {shape} holds {expected} elements, data has {len(texts)}")
+    return np.asarray(texts, dtype=np.str_).reshape(shape)

@@ -1,0 +1,272 @@
+"""The Open Inference Protocol (KServe V2) over REST, spoken to by the official client
+(``tritonclient.http`` and its asyncio variant) against a real `ketch serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+import tritonclient.http.aio as triton_aio
+
+import ketch
+from ketch.models import ModelSpec
+from tests.conftest import KetchServer
+
+MODELS = """
+import numpy as np
+
+import ketch
+from ketch import TensorSpec
+
+
+@ketch.model(
+    inputs=[TensorSpec("x", "float32", (3,))],
+    outputs=[TensorSpec("y", "float32", (3,))],
+    max_batch_size=8,
+)
+def scale(batch: np.ndarray) -> np.ndarray:
+    return batch * 2
+
+
+@ketch.model
+def shout(texts: list[str]) -> list[str]:
+    return [text.upper() + "!" for text in texts]
+
+
+@ketch.model(name="shout", version=2)
+def shout_v2(texts: list[str]) -> list[str]:
+    return [text.upper() + "!!" for text in texts]
+
+
+@ketch.model(inputs=[TensorSpec("a", "int64", (2,)), TensorSpec("b", "float64", ())])
+def combine(items: list[dict]) -> list[dict]:
+    return [{"total": sum(item["a"]) * item["b"], "size": len(item["a"])} for item in items]
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KetchServer]:
+    path = tmp_path_factory.mktemp("oip") / "models.py"
+    path.write_text(textwrap.dedent(MODELS))
+    served = KetchServer(path)
+    try:
+        yield served.wait_ready()
+    finally:
+        served.stop()
+
+
+@pytest.fixture
+def client(server: KetchServer) -> Iterator[triton.InferenceServerClient]:
+    triton_client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        yield triton_client
+    finally:
+        triton_client.close()
+
+
+def test_health_and_server_metadata(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.get_server_metadata() == {
+        "name": "ketch",
+        "version": ketch.__version__,
+        "extensions": [],
+    }
+
+
+def test_model_metadata_adds_the_batch_axis(client: triton.InferenceServerClient) -> None:
+    assert client.get_model_metadata("scale") == {
+        "name": "scale",
+        "versions": ["1"],
+        "platform": "ketch_python",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+    }
+    # Undeclared: read off the type hints.
+    shout = client.get_model_metadata("shout", "1")
+    assert shout["versions"] == ["1", "2"]
+    assert shout["inputs"] == [{"name": "input_0", "datatype": "BYTES", "shape": [-1]}]
+    assert shout["outputs"] == [{"name": "output_0", "datatype": "BYTES", "shape": [-1]}]
+    combine = client.get_model_metadata("combine")
+    assert combine["inputs"] == [
+        {"name": "a", "datatype": "INT64", "shape": [-1, 2]},
+        {"name": "b", "datatype": "FP64", "shape": [-1]},
+    ]
+    assert combine["outputs"] == []  # list[dict]: nothing to tell
+
+
+def test_model_ready(client: triton.InferenceServerClient) -> None:
+    assert client.is_model_ready("scale")
+    assert client.is_model_ready("shout", "2")
+    assert not client.is_model_ready("nope")
+
+
+def test_infer_a_batch_of_fp32_rows(client: triton.InferenceServerClient) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) / 3
+    tensor = triton.InferInput("x", [4, 3], "FP32")
+    tensor.set_data_from_numpy(x, binary_data=False)
+    result = client.infer(
+        "scale",
+        [tensor],
+        request_id="req-7",
+        outputs=[triton.InferRequestedOutput("y", binary_data=False)],
+    )
+    y = result.as_numpy("y")
+    assert y is not None
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, x * 2, rtol=1e-6)
+    response = result.get_response()
+    assert response["id"] == "req-7"
+    assert (response["model_name"], response["model_version"]) == ("scale", "1")
+
+
+def test_infer_binary_inputs_as_the_client_sends_by_default(
+    client: triton.InferenceServerClient,
+) -> None:
+    x = np.ones((2, 3), dtype=np.float32)
+    tensor = triton.InferInput("x", [2, 3], "FP32")
+    tensor.set_data_from_numpy(x)  # binary_data=True
+    texts = triton.InferInput("input_0", [2], "BYTES")
+    texts.set_data_from_numpy(np.array(["é", "b"], dtype=np.object_))
+    # Outputs asked for as binary come back as JSON, which the client reads as well.
+    result = client.infer("scale", [tensor], outputs=[triton.InferRequestedOutput("y")])
+    np.testing.assert_array_equal(result.as_numpy("y"), x * 2)
+    shouted = client.infer("shout", [texts]).as_numpy("output_0")
+    assert shouted is not None
+    assert shouted.tolist() == ["É!!", "B!!"]  # the highest version, as on /models
+
+
+def test_infer_bytes_per_version(client: triton.InferenceServerClient) -> None:
+    texts = triton.InferInput("input_0", [3], "BYTES")
+    texts.set_data_from_numpy(np.array(["a", "bc", "hé"], dtype=np.object_), binary_data=False)
+    result = client.infer("shout", [texts], model_version="2")
+    output = result.as_numpy("output_0")
+    assert output is not None
+    assert output.tolist() == ["A!!", "BC!!", "HÉ!!"]
+    assert result.get_response()["model_version"] == "2"
+
+
+def test_infer_several_inputs_and_named_outputs(client: triton.InferenceServerClient) -> None:
+    a = triton.InferInput("a", [2, 2], "INT64")
+    a.set_data_from_numpy(np.array([[1, 2], [3, 4]], dtype=np.int64), binary_data=False)
+    b = triton.InferInput("b", [2], "FP64")
+    b.set_data_from_numpy(np.array([0.5, 2.0]), binary_data=False)
+    result = client.infer("combine", [a, b])
+    np.testing.assert_array_equal(result.as_numpy("total"), [1.5, 14.0])
+    np.testing.assert_array_equal(result.as_numpy("size"), [2, 2])
+    only = client.infer(
+        "combine", [a, b], outputs=[triton.InferRequestedOutput("size", binary_data=False)]
+    )
+    assert [o["name"] for o in only.get_response()["outputs"]] == ["size"]
+
+
+def test_asyncio_client(server: KetchServer) -> None:
+    async def infer() -> np.ndarray:
+        client = triton_aio.InferenceServerClient(url=server.url.removeprefix("http://"))
+        try:
+            assert await client.is_model_ready("scale")
+            tensor = triton_aio.InferInput("x", [1, 3], "FP32")
+            tensor.set_data_from_numpy(np.array([[1, 2, 3]], dtype=np.float32))
+            result = await client.infer("scale", [tensor])
+            output = result.as_numpy("y")
+            assert output is not None
+            return output
+        finally:
+            await client.close()
+
+    np.testing.assert_array_equal(asyncio.run(infer()), [[2, 4, 6]])
+
+
+def _infer(server: KetchServer, model: str, body: Any) -> httpx.Response:
+    return server.client.post(f"/v2/models/{model}/infer", json=body)
+
+
+def _fp32(shape: list[int], data: Any, name: str = "x") -> dict[str, Any]:
+    return {"inputs": [{"name": name, "shape": shape, "datatype": "FP32", "data": data}]}
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "status", "says"),
+    [
+        ("nope", _fp32([1, 3], [1, 2, 3]), 404, "unknown model 'nope'"),
+        ("scale", {"inputs": [{"name": "x", "shape": [1], "datatype": "FP8", "data": [1]}]},
+         400, "datatype 'FP8' is not supported"),
+        ("scale", _fp32([2, 3], [1, 2, 3]), 400, "shape [2, 3] holds 6 elements, data has 3"),
+        ("scale", _fp32([1, 3], ["a", "b", "c"]), 400, "cannot hold strings"),
+        ("scale", _fp32([1, 2], [1, 2]), 400, "takes inputs of x: float32[3]"),
+        ("scale", _fp32([1, 3], [1, 2, 3], name="z"), 400, "missing ['x'], unknown ['z']"),
+        ("scale", {"outputs": [{"name": "y"}]}, 400, "needs 'inputs'"),
+        ("scale", {"inputs": []}, 400, "needs 'inputs'"),
+        ("combine", {"inputs": [{"name": "a", "shape": [1, 2], "datatype": "INT64",
+                                 "data": [1, 2]}]}, 400, "missing ['b']"),
+        ("combine", {"inputs": [
+            {"name": "a", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]},
+            {"name": "b", "shape": [2], "datatype": "FP64", "data": [1, 2]}]},
+         400, "share their first (batch) dimension"),
+        ("scale", {**_fp32([1, 3], [1, 2, 3]), "outputs": [{"name": "w"}]}, 400, "no outputs"),
+    ],
+)  # fmt: skip
+def test_errors_are_json_and_the_gateway_keeps_serving(
+    server: KetchServer, model: str, body: Any, status: int, says: str
+) -> None:
+    response = _infer(server, model, body)
+    assert response.status_code == status, response.text
+    assert says in response.json()["error"]
+    assert _infer(server, "scale", _fp32([1, 3], [[1, 2, 3]])).json()["outputs"] == [
+        {"name": "y", "datatype": "FP32", "shape": [1, 3], "data": [2.0, 4.0, 6.0]}
+    ]
+
+
+def test_unknown_version_and_bad_json(server: KetchServer) -> None:
+    assert server.client.get("/v2/models/shout/versions/9").status_code == 404
+    ready = server.client.get("/v2/models/shout/versions/9/ready")
+    assert ready.status_code == 404
+    assert "no version '9'" in ready.json()["error"]
+    bad = server.client.post("/v2/models/scale/infer", content=b"{")
+    assert bad.status_code == 400
+    assert "not valid JSON" in bad.json()["error"]
+
+
+def test_declared_tensors_are_checked_at_decoration() -> None:
+    with pytest.raises(TypeError, match=r"must be a list of ketch\.TensorSpec"):
+        one = ketch.TensorSpec("x", "float32", (3,))
+        ketch.model(inputs=one)(lambda xs: xs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a numpy dtype name"):
+        ketch.model(inputs=[ketch.TensorSpec("x", "float99", (3,))])(lambda xs: xs)
+    with pytest.raises(ValueError, match="must have a shape of sizes"):
+        ketch.model(inputs=[ketch.TensorSpec("x", "float32", (-2,))])(lambda xs: xs)
+    with pytest.raises(ValueError, match="name a tensor twice"):
+        ketch.model(outputs=[ketch.TensorSpec("y", "str", ())] * 2)(lambda xs: xs)
+
+
+def test_declared_tensors_survive_the_wire() -> None:
+    @ketch.model(inputs=[ketch.TensorSpec("x", "float32", [3])])  # type: ignore[arg-type]
+    def declared(xs: list[list[float]]) -> list[int]:
+        return [len(x) for x in xs]
+
+    spec = declared.spec
+    assert spec.inputs == (ketch.TensorSpec("x", "float32", (3,)),)
+    assert spec.hinted_inputs == (ketch.TensorSpec("input_0", "float64", (-1,)),)
+    assert spec.hinted_outputs == (ketch.TensorSpec("output_0", "int64", ()),)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_declared_inputs_also_check_ketch_predict(server: KetchServer) -> None:
+    assert server.predict("scale", {"inputs": [[1, 2, 3]]}).json()["outputs"] == [[2, 4, 6]]
+    wrong = server.predict("scale", {"input": [1, 2]})
+    assert wrong.status_code == 400
+    assert wrong.json()["expected"] == {"shape": [3], "datatype": "float32"}
+    assert server.predict("shout", {"input": "hi", "version": "1"}).json()["output"] == "HI!"
+
+
+def test_client_timeout_parameter(server: KetchServer) -> None:
+    body = {**_fp32([1, 3], [1, 2, 3]), "parameters": {"timeout": 5_000_000}}
+    assert _infer(server, "scale", body).status_code == 200
+    too_short = _infer(server, "scale", {**body, "parameters": {"timeout": 0}})
+    assert too_short.status_code == 400
