@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -39,30 +36,16 @@ from starlette.routing import Route
 
 from ketch.application import Applications
 from ketch.dispatch import Dispatcher
+from ketch.http_json import (
+    TIMEOUT_HEADER,
+    json_kind,
+    json_response,
+    parse_body,
+    timeout_ms_of,
+)
 from ketch.jobs import PredictionError
+from ketch.oip import OpenInference
 from ketch.predict import predict
-
-TIMEOUT_HEADER = "x-ketch-timeout-ms"
-
-_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-
-
-def _to_json_value(value: Any) -> Any:
-    """orjson's fallback: numpy values it does not take natively (float16, strided views)."""
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    raise TypeError(f"cannot serialize {type(value).__qualname__} as JSON")
-
-
-def json_response(
-    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> Response:
-    content = orjson.dumps(body, default=_to_json_value, option=_JSON_OPTIONS)
-    return Response(content, status, headers, media_type="application/json")
-
-
-def error_response(status: int, error: str, **details: Any) -> Response:
-    return json_response({"error": error, **details}, status)
 
 
 class Gateway:
@@ -82,10 +65,6 @@ class Gateway:
         self.request_timeout_s = request_timeout_s
 
     def app(self) -> Starlette:
-        # Imported here: ketch.oip builds on this module's helpers, so importing it at the top
-        # would be circular.
-        from ketch.oip import OpenInference
-
         return Starlette(
             routes=[
                 Route("/models", self.list_models, methods=["GET"]),
@@ -105,10 +84,10 @@ class Gateway:
     async def predict(self, request: Request) -> Response:
         name = request.path_params["name"]
         try:
-            body = _parse_body(await request.body())
+            body = parse_body(await request.body())
             single, inputs = _inputs_of(body)
             version = _version_of(body)
-            timeout_ms = _timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
+            timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
             queue = self.dispatcher.queue_for(name, version)
             if timeout_ms is None:
                 timeout_ms = queue.spec.slo_ms
@@ -125,14 +104,14 @@ class Gateway:
     async def app_predict(self, request: Request) -> Response:
         try:
             application = self.apps.get(request.path_params["name"])
-            body = _parse_body(await request.body())
+            body = parse_body(await request.body())
             if "input" not in body:
                 raise PredictionError(
                     400,
                     "request body needs 'input': an application answers one input",
                     keys=sorted(body),
                 )
-            timeout_ms = _timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
+            timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
             answer = await application.predict(body["input"], timeout_ms)
         except PredictionError as exc:
             return json_response(exc.body, exc.status, exc.headers)
@@ -141,7 +120,7 @@ class Gateway:
     async def app_feedback(self, request: Request) -> Response:
         try:
             application = self.apps.get(request.path_params["name"])
-            body = _parse_body(await request.body())
+            body = parse_body(await request.body())
             query_id = body.get("query_id")
             if not isinstance(query_id, str) or not query_id:
                 raise PredictionError(
@@ -175,18 +154,6 @@ class Gateway:
         return json_response({"ready": True})
 
 
-def _parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise PredictionError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise PredictionError(
-            400, f"request body must be a JSON object, got a JSON {_json_kind(body)}"
-        )
-    return body
-
-
 def _inputs_of(body: dict[str, Any]) -> tuple[bool, list[Any]]:
     """``(single, inputs)``: whether the request used ``input``, and the inputs as a list."""
     has_input, has_inputs = "input" in body, "inputs" in body
@@ -202,7 +169,7 @@ def _inputs_of(body: dict[str, Any]) -> tuple[bool, list[Any]]:
         )
     inputs = body["inputs"]
     if not isinstance(inputs, list):
-        raise PredictionError(400, f"'inputs' must be a list, got a JSON {_json_kind(inputs)}")
+        raise PredictionError(400, f"'inputs' must be a list, got a JSON {json_kind(inputs)}")
     if not inputs:
         raise PredictionError(400, "'inputs' is an empty list: send at least one input")
     return False, inputs
@@ -217,23 +184,6 @@ def _version_of(body: dict[str, Any]) -> str | None:
     raise PredictionError(400, f"'version' must be a string, got {version!r}")
 
 
-def _timeout_ms_of(body: dict[str, Any], header: str | None) -> float | None:
-    """The request's own timeout in ms: the ``timeout_ms`` field, else the header."""
-    value: Any = body.get("timeout_ms")
-    where = "'timeout_ms'"
-    if value is None and header is not None:
-        where = "the X-Ketch-Timeout-Ms header"
-        try:
-            value = float(header)
-        except ValueError:
-            value = header
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
-        raise PredictionError(400, f"{where} must be a number of milliseconds > 0, got {value!r}")
-    return float(value)
-
-
 def _reward_of(body: dict[str, Any]) -> float | None:
     reward = body.get("reward")
     if reward is None:
@@ -246,11 +196,6 @@ def _reward_of(body: dict[str, Any]) -> float | None:
     ):
         raise PredictionError(400, f"'reward' must be a number in [0, 1], got {reward!r}")
     return float(reward)
-
-
-def _json_kind(value: Any) -> str:
-    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-    return kinds.get(type(value), "number")
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 import ketch
 from ketch.dispatch import Dispatcher, ModelQueue, version_order
-from ketch.gateway import TIMEOUT_HEADER, _parse_body, _timeout_ms_of, json_response
+from ketch.http_json import TIMEOUT_HEADER, json_response, parse_body, timeout_ms_of
 from ketch.jobs import PredictionError
 from ketch.oip_types import (
     V2_TO_NUMPY,
@@ -98,7 +98,7 @@ class OpenInference:
             queue = self._queue(request)
             body, tensors = _parse_request(await request.body(), request.headers)
             items = _items(queue, tensors)
-            timeout_ms = _timeout_ms_of(_client_timeout(body), request.headers.get(TIMEOUT_HEADER))
+            timeout_ms = timeout_ms_of(_client_timeout(body), request.headers.get(TIMEOUT_HEADER))
             if timeout_ms is None:
                 timeout_ms = queue.spec.slo_ms
             timeout_s = self.request_timeout_s if timeout_ms is None else timeout_ms / 1000
@@ -135,7 +135,7 @@ def _parse_request(
         if not header_size.isdigit() or int(header_size) > len(raw):
             raise PredictionError(400, f"bad Inference-Header-Content-Length {header_size!r}")
         raw, binary = raw[: int(header_size)], raw[int(header_size) :]
-    body = _parse_body(raw)
+    body = parse_body(raw)
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise PredictionError(400, "request body needs 'inputs': a non-empty list of tensors")
