@@ -15,6 +15,8 @@ Routes:
 * ``GET /apps``: every application with its policy, models, counts and policy state.
 * ``GET /v2/health/live`` and ``GET /v2/health/ready`` (Open Inference Protocol health);
   the rest of the protocol (``/v2``, ``/v2/models/...``) is in :mod:`ketch.oip`.
+* ``GET /metrics`` (Prometheus, :mod:`ketch.metrics`) and ``GET /openapi.json`` (the OpenAPI
+  document of every route, :mod:`ketch.openapi`).
 
 Every error is JSON, ``{"error": "..."}`` plus details, with a status that says whose fault it
 was: 400 bad request, 404 unknown model, 429 the model's queue is full (with
@@ -34,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ketch import openapi
 from ketch.application import Applications
 from ketch.dispatch import Dispatcher
 from ketch.http_json import (
@@ -63,6 +66,7 @@ class Gateway:
         self.dispatcher = dispatcher
         self.apps = apps
         self.request_timeout_s = request_timeout_s
+        self._openapi = openapi.document()
 
     def app(self) -> Starlette:
         return Starlette(
@@ -76,6 +80,7 @@ class Gateway:
                 Route("/v2/health/ready", self.ready, methods=["GET"]),
                 *OpenInference(self.dispatcher, self.request_timeout_s).routes(),
                 Route("/metrics", self.dispatcher.metrics.endpoint, methods=["GET"]),
+                Route("/openapi.json", self.openapi, methods=["GET"]),
             ],
             exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
             middleware=[self.dispatcher.metrics.middleware()],
@@ -140,6 +145,9 @@ class Gateway:
 
     async def list_apps(self, request: Request) -> Response:
         return json_response({"apps": self.apps.describe()})
+
+    async def openapi(self, request: Request) -> Response:
+        return json_response(self._openapi)
 
     async def list_models(self, request: Request) -> Response:
         return json_response({"models": self.dispatcher.describe()})
