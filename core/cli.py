@@ -1,19 +1,24 @@
 """The ``ketch`` command: ``ketch serve`` runs the gateway and its workers, ``ketch worker``
 joins a running gateway with one more worker (possibly from another machine), ``ketch
-plugins`` lists the plugins and policies the gateway would load."""
+plugins`` lists the plugins and policies the gateway would load, ``ketch status`` prints what a
+running server is doing."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ketch.config import ConfigError, ReplaceDefault, load_defaults
 from ketch.errors import KetchError
+from ketch.events import LOG_FORMATS, JsonLogFormatter
 from ketch.httpserver import run_event_loop
 from ketch.server import DEFAULT_BROKER, ServeOptions, serve
+from ketch.status import DEFAULT_STATUS_URL
 from ketch.zmq_transport.liveness import DEFAULT_INTERVAL_S, DEFAULT_LIVENESS, Heartbeat
 
 
@@ -51,7 +56,7 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
         default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
-        help="what to log on stderr (default %(default)s)",
+        help="the least severe Python log records to print on stderr (default %(default)s)",
     )
     parser.add_argument(
         "--heartbeat-interval",
@@ -73,35 +78,64 @@ def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-p",
         "--plugin",
-        action="append",
+        action=ReplaceDefault,
         default=[],
         metavar="MODULE_OR_FILE",
-        help="load this module or file as a plugin too (repeatable); installed plugins (the "
-        "'ketch' entry-point group) load unless KETCH_DISABLE_PLUGIN_AUTOLOAD is set",
+        help="load this module or file as a plugin too (repeatable; default none); installed "
+        "plugins (the 'ketch' entry-point group) load unless KETCH_DISABLE_PLUGIN_AUTOLOAD is "
+        "set, and the modules or files in KETCH_PLUGINS always load as well",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+_SERVE_EPILOG = f"""\
+Every option can also come from the environment, as KETCH_<OPTION> (upper case, '-' as
+'_': KETCH_PORT, KETCH_REQUEST_TIMEOUT, KETCH_SOURCE for PATH_OR_MODULE; KETCH_MODEL and
+KETCH_PLUGIN are lists separated by '{os.pathsep}'), and from the [serve] table of a TOML
+file (keys as the options with '_': port = 8080, state_dir = "state", model = ["..."]).
+
+Precedence, highest first: command line > environment > config file > defaults.
+The config file is --config PATH, else $KETCH_CONFIG, else ./ketch.toml when it exists.
+See docs/configuration.md.
+"""
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``ketch`` parser and its ``serve`` subparser (which config files configure)."""
     parser = argparse.ArgumentParser(prog="ketch", description="Serve models over HTTP.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve_cmd = commands.add_parser("serve", help="serve the models of a file or module over HTTP")
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="serve the models of a file or module over HTTP",
+        description="Serve the models and applications of a file or module over HTTP.",
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve_cmd.add_argument(
         "source",
         metavar="PATH_OR_MODULE",
         nargs="?",
-        help="the file or module with the models and applications, e.g. app.py or pkg.models",
+        help="the file or module with the models and applications, e.g. app.py or pkg.models "
+        "(default none: then --model must name at least one model)",
+    )
+    serve_cmd.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="read defaults for these options from the [serve] table of this TOML file "
+        "(default $KETCH_CONFIG, else ./ketch.toml if it exists)",
     )
     serve_cmd.add_argument(
         "--model",
-        action="append",
+        action=ReplaceDefault,
         default=[],
         metavar="NAME=RUNTIME:PATH",
         help="also serve a saved model through a runtime, e.g. resnet=torch:model.pt2 "
-        "(repeatable; `ketch plugins` lists the runtimes)",
+        "(repeatable; `ketch plugins` lists the runtimes; default none)",
     )
     serve_cmd.add_argument(
-        "--host", default="127.0.0.1", help="HTTP interface (default %(default)s)"
+        "--host", default="127.0.0.1", help="HTTP interface to listen on (default %(default)s)"
     )
     serve_cmd.add_argument(
         "--port",
@@ -140,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where applications keep their policies' state across restarts (default "
         "$KETCH_STATE_DIR, else ~/.local/state/ketch)",
     )
+    serve_cmd.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="how to print status on stdout and logs on stderr: text ('ketch: ...' lines) "
+        "or json (one JSON object per line) (default %(default)s)",
+    )
     _add_plugin_option(serve_cmd)
     _add_common_options(serve_cmd)
 
@@ -169,16 +210,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker_cmd.add_argument("--model-version", default=None, help="which version to serve")
     _add_common_options(worker_cmd)
-    return parser
+
+    status_cmd = commands.add_parser(
+        "status", help="print the models and applications of a running server"
+    )
+    status_cmd.add_argument(
+        "--url",
+        default=os.environ.get("KETCH_URL") or DEFAULT_STATUS_URL,
+        help=f"the server's HTTP address (default $KETCH_URL, else {DEFAULT_STATUS_URL})",
+    )
+    return parser, serve_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _build_parsers()[0]
+
+
+def _config_option(argv: Sequence[str]) -> Path | None:
+    """The ``--config`` of a ``ketch serve`` command line, read before the full parse since the
+    file it names provides that parse's defaults."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config", type=Path, default=None)
+    known, _ = early.parse_known_args(argv)
+    config: Path | None = known.config
+    return config
+
+
+def _setup_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s ketch %(levelname)s %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "WARNING"),
-        format="%(asctime)s ketch %(levelname)s %(name)s: %(message)s",
-    )
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser, serve_cmd = _build_parsers()
+    # `--help` skips the file and environment, so it shows the built-in defaults and works
+    # even when ketch.toml is broken.
+    if arguments[:1] == ["serve"] and not {"-h", "--help"} & set(arguments):
+        try:
+            serve_cmd.set_defaults(**load_defaults(serve_cmd, _config_option(arguments[1:])))
+        except ConfigError as exc:
+            print(f"ketch: error: {exc}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(arguments)
+    _setup_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     try:
+        if args.command == "status":
+            from ketch.status import print_status
+
+            return print_status(args.url)
         if args.command == "plugins":
             if args.reference:
                 from ketch.hookspecs import reference
@@ -199,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 plugins=tuple(args.plugin),
                 state_dir=args.state_dir,
                 models=tuple(args.model),
+                log_format=args.log_format,
             )
             run_event_loop(serve(options))
         else:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ketch import events
 from ketch.batching import BatchSizer, batch_latency_target_s
 from ketch.cache import PredictionCache
 from ketch.jobs import Inputs, Job, Part, PredictionError
@@ -35,8 +36,6 @@ from ketch.models import ModelSpec, cache_limit
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
 from ketch.zmq_transport.protocol import ErrorKind
-
-Report = Callable[[str], None]
 
 #: A batch is sent at most this many times: once, and once more if its worker dies.
 MAX_ATTEMPTS = 2
@@ -542,10 +541,11 @@ def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
 class Dispatcher:
     """Routes requests to model queues and broker events to the queue of the worker's model.
 
-    :param report: receives one human-readable line per state change (worker ready or lost).
+    :param report: receives one :class:`~ketch.events.Event` per state change (worker ready
+        or lost, template started, model unhealthy, pool back to zero).
     """
 
-    def __init__(self, report: Report) -> None:
+    def __init__(self, report: events.Report) -> None:
         self._report = report
         self._queues: dict[tuple[str, str], ModelQueue] = {}
         self._defaults: dict[str, str] = {}
@@ -627,6 +627,11 @@ class Dispatcher:
                     queue.fail_in_flight(worker, error)
                 self._broker.drop(worker, why)
 
+    def scaled_to_zero(self, spec: ModelSpec) -> None:
+        """The pool manager let the last worker of ``spec`` go for idleness: say so, since
+        the next request pays a cold start."""
+        self._report(events.scaled_to_zero(spec, spec.pool.idle_timeout_s))
+
     def retire(self, worker: WorkerInfo, reason: str) -> None:
         """Let an idle worker go: it is told DISCONNECT and leaves its pool."""
         assert self._broker is not None
@@ -655,18 +660,15 @@ class Dispatcher:
         if template is None:
             return
         if template["state"] == "ready":
-            self._report(
-                f"model {spec.label()} template ready: pid {template['pid']}, "
-                f"{template['rss_mb']} MB with the model's imports preloaded"
-            )
+            self._report(events.template_ready(spec, template["pid"], template["rss_mb"]))
             if queue.queue_depth and queue.on_demand is not None:
                 queue.on_demand()  # requests were waiting for the template
         else:
-            self._report(f"model {spec.label()} template starting: pid {template['pid']}")
+            self._report(events.template_starting(spec, template["pid"]))
 
     def model_unhealthy(self, spec: ModelSpec, cause: str) -> None:
         self.add_model(spec).mark_unhealthy(cause)
-        self._report(f"model {spec.label()} unhealthy: {cause}")
+        self._report(events.model_unhealthy(spec, cause))
 
     # -- broker events ----------------------------------------------------------------------
 
@@ -679,13 +681,13 @@ class Dispatcher:
             queue.starting.discard(worker.pid)
         queue.learn_loaded(worker.spec)
         queue.add_worker(worker)
-        self._report(f"model {worker.spec.label()} ready: {worker.describe()}")
+        self._report(events.model_ready(worker))
 
     def worker_lost(self, worker: WorkerInfo, reason: str) -> None:
         queue = self._queues.get(worker.spec.key)
         if queue is not None:
             queue.remove_worker(worker, reason)
-        self._report(f"model {worker.spec.label()} lost {worker.describe()}: {reason}")
+        self._report(events.worker_lost(worker, reason))
 
     def batch_replied(
         self, worker: WorkerInfo, batch_id: int, outputs: Outputs, compute_s: float | None

@@ -112,9 +112,12 @@ class PoolManager:
             if not self._workers.spawn(spec):
                 break  # backing off after a crash: the next tick tries again
         if step < 0:
-            for worker in queue.idle_workers(-step, local_pids=self._workers.pids(spec)):
+            retired = queue.idle_workers(-step, local_pids=self._workers.pids(spec))
+            for worker in retired:
                 self._workers.retire(worker.pid)
                 self._dispatcher.retire(
                     worker,
                     f"scaled down after {spec.pool.idle_timeout_s:g} s with more workers than load",
                 )
+            if retired and current == len(retired):
+                self._dispatcher.scaled_to_zero(spec)

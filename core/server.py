@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
+from ketch import events
 from ketch.app_state import StateStore, default_state_dir
 from ketch.application import Applications, build_applications
 from ketch.deployments import parse_model_argument
@@ -48,6 +49,8 @@ class ServeOptions:
     :param plugins: modules or files to load as plugins, besides the installed ones.
     :param state_dir: where applications keep their policies' state across restarts
         (``None``: ``$KETCH_STATE_DIR``, else ``~/.local/state/ketch``).
+    :param log_format: ``text`` prints status as ``ketch: ...`` lines, ``json`` as one JSON
+        object per line (see :mod:`ketch.events`).
     """
 
     source: str | None
@@ -60,6 +63,7 @@ class ServeOptions:
     plugins: tuple[str, ...] = ()
     state_dir: Path | None = None
     models: tuple[str, ...] = ()
+    log_format: events.LogFormat = "text"
 
     def __post_init__(self) -> None:
         if self.source is None and not self.models:
@@ -71,22 +75,24 @@ class ServeOptions:
 
 
 class _Reporter:
-    """Prints state changes as ``ketch: ...`` lines, and ``ketch: ready`` once every worker
-    started with the server has joined (tests and scripts wait for that line)."""
+    """Prints state changes as ``ketch: ...`` lines (or JSON objects), and the ``ready``
+    event once every worker started with the server has joined (tests and scripts wait for
+    that line)."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, log_format: events.LogFormat = "text") -> None:
         self._out = out
+        self._format: events.LogFormat = log_format
         self.is_ready: Callable[[], bool] = lambda: False
         self._announced = False
 
-    def __call__(self, line: str) -> None:
-        print(f"ketch: {line}", file=self._out, flush=True)
+    def __call__(self, event: events.Event) -> None:
+        events.write_event(event, self._out, self._format)
         self.announce_if_ready()
 
     def announce_if_ready(self) -> None:
         if not self._announced and self.is_ready():
             self._announced = True
-            print("ketch: ready", file=self._out, flush=True)
+            events.write_event(events.ready(), self._out, self._format)
 
 
 async def serve(
@@ -98,7 +104,7 @@ async def serve(
         shutdown = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, shutdown.set)
-    report = _Reporter(out)
+    report = _Reporter(out, options.log_format)
     dispatcher = Dispatcher(report)
     broker = Broker(options.broker, dispatcher, options.heartbeat)
     # Both ports first: a port in use fails at once, before any import of user code.
@@ -130,12 +136,10 @@ async def serve(
         )
         dispatcher.metrics.watch_apps(apps)
         host, port = sock.getsockname()[:2]
-        report(f"broker listening on {endpoint}")
-        report(f"listening on http://{_url_host(host)}:{port}")
+        report(events.broker_listening(endpoint))
+        report(events.listening(f"http://{_url_host(host)}:{port}"))
         for app_spec in served.apps:
-            report(
-                f"app {app_spec.name}: policy {app_spec.policy} over {', '.join(app_spec.models)}"
-            )
+            report(events.app_started(app_spec.name, app_spec.policy, list(app_spec.models)))
         workers = LocalWorkers(
             options.source or "",
             endpoint,
@@ -170,7 +174,7 @@ async def serve(
             await workers.stop()
         log.info("workers stopped")
         report.is_ready = lambda: False
-        report("stopped")
+        report(events.stopped())
 
 
 def _url_host(host: str) -> str:
