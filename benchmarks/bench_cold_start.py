@@ -69,7 +69,7 @@ import zmq
 from ketch_server import KetchServer, write_models
 from loadgen import LoadSpec, _build_target, _parse_head
 from procstat import CpuSample, CpuShares
-from report import finite
+from report import at_least, finite, percentile
 from server_process import ServerError, wait_gone
 
 from ketch.zmq_transport.protocol import Command, ProtocolError, decode, split_envelope
@@ -515,14 +515,6 @@ def _measure_fresh(args: argparse.Namespace, models_file: Path, report: Report) 
         context.term()
 
 
-def _percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
-
-
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
@@ -531,7 +523,7 @@ def _figures(report: Report) -> dict[str, Any]:
     cold, warm, fresh = _median(report.cold_ms), _median(report.warm_ms), _median(report.fresh_ms)
     return {
         "cold_median_ms": cold,
-        "cold_p90_ms": _percentile(report.cold_ms, 0.90),
+        "cold_p90_ms": percentile(report.cold_ms, 0.90),
         "first_cold_ms": report.first_cold_ms if report.first_cold_ms is not None else math.nan,
         "warm_median_ms": warm,
         "fresh_interpreter_median_ms": fresh,
@@ -545,9 +537,9 @@ def _preload_figures(preload: PreloadReport) -> dict[str, Any]:
     preloaded = _median(preload.cold_ms[HEAVY_PRELOADED])
     return {
         "heavy_cold_median_ms": heavy,
-        "heavy_cold_p90_ms": _percentile(preload.cold_ms[HEAVY], 0.90),
+        "heavy_cold_p90_ms": percentile(preload.cold_ms[HEAVY], 0.90),
         "heavy_preloaded_cold_median_ms": preloaded,
-        "heavy_preloaded_cold_p90_ms": _percentile(preload.cold_ms[HEAVY_PRELOADED], 0.90),
+        "heavy_preloaded_cold_p90_ms": percentile(preload.cold_ms[HEAVY_PRELOADED], 0.90),
         "preloaded_over_not_preloaded": preloaded / heavy if heavy > 0 else math.nan,
         "not_preloaded_minus_preloaded_ms": heavy - preloaded,
         "import_median_ms": _median(preload.import_ms),
@@ -578,7 +570,7 @@ def _print_table(report: Report) -> None:
             continue
         print(
             f"{name:<40}{len(values):>5}{_median(values):>11.2f}"
-            f"{_percentile(values, 0.90):>10.2f}{min(values):>10.2f}{max(values):>10.2f}"
+            f"{percentile(values, 0.90):>10.2f}{min(values):>10.2f}{max(values):>10.2f}"
         )
 
 
@@ -678,21 +670,11 @@ def _json_report(report: Report, figures: dict[str, Any], preload_figures: dict[
     return json.dumps(finite(payload))
 
 
-def _at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--cycles", type=_at_least(1), default=20, help="timed cold starts")
-    parser.add_argument("--warm-requests", type=_at_least(1), default=200, help="timed warm")
-    parser.add_argument("--fresh-runs", type=_at_least(1), default=5, help="fresh interpreters")
+    parser.add_argument("--cycles", type=at_least(1), default=20, help="timed cold starts")
+    parser.add_argument("--warm-requests", type=at_least(1), default=200, help="timed warm")
+    parser.add_argument("--fresh-runs", type=at_least(1), default=5, help="fresh interpreters")
     parser.add_argument(
         "--idle-timeout", type=float, default=0.3, help="the model's idle_timeout_s"
     )

@@ -22,7 +22,6 @@ the figures and the ratios.
 from __future__ import annotations
 
 import argparse
-import http.client
 import itertools
 import json
 import statistics
@@ -33,11 +32,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
-from ketch_server import KetchServer
+from ketch_server import KetchServer, single_input_latencies
 from loadgen import LoadSpec, run_load
+from report import percentile, print_comparison
 
 SERVED = """
 import ketch
@@ -115,11 +114,6 @@ BUILDERS: dict[str, Callable[[Path, int, int], tuple[str, Direct]]] = {
 }
 
 
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def direct_figures(
     direct: Direct, rows: list[list[float]], args: argparse.Namespace
 ) -> dict[str, float]:
@@ -141,30 +135,9 @@ def direct_figures(
     }
 
 
-def ketch_single_row(url: str, rows: list[list[float]], count: int) -> list[float]:
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    latencies = []
-    try:
-        for i in range(count):
-            body = json.dumps({"input": rows[i % len(rows)]})
-            start = time.perf_counter()
-            connection.request(
-                "POST", "/models/mlp/predict", body, {"Content-Type": "application/json"}
-            )
-            response = connection.getresponse()
-            payload = response.read()
-            latencies.append(time.perf_counter() - start)
-            if response.status != 200:
-                raise RuntimeError(f"ketch answered {response.status}: {payload[:200]!r}")
-    finally:
-        connection.close()
-    return latencies
-
-
 def ketch_figures(url: str, rows: list[list[float]], args: argparse.Namespace) -> dict[str, float]:
-    ketch_single_row(url, rows, 50)  # warm the connection path and the worker
-    latencies = ketch_single_row(url, rows, args.requests)
+    single_input_latencies(url, "mlp", rows, 50)  # warm the connection path and the worker
+    latencies = single_input_latencies(url, "mlp", rows, args.requests)
     predict = f"{url}/models/mlp/predict"
     batched = run_load(
         LoadSpec(
@@ -228,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.framework} MLP {args.dim}-{args.hidden}-{args.hidden}-10, one thread, "
         "in-process vs ketch"
     )
-    print(f"{'figure':<44}{'in-process':>12}{'ketch':>12}{'ratio':>9}")
     lines = [
         ("single-row latency p50 (ms)", "single_p50_ms", "single_p50_ms"),
         ("single-row latency p99 (ms)", "single_p99_ms", "single_p99_ms"),
@@ -239,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "one_row_requests_rows_per_s",
         ),
     ]
-    for label, mine, theirs in lines:
-        ratio = through[theirs] / direct[mine]
-        print(f"{label:<44}{direct[mine]:>12.3f}{through[theirs]:>12.3f}{ratio:>8.2f}x")
+    print_comparison("in-process", direct, through, lines)
     print(
         f"errors: {through['batched_errors']:.0f} in {args.batch}-row calls, "
         f"{through['one_row_requests_errors']:.0f} in one-row calls "

@@ -47,7 +47,7 @@ from typing import Any
 from ketch_server import KetchServer, write_models
 from loadgen import LoadSpec, _build_target, _parse_head
 from procstat import CpuSample, CpuShares, system_busy_seconds
-from report import finite
+from report import at_least, finite, percentile
 from server_process import ServerError
 
 TARGET_P50_MS = 5.0
@@ -92,7 +92,7 @@ class Side:
 
     @property
     def p99_ms(self) -> float:
-        return _percentile(self.single_ms, 0.99)
+        return percentile(self.single_ms, 0.99)
 
     @property
     def rows_per_s(self) -> float:
@@ -111,14 +111,6 @@ def synthetic_rows(count: int, seed: int) -> list[dict[str, Any]]:
         label = float(a + b + rng.normal() > 0)
         rows.append({"a": a, "b": b, "c": c, "color": COLORS[int(rng.integers(3))], "y": label})
     return rows
-
-
-def _percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
 # -- Spark ------------------------------------------------------------------------------------
@@ -343,24 +335,14 @@ def print_report(ketch: Side, spark: Side, batch_size: int) -> None:
         print(f"machine CPU busy during Spark's runs: {spark.machine_cores:.2f} cores")
 
 
-def _at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--requests", type=_at_least(1), default=500, help="ketch single rows")
-    parser.add_argument("--warmup", type=_at_least(0), default=50, help="ketch untimed rows")
-    parser.add_argument("--batches", type=_at_least(1), default=100, help="ketch batches")
-    parser.add_argument("--spark-requests", type=_at_least(1), default=50, help="Spark rows")
-    parser.add_argument("--spark-batches", type=_at_least(1), default=20, help="Spark batches")
-    parser.add_argument("--batch-size", type=_at_least(1), default=64, help="rows a batch")
+    parser.add_argument("--requests", type=at_least(1), default=500, help="ketch single rows")
+    parser.add_argument("--warmup", type=at_least(0), default=50, help="ketch untimed rows")
+    parser.add_argument("--batches", type=at_least(1), default=100, help="ketch batches")
+    parser.add_argument("--spark-requests", type=at_least(1), default=50, help="Spark rows")
+    parser.add_argument("--spark-batches", type=at_least(1), default=20, help="Spark batches")
+    parser.add_argument("--batch-size", type=at_least(1), default=64, help="rows a batch")
     parser.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to ready")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args(argv)

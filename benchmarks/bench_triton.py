@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import importlib
 import json
 import os
@@ -44,11 +43,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
-from ketch_server import KetchServer
+from ketch_server import KetchServer, single_input_latencies
 from loadgen import LoadSpec, run_load
+from report import percentile, print_comparison
 
 #: Where the test suite keeps its PyTriton virtualenv (see tests/frameworks/test_triton.py).
 CACHED_PYTRITON = (
@@ -157,11 +156,6 @@ def pytriton_server(python: Path, folder: Path) -> Iterator[tuple[str, str]]:
         process.wait(10)
 
 
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 class Direct:
     """Calls of "affine" on Triton with tritonclient, one client per thread."""
 
@@ -237,32 +231,11 @@ def closed_loop(direct: Direct, batch: np.ndarray, connections: int, duration_s:
     return sum(counts)
 
 
-def ketch_single_row(url: str, rows: list[list[float]], count: int) -> list[float]:
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    latencies = []
-    try:
-        for i in range(count):
-            body = json.dumps({"input": rows[i % len(rows)]})
-            start = time.perf_counter()
-            connection.request(
-                "POST", "/models/affine/predict", body, {"Content-Type": "application/json"}
-            )
-            response = connection.getresponse()
-            payload = response.read()
-            latencies.append(time.perf_counter() - start)
-            if response.status != 200:
-                raise RuntimeError(f"ketch answered {response.status}: {payload[:200]!r}")
-    finally:
-        connection.close()
-    return latencies
-
-
 def ketch_figures(
     url: str, direct: Direct, rows: list[list[float]], args: argparse.Namespace
 ) -> dict[str, float]:
-    ketch_single_row(url, rows, 50)  # warm the connection path and the worker
-    latencies = ketch_single_row(url, rows, args.requests)
+    single_input_latencies(url, "affine", rows, 50)  # warm the connection path and the worker
+    latencies = single_input_latencies(url, "affine", rows, args.requests)
     predict = f"{url}/models/affine/predict"
     batched = run_load(
         LoadSpec(
@@ -343,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
         f"affine 3->2 on PyTriton's Triton (CPU), over {args.protocol}: tritonclient directly "
         f"vs ketch over HTTP ({args.replicas} worker{'s' if args.replicas > 1 else ''})"
     )
-    print(f"{'figure':<44}{'direct':>12}{'ketch':>12}{'ratio':>9}")
     lines = [
         ("single-row latency p50 (ms)", "single_p50_ms", "single_p50_ms"),
         ("single-row latency p99 (ms)", "single_p99_ms", "single_p99_ms"),
@@ -358,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             "one_row_requests_rows_per_s",
         ),
     ]
-    for label, mine, theirs in lines:
-        ratio = through[theirs] / direct[mine]
-        print(f"{label:<44}{direct[mine]:>12.3f}{through[theirs]:>12.3f}{ratio:>8.2f}x")
+    print_comparison("direct", direct, through, lines)
     print(
         f"errors: {through['batched_errors']:.0f} in {args.batch}-row calls, "
         f"{through['one_row_requests_errors']:.0f} in one-row calls "

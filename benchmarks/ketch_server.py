@@ -11,6 +11,7 @@ and they read ``GET /models``. Every wait has a deadline; none is a sleep.
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import re
@@ -21,6 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from server_process import ServerError, ServerProcess
 
@@ -133,3 +135,25 @@ class KetchServer(ServerProcess):
             if entry.get("name") == name and entry.get("default"):
                 return dict(entry)
         raise ServerError(f"GET {url} lists no model {name!r}: {payload}")
+
+
+def single_input_latencies(url: str, model: str, inputs: list[Any], count: int) -> list[float]:
+    """Seconds each of ``count`` sequential one-input predictions of ``model`` took, on one
+    keep-alive connection, cycling through ``inputs``; raises on any answer but 200."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    path = f"/models/{model}/predict"
+    latencies = []
+    try:
+        for i in range(count):
+            body = json.dumps({"input": inputs[i % len(inputs)]})
+            start = time.perf_counter()
+            connection.request("POST", path, body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            payload = response.read()
+            latencies.append(time.perf_counter() - start)
+            if response.status != 200:
+                raise ServerError(f"ketch answered {response.status}: {payload[:200]!r}")
+    finally:
+        connection.close()
+    return latencies

@@ -1,8 +1,10 @@
-"""Helpers the benchmark scripts share for printing their figures."""
+"""Helpers the benchmark scripts share: their options, percentiles, and printing figures."""
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -16,3 +18,36 @@ def finite(value: Any) -> Any:
     if isinstance(value, list):
         return [finite(v) for v in value]
     return value
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def print_comparison(
+    baseline: str,
+    direct: Mapping[str, float],
+    through: Mapping[str, float],
+    lines: Sequence[tuple[str, str, str]],
+) -> None:
+    """A table of ``(label, baseline key, ketch key)`` figures with ketch / baseline ratios."""
+    print(f"{'figure':<44}{baseline:>12}{'ketch':>12}{'ratio':>9}")
+    for label, mine, theirs in lines:
+        ratio = through[theirs] / direct[mine]
+        print(f"{label:<44}{direct[mine]:>12.3f}{through[theirs]:>12.3f}{ratio:>8.2f}x")

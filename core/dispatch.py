@@ -172,7 +172,7 @@ class ModelQueue:
                 504,
                 f"model {self.spec.label()!r} did not answer within {timeout_s * 1000:g} ms: "
                 f"the request's deadline passed {where}",
-                **self._labels(),
+                **self.labels(),
             )
         )
 
@@ -184,7 +184,7 @@ class ModelQueue:
             429,
             f"model {self.spec.label()!r} has {self._queued_items} inputs waiting, its "
             f"max_queue is {self.spec.max_queue}: retry after {retry_after} s",
-            **self._labels(),
+            **self.labels(),
         )
         error.headers["Retry-After"] = str(retry_after)
         return error
@@ -207,7 +207,7 @@ class ModelQueue:
             503,
             f"model {self.spec.label()!r} got no worker within "
             f"{self.spec.pool.cold_start_timeout_s:g} s ({cause})",
-            **self._labels(),
+            **self.labels(),
         )
         for part in expired:
             part.job.fail(error)
@@ -239,7 +239,7 @@ class ModelQueue:
             503,
             f"model {self.spec.label()!r} is unhealthy and no longer served: "
             f"{self.unhealthy_because}; fix it and restart ketch",
-            **self._labels(),
+            **self.labels(),
         )
 
     def _no_worker_error(self) -> PredictionError:
@@ -247,7 +247,7 @@ class ModelQueue:
             503,
             f"no worker serves model {self.spec.label()!r}: its workers were started by hand "
             "and have all left; start one with `ketch worker`",
-            **self._labels(),
+            **self.labels(),
         )
 
     @property
@@ -331,7 +331,7 @@ class ModelQueue:
             self._broker.send_batch(worker.info, batch.id, inputs)
         except ValueError as exc:
             worker.batches.pop(batch.id, None)
-            self._fail(parts, PredictionError(400, str(exc), **self._labels()))
+            self._fail(parts, PredictionError(400, str(exc), **self.labels()))
         else:
             self._metrics.batch_sent(batch.size)
 
@@ -375,7 +375,7 @@ class ModelQueue:
                             503,
                             f"{info.describe()} was lost while computing this request "
                             f"({reason}), after {part.attempts} attempts",
-                            **self._labels(),
+                            **self.labels(),
                         )
                     )
                 else:
@@ -420,7 +420,7 @@ class ModelQueue:
             error = PredictionError(
                 500,
                 f"{info.describe()} returned {len(outputs)} outputs for a batch of {batch.size}",
-                **self._labels(),
+                **self.labels(),
             )
             self._fail(batch.parts, error)
         else:
@@ -440,11 +440,11 @@ class ModelQueue:
                 f"model {self.spec.label()!r} raised {remote.type}: {remote.message}",
                 type=remote.type,
                 message=remote.message,
-                **self._labels(),
+                **self.labels(),
             )
         else:
             status = 400 if remote.kind is ErrorKind.BAD_INPUT else 500
-            error = PredictionError(status, remote.message, type=remote.type, **self._labels())
+            error = PredictionError(status, remote.message, type=remote.type, **self.labels())
         self._fail(batch.parts, error)
         self.pump()
 
@@ -456,7 +456,8 @@ class ModelQueue:
         for part in parts:
             part.job.fail(error)
 
-    def _labels(self) -> dict[str, str]:
+    def labels(self) -> dict[str, str]:
+        """The ``model`` and ``version`` details every error about this queue carries."""
         return {"model": self.spec.name, "version": self.spec.version}
 
     # -- status -----------------------------------------------------------------------------

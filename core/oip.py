@@ -209,8 +209,7 @@ def _items(queue: ModelQueue, tensors: dict[str, np.ndarray]) -> list[Any]:
                 raise PredictionError(
                     400,
                     f"input {name!r} of model {queue.spec.label()!r} is {want}, got {got}",
-                    model=queue.spec.name,
-                    version=queue.spec.version,
+                    **queue.labels(),
                 )
     # Numpy models get their rows as arrays, stacked again (keeping the dtype) by the queue;
     # everything else gets Python values, as parsed JSON would be. Cache keys are built from
@@ -234,8 +233,7 @@ def _check_names(queue: ModelQueue, declared: set[str], given: set[str]) -> None
         raise PredictionError(
             400,
             f"model {queue.spec.label()!r} takes inputs {sorted(declared)}: " + ", ".join(problems),
-            model=queue.spec.name,
-            version=queue.spec.version,
+            **queue.labels(),
         )
 
 
@@ -265,8 +263,7 @@ def _output_tensors(
             raise PredictionError(
                 400,
                 f"model {queue.spec.label()!r} has no outputs {unknown}; it has {list(columns)}",
-                model=queue.spec.name,
-                version=queue.spec.version,
+                **queue.labels(),
             )
         columns = {name: columns[name] for name in dict.fromkeys(requested)}
     return [_output_tensor(queue, name, column) for name, column in columns.items()]
@@ -283,8 +280,7 @@ def _output_tensor(queue: ModelQueue, name: str, column: list[Any]) -> dict[str,
             500,
             f"output {name!r} of model {queue.spec.label()!r} is not a tensor V2 can carry "
             f"(numbers, booleans or strings of one shape per item), got {array.dtype.name}",
-            model=queue.spec.name,
-            version=queue.spec.version,
+            **queue.labels(),
         )
     data = array.ravel().tolist()
     if array.dtype.kind == "S":

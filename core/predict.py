@@ -72,8 +72,7 @@ def _check_tensor(queue: ModelQueue, array: np.ndarray) -> None:
     raise PredictionError(
         400,
         f"model {queue.spec.label()!r} takes inputs of {tensor.describe()} each, got {got}",
-        model=queue.spec.name,
-        version=queue.spec.version,
+        **queue.labels(),
         expected={"shape": list(tensor.shape), "datatype": tensor.datatype},
     )
 
@@ -91,8 +90,7 @@ def _check_items(queue: ModelQueue, inputs: list[Any]) -> None:
                 400,
                 f"model {queue.spec.label()!r} takes inputs of {{{takes}}}; input {index}: "
                 f"{problem}",
-                model=queue.spec.name,
-                version=queue.spec.version,
+                **queue.labels(),
                 expected=[t.to_dict() for t in tensors],
             )
 
@@ -101,6 +99,5 @@ def _not_stackable(queue: ModelQueue, why: str) -> PredictionError:
     return PredictionError(
         400,
         f"inputs for model {queue.spec.label()!r} cannot be stacked into one array: {why}",
-        model=queue.spec.name,
-        version=queue.spec.version,
+        **queue.labels(),
     )
