@@ -29,7 +29,6 @@ import importlib
 import json
 import os
 import random
-import re
 import signal
 import socket
 import statistics
@@ -130,21 +129,35 @@ def pytriton_server(python: Path, folder: Path) -> Iterator[tuple[str, str]]:
     # PyTriton's Python backend loads libpython, which pyenv keeps off the loader's path.
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
-    with open(log, "w") as output:
-        process = subprocess.Popen(
-            [str(python), str(script), *map(str, ports), str(folder / "workspace")],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    process = subprocess.Popen(
+        [str(python), str(script), *map(str, ports), str(folder / "workspace")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=env,
+        start_new_session=True,
+    )
+    # Set when the server prints READY, or when its output ends (it exited).
+    settled, ready = threading.Event(), threading.Event()
+
+    def copy_output() -> None:
+        assert process.stdout is not None
+        with process.stdout, open(log, "w") as output:
+            for line in process.stdout:
+                output.write(line)
+                output.flush()
+                if line.rstrip("\n") == "READY":
+                    ready.set()
+                    settled.set()
+        settled.set()
+
+    reader = threading.Thread(target=copy_output, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not re.search(r"^READY$", log.read_text(errors="replace"), re.MULTILINE):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"PyTriton's server did not start:\n{tail}")
-            time.sleep(0.2)
+        if not settled.wait(START_TIMEOUT_S) or not ready.is_set():
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise RuntimeError(f"PyTriton's server did not start:\n{tail}")
         yield f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"
     finally:
         if process.poll() is None:
@@ -154,6 +167,7 @@ def pytriton_server(python: Path, folder: Path) -> Iterator[tuple[str, str]]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
+        reader.join(10)
 
 
 class Direct:

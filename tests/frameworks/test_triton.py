@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -231,28 +231,43 @@ def triton(
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
-    with open(log, "w") as output:
-        process = subprocess.Popen(
-            [
-                str(pytriton_python),
-                str(script),
-                str(http_port),
-                str(grpc_port),
-                str(metrics_port),
-                str(folder / "workspace"),
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    process = subprocess.Popen(
+        [
+            str(pytriton_python),
+            str(script),
+            str(http_port),
+            str(grpc_port),
+            str(metrics_port),
+            str(folder / "workspace"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=env,
+        start_new_session=True,
+    )
+    # Set when the server prints READY, or when its output ends (it exited).
+    settled = threading.Event()
+    ready = threading.Event()
+
+    def copy_output() -> None:
+        assert process.stdout is not None
+        with process.stdout, open(log, "w") as output:
+            for line in process.stdout:
+                output.write(line)
+                output.flush()
+                if line.rstrip("\n") == "READY":
+                    ready.set()
+                    settled.set()
+        settled.set()
+
+    reader = threading.Thread(target=copy_output, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not re.search(r"^READY$", log.read_text(errors="replace"), re.MULTILINE):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-3000:]
-                pytest.fail(f"PyTriton's server did not start (exit {process.poll()}):\n{tail}")
-            time.sleep(0.2)
+        if not settled.wait(START_TIMEOUT_S) or not ready.is_set():
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            pytest.fail(f"PyTriton's server did not start (exit {process.poll()}):\n{tail}")
         server = TritonServer(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
         client = server.client()
         assert all(client.is_model_ready(m) for m in ("affine", "two_io", "lengths"))
@@ -260,6 +275,7 @@ def triton(
         yield server
     finally:
         stop_group(process)
+        reader.join(10)
 
 
 def stop_group(process: subprocess.Popen[Any]) -> None:
