@@ -13,7 +13,8 @@ Two kinds of metrics:
 * What nothing else keeps (per-status request counts, latency, batch size and cold start
   histograms) is recorded as it happens, through the typed methods of :class:`Metrics` and
   :class:`ModelMetrics`, and through :class:`RequestMetrics`, the ASGI middleware that times
-  ``/models/{name}/predict`` and ``/apps/{name}/predict``.
+  ``/models/{name}/predict``, the Open Inference Protocol's
+  ``/v2/models/{name}[/versions/{version}]/infer`` and ``/apps/{name}/predict``.
 
 ``docs/metrics.md`` lists every metric.
 """
@@ -52,11 +53,14 @@ COLD_START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 30
 
 _MODEL = ("model", "version")
 _PREDICT_PATH = re.compile(r"/(models|apps)/([^/]+)/predict")
+#: Open Inference Protocol requests: counted as model requests, as ``/models/{name}/predict``.
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")
 
 
 @dataclass(slots=True)
 class _Resolved:
-    """The model version a ``/models/{name}/predict`` request was routed to, once known."""
+    """The model version a model request (``/models/{name}/predict``, ``/v2/.../infer``) was
+    routed to, once known."""
 
     model: str | None = None
     version: str | None = None
@@ -106,7 +110,8 @@ class Metrics:
         self._apps: Applications | None = None
         self.requests = Counter(
             "ketch_requests",
-            "Requests to /models/{model}/predict, by the HTTP status of their answer.",
+            "Requests to /models/{model}/predict and /v2/models/{model}/infer, by the HTTP "
+            "status of their answer.",
             [*_MODEL, "status"],
             registry=self.registry,
         )
@@ -270,21 +275,22 @@ class _StateCollector(Collector):
 
 
 class RequestMetrics:
-    """ASGI middleware: counts and times ``POST /models/{name}/predict`` and
-    ``POST /apps/{name}/predict`` by the status of their answer; other routes pass through."""
+    """ASGI middleware: counts and times ``POST /models/{name}/predict``,
+    ``POST /v2/models/{name}[/versions/{version}]/infer`` and ``POST /apps/{name}/predict`` by
+    the status of their answer; other routes pass through."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = None
+        routed = None
         if scope["type"] == "http" and scope["method"] == "POST":
-            match = _PREDICT_PATH.fullmatch(scope["path"])
-        if match is None:
+            routed = _routed(scope["path"])
+        if routed is None:
             await self.app(scope, receive, send)
             return
-        kind, name = match.groups()
+        kind, name = routed
         started = time.perf_counter()
         status = 500  # when the app raises before answering, Starlette answers 500
         resolved = _Resolved()
@@ -310,3 +316,12 @@ class RequestMetrics:
                 # Failed before a version was chosen (bad body, unknown model or version).
                 model = name if self.metrics._known_model(name) else ""
                 self.metrics.request_done(model, "", status, seconds)
+
+
+def _routed(path: str) -> tuple[str, str] | None:
+    """``("models", name)`` or ``("apps", name)`` for a request path the middleware times."""
+    if match := _PREDICT_PATH.fullmatch(path):
+        return match[1], match[2]
+    if match := _INFER_PATH.fullmatch(path):
+        return "models", match[1]
+    return None

@@ -12,7 +12,9 @@ A V2 tensor's first dimension is the batch: the request's inputs are cut into it
 and each item goes through the same path as one input of ``/models/{name}/predict`` (cache,
 batching with other requests, deadlines). With one input tensor, an item is that tensor's row;
 with several, an item is ``{input_name: row}``. The items' outputs are stacked back along the
-first axis: one tensor per key when each output is a dict, else one tensor.
+first axis: one tensor per key when each output is a dict, else one tensor. A tensor the
+model declares (or its runtime announces) in ``outputs`` is cast to that datatype, when every
+value survives the cast (see :func:`~ketch.oip_types.cast_output`); else the answer is a 500.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import ketch
 from ketch.dispatch import Dispatcher, ModelQueue, version_order
 from ketch.http_json import TIMEOUT_HEADER, json_response, parse_body, timeout_ms_of
 from ketch.jobs import PredictionError
+from ketch.metrics import note_model
 from ketch.oip_types import (
     V2_TO_NUMPY,
+    cast_output,
     tensor_from_binary,
     tensor_from_json,
     v2_datatype,
@@ -96,6 +100,8 @@ class OpenInference:
     async def infer(self, request: Request) -> Response:
         try:
             queue = self._queue(request)
+            # Known from the path: even a request failing below is counted under this version.
+            note_model(queue.spec.name, queue.spec.version)
             body, tensors = _parse_request(await request.body(), request.headers)
             items = _items(queue, tensors)
             timeout_ms = timeout_ms_of(_client_timeout(body), request.headers.get(TIMEOUT_HEADER))
@@ -282,6 +288,20 @@ def _output_tensor(queue: ModelQueue, name: str, column: list[Any]) -> dict[str,
             f"(numbers, booleans or strings of one shape per item), got {array.dtype.name}",
             **queue.labels(),
         )
+    declared = next((t for t in queue.spec.outputs if t.name == name), None)
+    want = v2_datatype(declared.datatype) if declared is not None else None
+    # Only types JSON can carry: a runtime's BF16 output goes out as the array it is.
+    if want is not None and want in V2_TO_NUMPY and want != datatype:
+        try:
+            array = cast_output(array, want)
+        except ValueError as exc:
+            raise PredictionError(
+                500,
+                f"output {name!r} of model {queue.spec.label()!r} is declared {want}, but the "
+                f"model returned {datatype}: {exc}",
+                **queue.labels(),
+            ) from None
+        datatype = want
     data = array.ravel().tolist()
     if array.dtype.kind == "S":
         data = [b.decode(errors="replace") for b in data]

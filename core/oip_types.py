@@ -117,3 +117,35 @@ def tensor_from_binary(datatype: str, shape: list[int], raw: bytes) -> np.ndarra
     if len(texts) != expected:
         raise ValueError(f"shape {shape} holds {expected} elements, data has {len(texts)}")
     return np.asarray(texts, dtype=np.str_).reshape(shape)
+
+
+def cast_output(array: np.ndarray, datatype: str) -> np.ndarray:
+    """``array`` (a model's stacked output) as the V2 ``datatype`` its model declares.
+
+    A cast must keep every value: integers take only whole numbers in their range (``2.0`` may
+    become ``INT64``, ``2.5`` may not), ``BOOL`` only 0 and 1, floats any number that does not
+    overflow to infinity (rounded to their precision); text and numbers never turn into each
+    other. Raises ``ValueError`` saying which values cannot be cast otherwise.
+    """
+    dtype = V2_TO_NUMPY[datatype]
+    text = array.dtype.kind in "US"
+    if datatype == "BYTES" or text:
+        if text == (datatype == "BYTES"):
+            return array
+        raise ValueError("numbers are not text" if datatype == "BYTES" else "text is no number")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{array.dtype.name} values are not numbers")
+    if array.dtype == dtype:
+        return array
+    # Casting NaN or out-of-range values warns; whether every value survived is checked below.
+    with np.errstate(all="ignore"):
+        cast = array.astype(dtype)
+    if dtype.kind == "f":
+        lost, why = np.isfinite(array) & ~np.isfinite(cast), "values overflow it"
+    elif datatype == "BOOL":
+        lost, why = cast != array, "values are not 0 or 1"
+    else:
+        lost, why = cast != array, "values are not whole numbers in its range"
+    if lost.any():
+        raise ValueError(f"{why}, such as {array[lost].flat[0].item()!r}")
+    return cast

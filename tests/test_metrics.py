@@ -1,5 +1,6 @@
 """Prometheus metrics at GET /metrics: a real server's counters, histograms and gauges agree
-with the requests sent to it; separate Metrics objects never share a series."""
+with the requests sent to it, on ketch's routes and the Open Inference Protocol's; separate
+Metrics objects never share a series."""
 
 from __future__ import annotations
 
@@ -170,6 +171,58 @@ def test_metrics_agree_with_the_requests_sent(
     # The application: one query, answered with its default output.
     assert m.value("ketch_app_requests_total", app="a", status="200") == 1
     assert m.value("ketch_app_default_outputs_total", app="a") == 1
+
+
+V2_MODELS = """
+    import ketch
+    from ketch import TensorSpec
+
+    @ketch.model(inputs=[TensorSpec("x", "float64", ())])
+    def double(xs):
+        return [x * 2 for x in xs]
+
+    @ketch.model(name="double", version=2, inputs=[TensorSpec("x", "float64", ())])
+    def double_v2(xs):
+        return [x * 2 for x in xs]
+"""
+
+
+def test_open_inference_requests_count_as_model_requests(
+    write_models: Callable[[str], Path], start_server: Callable[..., KetchServer]
+) -> None:
+    server = start_server(write_models(V2_MODELS))
+
+    def infer(path: str, data: list[Any], datatype: str = "FP64") -> int:
+        tensor = {"name": "x", "shape": [len(data)], "datatype": datatype, "data": data}
+        return server.client.post(path, json={"inputs": [tensor]}).status_code
+
+    assert infer("/v2/models/double/infer", [1.0, 2.0]) == 200  # the highest version, 2
+    assert infer("/v2/models/double/infer", [3.0]) == 200
+    assert infer("/v2/models/double/versions/1/infer", [1.0]) == 200
+    assert infer("/v2/models/double/infer", [1], "INT64") == 400  # x is declared FP64
+    assert infer("/v2/models/double/versions/1/infer", ["a"]) == 400  # strings as FP64
+    assert infer("/v2/models/double/versions/9/infer", [1.0]) == 404
+    assert infer("/v2/models/made-up/infer", [1.0]) == 404
+    assert infer("/v2/models/made-up/versions/1/infer", [1.0]) == 404
+    # The protocol's other routes are not model requests.
+    assert server.client.get("/v2/models/double").status_code == 200
+    assert server.client.get("/v2/models/double/ready").status_code == 200
+
+    m = scrape(server)
+    # Under the version that answered, whether the path names it or not; a 400 for the
+    # request's tensors comes after the version is known, from the path.
+    assert m.value("ketch_requests_total", model="double", version="2", status="200") == 2
+    assert m.value("ketch_requests_total", model="double", version="1", status="200") == 1
+    assert m.value("ketch_requests_total", model="double", version="2", status="400") == 1
+    assert m.value("ketch_requests_total", model="double", version="1", status="400") == 1
+    assert m.value("ketch_request_duration_seconds_count", model="double", version="2") == 3
+    assert m.value("ketch_request_duration_seconds_count", model="double", version="1") == 2
+    # An unknown version of a served model: no version label; a made-up model: no labels.
+    assert m.value("ketch_requests_total", model="double", version="", status="404") == 1
+    assert m.value("ketch_requests_total", model="", version="", status="404") == 2
+    assert all(ls["model"] != "made-up" for ls in m.labelsets("ketch_requests_total"))
+    counted = [v for n, _, v in m.samples if n == "ketch_requests_total"]
+    assert sum(counted) == 8  # the eight infer calls, not the GETs
 
 
 def test_two_metrics_objects_do_not_share_a_registry() -> None:

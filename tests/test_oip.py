@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import textwrap
 from collections.abc import Iterator
 from typing import Any
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
+from tritonclient.utils import InferenceServerException
 
 import ketch
 from ketch.models import ModelSpec
+from ketch.oip_types import cast_output, v2_datatype_of
 from tests.conftest import KetchServer
 
 MODELS = """
@@ -47,6 +50,25 @@ def shout_v2(texts: list[str]) -> list[str]:
 @ketch.model(inputs=[TensorSpec("a", "int64", (2,)), TensorSpec("b", "float64", ())])
 def combine(items: list[dict]) -> list[dict]:
     return [{"total": sum(item["a"]) * item["b"], "size": len(item["a"])} for item in items]
+
+
+@ketch.model(outputs=[TensorSpec("y", "float32", ())])
+def halve(xs: list[float]) -> list[float]:
+    return [x / 2 for x in xs]
+
+
+# Whole numbers as Python ints and floats, and 0 or 1 for a bool.
+@ketch.model(outputs=[TensorSpec("total", "int64", ()), TensorSpec("positive", "bool", ())])
+def tally(rows: list[list[float]]) -> list[dict]:
+    return [
+        {"total": sum(row) if i % 2 else int(sum(row)), "positive": int(sum(row) > 0)}
+        for i, row in enumerate(rows)
+    ]
+
+
+@ketch.model(outputs=[TensorSpec("y", "float32", ())])
+def mislabeled(texts: list[str]) -> list[str]:
+    return texts
 """
 
 
@@ -181,6 +203,94 @@ def test_asyncio_client(server: KetchServer) -> None:
             await client.close()
 
     np.testing.assert_array_equal(asyncio.run(infer()), [[2, 4, 6]])
+
+
+def test_outputs_are_cast_to_their_declared_datatype(client: triton.InferenceServerClient) -> None:
+    x = triton.InferInput("input_0", [3], "FP64")
+    x.set_data_from_numpy(np.array([1.0, 3.0, -5.0]), binary_data=False)
+    halved = client.infer("halve", [x])
+    assert halved.get_output("y")["datatype"] == "FP32"  # Python floats would be FP64
+    y = halved.as_numpy("y")
+    assert y is not None
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, [0.5, 1.5, -2.5])
+
+    rows = triton.InferInput("input_0", [3, 2], "FP64")
+    rows.set_data_from_numpy(np.array([[1.0, 2.0], [0.0, 0.0], [-4.0, 1.0]]), binary_data=False)
+    tallied = client.infer("tally", [rows])
+    total_tensor = tallied.get_output("total")
+    assert total_tensor["datatype"] == "INT64"
+    assert total_tensor["data"] == [3, 0, -3]
+    assert all(type(n) is int for n in total_tensor["data"])  # 0.0 from the model comes back 0
+    total, positive = tallied.as_numpy("total"), tallied.as_numpy("positive")
+    assert total is not None and positive is not None
+    assert total.dtype == np.int64
+    assert total.tolist() == [3, 0, -3]
+    assert positive.dtype == np.bool_
+    assert positive.tolist() == [True, False, False]
+
+
+def test_an_output_its_declared_datatype_cannot_hold_is_a_500(
+    server: KetchServer, client: triton.InferenceServerClient
+) -> None:
+    texts = triton.InferInput("input_0", [2], "BYTES")
+    texts.set_data_from_numpy(np.array(["a", "b"], dtype=np.object_), binary_data=False)
+    with pytest.raises(InferenceServerException) as strings:
+        client.infer("mislabeled", [texts])
+    assert strings.value.status() == "500"
+    assert strings.value.message() == (
+        "output 'y' of model 'mislabeled:1' is declared FP32, but the model returned BYTES: "
+        "text is no number"
+    )
+    fraction = _infer(
+        server, "tally", {"inputs": [{"name": "r", "shape": [2, 1], "datatype": "FP64",
+                                      "data": [1, 2.5]}]},
+    )  # fmt: skip
+    assert fraction.status_code == 500
+    assert fraction.json() == {
+        "error": "output 'total' of model 'tally:1' is declared INT64, but the model returned "
+        "FP64: values are not whole numbers in its range, such as 2.5",
+        "model": "tally",
+        "version": "1",
+    }
+    # The gateway and the model's workers carry on.
+    assert _infer(server, "tally", _fp32([1, 1], [2], name="r")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("values", "datatype", "cast"),
+    [
+        ([1.5, 2], "FP32", [1.5, 2.0]),
+        ([1, 2.0, -3], "INT64", [1, 2, -3]),
+        ([True, False], "INT8", [1, 0]),
+        ([0, 1.0], "BOOL", [False, True]),
+        ([200], "UINT8", [200]),
+        ([np.nan, np.inf], "FP16", [np.nan, np.inf]),
+        (["a"], "BYTES", ["a"]),
+    ],
+)
+def test_cast_output_keeps_every_value(values: list[Any], datatype: str, cast: list[Any]) -> None:
+    array = cast_output(np.asarray(values), datatype)
+    assert v2_datatype_of(array) == datatype
+    np.testing.assert_array_equal(array, cast)
+
+
+@pytest.mark.parametrize(
+    ("values", "datatype", "why"),
+    [
+        ([2.5], "INT64", "not whole numbers in its range, such as 2.5"),
+        ([np.nan], "INT32", "not whole numbers in its range, such as nan"),
+        ([300], "INT8", "not whole numbers in its range, such as 300"),
+        ([-1], "UINT64", "not whole numbers in its range, such as -1"),
+        ([0, 2], "BOOL", "not 0 or 1, such as 2"),
+        ([1e300], "FP32", "overflow it, such as 1e+300"),
+        (["1.5"], "FP32", "text is no number"),
+        ([1], "BYTES", "numbers are not text"),
+    ],
+)
+def test_cast_output_refuses_to_change_a_value(values: list[Any], datatype: str, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
+        cast_output(np.asarray(values), datatype)
 
 
 def _infer(server: KetchServer, model: str, body: Any) -> httpx.Response:
