@@ -2,8 +2,10 @@
 
 One JSON file per application under the state directory (``apps/{name}.json``), written
 atomically (a temporary file, then a rename) so a crash mid-write leaves the previous state.
-The file records the policy and models it was learnt with: state saved for another policy or
-another set of models is not loaded into this one (it is kept aside as ``.stale``).
+The file records the policy and models it was learnt with: state saved for another policy is
+not loaded into this one (it is kept aside as ``.stale``). State saved for other models (an
+operator linked or unlinked some through the management API) is offered to the same policy,
+whose ``load_state_dict`` keeps what it knows of the models it still has.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,14 @@ def default_state_dir() -> Path:
     return Path(base) / "ketch"
 
 
+@dataclass(frozen=True, slots=True)
+class SavedState:
+    """A policy's state as saved, and the models it was learnt with."""
+
+    state: dict[str, Any]
+    models: tuple[str, ...]
+
+
 class StateStore:
     """Reads and writes the policy state of applications under ``directory``."""
 
@@ -41,8 +52,8 @@ class StateStore:
     def path_of(self, app_name: str) -> Path:
         return self.directory / "apps" / f"{app_name}.json"
 
-    def load(self, spec: AppSpec) -> dict[str, Any] | None:
-        """The state saved for this application with the same policy and models, or None."""
+    def load(self, spec: AppSpec) -> SavedState | None:
+        """The state saved for this application with the same policy, or None."""
         path = self.path_of(spec.name)
         try:
             saved = orjson.loads(path.read_bytes())
@@ -54,19 +65,21 @@ class StateStore:
         if (
             not isinstance(saved, dict)
             or saved.get("policy") != spec.policy
-            or saved.get("models") != list(spec.models)
+            or not isinstance(saved.get("models"), list)
             or not isinstance(saved.get("state"), dict)
         ):
             self._set_aside(
                 path,
-                f"it was saved for policy {saved.get('policy')!r} with models "
-                f"{saved.get('models')!r}, not {spec.policy!r} with {list(spec.models)!r}"
+                f"it was saved for policy {saved.get('policy')!r}, not {spec.policy!r}"
                 if isinstance(saved, dict)
                 else "it is not a JSON object",
             )
             return None
-        state: dict[str, Any] = saved["state"]
-        return state
+        return SavedState(saved["state"], tuple(saved["models"]))
+
+    def set_aside(self, app_name: str, why: str) -> None:
+        """Keep the application's saved state out of the way (``.stale``), saying ``why``."""
+        self._set_aside(self.path_of(app_name), why)
 
     def save(self, spec: AppSpec, state: dict[str, Any]) -> None:
         """Write ``state`` for the application; raises ``TypeError`` when it is not JSON."""

@@ -268,7 +268,8 @@ class Application:
             raise PredictionError(
                 409, f"query {query_id!r} already had its feedback", app=self.spec.name
             )
-        predictions = dict(record.predictions)
+        # A model unlinked since the query was answered is no longer the policy's to reward.
+        predictions = {m: p for m, p in record.predictions.items() if m in self.spec.models}
         try:
             if has_label:
                 rewards = {
@@ -279,7 +280,7 @@ class Application:
                     reward = self._plugins.reward_of(self.spec.name, None, record.output, label)
             else:
                 assert reward is not None
-                rewards = {m: reward for m in record.used}
+                rewards = {m: reward for m in record.used if m in self.spec.models}
         except PluginError as exc:
             raise PredictionError(500, str(exc), app=self.spec.name) from None
         feedback = Feedback(
@@ -330,6 +331,17 @@ class Application:
             plugin=self._plugin,
         )
 
+    def successor(self, spec: AppSpec, policy: Policy) -> Application:
+        """This application with a new spec and policy (an operator changed it): it keeps
+        the queries answered so far, for their feedback, and the counts. Queries in flight
+        finish with this one."""
+        after = Application(spec, policy, self._plugins, self._dispatcher, self._request_timeout_s)
+        after._records = self._records
+        after._background = self._background
+        after.counts = self.counts
+        after.dirty = True
+        return after
+
     def describe(self) -> dict[str, Any]:
         try:
             state: Any = self.policy.state_dict()
@@ -378,26 +390,120 @@ def _plain(value: Any) -> Any:
 
 
 class Applications:
-    """Every application of the gateway, and the saving of their policies' state."""
+    """Every application of the gateway: building them from their specs (the served file's,
+    or the management API's), and saving their policies' state."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        plugins: Plugins,
+        dispatcher: Dispatcher,
+        request_timeout_s: float,
+    ) -> None:
         self._apps: dict[str, Application] = {}
         self._store = store
+        self._plugins = plugins
+        self._dispatcher = dispatcher
+        self._request_timeout_s = request_timeout_s
         self._saver: asyncio.Task[None] | None = None
 
-    def add(self, application: Application) -> None:
-        spec = application.spec
+    def build(self, spec: AppSpec) -> Application:
+        """An application for ``spec`` with a fresh policy; raises :class:`AppError` naming
+        the application and what is wrong (a model it lists is not served, an unknown
+        policy, params or models the policy rejects)."""
+        for reference in spec.models:
+            name, _, version = reference.partition(":")
+            try:
+                self._dispatcher.queue_for(name, version or None)
+            except PredictionError as exc:
+                raise AppError(f"application {spec.name!r} lists {reference!r}: {exc}") from None
+        try:
+            policy_class = self._plugins.policy_class(spec.policy)
+        except PluginError as exc:
+            raise AppError(f"application {spec.name!r}: {exc}") from None
+        try:
+            policy = policy_class(spec.models, **spec.params)
+        except (TypeError, ValueError) as exc:
+            raise AppError(
+                f"application {spec.name!r}: policy {spec.policy!r} rejects its models "
+                f"{list(spec.models)} or params {dict(spec.params)}: {exc}"
+            ) from None
+        return Application(spec, policy, self._plugins, self._dispatcher, self._request_timeout_s)
+
+    def add(self, spec: AppSpec) -> Application:
+        """Build and serve an application, with the policy state saved for it by the same
+        policy restored (see :mod:`ketch.app_state`); raises :class:`AppError`."""
+        if spec.name in self._apps:
+            raise AppError(f"application {spec.name!r} already exists")
+        application = self.build(spec)
         saved = self._store.load(spec)
         if saved is not None:
             try:
-                application.policy.load_state_dict(saved)
+                application.policy.load_state_dict(saved.state)
             except Exception as exc:
-                raise AppError(
-                    f"application {spec.name!r}: policy {spec.policy!r} cannot load the state "
-                    f"saved in {self._store.path_of(spec.name)}: {type(exc).__name__}: {exc}; "
-                    "move the file away to start afresh"
-                ) from None
+                why = f"policy {spec.policy!r} cannot load it: {type(exc).__name__}: {exc}"
+                if saved.models == spec.models:
+                    raise AppError(
+                        f"application {spec.name!r}: {why}, from "
+                        f"{self._store.path_of(spec.name)}; move the file away to start afresh"
+                    ) from None
+                # Learnt with other models (changed through the management API): expected
+                # to be unusable by some policies, so not a reason to refuse to start.
+                self._store.set_aside(spec.name, f"it was learnt with models {saved.models}; {why}")
+                application = self.build(spec)
         self._apps[spec.name] = application
+        return application
+
+    def change(self, spec: AppSpec) -> tuple[Application, str | None]:
+        """Serve application ``spec.name`` with a new spec from now on; returns it and why
+        its policy starts afresh (None when it kept what it learnt: same policy, and its
+        ``load_state_dict`` takes the old state for the new models and params). Raises
+        :class:`AppError`, leaving the application as it was."""
+        before = self.get(spec.name)
+        policy = self.build(spec).policy
+        afresh: str | None = None
+        if spec.policy != before.spec.policy:
+            afresh = f"the policy changed from {before.spec.policy!r} to {spec.policy!r}"
+        else:
+            try:
+                policy.load_state_dict(before.policy.state_dict())
+            except Exception as exc:
+                afresh = (
+                    f"policy {spec.policy!r} cannot take its previous state: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                policy = self.build(spec).policy  # a failed load may have left it half-changed
+        after = before.successor(spec, policy)
+        if afresh is not None:
+            log.warning("application %r starts learning afresh: %s", spec.name, afresh)
+        self._apps[spec.name] = after
+        return after, afresh
+
+    def remove(self, name: str) -> Application:
+        """Stop serving an application (queries in flight finish); its policy state is saved
+        first, so adding it back with the same policy resumes it."""
+        application = self.get(name)
+        del self._apps[name]
+        self._save(application)
+        return application
+
+    def linking(self, name: str, version: str | None) -> list[str]:
+        """Applications that would lose a model if version ``version`` (None: every version)
+        of model ``name`` went away: those listing it by that version, and, when it is the
+        last one, those listing it by name."""
+        remaining = [v for v in self._dispatcher.versions(name) if v != version]
+        found = []
+        for app_name, application in sorted(self._apps.items()):
+            for reference in application.spec.models:
+                model, _, pinned = reference.partition(":")
+                if model != name:
+                    continue
+                if (pinned and (version is None or pinned == version)) or (
+                    not pinned and (version is None or not remaining)
+                ):
+                    found.append(app_name)
+                    break
+        return found
 
     def get(self, name: str) -> Application:
         try:
@@ -436,15 +542,18 @@ class Applications:
 
     def save_changed(self) -> None:
         for application in self._apps.values():
-            if not application.dirty:
-                continue
-            application.dirty = False
-            try:
-                self._store.save(application.spec, application.policy.state_dict())
-            except Exception:
-                log.exception(
-                    "the policy state of application %r cannot be saved", application.spec.name
-                )
+            self._save(application)
+
+    def _save(self, application: Application) -> None:
+        if not application.dirty:
+            return
+        application.dirty = False
+        try:
+            self._store.save(application.spec, application.policy.state_dict())
+        except Exception:
+            log.exception(
+                "the policy state of application %r cannot be saved", application.spec.name
+            )
 
 
 def build_applications(
@@ -456,24 +565,7 @@ def build_applications(
 ) -> Applications:
     """Every declared application with its policy, its saved state restored; raises
     :class:`AppError` naming the application and what is wrong with it."""
-    applications = Applications(store)
+    applications = Applications(store, plugins, dispatcher, request_timeout_s)
     for spec in specs:
-        for reference in spec.models:
-            name, _, version = reference.partition(":")
-            try:
-                dispatcher.queue_for(name, version or None)
-            except PredictionError as exc:
-                raise AppError(f"application {spec.name!r} lists {reference!r}: {exc}") from None
-        try:
-            policy_class = plugins.policy_class(spec.policy)
-        except PluginError as exc:
-            raise AppError(f"application {spec.name!r}: {exc}") from None
-        try:
-            policy = policy_class(spec.models, **spec.params)
-        except (TypeError, ValueError) as exc:
-            raise AppError(
-                f"application {spec.name!r}: policy {spec.policy!r} rejects its models "
-                f"{list(spec.models)} or params {dict(spec.params)}: {exc}"
-            ) from None
-        applications.add(Application(spec, policy, plugins, dispatcher, request_timeout_s))
+        applications.add(spec)
     return applications

@@ -1,53 +1,33 @@
 """The ``ketch`` command: ``ketch serve`` runs the gateway and its workers, ``ketch worker``
 joins a running gateway with one more worker (possibly from another machine), ``ketch
 plugins`` lists the plugins and policies the gateway would load, ``ketch status`` prints what a
-running server is doing."""
+running server is doing, and ``ketch models ...`` and ``ketch apps ...`` change what it serves
+through its management API."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ketch.admin_cli import (
+    add_apps_commands,
+    add_models_commands,
+    add_server_options,
+    run_admin_action,
+)
+from ketch.arg_types import non_negative_int, port_number, positive_float, positive_int
 from ketch.config import ConfigError, ReplaceDefault, load_defaults
 from ketch.errors import KetchError
 from ketch.events import LOG_FORMATS, JsonLogFormatter
+from ketch.http_client import ServerError
 from ketch.httpserver import run_event_loop
 from ketch.server import DEFAULT_BROKER, ServeOptions, serve
-from ketch.status import DEFAULT_STATUS_URL
 from ketch.zmq_transport.liveness import DEFAULT_INTERVAL_S, DEFAULT_LIVENESS, Heartbeat
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
-    return value
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -60,14 +40,14 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--heartbeat-interval",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_INTERVAL_S,
         metavar="SECONDS",
         help="seconds between heartbeats, both ways (default %(default)s)",
     )
     parser.add_argument(
         "--heartbeat-liveness",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_LIVENESS,
         metavar="N",
         help="a peer silent for N heartbeat intervals is dead (default %(default)s)",
@@ -139,7 +119,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     serve_cmd.add_argument(
         "--port",
-        type=_port,
+        type=port_number,
         default=8000,
         help="HTTP port, 0 for any free port (default %(default)s)",
     )
@@ -152,7 +132,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     serve_cmd.add_argument(
         "--workers-per-model",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="keep at least N workers warm per model version, raising each model's "
@@ -161,7 +141,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     serve_cmd.add_argument(
         "--request-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         metavar="SECONDS",
         help="answer 504 when a request has no result after this long (default %(default)s)",
@@ -180,6 +160,22 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         default="text",
         help="how to print status on stdout and logs on stderr: text ('ketch: ...' lines) "
         "or json (one JSON object per line) (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--admin-token",
+        default=None,
+        metavar="TOKEN",
+        help="turn the management API (/admin) on, for requests with 'Authorization: Bearer "
+        "TOKEN' (default none: every /admin route answers 401); prefer KETCH_ADMIN_TOKEN, "
+        "which other users cannot read in the process list",
+    )
+    serve_cmd.add_argument(
+        "--predict-token",
+        default=None,
+        metavar="TOKEN",
+        help="require this bearer token (or the admin token) on every route but the health "
+        "probes, /metrics and /openapi.json (default none: they are open); prefer "
+        "KETCH_PREDICT_TOKEN",
     )
     _add_plugin_option(serve_cmd)
     _add_common_options(serve_cmd)
@@ -214,11 +210,14 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     status_cmd = commands.add_parser(
         "status", help="print the models and applications of a running server"
     )
-    status_cmd.add_argument(
-        "--url",
-        default=os.environ.get("KETCH_URL") or DEFAULT_STATUS_URL,
-        help=f"the server's HTTP address (default $KETCH_URL, else {DEFAULT_STATUS_URL})",
+    add_server_options(
+        status_cmd,
+        os.environ.get("KETCH_ADMIN_TOKEN") or os.environ.get("KETCH_PREDICT_TOKEN"),
+        "the bearer token of a server started with a predict token (default "
+        "$KETCH_ADMIN_TOKEN, else $KETCH_PREDICT_TOKEN)",
     )
+    add_models_commands(commands)
+    add_apps_commands(commands)
     return parser, serve_cmd
 
 
@@ -264,7 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             from ketch.status import print_status
 
-            return print_status(args.url)
+            return print_status(args.url, args.token)
+        if args.command in ("models", "apps"):
+            outcome = run_admin_action(args)
+            print(json.dumps(outcome.answer, indent=2) if args.json else outcome.text)
+            return 0
         if args.command == "plugins":
             if args.reference:
                 from ketch.hookspecs import reference
@@ -286,10 +289,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 state_dir=args.state_dir,
                 models=tuple(args.model),
                 log_format=args.log_format,
+                admin_token=args.admin_token,
+                predict_token=args.predict_token,
             )
             run_event_loop(serve(options))
         else:
             return _run_worker(args.target, args.model_version, args.connect, heartbeat)
+    except ServerError as exc:
+        # The server refused: the request was understood and answered, unlike those below.
+        print(f"ketch: error: {exc}", file=sys.stderr)
+        return 1
     except (KetchError, OSError, ValueError) as exc:
         print(f"ketch: error: {exc}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ _POOL_OPTIONS = tuple(f.name for f in dataclasses.fields(PoolSpec))
 _RESOURCE_OPTIONS = tuple(f.name for f in dataclasses.fields(Resources))
 _START_OPTIONS = tuple(f.name for f in dataclasses.fields(WorkerStart))
 #: ``NAME=RUNTIME:PATH`` as ``ketch serve --model`` takes it.
-_MODEL_ARGUMENT = re.compile(r"^(?P<name>[^=:]+)=(?P<runtime>[A-Za-z][A-Za-z0-9_]*):(?P<path>.+)$")
+MODEL_ARGUMENT = re.compile(r"^(?P<name>[^=:]+)=(?P<runtime>[A-Za-z][A-Za-z0-9_]*):(?P<path>.+)$")
 
 
 def deploy(
@@ -68,7 +68,7 @@ def deploy(
 def parse_model_argument(text: str) -> ModelSpec:
     """``ketch serve --model NAME=RUNTIME:PATH`` as a deployment (the path relative to the
     current folder)."""
-    match = _MODEL_ARGUMENT.match(text)
+    match = MODEL_ARGUMENT.match(text)
     if match is None:
         raise TargetLoadError(
             f"--model {text!r} is not NAME=RUNTIME:PATH (for example resnet=torch:model.pt2)"

@@ -32,7 +32,7 @@ from ketch.batching import BatchSizer, batch_latency_target_s
 from ketch.cache import PredictionCache
 from ketch.jobs import Inputs, Job, Part, PredictionError
 from ketch.metrics import Metrics, ModelMetrics
-from ketch.models import ModelSpec, cache_limit
+from ketch.models import ModelSpec, PoolSpec, cache_limit
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
 from ketch.zmq_transport.protocol import ErrorKind
@@ -43,6 +43,8 @@ MAX_ATTEMPTS = 2
 _RATE_SMOOTHING = 0.2
 #: Incompatible (differently shaped) parts a batch looks past before it is sent as it is.
 _SCAN_AHEAD = 64
+#: Answered requests per model version whose latency ``GET /models`` summarises.
+LATENCIES_KEPT = 1000
 
 
 @dataclass(slots=True)
@@ -108,6 +110,14 @@ class ModelQueue:
         self.rejected = 0
         self.expired = 0
         self.last_batch_size = 0
+        #: Seconds from arrival to answer of the last :data:`LATENCIES_KEPT` answered requests
+        #: (the queue's part of a request: waiting, batching, computing; not the cache's).
+        self._latencies: deque[float] = deque(maxlen=LATENCIES_KEPT)
+        #: Why this version no longer takes requests (removed through the management API).
+        self.removed_because: str | None = None
+        #: Futures of :meth:`wait_ready` and :meth:`wait_drained` callers.
+        self._ready_waiters: list[asyncio.Future[None]] = []
+        self._drain_waiters: list[asyncio.Future[None]] = []
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -119,6 +129,9 @@ class ModelQueue:
         future: asyncio.Future[Outputs] = loop.create_future()
         now = time.monotonic()
         job = Job(inputs, future, now, now + timeout_s)
+        if self.removed_because is not None:
+            job.fail(PredictionError(404, self.removed_because, **self.labels()))
+            return future
         if self.unhealthy_because is not None:
             job.fail(self._unhealthy_error())
             return future
@@ -157,6 +170,44 @@ class ModelQueue:
         job.queued = 0
         if job.timer is not None:
             job.timer.cancel()
+        if not job.future.cancelled() and job.future.exception() is None:
+            self._latencies.append(time.monotonic() - job.arrived)
+        if not self.active_requests:
+            _wake(self._drain_waiters)
+
+    async def wait_drained(self, timeout_s: float) -> bool:
+        """Wait until no request is queued or computing here; False if some still are after
+        ``timeout_s`` (they are then left to finish or time out on their own)."""
+        if not self.active_requests:
+            return True
+        return await _wait_for(self._drain_waiters, timeout_s)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Start a worker unless one is ready or starting, and wait for one to be ready.
+
+        :raises PredictionError: 503 when the model is unhealthy or none is ready in time.
+        """
+        if self.unhealthy_because is not None:
+            raise self._unhealthy_error()
+        if self._workers:
+            return
+        # Counts as traffic for the pool manager: the pool wants a worker for idle_timeout_s.
+        self.last_request_at = time.monotonic()
+        if not self.starting and self.on_demand is not None:
+            self.on_demand()
+        if not await _wait_for(self._ready_waiters, timeout_s):
+            cause = f"; the last attempt: {self.last_error}" if self.last_error else ""
+            raise PredictionError(
+                503,
+                f"model {self.spec.label()!r} has no worker ready after {timeout_s:g} s{cause}",
+                **self.labels(),
+            )
+        if self.unhealthy_because is not None:
+            raise self._unhealthy_error()
+
+    def set_pool(self, pool: PoolSpec) -> None:
+        """New replica bounds (or timings); the pool manager follows them at its next tick."""
+        self.spec = replace(self.spec, pool=pool)
 
     def _expire(self, job: Job, timeout_s: float) -> None:
         if job.future.done():
@@ -233,12 +284,14 @@ class ModelQueue:
         error = self._unhealthy_error()
         while self._pending:
             self._pending.popleft().job.fail(error)
+        _wake(self._ready_waiters)
 
     def _unhealthy_error(self) -> PredictionError:
         return PredictionError(
             503,
             f"model {self.spec.label()!r} is unhealthy and no longer served: "
-            f"{self.unhealthy_because}; fix it and restart ketch",
+            f"{self.unhealthy_because}; fix it and restart ketch (or remove it and add it "
+            "again through the management API)",
             **self.labels(),
         )
 
@@ -355,6 +408,7 @@ class ModelQueue:
             target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
             sizer = BatchSizer(target_s, self.spec.max_batch_size)
         self._workers[info.identity] = _Worker(info, sizer)
+        _wake(self._ready_waiters)
         if self._cold_start_began is not None:
             self._metrics.cold_start_done(time.monotonic() - self._cold_start_began)
             self._cold_start_began = None
@@ -504,6 +558,7 @@ class ModelQueue:
                 "max_queue": self.spec.max_queue,
                 "last_batch_size": self.last_batch_size,
             },
+            "latency_ms": self._latency_ms(),
             "queue_depth": self.queue_depth,
             "in_flight": sum(b.size for w in self._workers.values() for b in w.batches.values()),
             "active_requests": self.active_requests,
@@ -531,6 +586,36 @@ class ModelQueue:
             ],
         }
 
+    def _latency_ms(self) -> dict[str, Any]:
+        """Percentiles of the recent requests' latency, in ms (None before any answer)."""
+        if not self._latencies:
+            return {"requests": 0, "p50": None, "p90": None, "p99": None}
+        ms = np.percentile(np.fromiter(self._latencies, float), (50, 90, 99)) * 1000
+        return {
+            "requests": len(self._latencies),
+            **{key: round(float(v), 3) for key, v in zip(("p50", "p90", "p99"), ms, strict=True)},
+        }
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+    waiters.clear()
+
+
+async def _wait_for(waiters: list[asyncio.Future[None]], timeout_s: float) -> bool:
+    """Wait until the list's owner wakes it; False after ``timeout_s``."""
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await asyncio.wait_for(waiter, timeout_s)
+    except TimeoutError:
+        if waiter in waiters:
+            waiters.remove(waiter)
+        return False
+    return True
+
 
 def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key for versions: numeric parts compare as numbers, so "10" is above "9"."""
@@ -550,6 +635,14 @@ class Dispatcher:
         self._report = report
         self._queues: dict[tuple[str, str], ModelQueue] = {}
         self._defaults: dict[str, str] = {}
+        #: Versions an operator made the default (rolled to); other models default to
+        #: their highest version.
+        self._pinned: dict[str, str] = {}
+        #: Removed model versions whose queued requests are still finishing: their workers'
+        #: replies must still reach them.
+        self._draining: dict[tuple[str, str], ModelQueue] = {}
+        #: Model versions removed through the management API: their workers are sent away.
+        self._removed: set[tuple[str, str]] = set()
         self._batch_ids = itertools.count(1).__next__
         self._broker: Broker | None = None
         self._hostname = socket.gethostname()
@@ -561,16 +654,69 @@ class Dispatcher:
         self._broker = broker
 
     def add_model(self, spec: ModelSpec, *, served_from_file: bool = True) -> ModelQueue:
-        queue = self._queues.get(spec.key)
+        queue = self._queue_of(spec.key)
         if queue is None:
             assert self._broker is not None, "attach a broker before adding models"
             model_metrics = self.metrics.for_model(spec.name, spec.version)
             queue = ModelQueue(spec, self._broker, self._batch_ids, model_metrics)
             self._queues[spec.key] = queue
-            versions = [v for (n, v) in self._queues if n == spec.name]
-            self._defaults[spec.name] = max(versions, key=version_order)
+            self._removed.discard(spec.key)
+            self._choose_default(spec.name)
         queue.served_from_file = queue.served_from_file or served_from_file
         return queue
+
+    def remove_model(self, key: tuple[str, str], why: str) -> ModelQueue:
+        """Take a model version out of routing: new requests no longer reach it (those
+        without a version go to the model's next default), and its workers that join later
+        are sent away. Requests already queued finish on it; see
+        :meth:`ModelQueue.wait_drained`."""
+        queue = self._queues.pop(key)
+        queue.removed_because = why
+        self._draining[key] = queue
+        self._removed.add(key)
+        name, version = key
+        if self._pinned.get(name) == version:
+            del self._pinned[name]
+        self._choose_default(name)
+        return queue
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """A removed model version has drained: nothing more of it is routed anywhere."""
+        self._draining.pop(key, None)
+
+    def _queue_of(self, key: tuple[str, str]) -> ModelQueue | None:
+        """The queue of a worker's model: a served one, or one removed and still draining."""
+        queue = self._queues.get(key)
+        return queue if queue is not None else self._draining.get(key)
+
+    def set_default(self, name: str, version: str) -> str:
+        """Send requests without a version to ``version`` from now on; returns the previous
+        default. Requests already queued on the previous one finish there."""
+        previous = self._defaults[name]
+        self._pinned[name] = version
+        self._choose_default(name)
+        return previous
+
+    def pin_default(self, name: str) -> None:
+        """Keep the current default of ``name`` even when a higher version is added."""
+        if name in self._defaults:
+            self._pinned.setdefault(name, self._defaults[name])
+
+    def _choose_default(self, name: str) -> None:
+        versions = [v for (n, v) in self._queues if n == name]
+        if not versions:
+            self._defaults.pop(name, None)
+            self._pinned.pop(name, None)
+        elif self._pinned.get(name) in versions:
+            self._defaults[name] = self._pinned[name]
+        else:
+            self._defaults[name] = max(versions, key=version_order)
+
+    def default_version(self, name: str) -> str | None:
+        return self._defaults.get(name)
+
+    def versions(self, name: str) -> list[str]:
+        return sorted((v for (n, v) in self._queues if n == name), key=version_order)
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -583,9 +729,11 @@ class Dispatcher:
             raise PredictionError(404, f"unknown model {name!r}", models=sorted(self._defaults))
         queue = self._queues.get((name, version if version is not None else default))
         if queue is None:
-            versions = sorted((v for (n, v) in self._queues if n == name), key=version_order)
             raise PredictionError(
-                404, f"model {name!r} has no version {version!r}", model=name, versions=versions
+                404,
+                f"model {name!r} has no version {version!r}",
+                model=name,
+                versions=self.versions(name),
             )
         return queue
 
@@ -619,7 +767,7 @@ class Dispatcher:
     def recycle(self, spec: ModelSpec, pid: int, why: str) -> None:
         """A local worker was killed for cause: its batches fail with ``why`` (retrying them
         would likely kill the next worker the same way) and it leaves its pool at once."""
-        queue = self._queues.get(spec.key)
+        queue = self._queue_of(spec.key)
         assert self._broker is not None
         for worker in self._broker.workers():
             if worker.pid == pid and worker.host == self._hostname:
@@ -633,6 +781,14 @@ class Dispatcher:
         the next request pays a cold start."""
         self._report(events.scaled_to_zero(spec, spec.pool.idle_timeout_s))
 
+    def retire_all(self, key: tuple[str, str], reason: str) -> list[WorkerInfo]:
+        """Tell every worker of a model version, local or remote, to leave (DISCONNECT)."""
+        assert self._broker is not None
+        leaving = [w for w in self._broker.workers() if w.spec.key == key]
+        for worker in leaving:
+            self._broker.drop(worker, reason)
+        return leaving
+
     def retire(self, worker: WorkerInfo, reason: str) -> None:
         """Let an idle worker go: it is told DISCONNECT and leaves its pool."""
         assert self._broker is not None
@@ -644,7 +800,7 @@ class Dispatcher:
         self.add_model(spec).starting.add(pid)
 
     def process_exited(self, spec: ModelSpec, pid: int, how: str, expected: bool) -> None:
-        queue = self._queues.get(spec.key)
+        queue = self._queue_of(spec.key)
         if queue is not None:
             queue.starting.discard(pid)
             if not expected:
@@ -675,6 +831,10 @@ class Dispatcher:
 
     def worker_ready(self, worker: WorkerInfo) -> None:
         queue = self._queues.get(worker.spec.key)
+        if queue is None and worker.spec.key in self._removed:
+            assert self._broker is not None
+            self._broker.drop(worker, f"model {worker.spec.label()!r} was removed")
+            return
         if queue is None:
             # A worker started by hand for a model the served file does not define.
             queue = self.add_model(worker.spec, served_from_file=False)
@@ -685,7 +845,7 @@ class Dispatcher:
         self._report(events.model_ready(worker))
 
     def worker_lost(self, worker: WorkerInfo, reason: str) -> None:
-        queue = self._queues.get(worker.spec.key)
+        queue = self._queue_of(worker.spec.key)
         if queue is not None:
             queue.remove_worker(worker, reason)
         self._report(events.worker_lost(worker, reason))
@@ -693,11 +853,11 @@ class Dispatcher:
     def batch_replied(
         self, worker: WorkerInfo, batch_id: int, outputs: Outputs, compute_s: float | None
     ) -> None:
-        queue = self._queues.get(worker.spec.key)
+        queue = self._queue_of(worker.spec.key)
         if queue is not None:
             queue.complete(worker, batch_id, outputs, compute_s)
 
     def batch_failed(self, worker: WorkerInfo, batch_id: int, error: RemoteError) -> None:
-        queue = self._queues.get(worker.spec.key)
+        queue = self._queue_of(worker.spec.key)
         if queue is not None:
             queue.fail_batch(worker, batch_id, error)

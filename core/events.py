@@ -131,6 +131,53 @@ def scaled_to_zero(spec: ModelSpec, idle_s: float) -> Event:
     )
 
 
+def model_added(spec: ModelSpec, default: str | None) -> Event:
+    serves = (
+        "it answers requests without a version"
+        if default == spec.version
+        else f"requests without a version still go to {default}"
+    )
+    return Event(
+        "model_added",
+        f"model {spec.label()} added ({spec.runtime}: {spec.artifact}); {serves}",
+        {**_model(spec), "runtime": spec.runtime, "artifact": spec.artifact, "default": default},
+    )
+
+
+def model_removed(spec: ModelSpec) -> Event:
+    return Event("model_removed", f"model {spec.label()} removed", _model(spec))
+
+
+def default_version_changed(name: str, version: str, previous: str) -> Event:
+    return Event(
+        "default_version",
+        f"model {name}: requests without a version go to {version} (was {previous})",
+        {"model": name, "version": version, "previous": previous},
+    )
+
+
+def pool_changed(spec: ModelSpec) -> Event:
+    pool = spec.pool
+    return Event(
+        "pool_changed",
+        f"model {spec.label()} pool: {pool.min_replicas}-{pool.max_replicas} replicas",
+        {**_model(spec), "min_replicas": pool.min_replicas, "max_replicas": pool.max_replicas},
+    )
+
+
+def app_changed(name: str, policy: str, models: list[str], afresh: str | None) -> Event:
+    state = "its policy keeps what it learnt" if afresh is None else f"afresh: {afresh}"
+    return Event(
+        "app_changed",
+        f"app {name} changed: policy {policy} over {', '.join(models)}; {state}",
+        {"app": name, "policy": policy, "models": models, "afresh": afresh},
+    )
+
+
+def app_removed(name: str) -> Event:
+    return Event("app_removed", f"app {name} removed", {"app": name})
+
+
 # -- output ----------------------------------------------------------------------------------
 
 

@@ -17,6 +17,8 @@ Routes:
   the rest of the protocol (``/v2``, ``/v2/models/...``) is in :mod:`ketch.oip`.
 * ``GET /metrics`` (Prometheus, :mod:`ketch.metrics`) and ``GET /openapi.json`` (the OpenAPI
   document of every route, :mod:`ketch.openapi`).
+* ``/admin/...``, the management API (:mod:`ketch.admin`), behind the admin token; the other
+  routes need a token only when the operator sets one (:mod:`ketch.auth`).
 
 Every error is JSON, ``{"error": "..."}`` plus details, with a status that says whose fault it
 was: 400 bad request, 404 unknown model, 429 the model's queue is full (with
@@ -32,12 +34,15 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ketch import openapi
+from ketch.admin import Admin
 from ketch.application import Applications
+from ketch.auth import TokenGuard, Tokens
 from ketch.dispatch import Dispatcher
 from ketch.http_json import (
     TIMEOUT_HEADER,
@@ -58,14 +63,23 @@ class Gateway:
     :param apps: the applications (``/apps/...``).
     :param request_timeout_s: longest a request waits for its outputs before a 504, unless
         it sets its own timeout or its model has an ``slo_ms``.
+    :param admin: the management API's routes.
+    :param tokens: the bearer tokens the routes need.
     """
 
     def __init__(
-        self, dispatcher: Dispatcher, apps: Applications, request_timeout_s: float
+        self,
+        dispatcher: Dispatcher,
+        apps: Applications,
+        request_timeout_s: float,
+        admin: Admin,
+        tokens: Tokens,
     ) -> None:
         self.dispatcher = dispatcher
         self.apps = apps
         self.request_timeout_s = request_timeout_s
+        self._admin = admin
+        self._tokens = tokens
         self._openapi = openapi.document()
 
     def app(self) -> Starlette:
@@ -81,9 +95,13 @@ class Gateway:
                 *OpenInference(self.dispatcher, self.request_timeout_s).routes(),
                 Route("/metrics", self.dispatcher.metrics.endpoint, methods=["GET"]),
                 Route("/openapi.json", self.openapi, methods=["GET"]),
+                *self._admin.routes(),
             ],
             exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
-            middleware=[self.dispatcher.metrics.middleware()],
+            middleware=[
+                Middleware(TokenGuard, tokens=self._tokens),
+                self.dispatcher.metrics.middleware(),
+            ],
         )
 
     async def predict(self, request: Request) -> Response:

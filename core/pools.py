@@ -75,6 +75,18 @@ class PoolManager:
         self._workers.prepare(spec)
         self.reconcile(queue)
 
+    def release(self, queue: ModelQueue, reason: str) -> None:
+        """Stop managing a removed model version: its workers (local and remote) are told
+        to leave, its starting processes and template are stopped."""
+        spec = queue.spec
+        self._states.pop(spec.key, None)
+        queue.on_demand = None
+        for pid in self._workers.pids(spec):
+            self._workers.retire(pid)
+        self._dispatcher.retire_all(spec.key, reason)
+        self._workers.release(spec, still_starting=set(queue.starting))
+        self._dispatcher.forget(spec.key)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ketch-pools")
 

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import TextIO
 
 from ketch import events
+from ketch.admin import Admin
 from ketch.app_state import StateStore, default_state_dir
 from ketch.application import Applications, build_applications
+from ketch.auth import Tokens
 from ketch.deployments import parse_model_argument
 from ketch.dispatch import Dispatcher
 from ketch.errors import TargetLoadError
@@ -51,6 +53,9 @@ class ServeOptions:
         (``None``: ``$KETCH_STATE_DIR``, else ``~/.local/state/ketch``).
     :param log_format: ``text`` prints status as ``ketch: ...`` lines, ``json`` as one JSON
         object per line (see :mod:`ketch.events`).
+    :param admin_token: the bearer token of the management API (``/admin``); None turns it off.
+    :param predict_token: the bearer token every other route but the health probes,
+        ``/metrics`` and ``/openapi.json`` needs; None leaves them open.
     """
 
     source: str | None
@@ -64,6 +69,8 @@ class ServeOptions:
     state_dir: Path | None = None
     models: tuple[str, ...] = ()
     log_format: events.LogFormat = "text"
+    admin_token: str | None = field(default=None, repr=False)
+    predict_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.source is None and not self.models:
@@ -72,6 +79,7 @@ class ServeOptions:
             raise ValueError(f"workers per model must be >= 0, got {self.workers_per_model}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request timeout must be > 0 s, got {self.request_timeout_s}")
+        Tokens(self.admin_token, self.predict_token)  # refuses an empty or padded token
 
 
 class _Reporter:
@@ -158,7 +166,16 @@ async def serve(
         report.is_ready = dispatcher.settled
         report.announce_if_ready()
         apps.start()
-        app = Gateway(dispatcher, apps, options.request_timeout_s).app()
+        admin = Admin(
+            dispatcher,
+            pools,
+            apps,
+            report,
+            options.request_timeout_s,
+            options.workers_per_model,
+        )
+        tokens = Tokens(options.admin_token, options.predict_token)
+        app = Gateway(dispatcher, apps, options.request_timeout_s, admin, tokens).app()
         await serve_asgi(app, sock, shutdown.wait)
     finally:
         sock.close()  # a no-op once serve_asgi has handed the socket to Hypercorn

@@ -1,38 +1,12 @@
 """``ketch status``: what a running server is doing, as tables, from ``GET /models`` and
-``GET /apps``.
-
-Only the standard library (urllib): the command must work wherever ketch is installed,
-including on a machine that only runs ``ketch worker``.
-"""
+``GET /apps``; ``ketch models list`` and ``ketch apps list`` print the same tables."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from ketch.errors import KetchError
-
-DEFAULT_STATUS_URL = "http://127.0.0.1:8000"
-#: A server that does not answer in this long is as good as unreachable for a status check.
-TIMEOUT_S = 10.0
-
-
-def fetch(url: str, path: str) -> Any:
-    """The JSON body of ``GET url+path``; raises :class:`KetchError` naming the address."""
-    address = url.rstrip("/") + path
-    try:
-        with urllib.request.urlopen(address, timeout=TIMEOUT_S) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise KetchError(f"cannot read {address}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise KetchError(f"cannot reach {address}: {reason}") from None
-    except ValueError as exc:
-        raise KetchError(f"{address} did not answer JSON ({exc}): is it a ketch server?") from None
+from ketch.http_client import request_json
 
 
 def model_rows(models: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -48,11 +22,14 @@ def model_rows(models: Sequence[dict[str, Any]]) -> list[list[str]]:
             "COLD STARTS",
             "RESTARTS",
             "LAST BATCH",
+            "P50 MS",
+            "P99 MS",
         ]
     ]
     for m in models:
         replicas = m.get("replicas") or {}
         batching = m.get("batching") or {}
+        latency = m.get("latency_ms") or {}
         rows.append(
             [
                 m["name"] + (" *" if m.get("default") else ""),
@@ -66,6 +43,9 @@ def model_rows(models: Sequence[dict[str, Any]]) -> list[list[str]]:
                 # Unexpected worker exits: each one is a worker the pool starts again.
                 _cell(m.get("worker_exits")),
                 _cell(batching.get("last_batch_size")),
+                # Of the model's last answered requests, queueing and batching included.
+                _cell(latency.get("p50")),
+                _cell(latency.get("p99")),
             ]
         )
     return rows
@@ -96,15 +76,26 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def print_status(url: str) -> int:
-    models = fetch(url, "/models").get("models", [])
-    apps = fetch(url, "/apps").get("apps", [])
+def models_table(models: Sequence[dict[str, Any]]) -> str:
+    if not models:
+        return "no models"
+    return table(model_rows(models)) + "\n(* the version requests without one get)"
+
+
+def apps_table(apps: Sequence[dict[str, Any]]) -> str:
+    return table(app_rows(apps)) if apps else "no applications"
+
+
+def print_status(url: str, token: str | None) -> int:
+    """Print the tables; ``token`` is for a server with a predict token, which guards
+    ``GET /models`` and ``GET /apps``."""
+    models = request_json(url, "GET", "/models", token=token).get("models", [])
+    apps = request_json(url, "GET", "/apps", token=token).get("apps", [])
     print(f"ketch at {url}")
     print()
-    print(table(model_rows(models)) if models else "no models")
-    print("(* the version requests without one get)")
+    print(models_table(models))
     print()
-    print(table(app_rows(apps)) if apps else "no applications")
+    print(apps_table(apps))
     return 0
 
 

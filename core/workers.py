@@ -325,6 +325,24 @@ class LocalWorkers:
         """``pid`` is about to be told DISCONNECT: its exit is expected, not a crash."""
         self._retired.add(pid)
 
+    def release(self, spec: ModelSpec, still_starting: set[int]) -> None:
+        """``spec`` is no longer served: stop its template and its workers still starting
+        (``still_starting``), and forget its restart history (the model may be added again,
+        afresh). Its ready workers were told DISCONNECT and exit by themselves."""
+        self._crashes = {k: v for k, v in self._crashes.items() if k[:2] != spec.key}
+        self._not_before.pop(spec.key, None)
+        template = self._templates.pop(spec.key, None)
+        if template is not None:
+            if not template.ready:
+                asyncio.get_running_loop().remove_reader(template.control.fileno())
+            template.control.close()
+        for pid, entry in self._processes.items():
+            if entry.spec.key != spec.key:
+                continue
+            self._retired.add(pid)
+            if entry.kind == "template" or pid in still_starting:
+                entry.handle.terminate()
+
     def _on_exit(self, pid: int) -> None:
         entry = self._processes.pop(pid)
         asyncio.get_running_loop().remove_reader(entry.handle.sentinel)

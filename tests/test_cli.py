@@ -80,3 +80,39 @@ def test_serve_help_documents_every_option() -> None:
     assert result.returncode == 0
     for option in ("--host", "--port", "--broker", "--workers-per-model", "--request-timeout"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["models", "add", "echo"], "'echo' is not NAME=RUNTIME:PATH"),
+        (["models", "scale", "echo"], "models scale needs at least one of --min, --max"),
+        (["models", "scale", "echo", "--min", "-1"], "--min"),
+        (["apps", "set", "calc"], "apps set needs at least one of --policy"),
+        (["apps", "add", "calc"], "--model"),
+        (["apps", "add", "calc", "--model", "m", "--default-output", "{x"], "is not JSON"),
+        (["apps", "add", "calc", "--model", "m", "--param", "gamma"], "'gamma' is not KEY=VALUE"),
+    ],
+)
+def test_bad_admin_arguments_are_refused_before_any_request(args: list[str], says: str) -> None:
+    result = ketch(*args, "--url", "http://127.0.0.1:1")  # nothing listens: no request made
+    assert result.returncode == 2
+    assert says in result.stderr
+    assert "cannot reach" not in result.stderr
+
+
+def test_admin_command_against_an_unreachable_server_exits_2() -> None:
+    result = ketch("models", "list", "--url", "http://127.0.0.1:1")
+    assert result.returncode == 2
+    assert result.stderr.startswith("ketch: error: cannot reach http://127.0.0.1:1/admin/models")
+
+
+@pytest.mark.parametrize("command", ["models", "apps"])
+def test_admin_help_lists_every_action(command: str) -> None:
+    result = ketch(command, "--help")
+    assert result.returncode == 0
+    actions = ["list", "add", "remove"]
+    actions += ["scale", "roll"] if command == "models" else ["link", "unlink", "set"]
+    for action in actions:
+        assert f"    {action} " in result.stdout
+    assert "KETCH_ADMIN_TOKEN" in result.stdout

@@ -112,6 +112,8 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "request_timeout",
         "state_dir",
         "log_format",
+        "admin_token",
+        "predict_token",
         "plugin",
         "log_level",
         "heartbeat_interval",
@@ -124,7 +126,7 @@ def test_unknown_key_is_named_with_the_known_ones(tmp_path: Path) -> None:
     result = ketch("serve", cwd=tmp_path)
     assert result.returncode == 2
     assert "ketch: error: config file ketch.toml: unknown key(s) in [serve]: prot" in result.stderr
-    assert "known keys: broker, " in result.stderr and "port" in result.stderr
+    assert "known keys: admin_token, broker, " in result.stderr and "port" in result.stderr
 
 
 def test_bad_file_value_names_file_key_and_value(tmp_path: Path) -> None:

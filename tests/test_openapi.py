@@ -7,18 +7,29 @@ from pathlib import Path
 
 from starlette.routing import Route
 
+from ketch.admin import Admin
 from ketch.app_state import StateStore
 from ketch.application import Applications
+from ketch.auth import Tokens
 from ketch.dispatch import Dispatcher
 from ketch.gateway import Gateway
 from ketch.openapi import document
+from ketch.plugin_manager import load_plugins
+from ketch.pools import PoolManager
+from ketch.workers import LocalWorkers, ProcessEvents
+from ketch.zmq_transport.liveness import Heartbeat
 from tests.conftest import KetchServer
 
 SERVABLE = Path(__file__).with_name("servable.py")
+_NO_EVENTS = ProcessEvents(lambda *_: None, lambda *_: None, lambda *_: None, lambda *_: None)
 
 
 def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:
-    gateway = Gateway(Dispatcher(lambda line: None), Applications(StateStore(tmp_path)), 60.0)
+    dispatcher = Dispatcher(lambda event: None)
+    apps = Applications(StateStore(tmp_path), load_plugins(), dispatcher, 60.0)
+    workers = LocalWorkers("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS)
+    admin = Admin(dispatcher, PoolManager(dispatcher, workers), apps, lambda event: None, 60.0)
+    gateway = Gateway(dispatcher, apps, 60.0, admin, Tokens())
     served = set()
     for route in gateway.app().routes:
         assert isinstance(route, Route)
@@ -47,9 +58,36 @@ def test_every_operation_documents_its_answers_and_every_reference_resolves() ->
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             assert operation["summary"], (path, method)
-            assert "200" in operation["responses"], (path, method)
+            successes = [status for status in operation["responses"] if status.startswith("2")]
+            assert len(successes) == 1, (path, method, successes)
             parameters = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
             assert parameters == {part[1:-1] for part in path.split("/") if part.startswith("{")}
+
+
+def test_adding_answers_201_and_everything_else_200() -> None:
+    created = {("/admin/models", "post"), ("/admin/apps", "post")}
+    for path, operations in document()["paths"].items():
+        for method, operation in operations.items():
+            expected = "201" if (path, method) in created else "200"
+            assert expected in operation["responses"], (path, method)
+
+
+def test_the_security_of_each_operation_is_the_token_its_route_needs() -> None:
+    spec = document()
+    schemes = spec["components"]["securitySchemes"]
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            security = operation["security"]
+            assert all(name in schemes for requirement in security for name in requirement)
+            if path.startswith("/admin/"):
+                assert security == [{"bearer": []}], (path, method)
+            elif path in {"/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"}:
+                assert security == [], (path, method)
+                assert "401" not in operation["responses"], (path, method)
+                continue
+            else:  # open unless the server has a predict token
+                assert {} in security and {"bearer": []} in security, (path, method)
+            assert "WWW-Authenticate" in operation["responses"]["401"]["headers"], (path, method)
 
 
 def test_the_server_serves_the_document(start_server: Callable[..., KetchServer]) -> None:

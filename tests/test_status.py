@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import START_DEADLINE_S, TEST_HEARTBEAT, KetchProcess, KetchServer
 
@@ -93,12 +95,13 @@ def test_text_format_says_when_a_pool_is_back_to_zero(
     server.wait_for(r"^ketch: model double:1 scaled to zero after 0.5 s without requests$")
 
 
-def ketch_status(*args: str) -> subprocess.CompletedProcess[str]:
+def ketch_status(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ketch.cli", "status", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
 
 
@@ -111,11 +114,14 @@ def test_status_prints_models_and_apps(
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("MODEL"))
-    for column in ("STATE", "READY", "STARTING", "QUEUED", "IN FLIGHT", "COLD STARTS"):
+    for column in ("STATE", "READY", "STARTING", "QUEUED", "IN FLIGHT", "COLD STARTS", "P99 MS"):
         assert column in header
     triple = next(line for line in lines if line.startswith("triple *")).split()
     assert triple[2:4] == ["1", "ready"]
-    assert any(line.startswith("double *") for line in lines)
+    p50, p99 = float(triple[-2]), float(triple[-1])  # of its one request
+    assert 0 < p50 <= p99
+    double = next(line for line in lines if line.startswith("double *")).split()
+    assert double[-2:] == ["-", "-"]  # no request yet
     app = next(line for line in lines if line.startswith("both "))
     assert "split" in app and "double, triple" in app
 
@@ -124,3 +130,26 @@ def test_status_of_an_unreachable_server_exits_2() -> None:
     result = ketch_status("--url", "http://127.0.0.1:1")
     assert result.returncode == 2
     assert result.stderr.startswith("ketch: error: cannot reach http://127.0.0.1:1/models")
+
+
+def test_status_of_a_server_with_a_predict_token(
+    write_models: Callable[..., Path],
+    start_server: Callable[..., KetchServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KETCH_PREDICT_TOKEN", "predict-token")
+    server = start_server(write_models(MODELS))
+    without = {k: v for k, v in os.environ.items() if k != "KETCH_PREDICT_TOKEN"}
+    refused = ketch_status("--url", server.url, env=without)
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        "ketch: error: this route needs the predict token (or the admin token) as "
+        "'Authorization: Bearer <token>' (HTTP 401)\n"
+    )
+    wrong = ketch_status("--url", server.url, "--token", "wrong", env=without)
+    assert wrong.returncode == 1
+    assert "the bearer token is not the predict token" in wrong.stderr
+    # KETCH_PREDICT_TOKEN, as the server got it.
+    result = ketch_status("--url", server.url)
+    assert result.returncode == 0, result.stderr
+    assert any(line.startswith("triple *") for line in result.stdout.splitlines())
