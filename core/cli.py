@@ -78,9 +78,20 @@ The config file is --config PATH, else $KETCH_CONFIG, else ./ketch.toml when it 
 See docs/configuration.md.
 """
 
+_WORKER_EPILOG = """\
+Every option can also come from the environment, as KETCH_<OPTION> (KETCH_TARGET for the
+model, KETCH_CONNECT, KETCH_MODEL_VERSION; the heartbeat's and the log level's variables are
+the ones ketch serve reads too), and from the [worker] table of a TOML file (target = "app.py",
+connect = "tcp://gateway:7070").
 
-def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The ``ketch`` parser and its ``serve`` subparser (which config files configure)."""
+Precedence, highest first: command line > environment > config file > defaults.
+The config file is --config PATH, else $KETCH_CONFIG, else ./ketch.toml when it exists.
+See docs/configuration.md.
+"""
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``ketch`` parser, and the subparsers config files configure by command name."""
     parser = argparse.ArgumentParser(prog="ketch", description="Serve models over HTTP.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -98,14 +109,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="the file or module with the models and applications, e.g. app.py or pkg.models "
         "(default none: then --model must name at least one model)",
     )
-    serve_cmd.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="read defaults for these options from the [serve] table of this TOML file "
-        "(default $KETCH_CONFIG, else ./ketch.toml if it exists)",
-    )
+    _add_config_option(serve_cmd, "serve")
     serve_cmd.add_argument(
         "--model",
         action=ReplaceDefault,
@@ -191,13 +195,20 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
 
     worker_cmd = commands.add_parser(
-        "worker", help="serve one model as a worker of a running gateway"
+        "worker",
+        help="serve one model as a worker of a running gateway",
+        description="Serve one model as a worker of a running gateway (ketch serve).",
+        epilog=_WORKER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     worker_cmd.add_argument(
         "target",
         metavar="PATH_OR_MODULE[:name]",
-        help="file or module with the model, and the model's name if it has several",
+        nargs="?",
+        help="file or module with the model, and the model's name if it has several "
+        "(required, here or as KETCH_TARGET or target in [worker])",
     )
+    _add_config_option(worker_cmd, "worker")
     worker_cmd.add_argument(
         "--connect",
         default=DEFAULT_BROKER,
@@ -218,7 +229,18 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     add_models_commands(commands)
     add_apps_commands(commands)
-    return parser, serve_cmd
+    return parser, {"serve": serve_cmd, "worker": worker_cmd}
+
+
+def _add_config_option(parser: argparse.ArgumentParser, section: str) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"read defaults for these options from the [{section}] table of this TOML file "
+        "(default $KETCH_CONFIG, else ./ketch.toml if it exists)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_option(argv: Sequence[str]) -> Path | None:
-    """The ``--config`` of a ``ketch serve`` command line, read before the full parse since the
-    file it names provides that parse's defaults."""
+    """The ``--config`` of a ``ketch serve`` or ``ketch worker`` command line, read before the
+    full parse since the file it names provides that parse's defaults."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--config", type=Path, default=None)
     known, _ = early.parse_known_args(argv)
@@ -248,16 +270,23 @@ def _setup_logging(level: str, log_format: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    parser, serve_cmd = _build_parsers()
+    parser, configured = _build_parsers()
     # `--help` skips the file and environment, so it shows the built-in defaults and works
     # even when ketch.toml is broken.
-    if arguments[:1] == ["serve"] and not {"-h", "--help"} & set(arguments):
+    command = configured.get(arguments[0]) if arguments else None
+    if command is not None and not {"-h", "--help"} & set(arguments):
         try:
-            serve_cmd.set_defaults(**load_defaults(serve_cmd, _config_option(arguments[1:])))
+            defaults = load_defaults(command, _config_option(arguments[1:]), section=arguments[0])
         except ConfigError as exc:
             print(f"ketch: error: {exc}", file=sys.stderr)
             return 2
+        command.set_defaults(**defaults)
     args = parser.parse_args(arguments)
+    if args.command == "worker" and args.target is None:
+        parser.error(
+            "ketch worker needs the model: PATH_OR_MODULE[:name], KETCH_TARGET or target in "
+            "the [worker] table of ketch.toml"
+        )
     _setup_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     try:
         if args.command == "status":

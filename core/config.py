@@ -1,14 +1,17 @@
-"""``ketch serve`` settings from a ``ketch.toml`` file and ``KETCH_*`` environment variables.
+"""``ketch serve`` and ``ketch worker`` settings from a ``ketch.toml`` file and ``KETCH_*``
+environment variables.
 
 One order of precedence, highest first: the command line, then the environment
 (``KETCH_<OPTION>``), then the config file (``--config PATH``, else ``./ketch.toml`` when it
-exists; its ``[serve]`` table), then the built-in defaults. The file and the environment only
+exists; its ``[serve]`` table for ``ketch serve``, ``[worker]`` for ``ketch worker``), then the
+built-in defaults. The file and the environment only
 change the parser's *defaults* (:func:`load_defaults` feeds ``set_defaults``), so the command
 line wins without any merging code, and every value goes through the same type function as its
 command-line option: a bad value is refused the same way wherever it comes from.
 
 The settings are read off the parser itself, so an option added to ``ketch serve`` is at once
-a file key and an environment variable too.
+a file key and an environment variable too. Options both commands take (``--log-level``, the
+heartbeat's) share their variable, so one ``KETCH_HEARTBEAT_INTERVAL`` sets both ends.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ DEFAULT_CONFIG = Path("ketch.toml")
 #: Names a config file other than ``./ketch.toml`` (``--config`` is above it).
 CONFIG_ENV = "KETCH_CONFIG"
 ENV_PREFIX = "KETCH_"
-#: The table of the file ``ketch serve`` reads; other commands may get their own later.
-SECTION = "serve"
+#: The commands a config file configures, each from the table of its name.
+SECTIONS = ("serve", "worker")
 #: Parser destinations that are not settings (``--config`` cannot name another file).
 _NOT_SETTINGS = frozenset({"help", "config"})
 
@@ -93,9 +96,11 @@ def load_defaults(
     parser: argparse.ArgumentParser,
     config: Path | None,
     environ: Mapping[str, str] | None = None,
+    section: str = "serve",
 ) -> dict[str, Any]:
     """The defaults for ``parser`` from the file and the environment (the latter winning).
 
+    :param section: the command, whose table of the file configures it.
     :param config: the file ``--config`` names; ``None`` reads ``$KETCH_CONFIG``, else
         ``./ketch.toml`` if it exists.
     :raises ConfigError: a missing or malformed file, an unknown key, a bad value.
@@ -105,12 +110,12 @@ def load_defaults(
     values: dict[str, Any] = {}
     path = config or (Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None)
     if path is not None or DEFAULT_CONFIG.is_file():
-        values.update(_from_file(path or DEFAULT_CONFIG, known))
+        values.update(_from_file(path or DEFAULT_CONFIG, known, section))
     values.update(_from_environment(env, known.values()))
     return values
 
 
-def _from_file(path: Path, known: Mapping[str, Setting]) -> dict[str, Any]:
+def _from_file(path: Path, known: Mapping[str, Setting], section: str) -> dict[str, Any]:
     try:
         with path.open("rb") as stream:
             data = tomllib.load(stream)
@@ -118,23 +123,24 @@ def _from_file(path: Path, known: Mapping[str, Setting]) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    extra_tables = sorted(set(data) - {SECTION})
+    extra_tables = sorted(set(data) - set(SECTIONS))
     if extra_tables:
+        tables = " and ".join(f"[{name}]" for name in SECTIONS)
         raise ConfigError(
             f"config file {path}: unknown key(s) {', '.join(extra_tables)}; "
-            f"settings go in the [{SECTION}] table"
+            f"settings go in the {tables} tables"
         )
-    table = data.get(SECTION, {})
+    table = data.get(section, {})
     if not isinstance(table, dict):
-        raise ConfigError(f"config file {path}: {SECTION} must be a table ([{SECTION}])")
+        raise ConfigError(f"config file {path}: {section} must be a table ([{section}])")
     unknown = sorted(set(table) - set(known))
     if unknown:
         raise ConfigError(
-            f"config file {path}: unknown key(s) in [{SECTION}]: {', '.join(unknown)}; "
+            f"config file {path}: unknown key(s) in [{section}]: {', '.join(unknown)}; "
             f"known keys: {', '.join(sorted(known))}"
         )
     return {
-        key: _file_value(known[key], value, f"config file {path}: [{SECTION}] {key}")
+        key: _file_value(known[key], value, f"config file {path}: [{section}] {key}")
         for key, value in table.items()
     }
 

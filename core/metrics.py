@@ -192,10 +192,10 @@ class Metrics:
 
     # Label values for requests whose model or application is unknown: a label per name a
     # client makes up would grow the series without bound.
-    def _known_model(self, name: str) -> bool:
+    def knows_model(self, name: str) -> bool:
         return any(queue.spec.name == name for queue in self.queues())
 
-    def _known_app(self, name: str) -> bool:
+    def knows_app(self, name: str) -> bool:
         return self._apps is not None and name in self._apps
 
 
@@ -308,13 +308,13 @@ class RequestMetrics:
             _resolved.reset(token)
             seconds = time.perf_counter() - started
             if kind == "apps":
-                app = name if self.metrics._known_app(name) else ""
+                app = name if self.metrics.knows_app(name) else ""
                 self.metrics.app_request_done(app, status)
             elif resolved.model is not None and resolved.version is not None:
                 self.metrics.request_done(resolved.model, resolved.version, status, seconds)
             else:
                 # Failed before a version was chosen (bad body, unknown model or version).
-                model = name if self.metrics._known_model(name) else ""
+                model = name if self.metrics.knows_model(name) else ""
                 self.metrics.request_done(model, "", status, seconds)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from ketch.cli import _build_parsers
 from ketch.config import load_defaults, settings
-from tests.conftest import TEST_HEARTBEAT, KetchProcess
+from tests.conftest import TEST_HEARTBEAT, KetchProcess, KetchServer
 
 MODELS = """
 import ketch
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    return _build_parsers()[1]
+    return _build_parsers()[1]["serve"]
 
 
 def listening_port(cwd: Path, *extra: str) -> int:
@@ -93,7 +93,8 @@ def test_environment_over_file_in_process(tmp_path: Path) -> None:
 
 
 def test_command_line_list_replaces_the_configured_one(tmp_path: Path) -> None:
-    parser, serve_cmd = _build_parsers()
+    parser, configured = _build_parsers()
+    serve_cmd = configured["serve"]
     serve_cmd.set_defaults(model=["a=torch:a.pt2"], plugin=["x.py"])
     args = parser.parse_args(["serve", "--model", "b=torch:b.pt2", "--model", "c=torch:c.pt2"])
     assert args.model == ["b=torch:b.pt2", "c=torch:c.pt2"]
@@ -161,3 +162,29 @@ def test_serve_help_documents_every_option_and_the_precedence() -> None:
         assert action.help and ("default" in action.help or action.dest == "help")
     assert "command line > environment > config file > defaults" in result.stdout
     assert "KETCH_PORT" in result.stdout and "ketch.toml" in result.stdout
+
+
+def test_ketch_worker_reads_its_table_of_ketch_toml(
+    tmp_path: Path, write_models: Callable[..., Path], start_server: Callable[..., KetchServer]
+) -> None:
+    source = write_models(MODELS)
+    server = start_server(source)
+    heartbeat = dict(zip(TEST_HEARTBEAT[::2], TEST_HEARTBEAT[1::2], strict=True))
+    (tmp_path / "ketch.toml").write_text(
+        "[serve]\nport = 1\n"  # another command's table: read by ketch serve only
+        f'[worker]\ntarget = "{source}:double"\nconnect = "{server.broker}"\n'
+        f"heartbeat_interval = {heartbeat['--heartbeat-interval']}\n"
+        f"heartbeat_liveness = {heartbeat['--heartbeat-liveness']}\n"
+    )
+    worker = KetchProcess(["worker"], cwd=tmp_path)
+    try:
+        server.wait_for(rf"model double:1 ready: worker pid {worker.process.pid} ")
+        assert server.predict("double", {"input": 4}).json()["output"] == 8
+    finally:
+        worker.stop()
+
+
+def test_ketch_worker_without_a_target_says_where_to_give_one(tmp_path: Path) -> None:
+    result = ketch("worker", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "ketch worker needs the model: PATH_OR_MODULE[:name], KETCH_TARGET" in result.stderr
