@@ -2,13 +2,13 @@
 
 The model is "affine" (3 float32 inputs, 2 outputs, ``x @ W + b``): so small that the figures
 are the cost of the path, not of the model. It runs on the Triton Inference Server that
-PyTriton bundles (on CPU), started by this script from a virtualenv with ``nvidia-pytriton``
-(``--pytriton-python``; by default the one ``tests/frameworks/test_triton.py`` caches). The
-baseline calls Triton with tritonclient from this process; ketch serves the model with
-``ketch.deploy(..., runtime="triton")`` (``--replicas`` workers, 1 by default, and
-``max_batch_size=64``) and is called over HTTP, its workers calling Triton over ``--protocol``
-(the baseline uses the same protocol). A worker makes one call at a time, so the replicas are
-how many of ketch's calls Triton sees at once:
+PyTriton bundles (on CPU), started with ``pytriton_server.py`` (shared with the test) from a
+virtualenv with ``nvidia-pytriton`` (``--pytriton-python``; by default the one
+``tests/frameworks/test_triton.py`` caches). The baseline calls Triton with tritonclient from
+this process; ketch serves the model with ``ketch.deploy(..., runtime="triton")``
+(``--replicas`` workers, 1 by default, and ``max_batch_size=64``) and is called over HTTP, its
+workers calling Triton over ``--protocol`` (the baseline uses the same protocol). A worker
+makes one call at a time, so the replicas are how many of ketch's calls Triton sees at once:
 
 - single-row latency: ``--requests`` sequential one-row calls on one connection, median and
   p99;
@@ -24,78 +24,28 @@ Needs ``tritonclient[http,grpc]`` beside ketch. Prints the figures and the ratio
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import sysconfig
 import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ketch_server import KetchServer, single_input_latencies
 from loadgen import LoadSpec, run_load
+from pytriton_server import cached_venv, run_server
 from report import percentile, print_comparison
 
-#: Where the test suite keeps its PyTriton virtualenv (see tests/frameworks/test_triton.py).
-CACHED_PYTRITON = (
-    Path(os.environ.get("KETCH_TEST_CACHE") or Path.home() / ".cache" / "ketch-tests")
-    / f"pytriton-0.7.0-py{sys.version_info.major}{sys.version_info.minor}"
-    / "bin"
-    / "python"
-)
-START_TIMEOUT_S = 180.0
-
-SERVER = """
-import signal
-import sys
-
-import numpy as np
-from pytriton.decorators import batch
-from pytriton.model_config import ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-
-W = np.array([[1.0, 2.0], [0.5, -1.0], [-3.0, 0.25]], dtype=np.float32)
-B = np.array([0.1, -0.2], dtype=np.float32)
-
-
-@batch
-def affine(x):
-    return {"y": x @ W + B}
-
-
-def stop(signum, frame):
-    raise KeyboardInterrupt
-
-
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGINT, signal.default_int_handler)
-http_port, grpc_port, metrics_port = map(int, sys.argv[1:4])
-config = TritonConfig(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
-# Unrestricted, so that the benchmark can read how many rows each call carried.
-security = TritonSecurityConfig(restricted_endpoints=[])
-with Triton(config=config, workspace=sys.argv[4], security_config=security) as triton:
-    triton.bind(
-        "affine",
-        affine,
-        inputs=[Tensor(name="x", dtype=np.float32, shape=(3,))],
-        outputs=[Tensor(name="y", dtype=np.float32, shape=(2,))],
-        config=ModelConfig(max_batch_size=64),
-    )
-    print("READY", flush=True)
-    triton.serve()
-"""
+#: Where the test suite keeps its PyTriton virtualenv.
+CACHED_PYTRITON = cached_venv() / "bin" / "python"
+#: Triton's batch limit for "affine": as big as ketch's batches, so that it never splits them.
+AFFINE_MAX_BATCH = 64
 
 SERVED = """
 import ketch
@@ -104,70 +54,6 @@ ketch.deploy("affine", runtime="triton", url="{url}", model="affine", protocol="
              max_batch_size=64, max_delay_ms=1, min_replicas={replicas},
              max_replicas={replicas})
 """
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-@contextlib.contextmanager
-def pytriton_server(python: Path, folder: Path) -> Iterator[tuple[str, str]]:
-    """PyTriton's server with "affine" on free ports: ``(http url, grpc url)``; stopped with
-    SIGTERM, then its process group killed."""
-    script = folder / "triton_server.py"
-    script.write_text(SERVER)
-    log = folder / "triton.log"
-    ports = free_ports(3)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # PyTriton's Python backend loads libpython, which pyenv keeps off the loader's path.
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
-    process = subprocess.Popen(
-        [str(python), str(script), *map(str, ports), str(folder / "workspace")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        env=env,
-        start_new_session=True,
-    )
-    # Set when the server prints READY, or when its output ends (it exited).
-    settled, ready = threading.Event(), threading.Event()
-
-    def copy_output() -> None:
-        assert process.stdout is not None
-        with process.stdout, open(log, "w") as output:
-            for line in process.stdout:
-                output.write(line)
-                output.flush()
-                if line.rstrip("\n") == "READY":
-                    ready.set()
-                    settled.set()
-        settled.set()
-
-    reader = threading.Thread(target=copy_output, daemon=True)
-    reader.start()
-    try:
-        if not settled.wait(START_TIMEOUT_S) or not ready.is_set():
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            raise RuntimeError(f"PyTriton's server did not start:\n{tail}")
-        yield f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-        reader.join(10)
 
 
 class Direct:
@@ -314,8 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         print("starting Triton ...", file=sys.stderr)
-        with pytriton_server(args.pytriton_python, folder) as (http_url, grpc_url):
-            triton_url = grpc_url if args.protocol == "grpc" else http_url
+        with run_server(
+            args.pytriton_python,
+            folder,
+            models=("affine",),
+            affine_max_batch_size=AFFINE_MAX_BATCH,
+        ) as triton:
+            triton_url = triton.grpc if args.protocol == "grpc" else triton.http
             print(f"Triton directly ({args.protocol}) ...", file=sys.stderr)
             client = Direct(args.protocol, triton_url)
             direct = direct_figures(client, array, args)

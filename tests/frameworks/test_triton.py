@@ -1,6 +1,7 @@
 """The triton runtime against a real Triton Inference Server: the one PyTriton bundles, which
-runs on CPU, serving small numpy models this test writes. ketch serves them over HTTP, and
-its answers are compared with calling Triton directly through tritonclient.
+runs on CPU, serving the small numpy models of ``benchmarks/pytriton_server.py`` (which also
+starts and stops it for ``benchmarks/bench_triton.py``). ketch serves them over HTTP, and its
+answers are compared with calling Triton directly through tritonclient.
 
 PyTriton pins numpy < 2, so it lives in a virtualenv of its own, made once per PyTriton
 version and Python under ``$KETCH_TEST_CACHE`` (default ``~/.cache/ketch-tests``): the first
@@ -9,17 +10,11 @@ run pays the install (about a minute), later runs reuse it.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import sysconfig
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,101 +26,30 @@ import pytest
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from benchmarks.pytriton_server import (
+    AFFINE_B,
+    AFFINE_W,
+    MODELS,
+    PYTRITON_VERSION,
+    REFUSED,
+    START_TIMEOUT_S,
+    cached_venv,
+    free_ports,
+    run_server,
+)
 from ketch.errors import BatchInputError
 from ketch.runtimes.triton import TritonRuntime
 from tests.conftest import KetchServer
 
-PYTRITON_VERSION = "0.7.0"
-#: Installing PyTriton (~370 MB unpacked) on a first run; starting its server on a busy machine.
+#: Installing PyTriton (~370 MB unpacked) on a first run.
 INSTALL_TIMEOUT_S = 900
-START_TIMEOUT_S = 180
 #: The first test's budget includes the install; the others are far quicker.
 pytestmark = pytest.mark.timeout(INSTALL_TIMEOUT_S + START_TIMEOUT_S)
 
-W = np.array([[1.0, 2.0], [0.5, -1.0], [-3.0, 0.25]], dtype=np.float32)
-B = np.array([0.1, -0.2], dtype=np.float32)
+W = np.array(AFFINE_W, dtype=np.float32)
+B = np.array(AFFINE_B, dtype=np.float32)
 #: Triton's own batch limit for "affine": ketch must split bigger batches.
 AFFINE_MAX_BATCH = 8
-REFUSED = 666
-
-SERVER = f"""
-import signal
-import sys
-
-import numpy as np
-from pytriton.decorators import batch
-from pytriton.model_config import ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-
-W = np.array({W.tolist()}, dtype=np.float32)
-B = np.array({B.tolist()}, dtype=np.float32)
-
-
-@batch
-def affine(x):
-    return {{"y": x @ W + B}}
-
-
-@batch
-def two_io(a, n):
-    if (n == {REFUSED}).any():
-        raise ValueError("n={REFUSED} is refused by the model")
-    return {{"total": a.sum(axis=1, keepdims=True), "doubled": n * 2}}
-
-
-@batch
-def lengths(text):
-    words = [t[0].decode() for t in text]
-    return {{
-        "length": np.array([[len(w)] for w in words], dtype=np.int32),
-        "upper": np.array([[w.upper().encode()] for w in words], dtype=np.object_),
-    }}
-
-
-def stop(signum, frame):
-    raise KeyboardInterrupt  # serve() stops Triton and its model processes on it
-
-
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGINT, signal.default_int_handler)
-http_port, grpc_port, metrics_port = map(int, sys.argv[1:4])
-config = TritonConfig(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
-# Unrestricted, so that the test can read inference statistics.
-security = TritonSecurityConfig(restricted_endpoints=[])
-with Triton(config=config, workspace=sys.argv[4], security_config=security) as triton:
-    triton.bind(
-        "affine",
-        affine,
-        inputs=[Tensor(name="x", dtype=np.float32, shape=(3,))],
-        outputs=[Tensor(name="y", dtype=np.float32, shape=(2,))],
-        config=ModelConfig(max_batch_size={AFFINE_MAX_BATCH}),
-    )
-    triton.bind(
-        "two_io",
-        two_io,
-        inputs=[
-            Tensor(name="a", dtype=np.float32, shape=(-1,)),
-            Tensor(name="n", dtype=np.int64, shape=(2,)),
-        ],
-        outputs=[
-            Tensor(name="total", dtype=np.float32, shape=(1,)),
-            Tensor(name="doubled", dtype=np.int64, shape=(2,)),
-        ],
-        config=ModelConfig(max_batch_size=16),
-    )
-    triton.bind(
-        "lengths",
-        lengths,
-        inputs=[Tensor(name="text", dtype=np.bytes_, shape=(1,))],
-        outputs=[
-            Tensor(name="length", dtype=np.int32, shape=(1,)),
-            Tensor(name="upper", dtype=np.bytes_, shape=(1,)),
-        ],
-        config=ModelConfig(max_batch_size=16),
-    )
-    print("READY", flush=True)
-    triton.serve()
-"""
 
 SERVED = """
 import ketch
@@ -176,17 +100,11 @@ class TritonServer:
             client.close()
 
 
-def cache_folder() -> Path:
-    root = os.environ.get("KETCH_TEST_CACHE") or Path.home() / ".cache" / "ketch-tests"
-    return Path(root)
-
-
 @pytest.fixture(scope="session")
 def pytriton_python() -> Path:
     """The interpreter of a virtualenv with PyTriton, made on first use and then reused (a
     lock keeps two test runs from building it at once; a marker file says it is complete)."""
-    version = f"{sys.version_info.major}{sys.version_info.minor}"
-    venv = cache_folder() / f"pytriton-{PYTRITON_VERSION}-py{version}"
+    venv = cached_venv()
     python = venv / "bin" / "python"
     done = venv / ".complete"
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -205,17 +123,6 @@ def pytriton_python() -> Path:
     return python
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("", 0))  # Triton listens on every interface
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.fixture(scope="module")
 def triton(
     pytriton_python: Path, tmp_path_factory: pytest.TempPathFactory
@@ -223,71 +130,12 @@ def triton(
     """PyTriton's server on free ports, in its own process group, stopped (and its group
     killed) at the end, also when the test fails."""
     folder = tmp_path_factory.mktemp("triton")
-    script = folder / "server.py"
-    script.write_text(SERVER)
-    log = folder / "server.log"
-    http_port, grpc_port, metrics_port = free_ports(3)
-    # PyTriton's Python backend loads libpython: under pyenv it is not on the loader's path.
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
-    process = subprocess.Popen(
-        [
-            str(pytriton_python),
-            str(script),
-            str(http_port),
-            str(grpc_port),
-            str(metrics_port),
-            str(folder / "workspace"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        env=env,
-        start_new_session=True,
-    )
-    # Set when the server prints READY, or when its output ends (it exited).
-    settled = threading.Event()
-    ready = threading.Event()
-
-    def copy_output() -> None:
-        assert process.stdout is not None
-        with process.stdout, open(log, "w") as output:
-            for line in process.stdout:
-                output.write(line)
-                output.flush()
-                if line.rstrip("\n") == "READY":
-                    ready.set()
-                    settled.set()
-        settled.set()
-
-    reader = threading.Thread(target=copy_output, daemon=True)
-    reader.start()
-    try:
-        if not settled.wait(START_TIMEOUT_S) or not ready.is_set():
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            pytest.fail(f"PyTriton's server did not start (exit {process.poll()}):\n{tail}")
-        server = TritonServer(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
+    with run_server(pytriton_python, folder, affine_max_batch_size=AFFINE_MAX_BATCH) as endpoints:
+        server = TritonServer(endpoints.http, endpoints.grpc, endpoints.log)
         client = server.client()
-        assert all(client.is_model_ready(m) for m in ("affine", "two_io", "lengths"))
+        assert all(client.is_model_ready(m) for m in MODELS)
         client.close()
         yield server
-    finally:
-        stop_group(process)
-        reader.join(10)
-
-
-def stop_group(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM (the script stops Triton cleanly, freeing its shared memory), then SIGKILL
-    for whatever of the group is left."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(10)
 
 
 @pytest.fixture(scope="module")
