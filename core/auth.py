@@ -55,10 +55,6 @@ class TokenGuard:
         if scope["type"] == "http":
             refusal = self._refusal(scope["path"], _bearer_token(scope))
             if refusal is not None:
-                # Read the body first: answering before it is read leaves the connection
-                # unusable, and a client that reuses it would see it closed under its next
-                # request.
-                await _discard_body(receive)
                 response = json_response(
                     {"error": refusal},
                     401,
@@ -102,10 +98,3 @@ def _bearer_token(scope: Scope) -> bytes | None:
                 return bytes(token.strip())
             return None
     return None
-
-
-async def _discard_body(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return

@@ -44,6 +44,7 @@ from ketch.admin import Admin
 from ketch.application import Applications
 from ketch.auth import TokenGuard, Tokens
 from ketch.dispatch import Dispatcher
+from ketch.drain import DrainRequestBody
 from ketch.http_json import (
     TIMEOUT_HEADER,
     json_kind,
@@ -99,6 +100,7 @@ class Gateway:
             ],
             exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
             middleware=[
+                Middleware(DrainRequestBody),
                 Middleware(TokenGuard, tokens=self._tokens),
                 self.dispatcher.metrics.middleware(),
             ],

@@ -138,6 +138,25 @@ def test_unknown_route_and_wrong_method_are_json_errors(server: KetchServer) -> 
     assert server.client.get("/models/double/predict").status_code == 405
 
 
+def test_answers_without_reading_the_body_keep_the_connection_usable(
+    server: KetchServer,
+) -> None:
+    # Each of these is answered from its path or headers alone. The body must still be read,
+    # or the server closes the keep-alive connection under the client's next request.
+    refused = [
+        ("POST", "/nowhere", 404),
+        ("POST", "/models", 405),
+        ("POST", "/apps/none/predict", 404),
+        ("DELETE", "/admin/models/double", 401),
+    ]
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for round_ in range(300):
+            for method, path, status in refused:
+                body = {"input": "x" * (round_ % 64)}
+                assert client.request(method, path, json=body).status_code == status
+            assert client.post("/models/double/predict", json={"input": 2}).json()["output"] == 4
+
+
 def test_model_that_raises_gets_500_and_its_worker_keeps_serving(server: KetchServer) -> None:
     pid_before = server.model_status("fails")["workers"][0]["pid"]
     response = server.predict("fails", {"input": 3})
