@@ -1,12 +1,12 @@
 """A Spark ML pipeline served by ketch's ``spark`` runtime (numpy fast path, over HTTP) against
 Spark's own ``PipelineModel.transform()`` in-process.
 
-The pipeline is the one ``tests/frameworks/test_spark.py`` calls ``churn``: StringIndexer,
-OneHotEncoder, VectorAssembler, StandardScaler (with mean and std) and a binary
-LogisticRegression, fitted on 200 synthetic rows (three numbers and a colour) with a
-``local[1]`` SparkSession and saved to a temporary directory. Each answer is the row's
-``prediction`` and ``probability``. Then, one after the other (never both at once, so neither
-competes with the other for the two cores):
+The pipeline is the one ``tests/frameworks/test_spark.py`` calls ``churn``, built and fitted by
+the module both use, ``spark_pipelines.py``: StringIndexer, OneHotEncoder, VectorAssembler,
+StandardScaler (with mean and std) and a binary LogisticRegression, fitted on 200 synthetic
+rows (three numbers and a colour) with a ``local[1]`` SparkSession and saved to a temporary
+directory. Each answer is the row's ``prediction`` and ``probability``. Then, one after the
+other (never both at once, so neither competes with the other for the two cores):
 
 - **Spark**, in this process: ``--spark-requests`` (50) single-row calls, each
   ``spark.createDataFrame([row]) -> transform -> select -> collect`` (what a service calling
@@ -49,12 +49,11 @@ from loadgen import LoadSpec, _build_target, _parse_head
 from procstat import CpuSample, CpuShares, system_busy_seconds
 from report import at_least, finite, percentile
 from server_process import ServerError
+from spark_pipelines import COLUMNS, fit_pipelines, local_spark, synthetic_rows
 
 TARGET_P50_MS = 5.0
 REQUEST_TIMEOUT_S = 60.0
 NOISY_OTHER_CPU = 0.25
-COLORS = ("red", "green", "blue")
-COLUMNS = ("a", "b", "c", "color")
 OUTPUTS = ("prediction", "probability")
 MODELS_SOURCE = """
 import ketch
@@ -100,19 +99,6 @@ class Side:
         return self.batch_size * len(self.batch_ms) / total_s if total_s else math.nan
 
 
-def synthetic_rows(count: int, seed: int) -> list[dict[str, Any]]:
-    """Rows like the test's: three normal numbers, a colour, a noisy binary label."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(count):
-        a, b, c = (float(v) for v in rng.normal(size=3))
-        label = float(a + b + rng.normal() > 0)
-        rows.append({"a": a, "b": b, "c": c, "color": COLORS[int(rng.integers(3))], "y": label})
-    return rows
-
-
 # -- Spark ------------------------------------------------------------------------------------
 
 
@@ -123,32 +109,8 @@ def measure_spark(
 
     Returns Spark's figures and its answers (prediction, probability) for the first batch.
     """
-    from pyspark.ml import Pipeline
-    from pyspark.ml.classification import LogisticRegression
-    from pyspark.ml.feature import OneHotEncoder, StandardScaler, StringIndexer, VectorAssembler
-    from pyspark.sql import SparkSession
-
-    spark = (
-        SparkSession.builder.master("local[1]")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.shuffle.partitions", "1")
-        .getOrCreate()
-    )
-    try:
-        spark.sparkContext.setLogLevel("ERROR")
-        training = synthetic_rows(200, seed=0)
-        train = spark.createDataFrame([tuple(r.values()) for r in training], list(training[0]))
-        model = Pipeline(
-            stages=[
-                StringIndexer(inputCol="color", outputCol="color_index", handleInvalid="keep"),
-                OneHotEncoder(inputCols=["color_index"], outputCols=["color_vector"]),
-                VectorAssembler(inputCols=["a", "b", "c", "color_vector"], outputCol="raw"),
-                StandardScaler(inputCol="raw", outputCol="features", withMean=True),
-                LogisticRegression(featuresCol="features", labelCol="y", regParam=0.01),
-            ]
-        ).fit(train)
-        model.write().save(str(folder / "churn"))
+    with local_spark() as spark:
+        model = fit_pipelines(spark, folder, ["churn"])["churn"]
         schema = "a double, b double, c double, color string"
 
         def run(batch: list[dict[str, Any]]) -> list[list[Any]]:
@@ -175,8 +137,6 @@ def measure_spark(
         if busy is not None and after is not None:
             side.machine_cores = (after - busy) / (time.monotonic() - started)
         return side, first
-    finally:
-        spark.stop()
 
 
 # -- ketch ------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ A local SparkSession takes seconds to start and hundreds of milliseconds per sin
 ``transform``, so the runtime first tries the **fast path**: it reads the stages' saved
 parameters (the JSON metadata and the parquet files, with pyarrow, no JVM) when the worker
 loads the model, and runs them as numpy operations that compute what Spark computes
-(:mod:`ketch.runtimes.spark_stages`: feature transformers, linear models, trees). A pipeline
-with any other stage takes the **Spark path**: the worker starts a local SparkSession and runs
-the whole pipeline through ``PipelineModel.transform``. ``describe()`` (``runtime_info`` in
-``GET /models``) says which path was taken and why. Options:
+(:mod:`ketch.runtimes.spark_fastpath`, with the stages in ``spark_features``, ``spark_linear``
+and ``spark_trees``). A pipeline with any other stage takes the **Spark path**: the worker
+starts a local SparkSession and runs the whole pipeline through ``PipelineModel.transform``.
+``describe()`` (``runtime_info`` in ``GET /models``) says which path was taken and why. Options:
 
 - ``output``: the column to answer with (default: the last stage's prediction column, or its
   output column), or a list of columns, answered as an object per row
@@ -42,20 +42,22 @@ from ketch.errors import BatchInputError
 from ketch.hookspecs import RegisterRuntime, hookimpl
 from ketch.models import BatchInput
 from ketch.runtime import Runtime
-from ketch.runtimes.spark_stages import (
+from ketch.runtimes.spark_fastpath import (
     BUILDERS,
     FastPipeline,
     InputColumn,
-    NoFastPath,
-    StageMeta,
     as_objects,
     column_values,
     convert,
     first_unsupported,
+    value_kind,
+)
+from ketch.runtimes.spark_saved import (
+    NoFastPath,
+    StageMeta,
     read_json_metadata,
     read_pipeline,
     short_name,
-    value_kind,
 )
 from ketch.signature import TensorSpec
 from ketch.types import Outputs

@@ -1,6 +1,7 @@
 """The spark runtime against real Spark: small pipelines the test fits on synthetic data with
-a local SparkSession and saves, served through one `ketch serve`, and compared row by row
-with Spark's own ``transform()``.
+a local SparkSession and saves (``benchmarks/spark_pipelines.py``, which ``bench_spark.py``
+shares), served through one `ketch serve`, and compared row by row with Spark's own
+``transform()``.
 
 Every pipeline but one takes the numpy fast path (no JVM in the worker); the one with a
 SQLTransformer takes the Spark path, and ``GET /models`` says which and why."""
@@ -17,31 +18,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pyspark.ml import Pipeline
-from pyspark.ml.classification import LogisticRegression, RandomForestClassifier
-from pyspark.ml.feature import (
-    MinMaxScaler,
-    OneHotEncoder,
-    SQLTransformer,
-    StandardScaler,
-    StringIndexer,
-    VectorAssembler,
-)
-from pyspark.ml.regression import GBTRegressor, LinearRegression
-from pyspark.sql import SparkSession
 
+from benchmarks.spark_pipelines import COLUMNS, fit_pipelines, local_spark, synthetic_rows
 from ketch.errors import BatchInputError
 from ketch.runtimes.spark import SparkRuntime
-from ketch.runtimes.spark_stages import InputColumn, as_objects
+from ketch.runtimes.spark_fastpath import InputColumn, as_objects
 from tests.conftest import KetchServer
 
 # Fitting with a local Spark and starting a JVM in a worker take tens of seconds on 2 cores.
 pytestmark = pytest.mark.timeout(300)
 #: How long the server may take to start, the Spark path's worker starting a JVM included.
 READY_TIMEOUT_S = 150.0
-
-COLUMNS = ["a", "b", "c", "color"]
-COLORS = ["red", "green", "blue"]
 
 SERVED = """
 import ketch
@@ -86,54 +73,6 @@ class Saved:
     server: KetchServer
 
 
-def synthetic_rows(count: int, seed: int) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(count):
-        a, b, c = (float(v) for v in rng.normal(size=3))
-        color = COLORS[int(rng.integers(3))]
-        rows.append(
-            {
-                "a": a,
-                "b": b,
-                "c": c,
-                "color": color,
-                "label": float(a + b + rng.normal() > 0),
-                "y": 2 * a - b + 0.5 * c + (color == "red") + float(rng.normal()) * 0.1,
-                "cls3": float(0 if a < -0.3 else (1 if b < 0 else 2)),
-            }
-        )
-    return rows
-
-
-def pipelines() -> dict[str, list[Any]]:
-    def assembler(*columns: str, output: str = "features") -> VectorAssembler:
-        return VectorAssembler(inputCols=list(columns or ["a", "b", "c"]), outputCol=output)
-
-    return {
-        "churn": [
-            StringIndexer(inputCol="color", outputCol="color_index", handleInvalid="keep"),
-            OneHotEncoder(inputCols=["color_index"], outputCols=["color_vector"]),
-            assembler("a", "b", "c", "color_vector", output="raw"),
-            StandardScaler(inputCol="raw", outputCol="features", withMean=True, withStd=True),
-            LogisticRegression(labelCol="label", regParam=0.01),
-        ],
-        "multi": [
-            assembler(output="raw"),
-            MinMaxScaler(inputCol="raw", outputCol="features", min=-1.0, max=1.0),
-            LogisticRegression(labelCol="cls3", family="multinomial", regParam=0.05),
-        ],
-        "linear": [assembler(), LinearRegression(labelCol="y", regParam=0.01)],
-        "forest": [assembler(), RandomForestClassifier(labelCol="cls3", numTrees=5, maxDepth=4)],
-        "boosted": [assembler(), GBTRegressor(labelCol="y", maxIter=5, maxDepth=3)],
-        "sql": [
-            SQLTransformer(statement="SELECT *, a * b AS ab FROM __THIS__"),
-            assembler("a", "b", "ab"),
-            LinearRegression(labelCol="y"),
-        ],
-    }
-
-
 def plain(value: Any) -> Any:
     return value.toArray().tolist() if hasattr(value, "toArray") else value
 
@@ -153,41 +92,29 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
         {"a": 0.25, "b": -0.5, "c": 1.5, "color": "purple"},
         {"a": 1, "b": -2, "c": 0, "color": "red"},
     ]
-    spark = (
-        SparkSession.builder.master("local[1]")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.shuffle.partitions", "1")
-        .getOrCreate()
-    )
-    server, stopped = None, False
+    server = None
     try:
-        spark.sparkContext.setLogLevel("ERROR")
-        training = synthetic_rows(200, seed=0)
-        train = spark.createDataFrame([tuple(r.values()) for r in training], list(training[0]))
-        models = {}
-        for name, stages in pipelines().items():
-            models[name] = Pipeline(stages=stages).fit(train)
-            models[name].write().save(str(folder / name))
-        # A fitted model saved alone is not a pipeline.
-        models["sql"].stages[-1].write().save(str(folder / "lonely"))
-        server = KetchServer(folder / "served.py", "--model", f"linear=spark:{folder / 'linear'}")
-        test = spark.createDataFrame(
-            [(float(r["a"]), float(r["b"]), float(r["c"]), r["color"]) for r in rows], COLUMNS
-        )
-        expected = {
-            name: [
-                {k: plain(v) for k, v in row.asDict().items()}
-                for row in model.transform(test).select(*OUTPUTS[name]).collect()
-            ]
-            for name, model in models.items()
-        }
-        spark.stop()  # frees the core for ketch's workers
-        stopped = True
+        with local_spark() as spark:
+            models = fit_pipelines(spark, folder)
+            # A fitted model saved alone is not a pipeline.
+            models["sql"].stages[-1].write().save(str(folder / "lonely"))
+            server = KetchServer(
+                folder / "served.py", "--model", f"linear=spark:{folder / 'linear'}"
+            )
+            test = spark.createDataFrame(
+                [(float(r["a"]), float(r["b"]), float(r["c"]), r["color"]) for r in rows],
+                list(COLUMNS),
+            )
+            expected = {
+                name: [
+                    {k: plain(v) for k, v in row.asDict().items()}
+                    for row in model.transform(test).select(*OUTPUTS[name]).collect()
+                ]
+                for name, model in models.items()
+            }
+        # Spark has stopped, which frees the core for ketch's workers.
         yield Saved(folder, rows, expected, models["sql"].stages[0].uid, server)
     finally:
-        if not stopped:
-            spark.stop()
         if server is not None:
             server.stop()
 
