@@ -53,7 +53,7 @@ class TokenGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            refusal = self._refusal(scope["path"], _bearer_token(scope))
+            refusal = self._refusal(scope)
             if refusal is not None:
                 response = json_response(
                     {"error": refusal},
@@ -64,8 +64,9 @@ class TokenGuard:
                 return
         await self._app(scope, receive, send)
 
-    def _refusal(self, path: str, given: bytes | None) -> str | None:
+    def _refusal(self, scope: Scope) -> str | None:
         """Why the request may not go on, or None when it may."""
+        path = scope["path"]
         if is_admin_path(path):
             if self._admin is None:
                 return (
@@ -78,7 +79,8 @@ class TokenGuard:
             accepted = [t for t in (self._predict, self._admin) if t is not None]
             which = "the predict token (or the admin token)"
         else:
-            return None
+            return None  # the common case: no header to look for
+        given = _bearer_token(scope)
         if given is None:
             return f"this route needs {which} as 'Authorization: Bearer <token>'"
         if not any(hmac.compare_digest(given, token) for token in accepted):
