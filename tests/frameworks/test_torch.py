@@ -192,3 +192,43 @@ def test_an_artifact_in_the_wrong_format_is_reported_with_its_path_and_reason(
         assert "not a torch.export archive" in error and "not a TorchScript file" in error
     finally:
         server.stop()
+
+
+def test_a_new_version_added_and_rolled_to_live_answers_as_its_archive(folder: Path) -> None:
+    torch.manual_seed(7)
+    retrained = torch.nn.Sequential(torch.nn.Linear(3, 2)).eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(retrained, (torch.randn(4, 3),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(folder / "retrained.pt2"))
+    with torch.inference_mode():
+        want = retrained(torch.tensor(ROWS)).numpy()
+    headers = {"Authorization": "Bearer torch-admin"}
+    server = KetchServer(
+        None, "--model", f"live=torch:{folder / 'tiny.pt2'}", "--admin-token", "torch-admin"
+    )
+    try:
+        server.wait_ready()
+        body = {
+            "name": "live",
+            "runtime": "torch",
+            "path": str(folder / "retrained.pt2"),
+            "version": "2",
+        }
+        added = server.client.post("/admin/models", json=body, headers=headers)
+        assert added.status_code == 201, added.text
+        assert added.json()["default_version"] == "1"
+        np.testing.assert_allclose(
+            outputs(server, "live", ROWS), expected(ROWS), rtol=1e-5, atol=1e-6
+        )
+
+        rolled = server.client.post(
+            "/admin/models/live/roll", json={"version": "2"}, headers=headers
+        )
+        assert rolled.status_code == 200, rolled.text
+        np.testing.assert_allclose(outputs(server, "live", ROWS), want, rtol=1e-5, atol=1e-6)
+        assert server.model_status("live", "2")["runtime_info"] == {
+            "format": "torch.export",
+            "device": "cpu",
+        }
+    finally:
+        server.stop()
