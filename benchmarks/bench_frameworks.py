@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from ketch_server import KetchServer, single_input_latencies
 from loadgen import LoadSpec, run_load
-from report import percentile, print_comparison
+from report import percentile, report_framework_run
 
 SERVED = """
 import ketch
@@ -201,25 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.framework} MLP {args.dim}-{args.hidden}-{args.hidden}-10, one thread, "
         "in-process vs ketch"
     )
-    lines = [
-        ("single-row latency p50 (ms)", "single_p50_ms", "single_p50_ms"),
-        ("single-row latency p99 (ms)", "single_p99_ms", "single_p99_ms"),
-        (f"rows/s, {args.batch}-row calls", "batched_rows_per_s", "batched_rows_per_s"),
-        (
-            f"rows/s, one-row calls on {through['one_row_requests_connections']:.0f} conns",
-            "batched_rows_per_s",
-            "one_row_requests_rows_per_s",
-        ),
-    ]
-    print_comparison("in-process", direct, through, lines)
-    print(
-        f"errors: {through['batched_errors']:.0f} in {args.batch}-row calls, "
-        f"{through['one_row_requests_errors']:.0f} in one-row calls "
-        f"(p99 {through['one_row_requests_p99_ms']:.1f} ms)"
+    return report_framework_run(
+        "in-process", direct, through, f"rows/s, {args.batch}-row calls", args.batch, args.json
     )
-    if args.json:
-        print(json.dumps({"in_process": direct, "ketch": through}))
-    return 0 if through["batched_errors"] == through["one_row_requests_errors"] == 0 else 1
 
 
 if __name__ == "__main__":

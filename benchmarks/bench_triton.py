@@ -40,7 +40,7 @@ import numpy as np
 from ketch_server import KetchServer, single_input_latencies
 from loadgen import LoadSpec, run_load
 from pytriton_server import cached_venv, run_server
-from report import percentile, print_comparison
+from report import percentile, report_framework_run
 
 #: Where the test suite keeps its PyTriton virtualenv.
 CACHED_PYTRITON = cached_venv() / "bin" / "python"
@@ -221,30 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         f"affine 3->2 on PyTriton's Triton (CPU), over {args.protocol}: tritonclient directly "
         f"vs ketch over HTTP ({args.replicas} worker{'s' if args.replicas > 1 else ''})"
     )
-    lines = [
-        ("single-row latency p50 (ms)", "single_p50_ms", "single_p50_ms"),
-        ("single-row latency p99 (ms)", "single_p99_ms", "single_p99_ms"),
-        (
-            f"rows/s, {args.batch}-row calls on {args.connections} conns",
-            "batched_rows_per_s",
-            "batched_rows_per_s",
-        ),
-        (
-            f"rows/s, one-row calls on {through['one_row_requests_connections']:.0f} conns",
-            "batched_rows_per_s",
-            "one_row_requests_rows_per_s",
-        ),
-    ]
-    print_comparison("direct", direct, through, lines)
-    print(
-        f"errors: {through['batched_errors']:.0f} in {args.batch}-row calls, "
-        f"{through['one_row_requests_errors']:.0f} in one-row calls "
-        f"(p99 {through['one_row_requests_p99_ms']:.1f} ms, "
-        f"{through['one_row_requests_rows_per_triton_call']:.1f} rows per call to Triton)"
+    per_call = through["one_row_requests_rows_per_triton_call"]
+    return report_framework_run(
+        "direct",
+        direct,
+        through,
+        f"rows/s, {args.batch}-row calls on {args.connections} conns",
+        args.batch,
+        args.json,
+        detail=f", {per_call:.1f} rows per call to Triton",
     )
-    if args.json:
-        print(json.dumps({"direct": direct, "ketch": through}))
-    return 0 if through["batched_errors"] == through["one_row_requests_errors"] == 0 else 1
 
 
 if __name__ == "__main__":

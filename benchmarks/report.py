@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -51,3 +52,36 @@ def print_comparison(
     for label, mine, theirs in lines:
         ratio = through[theirs] / direct[mine]
         print(f"{label:<44}{direct[mine]:>12.3f}{through[theirs]:>12.3f}{ratio:>8.2f}x")
+
+
+def report_framework_run(
+    baseline: str,
+    direct: Mapping[str, float],
+    through: Mapping[str, float],
+    batched: str,
+    batch: int,
+    as_json: bool,
+    detail: str = "",
+) -> int:
+    """What every framework benchmark prints: single-row latency, rows per second in batched
+    calls and in one-row calls, ``baseline`` against ketch, then ketch's errors (``detail``
+    adds to their line). Returns the exit status: 1 when ketch answered any error.
+
+    :param batched: the label of the batched calls' line.
+    """
+    one_row = f"rows/s, one-row calls on {through['one_row_requests_connections']:.0f} conns"
+    lines = [
+        ("single-row latency p50 (ms)", "single_p50_ms", "single_p50_ms"),
+        ("single-row latency p99 (ms)", "single_p99_ms", "single_p99_ms"),
+        (batched, "batched_rows_per_s", "batched_rows_per_s"),
+        (one_row, "batched_rows_per_s", "one_row_requests_rows_per_s"),
+    ]
+    print_comparison(baseline, direct, through, lines)
+    print(
+        f"errors: {through['batched_errors']:.0f} in {batch}-row calls, "
+        f"{through['one_row_requests_errors']:.0f} in one-row calls "
+        f"(p99 {through['one_row_requests_p99_ms']:.1f} ms{detail})"
+    )
+    if as_json:
+        print(json.dumps({baseline.replace("-", "_"): direct, "ketch": through}))
+    return 0 if through["batched_errors"] == through["one_row_requests_errors"] == 0 else 1
