@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -34,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ketch_server import KetchServer, single_input_latencies
-from loadgen import LoadSpec, run_load
+from framework_figures import latency_and_batched, one_row_requests
+from ketch_server import KetchServer
 from report import percentile, report_framework_run
 
 SERVED = """
@@ -136,36 +135,9 @@ def direct_figures(
 
 
 def ketch_figures(url: str, rows: list[list[float]], args: argparse.Namespace) -> dict[str, float]:
-    single_input_latencies(url, "mlp", rows, 50)  # warm the connection path and the worker
-    latencies = single_input_latencies(url, "mlp", rows, args.requests)
-    predict = f"{url}/models/mlp/predict"
-    batched = run_load(
-        LoadSpec(
-            predict,
-            json.dumps({"inputs": rows[: args.batch]}).encode(),
-            connections=args.connections,
-            duration_s=args.duration,
-            warmup_s=1.0,
-        )
-    )
-    single = run_load(
-        LoadSpec(
-            predict,
-            json.dumps({"input": rows[0]}).encode(),
-            connections=args.connections * args.batch // 4,
-            duration_s=args.duration,
-            warmup_s=1.0,
-        )
-    )
     return {
-        "single_p50_ms": 1000 * statistics.median(latencies),
-        "single_p99_ms": 1000 * percentile(latencies, 0.99),
-        "batched_rows_per_s": batched.requests_per_s * args.batch,
-        "batched_errors": batched.errors,
-        "one_row_requests_rows_per_s": single.requests_per_s,
-        "one_row_requests_connections": single.connections,
-        "one_row_requests_p99_ms": single.p99_ms,
-        "one_row_requests_errors": single.errors,
+        **latency_and_batched(url, "mlp", rows, args),
+        **one_row_requests(url, "mlp", rows, args),
     }
 
 

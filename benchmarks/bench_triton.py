@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import random
 import statistics
 import sys
@@ -37,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ketch_server import KetchServer, single_input_latencies
-from loadgen import LoadSpec, run_load
+from framework_figures import latency_and_batched, one_row_requests
+from ketch_server import KetchServer
 from pytriton_server import cached_venv, run_server
 from report import percentile, report_framework_run
 
@@ -134,42 +133,15 @@ def closed_loop(direct: Direct, batch: np.ndarray, connections: int, duration_s:
 def ketch_figures(
     url: str, direct: Direct, rows: list[list[float]], args: argparse.Namespace
 ) -> dict[str, float]:
-    single_input_latencies(url, "affine", rows, 50)  # warm the connection path and the worker
-    latencies = single_input_latencies(url, "affine", rows, args.requests)
-    predict = f"{url}/models/affine/predict"
-    batched = run_load(
-        LoadSpec(
-            predict,
-            json.dumps({"inputs": rows[: args.batch]}).encode(),
-            connections=args.connections,
-            duration_s=args.duration,
-            warmup_s=1.0,
-        )
-    )
+    figures = latency_and_batched(url, "affine", rows, args)
     inferred, executions = direct.counts()
-    single = run_load(
-        LoadSpec(
-            predict,
-            json.dumps({"input": rows[0]}).encode(),
-            connections=args.connections * args.batch // 4,
-            duration_s=args.duration,
-            warmup_s=1.0,
-        )
-    )
+    figures.update(one_row_requests(url, "affine", rows, args))
     now_inferred, now_executions = direct.counts()
-    return {
-        "single_p50_ms": 1000 * statistics.median(latencies),
-        "single_p99_ms": 1000 * percentile(latencies, 0.99),
-        "batched_rows_per_s": batched.requests_per_s * args.batch,
-        "batched_errors": batched.errors,
-        "one_row_requests_rows_per_s": single.requests_per_s,
-        "one_row_requests_connections": single.connections,
-        "one_row_requests_p99_ms": single.p99_ms,
-        "one_row_requests_errors": single.errors,
-        # Each worker makes one call at a time: this is the batch size ketch formed.
-        "one_row_requests_rows_per_triton_call": (now_inferred - inferred)
-        / max(1, now_executions - executions),
-    }
+    # Each worker makes one call at a time: this is the batch size ketch formed.
+    figures["one_row_requests_rows_per_triton_call"] = (now_inferred - inferred) / max(
+        1, now_executions - executions
+    )
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
