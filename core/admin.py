@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,6 @@ from ketch.http_json import json_kind, json_response, parse_body
 from ketch.jobs import PredictionError
 from ketch.models import DEFAULT_VERSION, PoolSpec
 from ketch.pools import PoolManager
-
-Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 #: Keys of ``POST /admin/models``.
 _MODEL_KEYS = frozenset({"name", "runtime", "path", "version", "settings", "wait"})
@@ -82,27 +80,27 @@ class Admin:
         version = model + "/versions/{version}"
         app = "/admin/apps/{name}"
         return [
-            Route("/admin/models", _json(self.list_models), methods=["GET"]),
-            Route("/admin/models", _json(self.add_model), methods=["POST"]),
-            Route(model, _json(self.remove_model), methods=["DELETE"]),
-            Route(version, _json(self.remove_model), methods=["DELETE"]),
-            Route(model + "/pool", _json(self.set_pool), methods=["PATCH"]),
-            Route(version + "/pool", _json(self.set_pool), methods=["PATCH"]),
-            Route(model + "/roll", _json(self.roll), methods=["POST"]),
-            Route("/admin/apps", _json(self.list_apps), methods=["GET"]),
-            Route("/admin/apps", _json(self.add_app), methods=["POST"]),
-            Route(app, _json(self.change_app), methods=["PATCH"]),
-            Route(app, _json(self.remove_app), methods=["DELETE"]),
-            Route(app + "/models", _json(self.link), methods=["POST"]),
-            Route(app + "/models/{model}", _json(self.unlink), methods=["DELETE"]),
+            Route("/admin/models", self.list_models, methods=["GET"]),
+            Route("/admin/models", self.add_model, methods=["POST"]),
+            Route(model, self.remove_model, methods=["DELETE"]),
+            Route(version, self.remove_model, methods=["DELETE"]),
+            Route(model + "/pool", self.set_pool, methods=["PATCH"]),
+            Route(version + "/pool", self.set_pool, methods=["PATCH"]),
+            Route(model + "/roll", self.roll, methods=["POST"]),
+            Route("/admin/apps", self.list_apps, methods=["GET"]),
+            Route("/admin/apps", self.add_app, methods=["POST"]),
+            Route(app, self.change_app, methods=["PATCH"]),
+            Route(app, self.remove_app, methods=["DELETE"]),
+            Route(app + "/models", self.link, methods=["POST"]),
+            Route(app + "/models/{model}", self.unlink, methods=["DELETE"]),
         ]
 
     # -- models -----------------------------------------------------------------------------
 
-    async def list_models(self, request: Request) -> tuple[Any, int]:
-        return {"models": self._dispatcher.describe()}, 200
+    async def list_models(self, request: Request) -> Response:
+        return json_response({"models": self._dispatcher.describe()})
 
-    async def add_model(self, request: Request) -> tuple[Any, int]:
+    async def add_model(self, request: Request) -> Response:
         body = await _body(request, _MODEL_KEYS, required=("name", "runtime"))
         name = _text(body, "name")
         runtime = _text(body, "runtime")
@@ -143,12 +141,15 @@ class Admin:
                     version=spec.version,
                     state=queue.state,
                 ) from None
-        return {
-            "model": self._describe(queue),
-            "default_version": self._dispatcher.default_version(spec.name),
-        }, 201
+        return json_response(
+            {
+                "model": self._describe(queue),
+                "default_version": self._dispatcher.default_version(spec.name),
+            },
+            201,
+        )
 
-    async def remove_model(self, request: Request) -> tuple[Any, int]:
+    async def remove_model(self, request: Request) -> Response:
         name = request.path_params["name"]
         version = request.path_params.get("version")
         async with self._model_locks[name]:
@@ -185,13 +186,15 @@ class Admin:
             for queue in queues:
                 self._pools.release(queue, f"model {queue.spec.label()!r} was removed")
                 self._report(events.model_removed(queue.spec))
-        return {
-            "removed": [f"{name}:{v}" for v in removed],
-            "default": self._dispatcher.default_version(name),
-            "unfinished_requests": unfinished,
-        }, 200
+        return json_response(
+            {
+                "removed": [f"{name}:{v}" for v in removed],
+                "default": self._dispatcher.default_version(name),
+                "unfinished_requests": unfinished,
+            }
+        )
 
-    async def set_pool(self, request: Request) -> tuple[Any, int]:
+    async def set_pool(self, request: Request) -> Response:
         body = await _body(request, _POOL_KEYS, required=())
         if not body:
             raise PredictionError(400, f"give at least one of {sorted(_POOL_KEYS)}")
@@ -209,9 +212,9 @@ class Admin:
             queue.set_pool(pool)
             self._pools.reconcile(queue)
             self._report(events.pool_changed(queue.spec))
-        return {"model": self._describe(queue)}, 200
+        return json_response({"model": self._describe(queue)})
 
-    async def roll(self, request: Request) -> tuple[Any, int]:
+    async def roll(self, request: Request) -> Response:
         body = await _body(request, frozenset({"version", "timeout_s"}), required=("version",))
         name = request.path_params["name"]
         version = _version(body["version"])
@@ -227,7 +230,7 @@ class Admin:
             previous = self._dispatcher.set_default(name, version)
             if previous != version:
                 self._report(events.default_version_changed(name, version, previous))
-        return {"model": name, "default": version, "previous": previous}, 200
+        return json_response({"model": name, "default": version, "previous": previous})
 
     def _queue(self, request: Request) -> ModelQueue:
         return self._dispatcher.queue_for(
@@ -239,10 +242,10 @@ class Admin:
 
     # -- applications -----------------------------------------------------------------------
 
-    async def list_apps(self, request: Request) -> tuple[Any, int]:
-        return {"apps": self._apps.describe()}, 200
+    async def list_apps(self, request: Request) -> Response:
+        return json_response({"apps": self._apps.describe()})
 
-    async def add_app(self, request: Request) -> tuple[Any, int]:
+    async def add_app(self, request: Request) -> Response:
         body = await _body(request, _APP_CHANGES | {"name"}, required=("name", "models"))
         if "default_output" in body:
             body.setdefault("has_default_output", True)
@@ -257,16 +260,16 @@ class Admin:
             except AppError as exc:
                 raise PredictionError(400, str(exc), app=spec.name) from None
             self._report(events.app_started(spec.name, spec.policy, list(spec.models)))
-        return {"app": application.describe()}, 201
+        return json_response({"app": application.describe()}, 201)
 
-    async def remove_app(self, request: Request) -> tuple[Any, int]:
+    async def remove_app(self, request: Request) -> Response:
         name = request.path_params["name"]
         async with self._apps_lock:
             self._apps.remove(name)
             self._report(events.app_removed(name))
-        return {"removed": name}, 200
+        return json_response({"removed": name})
 
-    async def change_app(self, request: Request) -> tuple[Any, int]:
+    async def change_app(self, request: Request) -> Response:
         body = await _body(request, _APP_CHANGES, required=())
         if not body:
             raise PredictionError(400, f"give at least one of {sorted(_APP_CHANGES)}")
@@ -274,7 +277,7 @@ class Admin:
             body.setdefault("has_default_output", True)
         return await self._change(request.path_params["name"], lambda current: body)
 
-    async def link(self, request: Request) -> tuple[Any, int]:
+    async def link(self, request: Request) -> Response:
         body = await _body(request, frozenset({"model", "position"}), required=("model",))
         reference = _text(body, "model")
         position = body.get("position")
@@ -301,7 +304,7 @@ class Admin:
 
         return await self._change(request.path_params["name"], linked)
 
-    async def unlink(self, request: Request) -> tuple[Any, int]:
+    async def unlink(self, request: Request) -> Response:
         reference = request.path_params["model"]
 
         def unlinked(current: AppSpec) -> Mapping[str, Any]:
@@ -323,9 +326,7 @@ class Admin:
 
         return await self._change(request.path_params["name"], unlinked)
 
-    async def _change(
-        self, name: str, changes: Callable[[AppSpec], Mapping[str, Any]]
-    ) -> tuple[Any, int]:
+    async def _change(self, name: str, changes: Callable[[AppSpec], Mapping[str, Any]]) -> Response:
         """Apply ``changes(current spec)`` to application ``name``; the policy keeps its state
         when it is the same policy and can take it."""
         async with self._apps_lock:
@@ -343,21 +344,7 @@ class Admin:
         answer = {"app": application.describe(), "state": "kept" if afresh is None else "reset"}
         if afresh is not None:
             answer["reset_because"] = afresh
-        return answer, 200
-
-
-def _json(handler: Callable[[Request], Coroutine[Any, Any, tuple[Any, int]]]) -> Handler:
-    """A route handler answering the JSON body and status ``handler`` returns, or the error
-    it raises."""
-
-    async def answer(request: Request) -> Response:
-        try:
-            body, status = await handler(request)
-        except PredictionError as exc:
-            return json_response(exc.body, exc.status, exc.headers)
-        return json_response(body, status)
-
-    return answer
+        return json_response(answer)
 
 
 async def _body(

@@ -98,7 +98,11 @@ class Gateway:
                 Route("/openapi.json", self.openapi, methods=["GET"]),
                 *self._admin.routes(),
             ],
-            exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
+            # Starlette types its handlers as taking any Exception; each takes its own.
+            exception_handlers={
+                HTTPException: _http_error,  # type: ignore[dict-item]
+                PredictionError: _prediction_error,  # type: ignore[dict-item]
+            },
             middleware=[
                 Middleware(DrainRequestBody),
                 Middleware(TokenGuard, tokens=self._tokens),
@@ -108,18 +112,15 @@ class Gateway:
 
     async def predict(self, request: Request) -> Response:
         name = request.path_params["name"]
-        try:
-            body = parse_body(await request.body())
-            single, inputs = _inputs_of(body)
-            version = _version_of(body)
-            timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
-            queue = self.dispatcher.queue_for(name, version)
-            if timeout_ms is None:
-                timeout_ms = queue.spec.slo_ms
-            timeout_s = self.request_timeout_s if timeout_ms is None else timeout_ms / 1000
-            outputs = await predict(queue, inputs, timeout_s)
-        except PredictionError as exc:
-            return json_response(exc.body, exc.status, exc.headers)
+        body = parse_body(await request.body())
+        single, inputs = _inputs_of(body)
+        version = _version_of(body)
+        timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
+        queue = self.dispatcher.queue_for(name, version)
+        if timeout_ms is None:
+            timeout_ms = queue.spec.slo_ms
+        timeout_s = self.request_timeout_s if timeout_ms is None else timeout_ms / 1000
+        outputs = await predict(queue, inputs, timeout_s)
         answer: dict[str, Any] = {"output": outputs[0]} if single else {"outputs": outputs}
         answer["model"] = queue.spec.name
         answer["version"] = queue.spec.version
@@ -127,40 +128,34 @@ class Gateway:
         return json_response(answer)
 
     async def app_predict(self, request: Request) -> Response:
-        try:
-            application = self.apps.get(request.path_params["name"])
-            body = parse_body(await request.body())
-            if "input" not in body:
-                raise PredictionError(
-                    400,
-                    "request body needs 'input': an application answers one input",
-                    keys=sorted(body),
-                )
-            timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
-            answer = await application.predict(body["input"], timeout_ms)
-        except PredictionError as exc:
-            return json_response(exc.body, exc.status, exc.headers)
+        application = self.apps.get(request.path_params["name"])
+        body = parse_body(await request.body())
+        if "input" not in body:
+            raise PredictionError(
+                400,
+                "request body needs 'input': an application answers one input",
+                keys=sorted(body),
+            )
+        timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
+        answer = await application.predict(body["input"], timeout_ms)
         return json_response(answer)
 
     async def app_feedback(self, request: Request) -> Response:
-        try:
-            application = self.apps.get(request.path_params["name"])
-            body = parse_body(await request.body())
-            query_id = body.get("query_id")
-            if not isinstance(query_id, str) or not query_id:
-                raise PredictionError(
-                    400, f"feedback needs the 'query_id' of an answer, got {query_id!r}"
-                )
-            reward = _reward_of(body)
-            if reward is None and "label" not in body:
-                raise PredictionError(
-                    400,
-                    "feedback needs a 'reward' (a number in [0, 1]) or a 'label'",
-                    keys=sorted(body),
-                )
-            answer = application.feedback(query_id, reward, body.get("label"), "label" in body)
-        except PredictionError as exc:
-            return json_response(exc.body, exc.status, exc.headers)
+        application = self.apps.get(request.path_params["name"])
+        body = parse_body(await request.body())
+        query_id = body.get("query_id")
+        if not isinstance(query_id, str) or not query_id:
+            raise PredictionError(
+                400, f"feedback needs the 'query_id' of an answer, got {query_id!r}"
+            )
+        reward = _reward_of(body)
+        if reward is None and "label" not in body:
+            raise PredictionError(
+                400,
+                "feedback needs a 'reward' (a number in [0, 1]) or a 'label'",
+                keys=sorted(body),
+            )
+        answer = application.feedback(query_id, reward, body.get("label"), "label" in body)
         return json_response(answer)
 
     async def list_apps(self, request: Request) -> Response:
@@ -224,6 +219,12 @@ def _reward_of(body: dict[str, Any]) -> float | None:
     ):
         raise PredictionError(400, f"'reward' must be a number in [0, 1], got {reward!r}")
     return float(reward)
+
+
+async def _prediction_error(request: Request, exc: PredictionError) -> Response:
+    """What any handler raises (a bad body, an unknown model, a failed prediction) as its JSON
+    answer: handlers raise, none catches."""
+    return json_response(exc.body, exc.status, exc.headers)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import ketch
-from ketch.dispatch import Dispatcher, ModelQueue, version_order
+from ketch.dispatch import Dispatcher, ModelQueue
 from ketch.http_json import TIMEOUT_HEADER, json_response, parse_body, timeout_ms_of
 from ketch.jobs import PredictionError
 from ketch.metrics import note_model
@@ -68,19 +68,12 @@ class OpenInference:
         return json_response({"name": "ketch", "version": ketch.__version__, "extensions": []})
 
     async def model_metadata(self, request: Request) -> Response:
-        try:
-            queue = self._queue(request)
-        except PredictionError as exc:
-            return json_response(exc.body, exc.status, exc.headers)
+        queue = self._queue(request)
         spec = queue.spec
-        versions = sorted(
-            (q.spec.version for q in self.dispatcher.queues() if q.spec.name == spec.name),
-            key=version_order,
-        )
         return json_response(
             {
                 "name": spec.name,
-                "versions": versions,
+                "versions": self.dispatcher.versions(spec.name),
                 "platform": f"ketch_{spec.runtime}",
                 "inputs": [_metadata(t) for t in spec.inputs or spec.hinted_inputs],
                 "outputs": [_metadata(t) for t in spec.outputs or spec.hinted_outputs],
@@ -88,34 +81,28 @@ class OpenInference:
         )
 
     async def model_ready(self, request: Request) -> Response:
-        try:
-            queue = self._queue(request)
-        except PredictionError as exc:
-            return json_response(exc.body, exc.status, exc.headers)
+        queue = self._queue(request)
         # Pools scale from zero: a model without workers is ready when a request would start one.
         ready = queue.ready_to_serve
         answer = {"name": queue.spec.name, "version": queue.spec.version, "ready": ready}
         return json_response(answer, 200 if ready else 503)
 
     async def infer(self, request: Request) -> Response:
-        try:
-            queue = self._queue(request)
-            # Known from the path: even a request failing below is counted under this version.
-            note_model(queue.spec.name, queue.spec.version)
-            body, tensors = _parse_request(await request.body(), request.headers)
-            items = _items(queue, tensors)
-            timeout_ms = timeout_ms_of(_client_timeout(body), request.headers.get(TIMEOUT_HEADER))
-            if timeout_ms is None:
-                timeout_ms = queue.spec.slo_ms
-            timeout_s = self.request_timeout_s if timeout_ms is None else timeout_ms / 1000
-            outputs = await predict(queue, items, timeout_s)
-            answer = {
-                "model_name": queue.spec.name,
-                "model_version": queue.spec.version,
-                "outputs": _output_tensors(queue, list(outputs), _requested(body)),
-            }
-        except PredictionError as exc:
-            return json_response(exc.body, exc.status, exc.headers)
+        queue = self._queue(request)
+        # Known from the path: even a request failing below is counted under this version.
+        note_model(queue.spec.name, queue.spec.version)
+        body, tensors = _parse_request(await request.body(), request.headers)
+        items = _items(queue, tensors)
+        timeout_ms = timeout_ms_of(_client_timeout(body), request.headers.get(TIMEOUT_HEADER))
+        if timeout_ms is None:
+            timeout_ms = queue.spec.slo_ms
+        timeout_s = self.request_timeout_s if timeout_ms is None else timeout_ms / 1000
+        outputs = await predict(queue, items, timeout_s)
+        answer = {
+            "model_name": queue.spec.name,
+            "model_version": queue.spec.version,
+            "outputs": _output_tensors(queue, list(outputs), _requested(body)),
+        }
         if "id" in body:
             answer["id"] = body["id"]
         return json_response(answer)
