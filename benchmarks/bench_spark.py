@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import statistics
 import sys
 import tempfile
@@ -44,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keepalive import KeepAliveConnection
 from ketch_server import KetchServer, write_models
-from loadgen import LoadSpec, _build_target, _parse_head
 from procstat import CpuSample, CpuShares, system_busy_seconds
 from report import at_least, finite, percentile
 from server_process import ServerError
@@ -143,64 +142,35 @@ def measure_spark(
 
 
 class Client:
-    """One keep-alive connection: a blocking socket with request bytes built once and
-    loadgen's minimal response parser (``http.client`` would add ~0.3 ms a request)."""
+    """One keep-alive connection timing ``POST /models/churn/predict``."""
 
     def __init__(self, base_url: str) -> None:
-        self._url = base_url + "/models/churn/predict"
-        spec = _build_target(LoadSpec(url=self._url, body=b"{}"))
-        self._address = (spec.host, spec.port)
-        self._buffer = bytearray()
-        self._socket = self._connect()
-
-    def _connect(self) -> socket.socket:
-        connection = socket.create_connection(self._address, REQUEST_TIMEOUT_S)
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return connection
+        self._connection = KeepAliveConnection(
+            base_url + "/models/churn/predict", REQUEST_TIMEOUT_S
+        )
 
     def request_bytes(self, body: Any) -> bytes:
-        return _build_target(LoadSpec(url=self._url, body=json.dumps(body).encode())).request
+        return self._connection.request_bytes(json.dumps(body).encode())
 
     def timed(self, request: bytes) -> tuple[float, Any]:
         """Milliseconds from sending to having read the whole answer, and the answer."""
+        url = self._connection.url
         started = time.perf_counter_ns()
         try:
-            self._socket.sendall(request)
-            status, body, closes = self._read_response()
+            status, body, closes = self._connection.exchange(request)
         except (OSError, ValueError) as exc:
-            raise BenchmarkError(f"POST {self._url} failed: {exc!r}") from exc
+            raise BenchmarkError(f"POST {url} failed: {exc!r}") from exc
         elapsed_ms = (time.perf_counter_ns() - started) / 1e6
         if closes:
             # Hypercorn closes a keep-alive connection after 1,000 requests: open the next one
             # now, outside the timed part.
-            self._socket.close()
-            self._buffer.clear()
-            self._socket = self._connect()
+            self._connection.reconnect()
         if status != 200:
-            raise BenchmarkError(f"POST {self._url} answered {status}: {body[:300]!r}")
+            raise BenchmarkError(f"POST {url} answered {status}: {body[:300]!r}")
         return elapsed_ms, json.loads(body)
 
-    def _read_response(self) -> tuple[int, bytes, bool]:
-        """The status, the body, and whether the server closes the connection after it."""
-        buffer = self._buffer
-        while (head_end := buffer.find(b"\r\n\r\n")) < 0:
-            self._receive()
-        status, length, closes = _parse_head(bytes(buffer[:head_end]))
-        end = head_end + 4 + length
-        while len(buffer) < end:
-            self._receive()
-        body = bytes(buffer[head_end + 4 : end])
-        del buffer[:end]
-        return status, body, closes
-
-    def _receive(self) -> None:
-        chunk = self._socket.recv(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        self._buffer += chunk
-
     def close(self) -> None:
-        self._socket.close()
+        self._connection.close()
 
 
 def measure_ketch(
