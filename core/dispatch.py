@@ -769,12 +769,10 @@ class Dispatcher:
         would likely kill the next worker the same way) and it leaves its pool at once."""
         queue = self._queue_of(spec.key)
         assert self._broker is not None
-        for worker in self._broker.workers():
-            if worker.pid == pid and worker.host == self._hostname:
-                if queue is not None:
-                    error = PredictionError(503, why, model=spec.name, version=spec.version)
-                    queue.fail_in_flight(worker, error)
-                self._broker.drop(worker, why)
+        for worker in self._local_workers(pid):
+            if queue is not None:
+                queue.fail_in_flight(worker, PredictionError(503, why, **queue.labels()))
+            self._broker.drop(worker, why)
 
     def scaled_to_zero(self, spec: ModelSpec) -> None:
         """The pool manager let the last worker of ``spec`` go for idleness: say so, since
@@ -807,9 +805,13 @@ class Dispatcher:
                 queue.worker_exits += 1
                 queue.last_error = how
         assert self._broker is not None
-        for worker in self._broker.workers():
-            if worker.pid == pid and worker.host == self._hostname:
-                self._broker.drop(worker, how)
+        for worker in self._local_workers(pid):
+            self._broker.drop(worker, how)
+
+    def _local_workers(self, pid: int) -> list[WorkerInfo]:
+        """The broker's workers that are process ``pid`` of this machine (one, or none yet)."""
+        assert self._broker is not None
+        return [w for w in self._broker.workers() if w.pid == pid and w.host == self._hostname]
 
     def template_changed(self, spec: ModelSpec, template: dict[str, Any] | None) -> None:
         queue = self.add_model(spec)
