@@ -232,7 +232,8 @@ class Load:
         self._url = server.url
         self._stop = threading.Event()
         self.answers: list[Answer] = []
-        self._lock = threading.Lock()
+        #: Notified at each answer, for :meth:`wait_for_answers`.
+        self._answered = threading.Condition()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def __enter__(self) -> Load:
@@ -257,19 +258,20 @@ class Load:
                     answer = Answer(sent, response.status_code, body.get("version"), body)
                 except httpx.HTTPError as exc:
                     answer = Answer(sent, 0, None, repr(exc))
-                with self._lock:
+                with self._answered:
                     self.answers.append(answer)
+                    self._answered.notify_all()
 
     def wait_for_answers(self, version: str, count: int, after: float) -> None:
         """Until ``count`` answers from ``version`` to requests sent after ``after``."""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with self._lock:
-                done = sum(1 for a in self.answers if a.sent > after and a.version == version)
-            if done >= count:
-                return
-            time.sleep(0.05)  # the clients' progress, polled: they are threads of this test
-        pytest.fail(f"fewer than {count} answers from version {version} within 60 s")
+
+        def enough() -> bool:
+            done = sum(1 for a in self.answers if a.sent > after and a.version == version)
+            return done >= count
+
+        with self._answered:
+            if not self._answered.wait_for(enough, timeout=60):
+                pytest.fail(f"fewer than {count} answers from version {version} within 60 s")
 
 
 def test_rolling_forward_and_back_under_load_fails_no_request(
