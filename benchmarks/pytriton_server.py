@@ -2,8 +2,8 @@
 ``bench_triton.py`` and ``tests/frameworks/test_triton.py``.
 
 Two sides in one file. Run as a script by the python of a virtualenv with ``nvidia-pytriton``
-(PyTriton pins numpy < 2, so it cannot share ketch's), it binds the models and prints
-``READY``::
+(PyTriton pins numpy < 2, so it cannot share ketch's), it binds the models and says
+``READY`` (on ``--ready-fd``, else on its output)::
 
     python pytriton_server.py HTTP_PORT GRPC_PORT METRICS_PORT WORKSPACE [--models ...]
 
@@ -104,6 +104,9 @@ def run_server(
     shutil.copyfile(__file__, script)
     log = folder / "pytriton_server.log"
     http_port, grpc_port, metrics_port = free_ports(3)
+    # READY comes on a pipe of its own: on the output, Triton's processes write beside the
+    # script, and a log line written in pieces can wrap around it.
+    ready_r, ready_w = os.pipe()
     command = [
         str(python),
         str(script),
@@ -113,6 +116,8 @@ def run_server(
         *models,
         "--affine-max-batch-size",
         str(affine_max_batch_size),
+        "--ready-fd",
+        str(ready_w),
     ]
     # PyTriton's Python backend loads libpython: under pyenv it is not on the loader's path.
     libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -126,8 +131,10 @@ def run_server(
         errors="replace",
         env=env,
         start_new_session=True,
+        pass_fds=(ready_w,),
     )
-    # Set when the server prints READY, or when its output ends (it exited).
+    os.close(ready_w)
+    # Set when the server says READY, or when it exits without saying it.
     settled, ready = threading.Event(), threading.Event()
 
     def copy_output() -> None:
@@ -136,14 +143,18 @@ def run_server(
             for line in process.stdout:
                 output.write(line)
                 output.flush()
-                if line.rstrip("\n") == READY:
-                    ready.set()
-                    settled.set()
         settled.set()
 
-    reader = threading.Thread(target=copy_output, daemon=True)
+    def await_ready() -> None:
+        with os.fdopen(ready_r, "rb") as pipe:
+            if pipe.read(len(READY)) == READY.encode():  # b"" when it exited first
+                ready.set()
+        settled.set()
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (copy_output, await_ready)]
     try:
-        reader.start()
+        for reader in readers:
+            reader.start()
         if not settled.wait(timeout_s) or not ready.is_set():
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
             why = "exited before READY" if settled.is_set() else f"no READY in {timeout_s:g} s"
@@ -154,7 +165,7 @@ def run_server(
         yield Endpoints(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
     finally:
         stop_group(process)
-        if reader.is_alive():
+        for reader in readers:
             reader.join(10)
 
 
@@ -170,7 +181,7 @@ def stop_group(process: subprocess.Popen[Any]) -> None:
 
 
 def serve(argv: Sequence[str] | None = None) -> None:
-    """The script: bind the models on PyTriton's Triton, print READY, serve until SIGTERM or
+    """The script: bind the models on PyTriton's Triton, say READY, serve until SIGTERM or
     SIGINT. Runs in PyTriton's virtualenv, hence the imports here."""
     import numpy as np
     from pytriton.decorators import batch
@@ -183,6 +194,7 @@ def serve(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("workspace")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--affine-max-batch-size", type=int, default=8)
+    parser.add_argument("--ready-fd", type=int, default=None, help="where to say READY")
     args = parser.parse_args(argv)
 
     weights = np.array(AFFINE_W, dtype=np.float32)
@@ -249,7 +261,11 @@ def serve(argv: Sequence[str] | None = None) -> None:
     with Triton(config=config, workspace=args.workspace, security_config=security) as triton:
         for name in args.models:
             triton.bind(name, **bindings[name])
-        print(READY, flush=True)
+        if args.ready_fd is None:
+            print(READY, flush=True)
+        else:
+            os.write(args.ready_fd, READY.encode())
+            os.close(args.ready_fd)
         triton.serve()
 
 
