@@ -2,7 +2,7 @@
 
 One Starlette route that does in-process what ketch's quickstart ``double`` model does through
 its gateway, queue, broker and worker: parse the JSON body with orjson, double the input, and
-answer in ketch's JSON shape. It is served through ``ketch.httpserver``, the module ketch's own
+answer in ketch's JSON shape. It is served through ``ketch.http.server``, the module ketch's own
 gateway uses, so both run on exactly the same Hypercorn settings and event loop; the difference
 between the two is therefore what ketch adds on top of a plain ASGI app.
 
@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ketch.httpserver import bind_tcp, run_event_loop, serve_asgi
+from ketch.http.server import bind_tcp, run_event_loop, serve_asgi
 
 MODEL_NAME = "double"
 MODEL_VERSION = "1"

@@ -12,7 +12,7 @@ keep-alive HTTP connection:
   /models`` says ``zero``, then time one ``POST /models/double/predict``;
 - the **first cold start** after ``ketch: ready``, reported apart (it is also the first fork);
 - the **warm** latency of the same request, ``--warm-requests`` (default 200) back to back;
-- a **fresh interpreter** baseline, once the server has stopped: ``python -m ketch.cli worker
+- a **fresh interpreter** baseline, once the server has stopped: ``python -m ketch.cli.main worker
   models.py:double --connect ...`` against a ROUTER socket this script binds, timed from
   starting the process to its READY message; ``--fresh-runs`` (default 5) times.
 
@@ -121,7 +121,7 @@ HEAVY_MODELS_SOURCE = """
 #: Run in a fresh interpreter: import what the forkserver holds, then time the heavy imports.
 IMPORT_TIMER = """
 import importlib, sys, time
-import numpy, zmq, ketch.templates
+import numpy, zmq, ketch.pools.templates
 started = time.perf_counter()
 for name in sys.argv[1:]:
     importlib.import_module(name)
@@ -412,11 +412,11 @@ def _measure_imports(args: argparse.Namespace, report: Report) -> None:
 
 
 def _fresh_worker_ms(router: zmq.Socket[bytes], endpoint: str, models_file: Path) -> float:
-    """Start ``python -m ketch.cli worker`` and time it until its READY reaches ``router``."""
+    """Start ``python -m ketch.cli.main worker`` and time it until its READY reaches ``router``."""
     command = [
         sys.executable,
         "-m",
-        "ketch.cli",
+        "ketch.cli.main",
         "worker",
         f"{models_file.name}:{MODEL}",
         "--connect",

@@ -6,13 +6,13 @@ implement the hooks of ``ketch.hookspecs`` with ``@ketch.hookimpl``.
 
 from __future__ import annotations
 
-from ketch.apps import AppSpec, app
-from ketch.deployments import deploy
 from ketch.hookspecs import hookimpl
-from ketch.models import Model, ModelSpec, model
 from ketch.policy import Combined, Feedback, Policy, Query
 from ketch.runtime import Runtime
-from ketch.signature import TensorSpec
+from ketch.specs.apps import AppSpec, app
+from ketch.specs.deployments import deploy
+from ketch.specs.models import Model, ModelSpec, model
+from ketch.specs.signature import TensorSpec
 
 __version__ = "0.1.0"
 

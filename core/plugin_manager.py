@@ -27,11 +27,11 @@ import pluggy
 from ketch import hookspecs
 from ketch.errors import KetchError
 from ketch.hookspecs import PROJECT
-from ketch.loader import import_source
 from ketch.plugins import BUILTIN_PLUGINS
 from ketch.policy import Feedback, Policy, Query
 from ketch.runtime import Runtime
 from ketch.runtimes import BUILTIN_RUNTIMES
+from ketch.specs.loader import import_source
 
 log = logging.getLogger("ketch.plugins")
 

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ketch.models import BatchInput
-from ketch.signature import TensorSpec
+from ketch.specs.models import BatchInput
+from ketch.specs.signature import TensorSpec
 from ketch.types import Outputs
 
 

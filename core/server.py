@@ -11,19 +11,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from ketch import events
-from ketch.admin import Admin
-from ketch.app_state import StateStore, default_state_dir
-from ketch.application import Applications, build_applications
-from ketch.auth import Tokens
-from ketch.deployments import parse_model_argument
-from ketch.dispatch import Dispatcher
+from ketch.applications.runner import Applications, build_applications
+from ketch.applications.state import StateStore, default_state_dir
 from ketch.errors import TargetLoadError
-from ketch.gateway import Gateway
-from ketch.httpserver import bind_tcp, serve_asgi
+from ketch.http.admin import Admin
+from ketch.http.auth import Tokens
+from ketch.http.routes import Gateway
+from ketch.http.server import bind_tcp, serve_asgi
+from ketch.observability import events
 from ketch.plugin_manager import load_plugins, share_plugins
-from ketch.pools import PoolManager
-from ketch.workers import LocalWorkers, ProcessEvents, Served, discover
+from ketch.pools.scaling import PoolManager
+from ketch.pools.supervisor import LocalWorkers, ProcessEvents, Served, discover
+from ketch.serving.dispatcher import Dispatcher
+from ketch.specs.deployments import parse_model_argument
 from ketch.zmq_transport.broker import Broker
 from ketch.zmq_transport.liveness import Heartbeat
 
@@ -52,7 +52,7 @@ class ServeOptions:
     :param state_dir: where applications keep their policies' state across restarts
         (``None``: ``$KETCH_STATE_DIR``, else ``~/.local/state/ketch``).
     :param log_format: ``text`` prints status as ``ketch: ...`` lines, ``json`` as one JSON
-        object per line (see :mod:`ketch.events`).
+        object per line (see :mod:`ketch.observability.events`).
     :param admin_token: the bearer token of the management API (``/admin``); None turns it off.
     :param predict_token: the bearer token every other route but the health probes,
         ``/metrics`` and ``/openapi.json`` needs; None leaves them open.

@@ -12,7 +12,7 @@ from __future__ import annotations
 BUILTIN_RUNTIMES: tuple[str, ...] = (
     "ketch.runtimes.python",
     "ketch.runtimes.torch",
-    "ketch.runtimes.spark",
+    "ketch.runtimes.spark.runtime",
     "ketch.runtimes.tensorflow",
     "ketch.runtimes.triton",
 )

@@ -16,8 +16,8 @@ import numpy as np
 
 from ketch.errors import BatchInputError, BatchOutputError
 from ketch.hookspecs import RegisterRuntime, hookimpl
-from ketch.models import BatchInput, Model
 from ketch.runtime import Runtime
+from ketch.specs.models import BatchInput, Model
 from ketch.types import Outputs, Predict
 
 
@@ -33,7 +33,7 @@ class PythonRuntime(Runtime):
 
     @classmethod
     def check(cls, artifact: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
-        from ketch.loader import Target
+        from ketch.specs.loader import Target
 
         checked = super().check(artifact, options)
         if artifact is None:
@@ -44,7 +44,7 @@ class PythonRuntime(Runtime):
         return checked
 
     def __init__(self, artifact: str | None, options: Mapping[str, Any]) -> None:
-        from ketch.loader import Target, find_model
+        from ketch.specs.loader import Target, find_model
 
         super().__init__(artifact, options)
         assert artifact is not None

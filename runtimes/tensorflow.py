@@ -63,9 +63,9 @@ import numpy as np
 
 from ketch.errors import BatchInputError, BatchOutputError
 from ketch.hookspecs import RegisterRuntime, hookimpl
-from ketch.models import BatchInput
 from ketch.runtime import Runtime
-from ketch.signature import TensorSpec
+from ketch.specs.models import BatchInput
+from ketch.specs.signature import TensorSpec
 from ketch.types import Outputs
 
 #: The files a SavedModel folder holds its graph and signatures in (TensorFlow reads either).

@@ -33,7 +33,7 @@ import numpy as np
 from ketch.errors import BatchInputError
 from ketch.hookspecs import RegisterRuntime, hookimpl
 from ketch.runtime import Runtime
-from ketch.signature import TensorSpec
+from ketch.specs.signature import TensorSpec
 from ketch.types import Outputs
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -143,7 +143,7 @@ def _load(torch: Any, artifact: str, device: Any) -> tuple[str, Any, TensorSpec 
     """``(format, callable module, input tensor or None)`` for the artifact."""
     factory = _factory_parts(artifact)
     if factory is not None:
-        from ketch.loader import import_source
+        from ketch.specs.loader import import_source
 
         file, function = factory
         module = getattr(import_source(file), function)()

@@ -34,7 +34,7 @@ class KetchProcess:
     def __init__(self, args: list[str], cwd: Path | None = None) -> None:
         self.args = args
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ketch.cli", *args],
+            [sys.executable, "-m", "ketch.cli.main", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from ketch.openapi import document
+from ketch.http.openapi import document
 from tests.admin_models import ECHO_V2, SERVED
 from tests.conftest import KetchServer
 

@@ -33,7 +33,7 @@ def server(
 
 def ketch(server: KetchServer, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ketch.cli", *args, "--url", server.url],
+        [sys.executable, "-m", "ketch.cli.main", *args, "--url", server.url],
         capture_output=True,
         text=True,
         timeout=120,
@@ -168,7 +168,7 @@ def test_a_wrong_or_missing_token_exits_1_with_the_servers_refusal(server: Ketch
     wrong = fails(server, "models", "remove", "echo", "--token", "wrong")
     assert wrong == "ketch: error: the bearer token is not the admin token (HTTP 401)\n"
     missing = subprocess.run(
-        [sys.executable, "-m", "ketch.cli", "apps", "list", "--url", server.url],
+        [sys.executable, "-m", "ketch.cli.main", "apps", "list", "--url", server.url],
         capture_output=True,
         text=True,
         timeout=120,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import ketch
-from ketch.batching import BatchSizer, batch_latency_target_s
-from ketch.cache import PredictionCache, input_key
-from ketch.models import cache_limit
+from ketch.serving.batching import BatchSizer, batch_latency_target_s
+from ketch.serving.cache import PredictionCache, input_key
+from ketch.specs.models import cache_limit
 
 
 def latency_s(batch_size: int) -> float:

@@ -15,7 +15,7 @@ QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.py"
 
 def ketch(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ketch.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "ketch.cli.main", *args], capture_output=True, text=True, timeout=60
     )
 
 

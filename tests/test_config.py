@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ketch.cli import _build_parsers
-from ketch.config import load_defaults, settings
+from ketch.cli.config import load_defaults, settings
+from ketch.cli.main import _build_parsers
 from tests.conftest import TEST_HEARTBEAT, KetchProcess, KetchServer
 
 MODELS = """
@@ -29,7 +29,7 @@ def double(xs):
 
 def ketch(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ketch.cli", *args],
+        [sys.executable, "-m", "ketch.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,4 +1,4 @@
-"""Unit tests for ``ketch.loader``: parsing targets, importing user code, finding its models."""
+"""Unit tests for ``ketch.specs.loader``: parsing targets, importing user code, finding models."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ketch.errors import TargetLoadError
-from ketch.loader import Target, find_model, import_source, load_models, models_in
-from ketch.models import Model
+from ketch.specs.loader import Target, find_model, import_source, load_models, models_in
+from ketch.specs.models import Model
 
 #: Every module a test writes has this prefix, so teardown can forget exactly those.
 PREFIX = "ketch_loader_test_"

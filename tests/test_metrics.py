@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from ketch.metrics import Metrics
+from ketch.observability.metrics import Metrics
 from tests.conftest import KetchServer
 
 MODELS = """

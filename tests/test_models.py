@@ -1,4 +1,4 @@
-"""Unit tests for ``ketch.models``: the ``@ketch.model`` decorator and ``ModelSpec``."""
+"""Unit tests for ``ketch.specs.models``: the ``@ketch.model`` decorator and ``ModelSpec``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy.typing as npt
 import pytest
 
 import ketch
-from ketch.models import DEFAULT_MAX_BATCH_SIZE, DEFAULT_VERSION, Model, ModelSpec
-from ketch.signature import TensorSpec
+from ketch.specs.models import DEFAULT_MAX_BATCH_SIZE, DEFAULT_VERSION, Model, ModelSpec
+from ketch.specs.signature import TensorSpec
 
 
 def _import_source(tmp_path: Path, source: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:

@@ -17,8 +17,8 @@ import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 import ketch
-from ketch.models import ModelSpec
-from ketch.oip_types import cast_output, v2_datatype_of
+from ketch.http.oip_types import cast_output, v2_datatype_of
+from ketch.specs.models import ModelSpec
 from tests.conftest import KetchServer
 
 MODELS = """

@@ -7,16 +7,16 @@ from pathlib import Path
 
 from starlette.routing import Route
 
-from ketch.admin import Admin
-from ketch.app_state import StateStore
-from ketch.application import Applications
-from ketch.auth import Tokens
-from ketch.dispatch import Dispatcher
-from ketch.gateway import Gateway
-from ketch.openapi import document
+from ketch.applications.runner import Applications
+from ketch.applications.state import StateStore
+from ketch.http.admin import Admin
+from ketch.http.auth import Tokens
+from ketch.http.openapi import document
+from ketch.http.routes import Gateway
 from ketch.plugin_manager import load_plugins
-from ketch.pools import PoolManager
-from ketch.workers import LocalWorkers, ProcessEvents
+from ketch.pools.scaling import PoolManager
+from ketch.pools.supervisor import LocalWorkers, ProcessEvents
+from ketch.serving.dispatcher import Dispatcher
 from ketch.zmq_transport.liveness import Heartbeat
 from tests.conftest import KetchServer
 

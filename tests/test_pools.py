@@ -14,8 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from ketch.models import PoolSpec
-from ketch.pools import ScaleState, desired_replicas, scale_step
+from ketch.pools.scaling import ScaleState, desired_replicas, scale_step
+from ketch.specs.models import PoolSpec
 from tests.conftest import KetchServer
 
 Start = Callable[..., KetchServer]

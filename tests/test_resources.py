@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ketch.resources import Resources
+from ketch.specs.resources import Resources
 from tests.conftest import KetchServer
 
 Start = Callable[..., KetchServer]

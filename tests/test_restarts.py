@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ketch.restarts import CrashHistory, RestartPolicy
+from ketch.pools.restarts import CrashHistory, RestartPolicy
 
 POLICY = RestartPolicy(first_delay_s=0.1, max_delay_s=0.5, stable_run_s=10, max_quick_exits=5)
 

@@ -159,7 +159,7 @@ def test_ketch_plugins_lists_the_runtimes(folder: Path) -> None:
     import sys
 
     listing = subprocess.run(
-        [sys.executable, "-m", "ketch.cli", "plugins", "--plugin", "table_runtime.py"],
+        [sys.executable, "-m", "ketch.cli.main", "plugins", "--plugin", "table_runtime.py"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -97,7 +97,7 @@ def test_text_format_says_when_a_pool_is_back_to_zero(
 
 def ketch_status(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ketch.cli", "status", *args],
+        [sys.executable, "-m", "ketch.cli.main", "status", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -66,7 +66,7 @@ def on_path(installed: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def ketch_plugins(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ketch.cli", "plugins", *args],
+        [sys.executable, "-m", "ketch.cli.main", "plugins", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -25,7 +25,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 import zmq
 
-from ketch.models import ModelSpec
+from ketch.specs.models import ModelSpec
 from ketch.types import Outputs
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (

@@ -20,7 +20,7 @@ Frames
 
 Commands and their header fields
     ``READY`` (worker -> broker), once after the model is loaded:
-        ``model`` (a :class:`~ketch.models.ModelSpec` as a map), ``pid``, ``host``,
+        ``model`` (a :class:`~ketch.specs.models.ModelSpec` as a map), ``pid``, ``host``,
         ``capacity`` (batches the worker accepts at once), ``heartbeat_ms``.
     ``REQUEST`` (broker -> worker): ``id`` (batch id, unique per broker), ``inputs`` (list, one
         entry per input in the batch).

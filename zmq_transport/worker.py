@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from ketch.errors import BatchInputError, BatchOutputError
-from ketch.models import ModelSpec
+from ketch.specs.models import ModelSpec
 from ketch.types import Predict
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (

@@ -21,8 +21,8 @@ import pytest
 
 from benchmarks.spark_pipelines import COLUMNS, fit_pipelines, local_spark, synthetic_rows
 from ketch.errors import BatchInputError
-from ketch.runtimes.spark import SparkRuntime
-from ketch.runtimes.spark_fastpath import InputColumn, as_objects
+from ketch.runtimes.spark.fastpath import InputColumn, as_objects
+from ketch.runtimes.spark.runtime import SparkRuntime
 from tests.conftest import KetchServer
 
 # Fitting with a local Spark and starting a JVM in a worker take tens of seconds on 2 cores.

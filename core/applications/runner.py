@@ -1,0 +1,571 @@
+"""Applications at run time: ask the models a policy selects, combine what answers in time.
+
+One :class:`Application` per declared application, in the gateway. A query goes:
+
+1. ``policy.select`` names the models to ask, ``policy.mirror`` the ones that only shadow;
+2. each is asked through its model queue (cache, batching, workers), with the application's
+   deadline as the request's deadline, so a model that cannot answer in time is never
+   computed once it is late;
+3. when every asked model answered, ``policy.escalate`` may ask more (a cascade);
+4. at the deadline, or when nothing is left to ask, ``policy.combine`` gets the predictions
+   that arrived (straggler mitigation); with none, the ``default_output`` is answered.
+
+Each answer is remembered (the last :data:`QUERIES_KEPT` per application) with every
+prediction that reached the gateway, late ones included, so that feedback can reward each
+model. A policy's code runs in the gateway: whatever it raises or returns that does not make
+sense becomes a 500 that names the policy and its plugin, and the gateway carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from ketch.applications.state import StateStore
+from ketch.errors import AppError
+from ketch.plugin_manager import PluginError, Plugins
+from ketch.policy import Combined, Feedback, Policy, Query
+from ketch.serving.admission import predict
+from ketch.serving.dispatcher import Dispatcher
+from ketch.serving.jobs import PredictionError
+from ketch.specs.apps import AppSpec
+
+log = logging.getLogger("ketch.apps")
+
+#: Queries per application remembered for feedback; older ones answer feedback with a 404.
+QUERIES_KEPT = 100_000
+#: How often changed policy state is written to disk.
+SAVE_INTERVAL_S = 1.0
+
+
+@dataclass(slots=True)
+class _Record:
+    """A query after its answer: what feedback needs to reward each model."""
+
+    query: Query
+    #: Every model's prediction that reached the gateway, in time or late, mirrored or not.
+    predictions: dict[str, Any] = field(default_factory=dict)
+    used: list[str] = field(default_factory=list)
+    output: Any = None
+    default: bool = False
+    has_feedback: bool = False
+
+
+class Application:
+    """One application: its policy, its models' queues, and its remembered queries."""
+
+    def __init__(
+        self,
+        spec: AppSpec,
+        policy: Policy,
+        plugins: Plugins,
+        dispatcher: Dispatcher,
+        request_timeout_s: float,
+    ) -> None:
+        self.spec = spec
+        self.policy = policy
+        self._plugins = plugins
+        self._dispatcher = dispatcher
+        self._request_timeout_s = request_timeout_s
+        self._plugin = plugins.plugin_of_policy(spec.policy)
+        self._records: OrderedDict[str, _Record] = OrderedDict()
+        self._background: set[asyncio.Future[Any]] = set()
+        self.dirty = False
+        self.counts = {"queries": 0, "defaults": 0, "errors": 0, "feedback": 0}
+
+    # -- predict ----------------------------------------------------------------------------
+
+    async def predict(self, value: Any, timeout_ms: float | None) -> dict[str, Any]:
+        """The answer to one query, as the JSON body; raises :class:`PredictionError`."""
+        self.counts["queries"] += 1
+        try:
+            return await self._predict(value, timeout_ms)
+        except PredictionError:
+            self.counts["errors"] += 1
+            raise
+
+    async def _predict(self, value: Any, timeout_ms: float | None) -> dict[str, Any]:
+        query = Query(uuid.uuid4().hex, self.spec.name, value)
+        if timeout_ms is None and self.spec.slo_ms is not None:
+            timeout_ms = self.spec.slo_ms
+        budget_s = timeout_ms / 1000 if timeout_ms is not None else self._request_timeout_s
+        deadline = time.monotonic() + budget_s
+        record = _Record(query)
+        failures: dict[str, PredictionError] = {}
+        selected = self._models_from("select", self.policy.select, query, required=True)
+        mirrored = [
+            m for m in self._models_from("mirror", self.policy.mirror, query) if m not in selected
+        ]
+        asked: dict[str, asyncio.Future[Any]] = {}
+        self._ask(selected, asked, record, failures, deadline)
+        mirror_tasks: dict[str, asyncio.Future[Any]] = {}
+        mirror_deadline = time.monotonic() + self._request_timeout_s
+        self._ask(mirrored, mirror_tasks, record, failures, mirror_deadline)
+        while True:
+            remaining = deadline - time.monotonic()
+            pending = [task for task in asked.values() if not task.done()]
+            if pending and remaining > 0:
+                await asyncio.wait(pending, timeout=remaining)
+            if any(not task.done() for task in asked.values()) or time.monotonic() >= deadline:
+                break
+            arrived = {m: record.predictions[m] for m in asked if m in record.predictions}
+            more = [
+                m
+                for m in self._models_from("escalate", self.policy.escalate, query, arrived)
+                if m not in asked
+            ]
+            if not more:
+                break
+            self._ask(more, asked, record, failures, deadline)
+        # Snapshot now: a straggler that arrives later is kept for feedback, not combined.
+        in_time = {
+            m: record.predictions[m]
+            for m in self.spec.models
+            if m in asked and m in record.predictions
+        }
+        missing = {m: _why_missing(failures.get(m), budget_s) for m in asked if m not in in_time}
+        if mirror_tasks:
+            self._compare_later(query, in_time, mirror_tasks, record)
+        if in_time:
+            answer = self._combined(query, in_time, missing, record)
+        else:
+            answer = self._default(query, missing, failures, budget_s, record)
+        self._remember(record)
+        self._plugins.query_answered(self.spec.name, query, answer)
+        return answer
+
+    def _ask(
+        self,
+        models: Sequence[str],
+        tasks: dict[str, asyncio.Future[Any]],
+        record: _Record,
+        failures: dict[str, PredictionError],
+        deadline: float,
+    ) -> None:
+        for reference in models:
+            task = asyncio.ensure_future(self._ask_model(reference, record.query.input, deadline))
+            task.add_done_callback(_arrival(reference, record, failures))
+            tasks[reference] = task
+
+    async def _ask_model(self, reference: str, value: Any, deadline: float) -> Any:
+        name, _, version = reference.partition(":")
+        queue = self._dispatcher.queue_for(name, version or None)
+        timeout_s = max(deadline - time.monotonic(), 0.001)
+        outputs = await predict(queue, [value], timeout_s)
+        return _plain(outputs[0])
+
+    def _combined(
+        self, query: Query, in_time: dict[str, Any], missing: dict[str, str], record: _Record
+    ) -> dict[str, Any]:
+        result = self._call("combine", self.policy.combine, query, in_time)
+        combined = result if isinstance(result, Combined) else Combined(result)
+        confidence = combined.confidence
+        if confidence is not None and (
+            isinstance(confidence, bool)
+            or not isinstance(confidence, int | float)
+            or not math.isfinite(confidence)
+        ):
+            raise self._policy_error("combine", f"gave a confidence of {confidence!r}")
+        output = _plain(combined.output)
+        try:
+            orjson.dumps(output, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError as exc:
+            raise self._policy_error(
+                "combine", f"gave an output that is not JSON ({exc})"
+            ) from None
+        record.output, record.used = output, list(in_time)
+        return {
+            "output": output,
+            "query_id": query.id,
+            "app": self.spec.name,
+            "default": False,
+            "models": list(in_time),
+            "confidence": confidence,
+            "missing": missing,
+        }
+
+    def _default(
+        self,
+        query: Query,
+        missing: dict[str, str],
+        failures: dict[str, PredictionError],
+        budget_s: float,
+        record: _Record,
+    ) -> dict[str, Any]:
+        reasons = "; ".join(f"{m}: {why}" for m, why in missing.items())
+        explanation = f"no model answered within {budget_s * 1000:g} ms ({reasons})"
+        if not self.spec.has_default_output:
+            statuses = {failures[m].status if m in failures else 504 for m in missing}
+            raise PredictionError(
+                statuses.pop() if len(statuses) == 1 else 503,
+                f"application {self.spec.name!r}: {explanation}, and it has no default_output",
+                app=self.spec.name,
+                missing=missing,
+            )
+        self.counts["defaults"] += 1
+        record.output, record.default = self.spec.default_output, True
+        return {
+            "output": self.spec.default_output,
+            "query_id": query.id,
+            "app": self.spec.name,
+            "default": True,
+            "models": [],
+            "confidence": None,
+            "missing": missing,
+            "explanation": explanation,
+        }
+
+    def _compare_later(
+        self,
+        query: Query,
+        served: dict[str, Any],
+        mirror_tasks: dict[str, asyncio.Future[Any]],
+        record: _Record,
+    ) -> None:
+        async def compare() -> None:
+            await asyncio.wait(list(mirror_tasks.values()))
+            mirrored = {m: record.predictions[m] for m in mirror_tasks if m in record.predictions}
+            try:
+                self._call("compare", self.policy.compare, query, served, mirrored)
+            except PredictionError as exc:
+                log.error("%s", exc)
+            self.dirty = True
+
+        task = asyncio.ensure_future(compare())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _remember(self, record: _Record) -> None:
+        self._records[record.query.id] = record
+        while len(self._records) > QUERIES_KEPT:
+            self._records.popitem(last=False)
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    def feedback(
+        self, query_id: str, reward: float | None, label: Any, has_label: bool
+    ) -> dict[str, Any]:
+        """Teach the policy about one answered query; raises :class:`PredictionError`."""
+        record = self._records.get(query_id)
+        if record is None:
+            raise PredictionError(
+                404,
+                f"application {self.spec.name!r} has no query {query_id!r}: feedback must "
+                f"name a query_id it answered (it keeps the last {QUERIES_KEPT})",
+                app=self.spec.name,
+            )
+        if record.has_feedback:
+            raise PredictionError(
+                409, f"query {query_id!r} already had its feedback", app=self.spec.name
+            )
+        # A model unlinked since the query was answered is no longer the policy's to reward.
+        predictions = {m: p for m, p in record.predictions.items() if m in self.spec.models}
+        try:
+            if has_label:
+                rewards = {
+                    m: self._plugins.reward_of(self.spec.name, m, p, label)
+                    for m, p in predictions.items()
+                }
+                if reward is None:
+                    reward = self._plugins.reward_of(self.spec.name, None, record.output, label)
+            else:
+                assert reward is not None
+                rewards = {m: reward for m in record.used if m in self.spec.models}
+        except PluginError as exc:
+            raise PredictionError(500, str(exc), app=self.spec.name) from None
+        feedback = Feedback(
+            reward, label if has_label else None, record.output, predictions, rewards
+        )
+        self._call("observe", self.policy.observe, record.query, feedback)
+        record.has_feedback = True
+        self.dirty = True
+        self.counts["feedback"] += 1
+        self._plugins.feedback_observed(self.spec.name, record.query, feedback)
+        return {"query_id": query_id, "app": self.spec.name, "reward": reward, "rewards": rewards}
+
+    # -- the policy's calls -----------------------------------------------------------------
+
+    def _call(self, step: str, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return method(*args)
+        except Exception as exc:
+            log.exception(
+                "policy %r of application %r failed in %s()", self.spec.policy, self.spec.name, step
+            )
+            raise self._policy_error(step, f"raised {type(exc).__name__}: {exc}") from None
+
+    def _models_from(
+        self, step: str, method: Callable[..., Any], *args: Any, required: bool = False
+    ) -> list[str]:
+        chosen = self._call(step, method, *args)
+        if isinstance(chosen, str) or not isinstance(chosen, Sequence):
+            raise self._policy_error(step, f"returned {chosen!r}, not a list of model names")
+        unknown = [m for m in chosen if m not in self.spec.models]
+        if unknown:
+            raise self._policy_error(
+                step,
+                f"returned {unknown!r}, not among the application's models "
+                f"{list(self.spec.models)!r}",
+            )
+        if required and not chosen:
+            raise self._policy_error(step, "chose no model")
+        return list(dict.fromkeys(chosen))
+
+    def _policy_error(self, step: str, what: str) -> PredictionError:
+        return PredictionError(
+            500,
+            f"policy {self.spec.policy!r} (plugin {self._plugin!r}) of application "
+            f"{self.spec.name!r} {what} in {step}()",
+            app=self.spec.name,
+            policy=self.spec.policy,
+            plugin=self._plugin,
+        )
+
+    def successor(self, spec: AppSpec, policy: Policy) -> Application:
+        """This application with a new spec and policy (an operator changed it): it keeps
+        the queries answered so far, for their feedback, and the counts. Queries in flight
+        finish with this one."""
+        after = Application(spec, policy, self._plugins, self._dispatcher, self._request_timeout_s)
+        after._records = self._records
+        after._background = self._background
+        after.counts = self.counts
+        after.dirty = True
+        return after
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            state: Any = self.policy.state_dict()
+        except Exception as exc:
+            state = {"error": f"state_dict() raised {type(exc).__name__}: {exc}"}
+        return {
+            **self.spec.to_dict(),
+            "plugin": self._plugin,
+            **self.counts,
+            "policy_state": state,
+        }
+
+
+def _arrival(
+    reference: str, record: _Record, failures: dict[str, PredictionError]
+) -> Callable[[asyncio.Future[Any]], None]:
+    """Done-callback of a model's task: keep its prediction, or why it has none."""
+
+    def arrived(task: asyncio.Future[Any]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            record.predictions[reference] = task.result()
+        elif isinstance(error, PredictionError):
+            failures[reference] = error
+        else:
+            failures[reference] = PredictionError(500, f"{type(error).__name__}: {error}")
+
+    return arrived
+
+
+def _why_missing(error: PredictionError | None, budget_s: float) -> str:
+    if error is None or error.status == 504:
+        return f"no answer within {budget_s * 1000:g} ms"
+    return f"{error.status}: {error.body['error']}"
+
+
+def _plain(value: Any) -> Any:
+    """Numpy values as the JSON-like values policies expect (lists and Python numbers)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class Applications:
+    """Every application of the gateway: building them from their specs (the served file's,
+    or the management API's), and saving their policies' state."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        plugins: Plugins,
+        dispatcher: Dispatcher,
+        request_timeout_s: float,
+    ) -> None:
+        self._apps: dict[str, Application] = {}
+        self._store = store
+        self._plugins = plugins
+        self._dispatcher = dispatcher
+        self._request_timeout_s = request_timeout_s
+        self._saver: asyncio.Task[None] | None = None
+
+    def build(self, spec: AppSpec) -> Application:
+        """An application for ``spec`` with a fresh policy; raises :class:`AppError` naming
+        the application and what is wrong (a model it lists is not served, an unknown
+        policy, params or models the policy rejects)."""
+        for reference in spec.models:
+            name, _, version = reference.partition(":")
+            try:
+                self._dispatcher.queue_for(name, version or None)
+            except PredictionError as exc:
+                raise AppError(f"application {spec.name!r} lists {reference!r}: {exc}") from None
+        try:
+            policy_class = self._plugins.policy_class(spec.policy)
+        except PluginError as exc:
+            raise AppError(f"application {spec.name!r}: {exc}") from None
+        try:
+            policy = policy_class(spec.models, **spec.params)
+        except (TypeError, ValueError) as exc:
+            raise AppError(
+                f"application {spec.name!r}: policy {spec.policy!r} rejects its models "
+                f"{list(spec.models)} or params {dict(spec.params)}: {exc}"
+            ) from None
+        return Application(spec, policy, self._plugins, self._dispatcher, self._request_timeout_s)
+
+    def add(self, spec: AppSpec) -> Application:
+        """Build and serve an application, with the policy state saved for it by the same
+        policy restored (see :mod:`ketch.applications.state`); raises :class:`AppError`."""
+        if spec.name in self._apps:
+            raise AppError(f"application {spec.name!r} already exists")
+        application = self.build(spec)
+        saved = self._store.load(spec)
+        if saved is not None:
+            try:
+                application.policy.load_state_dict(saved.state)
+            except Exception as exc:
+                why = f"policy {spec.policy!r} cannot load it: {type(exc).__name__}: {exc}"
+                if saved.models == spec.models:
+                    raise AppError(
+                        f"application {spec.name!r}: {why}, from "
+                        f"{self._store.path_of(spec.name)}; move the file away to start afresh"
+                    ) from None
+                # Learnt with other models (changed through the management API): expected
+                # to be unusable by some policies, so not a reason to refuse to start.
+                self._store.set_aside(spec.name, f"it was learnt with models {saved.models}; {why}")
+                application = self.build(spec)
+        self._apps[spec.name] = application
+        return application
+
+    def change(self, spec: AppSpec) -> tuple[Application, str | None]:
+        """Serve application ``spec.name`` with a new spec from now on; returns it and why
+        its policy starts afresh (None when it kept what it learnt: same policy, and its
+        ``load_state_dict`` takes the old state for the new models and params). Raises
+        :class:`AppError`, leaving the application as it was."""
+        before = self.get(spec.name)
+        policy = self.build(spec).policy
+        afresh: str | None = None
+        if spec.policy != before.spec.policy:
+            afresh = f"the policy changed from {before.spec.policy!r} to {spec.policy!r}"
+        else:
+            try:
+                policy.load_state_dict(before.policy.state_dict())
+            except Exception as exc:
+                afresh = (
+                    f"policy {spec.policy!r} cannot take its previous state: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                policy = self.build(spec).policy  # a failed load may have left it half-changed
+        after = before.successor(spec, policy)
+        if afresh is not None:
+            log.warning("application %r starts learning afresh: %s", spec.name, afresh)
+        self._apps[spec.name] = after
+        return after, afresh
+
+    def remove(self, name: str) -> Application:
+        """Stop serving an application (queries in flight finish); its policy state is saved
+        first, so adding it back with the same policy resumes it."""
+        application = self.get(name)
+        del self._apps[name]
+        self._save(application)
+        return application
+
+    def linking(self, name: str, version: str | None) -> list[str]:
+        """Applications that would lose a model if version ``version`` (None: every version)
+        of model ``name`` went away: those listing it by that version, and, when it is the
+        last one, those listing it by name."""
+        remaining = [v for v in self._dispatcher.versions(name) if v != version]
+        found = []
+        for app_name, application in sorted(self._apps.items()):
+            for reference in application.spec.models:
+                model, _, pinned = reference.partition(":")
+                if model != name:
+                    continue
+                if (pinned and (version is None or pinned == version)) or (
+                    not pinned and (version is None or not remaining)
+                ):
+                    found.append(app_name)
+                    break
+        return found
+
+    def get(self, name: str) -> Application:
+        try:
+            return self._apps[name]
+        except KeyError:
+            raise PredictionError(
+                404, f"unknown application {name!r}", apps=sorted(self._apps)
+            ) from None
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [self._apps[name].describe() for name in sorted(self._apps)]
+
+    def __len__(self) -> int:
+        return len(self._apps)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._apps
+
+    def items(self) -> list[tuple[str, Application]]:
+        """``(name, application)`` pairs, sorted by name (for ``GET /metrics``)."""
+        return sorted(self._apps.items())
+
+    def start(self) -> None:
+        self._saver = asyncio.ensure_future(self._save_periodically())
+
+    async def stop(self) -> None:
+        if self._saver is not None:
+            self._saver.cancel()
+            await asyncio.gather(self._saver, return_exceptions=True)
+        self.save_changed()
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_INTERVAL_S)
+            self.save_changed()
+
+    def save_changed(self) -> None:
+        for application in self._apps.values():
+            self._save(application)
+
+    def _save(self, application: Application) -> None:
+        if not application.dirty:
+            return
+        application.dirty = False
+        try:
+            self._store.save(application.spec, application.policy.state_dict())
+        except Exception:
+            log.exception(
+                "the policy state of application %r cannot be saved", application.spec.name
+            )
+
+
+def build_applications(
+    specs: Sequence[AppSpec],
+    plugins: Plugins,
+    dispatcher: Dispatcher,
+    store: StateStore,
+    request_timeout_s: float,
+) -> Applications:
+    """Every declared application with its policy, its saved state restored; raises
+    :class:`AppError` naming the application and what is wrong with it."""
+    applications = Applications(store, plugins, dispatcher, request_timeout_s)
+    for spec in specs:
+        applications.add(spec)
+    return applications

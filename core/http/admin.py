@@ -1,0 +1,394 @@
+"""The management API under ``/admin``: change a running server without restarting it.
+
+Models: list them, add one from a runtime artifact, remove one (its queued requests finish
+first), set a pool's replica bounds, and roll requests without a version forward or back to
+another version (the target gets a ready worker before any request is sent to it, and
+requests already queued on the previous version finish there: none fails for the switch).
+Applications: list, add, remove, link and unlink models, change the policy and its params.
+
+Changes apply to the running server only; the served file and ``--model`` arguments are what
+a restart serves. Changes to one model run one at a time, as do changes to applications, so a
+removal cannot race a roll of the same model. Every route needs the admin token
+(:mod:`ketch.http.auth`). ``ketch models ...`` and ``ketch apps ...``
+(:mod:`ketch.cli.admin_client`) call these routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ketch.applications.runner import Applications
+from ketch.errors import AppError
+from ketch.http.json_io import json_kind, json_response, parse_body
+from ketch.observability import events
+from ketch.pools.scaling import PoolManager
+from ketch.serving.dispatcher import Dispatcher
+from ketch.serving.jobs import PredictionError
+from ketch.serving.queue import ModelQueue
+from ketch.specs.apps import AppSpec
+from ketch.specs.deployments import deployment_spec
+from ketch.specs.models import DEFAULT_VERSION, PoolSpec
+
+#: Keys of ``POST /admin/models``.
+_MODEL_KEYS = frozenset({"name", "runtime", "path", "version", "settings", "wait"})
+_POOL_KEYS = frozenset(f.name for f in dataclasses.fields(PoolSpec))
+#: Keys of ``PATCH /admin/apps/{name}``: an application's spec but its name.
+_APP_CHANGES = frozenset(
+    {"models", "policy", "params", "slo_ms", "default_output", "has_default_output"}
+)
+
+
+class Admin:
+    """The ``/admin`` routes over a server's dispatcher, pools and applications.
+
+    :param request_timeout_s: the server's request timeout: the longest a removed model's
+        queued requests can take to finish.
+    :param workers_per_model: ``ketch serve --workers-per-model``, applied to added models
+        as to the served file's.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        pools: PoolManager,
+        apps: Applications,
+        report: events.Report,
+        request_timeout_s: float,
+        workers_per_model: int = 0,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._pools = pools
+        self._apps = apps
+        self._report = report
+        self._request_timeout_s = request_timeout_s
+        self._workers_per_model = workers_per_model
+        #: One change at a time per model (a removal cannot race a roll of it), and one at a
+        #: time to the applications; a slow roll of one model holds up no other change.
+        self._model_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._apps_lock = asyncio.Lock()
+
+    def routes(self) -> list[Route]:
+        model = "/admin/models/{name}"
+        version = model + "/versions/{version}"
+        app = "/admin/apps/{name}"
+        return [
+            Route("/admin/models", self.list_models, methods=["GET"]),
+            Route("/admin/models", self.add_model, methods=["POST"]),
+            Route(model, self.remove_model, methods=["DELETE"]),
+            Route(version, self.remove_model, methods=["DELETE"]),
+            Route(model + "/pool", self.set_pool, methods=["PATCH"]),
+            Route(version + "/pool", self.set_pool, methods=["PATCH"]),
+            Route(model + "/roll", self.roll, methods=["POST"]),
+            Route("/admin/apps", self.list_apps, methods=["GET"]),
+            Route("/admin/apps", self.add_app, methods=["POST"]),
+            Route(app, self.change_app, methods=["PATCH"]),
+            Route(app, self.remove_app, methods=["DELETE"]),
+            Route(app + "/models", self.link, methods=["POST"]),
+            Route(app + "/models/{model}", self.unlink, methods=["DELETE"]),
+        ]
+
+    # -- models -----------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        return json_response({"models": self._dispatcher.describe()})
+
+    async def add_model(self, request: Request) -> Response:
+        body = await _body(request, _MODEL_KEYS, required=("name", "runtime"))
+        name = _text(body, "name")
+        runtime = _text(body, "runtime")
+        path = _text(body, "path") if body.get("path") is not None else None
+        version = _version(body.get("version", DEFAULT_VERSION))
+        settings = body.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise PredictionError(400, f"'settings' must be an object, got {settings!r}")
+        wait = _flag(body, "wait")
+        try:
+            # Relative artifact paths are the server's: its working folder, like --model's.
+            spec = deployment_spec(name, runtime, path, Path.cwd(), version, settings)
+        except (TypeError, ValueError) as exc:
+            raise PredictionError(400, str(exc), model=name) from None
+        spec = dataclasses.replace(spec, pool=spec.pool.with_floor(self._workers_per_model))
+        async with self._model_locks[spec.name]:
+            if self._dispatcher.has_model(spec.key):
+                raise PredictionError(
+                    409,
+                    f"model {spec.label()!r} is already served: remove it first, or add "
+                    "another version",
+                    model=name,
+                    version=spec.version,
+                )
+            # A new version takes no traffic until it is rolled to.
+            self._dispatcher.pin_default(spec.name)
+            self._pools.manage(spec)
+            queue = self._dispatcher.queue_for(spec.name, spec.version)
+            self._report(events.model_added(spec, self._dispatcher.default_version(spec.name)))
+        if wait:
+            try:
+                await queue.wait_ready(spec.pool.cold_start_timeout_s)
+            except PredictionError as exc:
+                raise PredictionError(
+                    503,
+                    f"model {spec.label()!r} was added, but is not ready: {exc}",
+                    model=spec.name,
+                    version=spec.version,
+                    state=queue.state,
+                ) from None
+        return json_response(
+            {
+                "model": self._describe(queue),
+                "default_version": self._dispatcher.default_version(spec.name),
+            },
+            201,
+        )
+
+    async def remove_model(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        async with self._model_locks[name]:
+            self._dispatcher.queue_for(name, version)  # 404 for an unknown model or version
+            default = self._dispatcher.default_version(name)
+            if version == default and len(self._dispatcher.versions(name)) > 1:
+                raise PredictionError(
+                    409,
+                    f"version {version} answers the requests to model {name!r} without a "
+                    "version: roll to another version first",
+                    model=name,
+                    version=version,
+                )
+            linked = self._apps.linking(name, version)
+            if linked:
+                what = f"version {version} of model" if version is not None else "model"
+                raise PredictionError(
+                    409,
+                    f"{what} {name!r} is linked to applications {linked}: unlink it from them "
+                    "(or remove them) first",
+                    model=name,
+                    apps=linked,
+                )
+            removed = self._dispatcher.versions(name) if version is None else [version]
+            queues = [
+                self._dispatcher.remove_model(
+                    (name, v), f"model {name!r} version {v!r} was removed from this server"
+                )
+                for v in removed
+            ]
+            # Requests already queued finish (or time out) before the workers are let go.
+            await asyncio.gather(*(q.wait_drained(self._request_timeout_s) for q in queues))
+            unfinished = sum(queue.active_requests for queue in queues)
+            for queue in queues:
+                self._pools.release(queue, f"model {queue.spec.label()!r} was removed")
+                self._report(events.model_removed(queue.spec))
+        return json_response(
+            {
+                "removed": [f"{name}:{v}" for v in removed],
+                "default": self._dispatcher.default_version(name),
+                "unfinished_requests": unfinished,
+            }
+        )
+
+    async def set_pool(self, request: Request) -> Response:
+        body = await _body(request, _POOL_KEYS, required=())
+        if not body:
+            raise PredictionError(400, f"give at least one of {sorted(_POOL_KEYS)}")
+        async with self._model_locks[request.path_params["name"]]:
+            queue = self._queue(request)
+            current = queue.spec.pool
+            minimum = body.get("min_replicas")
+            if "max_replicas" not in body and isinstance(minimum, int):
+                # Raising the floor above the ceiling raises the ceiling with it.
+                body["max_replicas"] = max(current.max_replicas, minimum)
+            try:
+                pool = dataclasses.replace(current, **body)
+            except (TypeError, ValueError) as exc:
+                raise PredictionError(400, str(exc), **queue.labels()) from None
+            queue.set_pool(pool)
+            self._pools.reconcile(queue)
+            self._report(events.pool_changed(queue.spec))
+        return json_response({"model": self._describe(queue)})
+
+    async def roll(self, request: Request) -> Response:
+        body = await _body(request, frozenset({"version", "timeout_s"}), required=("version",))
+        name = request.path_params["name"]
+        version = _version(body["version"])
+        timeout_s = body.get("timeout_s")
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0
+        ):
+            raise PredictionError(400, f"'timeout_s' must be a number > 0, got {timeout_s!r}")
+        async with self._model_locks[name]:
+            queue = self._dispatcher.queue_for(name, version)
+            # The version gets a ready worker before any request without a version goes to it.
+            await queue.wait_ready(timeout_s or queue.spec.pool.cold_start_timeout_s)
+            previous = self._dispatcher.set_default(name, version)
+            if previous != version:
+                self._report(events.default_version_changed(name, version, previous))
+        return json_response({"model": name, "default": version, "previous": previous})
+
+    def _queue(self, request: Request) -> ModelQueue:
+        return self._dispatcher.queue_for(
+            request.path_params["name"], request.path_params.get("version")
+        )
+
+    def _describe(self, queue: ModelQueue) -> dict[str, Any]:
+        return queue.describe(self._dispatcher.default_version(queue.spec.name) or "")
+
+    # -- applications -----------------------------------------------------------------------
+
+    async def list_apps(self, request: Request) -> Response:
+        return json_response({"apps": self._apps.describe()})
+
+    async def add_app(self, request: Request) -> Response:
+        body = await _body(request, _APP_CHANGES | {"name"}, required=("name", "models"))
+        if "default_output" in body:
+            body.setdefault("has_default_output", True)
+        spec = _app_spec(body)
+        async with self._apps_lock:
+            if spec.name in self._apps:
+                raise PredictionError(
+                    409, f"application {spec.name!r} already exists", app=spec.name
+                )
+            try:
+                application = self._apps.add(spec)
+            except AppError as exc:
+                raise PredictionError(400, str(exc), app=spec.name) from None
+            self._report(events.app_started(spec.name, spec.policy, list(spec.models)))
+        return json_response({"app": application.describe()}, 201)
+
+    async def remove_app(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        async with self._apps_lock:
+            self._apps.remove(name)
+            self._report(events.app_removed(name))
+        return json_response({"removed": name})
+
+    async def change_app(self, request: Request) -> Response:
+        body = await _body(request, _APP_CHANGES, required=())
+        if not body:
+            raise PredictionError(400, f"give at least one of {sorted(_APP_CHANGES)}")
+        if "default_output" in body:
+            body.setdefault("has_default_output", True)
+        return await self._change(request.path_params["name"], lambda current: body)
+
+    async def link(self, request: Request) -> Response:
+        body = await _body(request, frozenset({"model", "position"}), required=("model",))
+        reference = _text(body, "model")
+        position = body.get("position")
+        if position is not None and (isinstance(position, bool) or not isinstance(position, int)):
+            raise PredictionError(400, f"'position' must be an integer, got {position!r}")
+
+        def linked(current: AppSpec) -> Mapping[str, Any]:
+            if position is not None and not 0 <= position <= len(current.models):
+                raise PredictionError(
+                    400,
+                    f"'position' must be 0-{len(current.models)} for application "
+                    f"{current.name!r}, got {position}",
+                    app=current.name,
+                )
+            if reference in current.models:
+                raise PredictionError(
+                    409,
+                    f"application {current.name!r} already lists {reference!r}",
+                    app=current.name,
+                )
+            models = list(current.models)
+            models.insert(len(models) if position is None else position, reference)
+            return {"models": models}
+
+        return await self._change(request.path_params["name"], linked)
+
+    async def unlink(self, request: Request) -> Response:
+        reference = request.path_params["model"]
+
+        def unlinked(current: AppSpec) -> Mapping[str, Any]:
+            if reference not in current.models:
+                raise PredictionError(
+                    404,
+                    f"application {current.name!r} does not list {reference!r}",
+                    app=current.name,
+                    models=list(current.models),
+                )
+            if len(current.models) == 1:
+                raise PredictionError(
+                    400,
+                    f"{reference!r} is the only model of application {current.name!r}: an "
+                    "application needs one; remove the application instead",
+                    app=current.name,
+                )
+            return {"models": [m for m in current.models if m != reference]}
+
+        return await self._change(request.path_params["name"], unlinked)
+
+    async def _change(self, name: str, changes: Callable[[AppSpec], Mapping[str, Any]]) -> Response:
+        """Apply ``changes(current spec)`` to application ``name``; the policy keeps its state
+        when it is the same policy and can take it."""
+        async with self._apps_lock:
+            current = self._apps.get(name).spec
+            changed = dict(changes(current))
+            if changed.get("policy", current.policy) != current.policy:
+                # Params belong to a policy: a new policy starts from its own defaults.
+                changed.setdefault("params", {})
+            spec = _app_spec({**current.to_dict(), **changed, "name": name})
+            try:
+                application, afresh = self._apps.change(spec)
+            except AppError as exc:
+                raise PredictionError(400, str(exc), app=name) from None
+            self._report(events.app_changed(name, spec.policy, list(spec.models), afresh))
+        answer = {"app": application.describe(), "state": "kept" if afresh is None else "reset"}
+        if afresh is not None:
+            answer["reset_because"] = afresh
+        return json_response(answer)
+
+
+async def _body(
+    request: Request, known: frozenset[str], required: tuple[str, ...]
+) -> dict[str, Any]:
+    body = parse_body(await request.body())
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise PredictionError(
+            400, f"unknown keys {unknown}: this route takes {sorted(known)}", keys=unknown
+        )
+    missing = [key for key in required if key not in body]
+    if missing:
+        raise PredictionError(400, f"the request body needs {missing}", keys=sorted(body))
+    return body
+
+
+def _text(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise PredictionError(
+            400, f"'{key}' must be a non-empty string, got a JSON {json_kind(value)}"
+        )
+    return value
+
+
+def _version(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise PredictionError(400, f"'version' must be a string, got {value!r}")
+    return value
+
+
+def _flag(body: Mapping[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise PredictionError(400, f"'{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _app_spec(data: Mapping[str, Any]) -> AppSpec:
+    try:
+        return AppSpec.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise PredictionError(400, str(exc)) from None

@@ -1,0 +1,102 @@
+"""Bearer tokens in front of the gateway's routes.
+
+* ``/admin/...`` (the management API) needs the admin token, always: with none configured
+  (``--admin-token`` or ``KETCH_ADMIN_TOKEN``) the management API is off and every admin route
+  answers 401, since it can load code and artifacts into the server.
+* Every other route is open, unless a predict token is configured (``--predict-token`` or
+  ``KETCH_PREDICT_TOKEN``): then it needs that token or the admin token, except the health
+  probes, ``/metrics`` and ``/openapi.json``, which orchestrators and scrapers read without
+  one.
+
+Tokens are compared in constant time. A refusal is a 401 with a JSON body naming what was
+missing and a ``WWW-Authenticate: Bearer`` header (RFC 6750).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ketch.http.json_io import json_response
+
+ADMIN_PREFIX = "/admin"
+#: Routes that stay open even with a predict token: probes, metrics, the API's description.
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"})
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """The bearer tokens the gateway accepts (None: not configured)."""
+
+    admin: str | None = None
+    predict: str | None = None
+
+    def __post_init__(self) -> None:
+        for which, token in (("admin", self.admin), ("predict", self.predict)):
+            if token is not None and (not token or token != token.strip()):
+                raise ValueError(f"the {which} token must be non-empty, without spaces around")
+
+
+def is_admin_path(path: str) -> bool:
+    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+
+
+class TokenGuard:
+    """ASGI middleware refusing requests without the token their route needs."""
+
+    def __init__(self, app: ASGIApp, tokens: Tokens) -> None:
+        self._app = app
+        self._admin = _encoded(tokens.admin)
+        self._predict = _encoded(tokens.predict)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                response = json_response(
+                    {"error": refusal},
+                    401,
+                    {"WWW-Authenticate": 'Bearer realm="ketch"'},
+                )
+                await response(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> str | None:
+        """Why the request may not go on, or None when it may."""
+        path = scope["path"]
+        if is_admin_path(path):
+            if self._admin is None:
+                return (
+                    "the management API is off: start ketch serve with --admin-token (or "
+                    "KETCH_ADMIN_TOKEN) and send it as 'Authorization: Bearer <token>'"
+                )
+            accepted = [self._admin]
+            which = "the admin token"
+        elif self._predict is not None and path not in OPEN_PATHS:
+            accepted = [t for t in (self._predict, self._admin) if t is not None]
+            which = "the predict token (or the admin token)"
+        else:
+            return None  # the common case: no header to look for
+        given = _bearer_token(scope)
+        if given is None:
+            return f"this route needs {which} as 'Authorization: Bearer <token>'"
+        if not any(hmac.compare_digest(given, token) for token in accepted):
+            return f"the bearer token is not {which}"
+        return None
+
+
+def _encoded(token: str | None) -> bytes | None:
+    return None if token is None else token.encode()
+
+
+def _bearer_token(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return bytes(token.strip())
+            return None
+    return None

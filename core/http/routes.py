@@ -1,0 +1,232 @@
+"""The HTTP gateway: a Starlette app that turns requests into queued model inputs.
+
+Routes:
+
+* ``POST /models/{name}/predict`` with ``{"input": x}`` or ``{"inputs": [x, ...]}``, an
+  optional ``"version"`` and an optional ``"timeout_ms"`` (or an ``X-Ketch-Timeout-Ms``
+  header); answers ``{"output": y}`` or ``{"outputs": [y, ...]}`` with ``model``,
+  ``version`` and ``query_id``.
+* ``GET /models``: every model version with its state, replicas and queue.
+* ``POST /apps/{app}/predict`` with ``{"input": x}`` (and an optional ``"timeout_ms"``):
+  the application's policy picks the models and combines their answers into
+  ``{"output": y, "query_id": ..., "default": false, "models": [...], ...}``.
+* ``POST /apps/{app}/feedback`` with ``{"query_id": ..., "reward": r}`` (``r`` in [0, 1])
+  and/or ``"label"``: the policy learns from it.
+* ``GET /apps``: every application with its policy, models, counts and policy state.
+* ``GET /v2/health/live`` and ``GET /v2/health/ready`` (Open Inference Protocol health);
+  the rest of the protocol (``/v2``, ``/v2/models/...``) is in :mod:`ketch.http.oip`.
+* ``GET /metrics`` (Prometheus, :mod:`ketch.observability.metrics`) and ``GET /openapi.json``
+  (the OpenAPI document of every route, :mod:`ketch.http.openapi`).
+* ``/admin/...``, the management API (:mod:`ketch.http.admin`), behind the admin token; the other
+  routes need a token only when the operator sets one (:mod:`ketch.http.auth`).
+
+Every error is JSON, ``{"error": "..."}`` plus details, with a status that says whose fault it
+was: 400 bad request, 404 unknown model, 429 the model's queue is full (with
+``Retry-After``), 500 the model failed, 503 no worker could answer, 504 the request's deadline
+passed (its own timeout, else the model's ``slo_ms``, else the server's request timeout).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ketch.applications.runner import Applications
+from ketch.http import openapi
+from ketch.http.admin import Admin
+from ketch.http.auth import TokenGuard, Tokens
+from ketch.http.drain import DrainRequestBody
+from ketch.http.json_io import (
+    TIMEOUT_HEADER,
+    json_kind,
+    json_response,
+    parse_body,
+    timeout_ms_of,
+)
+from ketch.http.oip import OpenInference
+from ketch.serving.admission import predict
+from ketch.serving.dispatcher import Dispatcher
+from ketch.serving.jobs import PredictionError
+
+
+class Gateway:
+    """Request handlers over one :class:`Dispatcher`.
+
+    :param dispatcher: where requests are queued.
+    :param apps: the applications (``/apps/...``).
+    :param request_timeout_s: longest a request waits for its outputs before a 504, unless
+        it sets its own timeout or its model has an ``slo_ms``.
+    :param admin: the management API's routes.
+    :param tokens: the bearer tokens the routes need.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        apps: Applications,
+        request_timeout_s: float,
+        admin: Admin,
+        tokens: Tokens,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.apps = apps
+        self.request_timeout_s = request_timeout_s
+        self._admin = admin
+        self._tokens = tokens
+        self._openapi = openapi.document()
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/models", self.list_models, methods=["GET"]),
+                Route("/models/{name}/predict", self.predict, methods=["POST"]),
+                Route("/apps", self.list_apps, methods=["GET"]),
+                Route("/apps/{name}/predict", self.app_predict, methods=["POST"]),
+                Route("/apps/{name}/feedback", self.app_feedback, methods=["POST"]),
+                Route("/v2/health/live", self.live, methods=["GET"]),
+                Route("/v2/health/ready", self.ready, methods=["GET"]),
+                *OpenInference(self.dispatcher, self.request_timeout_s).routes(),
+                Route("/metrics", self.dispatcher.metrics.endpoint, methods=["GET"]),
+                Route("/openapi.json", self.openapi, methods=["GET"]),
+                *self._admin.routes(),
+            ],
+            # Starlette types its handlers as taking any Exception; each takes its own.
+            exception_handlers={
+                HTTPException: _http_error,  # type: ignore[dict-item]
+                PredictionError: _prediction_error,  # type: ignore[dict-item]
+            },
+            middleware=[
+                Middleware(DrainRequestBody),
+                Middleware(TokenGuard, tokens=self._tokens),
+                self.dispatcher.metrics.middleware(),
+            ],
+        )
+
+    async def predict(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        body = parse_body(await request.body())
+        single, inputs = _inputs_of(body)
+        version = _version_of(body)
+        timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
+        queue = self.dispatcher.queue_for(name, version)
+        if timeout_ms is None:
+            timeout_ms = queue.spec.slo_ms
+        timeout_s = self.request_timeout_s if timeout_ms is None else timeout_ms / 1000
+        outputs = await predict(queue, inputs, timeout_s)
+        answer: dict[str, Any] = {"output": outputs[0]} if single else {"outputs": outputs}
+        answer["model"] = queue.spec.name
+        answer["version"] = queue.spec.version
+        answer["query_id"] = uuid.uuid4().hex
+        return json_response(answer)
+
+    async def app_predict(self, request: Request) -> Response:
+        application = self.apps.get(request.path_params["name"])
+        body = parse_body(await request.body())
+        if "input" not in body:
+            raise PredictionError(
+                400,
+                "request body needs 'input': an application answers one input",
+                keys=sorted(body),
+            )
+        timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
+        answer = await application.predict(body["input"], timeout_ms)
+        return json_response(answer)
+
+    async def app_feedback(self, request: Request) -> Response:
+        application = self.apps.get(request.path_params["name"])
+        body = parse_body(await request.body())
+        query_id = body.get("query_id")
+        if not isinstance(query_id, str) or not query_id:
+            raise PredictionError(
+                400, f"feedback needs the 'query_id' of an answer, got {query_id!r}"
+            )
+        reward = _reward_of(body)
+        if reward is None and "label" not in body:
+            raise PredictionError(
+                400,
+                "feedback needs a 'reward' (a number in [0, 1]) or a 'label'",
+                keys=sorted(body),
+            )
+        answer = application.feedback(query_id, reward, body.get("label"), "label" in body)
+        return json_response(answer)
+
+    async def list_apps(self, request: Request) -> Response:
+        return json_response({"apps": self.apps.describe()})
+
+    async def openapi(self, request: Request) -> Response:
+        return json_response(self._openapi)
+
+    async def list_models(self, request: Request) -> Response:
+        return json_response({"models": self.dispatcher.describe()})
+
+    async def live(self, request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        missing = self.dispatcher.not_ready()
+        if missing:
+            return json_response({"ready": False, "models_not_ready": missing}, 503)
+        return json_response({"ready": True})
+
+
+def _inputs_of(body: dict[str, Any]) -> tuple[bool, list[Any]]:
+    """``(single, inputs)``: whether the request used ``input``, and the inputs as a list."""
+    has_input, has_inputs = "input" in body, "inputs" in body
+    if has_input and has_inputs:
+        raise PredictionError(400, "give either 'input' or 'inputs', not both")
+    if has_input:
+        return True, [body["input"]]
+    if not has_inputs:
+        raise PredictionError(
+            400,
+            "request body needs 'input' (one input) or 'inputs' (a list of inputs)",
+            keys=sorted(body),
+        )
+    inputs = body["inputs"]
+    if not isinstance(inputs, list):
+        raise PredictionError(400, f"'inputs' must be a list, got a JSON {json_kind(inputs)}")
+    if not inputs:
+        raise PredictionError(400, "'inputs' is an empty list: send at least one input")
+    return False, inputs
+
+
+def _version_of(body: dict[str, Any]) -> str | None:
+    version = body.get("version")
+    if version is None or isinstance(version, str):
+        return version
+    if isinstance(version, int) and not isinstance(version, bool):
+        return str(version)
+    raise PredictionError(400, f"'version' must be a string, got {version!r}")
+
+
+def _reward_of(body: dict[str, Any]) -> float | None:
+    reward = body.get("reward")
+    if reward is None:
+        return None
+    if (
+        isinstance(reward, bool)
+        or not isinstance(reward, int | float)
+        or not math.isfinite(reward)
+        or not 0 <= reward <= 1
+    ):
+        raise PredictionError(400, f"'reward' must be a number in [0, 1], got {reward!r}")
+    return float(reward)
+
+
+async def _prediction_error(request: Request, exc: PredictionError) -> Response:
+    """What any handler raises (a bad body, an unknown model, a failed prediction) as its JSON
+    answer: handlers raise, none catches."""
+    return json_response(exc.body, exc.status, exc.headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (unknown route, wrong method) as JSON like all the others."""
+    return json_response({"error": exc.detail}, exc.status_code, exc.headers)

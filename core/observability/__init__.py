@@ -1,0 +1,1 @@
+"""What a running server tells: status events and logs, and Prometheus metrics."""

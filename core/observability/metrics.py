@@ -1,0 +1,327 @@
+"""Prometheus metrics, served at ``GET /metrics`` in the Prometheus text format.
+
+Each server owns one :class:`Metrics` with its own ``CollectorRegistry`` (never the global
+default registry), so several servers, or tests, in one process never clash.
+
+Two kinds of metrics:
+
+* What the gateway already keeps (queue depths, replicas, health, and the counts
+  :class:`~ketch.serving.queue.ModelQueue` and the caches keep: cold starts, worker exits, cache
+  hits and misses, rejected and expired requests, an application's default outputs) is read
+  from the queues when Prometheus scrapes, by :class:`_StateCollector`: nothing is counted
+  twice, and the numbers always agree with ``GET /models`` and ``GET /apps``.
+* What nothing else keeps (per-status request counts, latency, batch size and cold start
+  histograms) is recorded as it happens, through the typed methods of :class:`Metrics` and
+  :class:`ModelMetrics`, and through :class:`RequestMetrics`, the ASGI middleware that times
+  ``/models/{name}/predict``, the Open Inference Protocol's
+  ``/v2/models/{name}[/versions/{version}]/infer`` and ``/apps/{name}/predict``.
+
+``docs/metrics.md`` lists every metric.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from ketch.applications.runner import Applications
+    from ketch.serving.queue import ModelQueue
+
+#: Seconds, from a cache hit (well under a millisecond) to a request waiting for a cold start.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+#: Inputs per batch: powers of two up to the largest ``max_batch_size`` worth telling apart.
+BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(10))  # 1, 2, 4, ..., 512
+#: Seconds from a request finding its pool at zero to the first worker's READY: a process
+#: start and a model load, so from a fraction of a second to minutes for large models.
+COLD_START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+_MODEL = ("model", "version")
+_PREDICT_PATH = re.compile(r"/(models|apps)/([^/]+)/predict")
+#: Open Inference Protocol requests: counted as model requests, as ``/models/{name}/predict``.
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")
+
+
+@dataclass(slots=True)
+class _Resolved:
+    """The model version a model request (``/models/{name}/predict``, ``/v2/.../infer``) was
+    routed to, once known."""
+
+    model: str | None = None
+    version: str | None = None
+
+
+#: Set by :class:`RequestMetrics` around a model request, filled in by :func:`note_model`:
+#: the middleware sees the request's path, but only the handler knows the version it got.
+_resolved: contextvars.ContextVar[_Resolved | None] = contextvars.ContextVar(
+    "ketch_metrics_resolved", default=None
+)
+
+
+def note_model(name: str, version: str) -> None:
+    """Tell the request being timed which model version answers it (no-op outside one)."""
+    resolved = _resolved.get()
+    if resolved is not None:
+        resolved.model, resolved.version = name, version
+
+
+class ModelMetrics:
+    """The histograms of one model version, their label values bound once (the hot path
+    then skips a label lookup per batch)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._batch_size = metrics.batch_size.labels(model, version)
+        self._compute = metrics.model_compute.labels(model, version)
+        self._cold_start = metrics.cold_start_duration.labels(model, version)
+
+    def batch_sent(self, size: int) -> None:
+        self._batch_size.observe(size)
+
+    def batch_computed(self, compute_s: float) -> None:
+        """The worker's own time on a batch (as reported in its REPLY)."""
+        self._compute.observe(compute_s)
+
+    def cold_start_done(self, seconds: float) -> None:
+        self._cold_start.observe(seconds)
+
+
+class Metrics:
+    """One server's metrics: its registry, its histograms and per-status counters, and the
+    collector that reads the queues and applications at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._queues: Callable[[], Sequence[ModelQueue]] = list
+        self._apps: Applications | None = None
+        self.requests = Counter(
+            "ketch_requests",
+            "Requests to /models/{model}/predict and /v2/models/{model}/infer, by the HTTP "
+            "status of their answer.",
+            [*_MODEL, "status"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "ketch_request_duration_seconds",
+            "Time in the gateway from a model request's arrival to its answer.",
+            _MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.app_requests = Counter(
+            "ketch_app_requests",
+            "Requests to /apps/{app}/predict, by the HTTP status of their answer.",
+            ["app", "status"],
+            registry=self.registry,
+        )
+        self.model_compute = Histogram(
+            "ketch_model_compute_seconds",
+            "The model's compute time on one batch, as its worker measured it.",
+            _MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "ketch_batch_size",
+            "Inputs per batch sent to a worker.",
+            _MODEL,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.cold_start_duration = Histogram(
+            "ketch_cold_start_duration_seconds",
+            "Time from a request finding its pool at zero to the first worker's READY.",
+            _MODEL,
+            buckets=COLD_START_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(self))
+
+    # -- what is read at scrape time --------------------------------------------------------
+
+    def watch_queues(self, queues: Callable[[], Sequence[ModelQueue]]) -> None:
+        self._queues = queues
+
+    def watch_apps(self, apps: Applications) -> None:
+        self._apps = apps
+
+    def queues(self) -> Sequence[ModelQueue]:
+        return self._queues()
+
+    def apps(self) -> Applications | None:
+        return self._apps
+
+    # -- what is recorded as it happens -----------------------------------------------------
+
+    def for_model(self, model: str, version: str) -> ModelMetrics:
+        return ModelMetrics(self, model, version)
+
+    def request_done(self, model: str, version: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, version, str(status)).inc()
+        self.request_duration.labels(model, version).observe(seconds)
+
+    def app_request_done(self, app: str, status: int) -> None:
+        self.app_requests.labels(app, str(status)).inc()
+
+    # -- exposition -------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def endpoint(self, request: Request) -> Response:
+        """``GET /metrics``."""
+        return Response(self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def middleware(self) -> Middleware:
+        """The gateway's :class:`RequestMetrics` middleware, recording into these metrics."""
+        return Middleware(RequestMetrics, metrics=self)
+
+    # Label values for requests whose model or application is unknown: a label per name a
+    # client makes up would grow the series without bound.
+    def knows_model(self, name: str) -> bool:
+        return any(queue.spec.name == name for queue in self.queues())
+
+    def knows_app(self, name: str) -> bool:
+        return self._apps is not None and name in self._apps
+
+
+class _StateCollector(Collector):
+    """Gauges and counters read from the queues and applications when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        depth = GaugeMetricFamily(
+            "ketch_queue_depth", "Inputs waiting for a worker.", labels=_MODEL
+        )
+        replicas = GaugeMetricFamily(
+            "ketch_replicas",
+            "Workers of a model version: ready (serving) or starting.",
+            labels=[*_MODEL, "state"],
+        )
+        healthy = GaugeMetricFamily(
+            "ketch_model_healthy",
+            "1 while the model version is served, 0 once its workers crash-looped.",
+            labels=_MODEL,
+        )
+        cold_starts = CounterMetricFamily(
+            "ketch_cold_starts",
+            "Requests that found their pool at zero and started its first worker.",
+            labels=_MODEL,
+        )
+        restarts = CounterMetricFamily(
+            "ketch_worker_restarts",
+            "Unexpected exits of local worker processes; replaced unless they crash-loop.",
+            labels=_MODEL,
+        )
+        hits = CounterMetricFamily(
+            "ketch_cache_hits", "Inputs answered from the prediction cache.", labels=_MODEL
+        )
+        misses = CounterMetricFamily(
+            "ketch_cache_misses",
+            "Inputs looked up in the prediction cache and not found.",
+            labels=_MODEL,
+        )
+        rejected = CounterMetricFamily(
+            "ketch_rejected_requests",
+            "Requests answered 429 because the model's queue was full.",
+            labels=_MODEL,
+        )
+        expired = CounterMetricFamily(
+            "ketch_expired_requests",
+            "Requests answered 504 because their deadline passed.",
+            labels=_MODEL,
+        )
+        for queue in self._metrics.queues():
+            labels = [queue.spec.name, queue.spec.version]
+            depth.add_metric(labels, queue.queue_depth)
+            replicas.add_metric([*labels, "ready"], queue.ready_replicas)
+            replicas.add_metric([*labels, "starting"], len(queue.starting))
+            healthy.add_metric(labels, 0 if queue.unhealthy_because is not None else 1)
+            cold_starts.add_metric(labels, queue.cold_starts)
+            restarts.add_metric(labels, queue.worker_exits)
+            if queue.cache is not None:
+                hits.add_metric(labels, queue.cache.hits)
+                misses.add_metric(labels, queue.cache.misses)
+            rejected.add_metric(labels, queue.rejected)
+            expired.add_metric(labels, queue.expired)
+        yield from (depth, replicas, healthy, cold_starts, restarts, hits, misses)
+        yield from (rejected, expired)
+        defaults = CounterMetricFamily(
+            "ketch_app_default_outputs",
+            "Application queries answered with the application's default_output.",
+            labels=["app"],
+        )
+        apps = self._metrics.apps()
+        if apps is not None:
+            for name, application in apps.items():
+                defaults.add_metric([name], application.counts["defaults"])
+        yield defaults
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times ``POST /models/{name}/predict``,
+    ``POST /v2/models/{name}[/versions/{version}]/infer`` and ``POST /apps/{name}/predict`` by
+    the status of their answer; other routes pass through."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        routed = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            routed = _routed(scope["path"])
+        if routed is None:
+            await self.app(scope, receive, send)
+            return
+        kind, name = routed
+        started = time.perf_counter()
+        status = 500  # when the app raises before answering, Starlette answers 500
+        resolved = _Resolved()
+        token = _resolved.set(resolved if kind == "models" else None)
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            _resolved.reset(token)
+            seconds = time.perf_counter() - started
+            if kind == "apps":
+                app = name if self.metrics.knows_app(name) else ""
+                self.metrics.app_request_done(app, status)
+            elif resolved.model is not None and resolved.version is not None:
+                self.metrics.request_done(resolved.model, resolved.version, status, seconds)
+            else:
+                # Failed before a version was chosen (bad body, unknown model or version).
+                model = name if self.metrics.knows_model(name) else ""
+                self.metrics.request_done(model, "", status, seconds)
+
+
+def _routed(path: str) -> tuple[str, str] | None:
+    """``("models", name)`` or ``("apps", name)`` for a request path the middleware times."""
+    if match := _PREDICT_PATH.fullmatch(path):
+        return match[1], match[2]
+    if match := _INFER_PATH.fullmatch(path):
+        return "models", match[1]
+    return None

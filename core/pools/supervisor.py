@@ -1,0 +1,438 @@
+"""Local worker processes: discovering the served file's models and supervising workers.
+
+How a process starts (shared forkserver, the model's template, another interpreter) is
+:mod:`ketch.pools.processes`; this module decides when, watches each process's exit and output,
+and reports them to the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+
+from ketch import __version__
+from ketch.errors import TargetLoadError
+from ketch.pools.processes import (
+    Kind,
+    LaunchError,
+    WorkerProcess,
+    describe_exit,
+    forkserver_context,
+    launch,
+    resolve_python,
+    start_process,
+)
+from ketch.pools.restarts import CrashHistory, RestartPolicy
+from ketch.pools.templates import control_pair, fork_worker, read_ready
+from ketch.pools.worker_output import OutputTail
+from ketch.specs.apps import AppSpec
+from ketch.specs.loader import apps_in, import_source, served_specs
+from ketch.specs.models import ModelSpec
+from ketch.specs.resources import over_memory_cap
+from ketch.worker.main import WorkerPlan
+from ketch.zmq_transport.liveness import Heartbeat
+
+log = logging.getLogger("ketch.workers")
+
+
+def _discover_in_child(source: str, conn: Any) -> None:
+    # What the served file prints as it is imported belongs with the workers' output on
+    # stderr; the gateway's stdout carries its own status lines.
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    try:
+        module = import_source(source)
+        models = [spec.to_dict() for spec in served_specs(module)]
+        apps = [a.to_dict() for a in apps_in(module)]
+        conn.send(("ok", {"models": models, "apps": apps}))
+    except BaseException as exc:
+        detail = str(exc) if isinstance(exc, TargetLoadError) else traceback.format_exc()
+        conn.send(("error", detail))
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What a served file declares: its models and its applications."""
+
+    models: list[ModelSpec]
+    apps: list[AppSpec]
+
+
+def discover(source: str, timeout_s: float = 120.0) -> Served:
+    """The models and applications ``source`` declares, read by importing it in a throw-away
+    process (the gateway never imports user code)."""
+    context = forkserver_context()
+    receiver, sender = context.Pipe(duplex=False)
+    process = start_process(context, _discover_in_child, (source, sender), "ketch-discover")
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            raise TargetLoadError(f"importing {source!r} took more than {timeout_s:.0f} s")
+        try:
+            status, payload = receiver.recv()
+        except EOFError:
+            process.join(5)
+            raise TargetLoadError(
+                f"importing {source!r} killed the process (exit code {process.exitcode})"
+            ) from None
+    finally:
+        receiver.close()
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    if status != "ok":
+        raise TargetLoadError(f"cannot load {source!r}:\n{payload}")
+    return Served(
+        [ModelSpec.from_dict(spec) for spec in payload["models"]],
+        [AppSpec.from_dict(spec) for spec in payload["apps"]],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessEvents:
+    """Where :class:`LocalWorkers` reports what happens to its processes (the dispatcher).
+
+    ``exited`` gets the exit described for people (exit code or signal, and the last lines the
+    worker printed) and whether it was expected (scaled down, shutting down); ``unhealthy`` is
+    called once the model's workers have crashed too often in a row, or cannot start at all;
+    ``template`` gets a ``preload=True`` model's template as it changes (None: it is gone).
+    """
+
+    started: Callable[[ModelSpec, int], None]
+    exited: Callable[[ModelSpec, int, str, bool], None]
+    unhealthy: Callable[[ModelSpec, str], None]
+    template: Callable[[ModelSpec, dict[str, Any] | None], None]
+
+
+@dataclass(slots=True)
+class _Process:
+    spec: ModelSpec
+    kind: Kind
+    handle: WorkerProcess
+    output: OutputTail
+    started: float
+    watched: psutil.Process
+    #: Why the gateway killed it (over its memory cap), for the exit's description.
+    killed_because: str | None = None
+
+
+@dataclass(slots=True)
+class _Template:
+    pid: int
+    control: socket.socket
+    ready: bool = False
+
+
+class LocalWorkers:
+    """Starts and watches the worker processes the pool manager asks for.
+
+    A process that exits unasked is reported at once (so its batches are retried without
+    waiting for missed heartbeats); each quick exit in a row makes the next start of that
+    model wait longer, and too many mark the model unhealthy (:mod:`ketch.pools.restarts`). A
+    ``preload=True`` model gets a template process as soon as it is managed, kept while the
+    server runs, and its workers fork from it.
+
+    :param source: the served file or module.
+    :param broker: endpoint the workers connect to.
+    :param heartbeat: heartbeat settings shared with the broker.
+    :param events: receives starts, exits and give-ups.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        broker: str,
+        heartbeat: Heartbeat,
+        events: ProcessEvents,
+        restart_policy: RestartPolicy | None = None,
+    ) -> None:
+        self._source = source
+        self._broker = broker
+        self._heartbeat = heartbeat
+        self._events = events
+        self._policy = restart_policy or RestartPolicy()
+        self._context = forkserver_context()
+        self._processes: dict[int, _Process] = {}
+        self._templates: dict[tuple[str, str], _Template] = {}
+        self._retired: set[int] = set()
+        self._crashes: dict[tuple[str, str, Kind], CrashHistory] = {}
+        self._not_before: dict[tuple[str, str], float] = {}
+        self._stopping = False
+        self._all_exited: asyncio.Event | None = None
+
+    def pids(self, spec: ModelSpec) -> set[int]:
+        """The pids of ``spec``'s local workers (not its template)."""
+        return {
+            pid
+            for pid, entry in self._processes.items()
+            if entry.spec.key == spec.key and entry.kind == "worker"
+        }
+
+    def prepare(self, spec: ModelSpec) -> None:
+        """Get ``spec`` ready for its first worker: check its interpreter, start its template
+        if it has one. A model that cannot start is reported unhealthy now, not at its first
+        request."""
+        if spec.start.python is not None:
+            try:
+                resolve_python(spec.start.python)
+            except LaunchError as exc:
+                self._cannot_start(spec, "worker", exc)
+                return
+        if spec.start.preload and spec.key not in self._templates:
+            self._start_template(spec)
+
+    def spawn(self, spec: ModelSpec) -> bool:
+        """Start a worker for ``spec``; False while it cannot start yet (restart backoff, its
+        template still loading) or at all (then the model has been reported unhealthy)."""
+        if self._stopping or time.monotonic() < self._not_before.get(spec.key, 0.0):
+            return False
+        template = self._templates.get(spec.key) if spec.start.preload else None
+        if spec.start.preload and (template is None or not template.ready):
+            self.prepare(spec)
+            return False
+        output_r, output_w = os.pipe()
+        try:
+            if template is not None:
+                handle: WorkerProcess = fork_worker(template.control, self._plan(spec), output_w)
+            else:
+                handle = launch(
+                    "worker",
+                    self._plan(spec),
+                    output_w,
+                    spec.start.python,
+                    self._context,
+                    f"ketch-worker-{spec.label()}",
+                )
+        except (LaunchError, OSError) as exc:
+            os.close(output_r)
+            self._cannot_start(spec, "worker", exc)
+            return False
+        finally:
+            os.close(output_w)
+        self._watch(spec, "worker", handle, output_r)
+        self._events.started(spec, handle.pid)
+        return True
+
+    def _plan(self, spec: ModelSpec) -> WorkerPlan:
+        return WorkerPlan(
+            target=f"{self._source}:{spec.name}",
+            version=spec.version,
+            broker=self._broker,
+            heartbeat_interval_s=self._heartbeat.interval_s,
+            heartbeat_liveness=self._heartbeat.liveness,
+            resources=asdict(spec.resources),
+            deployment=spec.to_dict() if spec.deployed else None,
+        )
+
+    def _start_template(self, spec: ModelSpec) -> None:
+        if self._stopping:
+            return
+        gateway_end, template_end = control_pair()
+        output_r, output_w = os.pipe()
+        try:
+            handle = launch(
+                "template",
+                self._plan(spec),
+                output_w,
+                spec.start.python,
+                self._context,
+                f"ketch-template-{spec.label()}",
+                control=template_end,
+            )
+        except (LaunchError, OSError) as exc:
+            os.close(output_r)
+            gateway_end.close()
+            self._cannot_start(spec, "template", exc)
+            return
+        finally:
+            os.close(output_w)
+            template_end.close()
+        self._watch(spec, "template", handle, output_r)
+        template = _Template(handle.pid, gateway_end)
+        self._templates[spec.key] = template
+        asyncio.get_running_loop().add_reader(
+            gateway_end.fileno(), self._on_template_ready, spec, template
+        )
+        self._events.template(spec, {"pid": handle.pid, "state": "loading"})
+
+    def _on_template_ready(self, spec: ModelSpec, template: _Template) -> None:
+        asyncio.get_running_loop().remove_reader(template.control.fileno())
+        if read_ready(template.control) is None:
+            return  # it could not load the model; its exit reports why
+        template.ready = True
+        try:
+            rss_mb = psutil.Process(template.pid).memory_info().rss // (1024 * 1024)
+        except psutil.Error:
+            return  # died meanwhile; its exit reports why
+        log.info("template of %s ready: pid %d, %d MB", spec.label(), template.pid, rss_mb)
+        self._events.template(spec, {"pid": template.pid, "state": "ready", "rss_mb": rss_mb})
+
+    def _cannot_start(self, spec: ModelSpec, kind: Kind, exc: Exception) -> None:
+        if isinstance(exc, LaunchError):
+            self._events.unhealthy(spec, f"cannot start its {kind}: {exc}")
+            return
+        # The template failed to fork: replace it, and let the next worker wait a little.
+        log.error("cannot start a %s for %s: %s", kind, spec.label(), exc)
+        self._not_before[spec.key] = time.monotonic() + self._policy.first_delay_s
+        template = self._templates.get(spec.key)
+        if template is not None:
+            self._processes[template.pid].handle.kill()
+
+    def _watch(self, spec: ModelSpec, kind: Kind, handle: WorkerProcess, output_r: int) -> None:
+        name = f"{spec.label()} {'' if kind == 'worker' else kind + ' '}pid {handle.pid}"
+        self._processes[handle.pid] = _Process(
+            spec,
+            kind,
+            handle,
+            OutputTail(output_r, name),
+            time.monotonic(),
+            psutil.Process(handle.pid),
+        )
+        asyncio.get_running_loop().add_reader(handle.sentinel, self._on_exit, handle.pid)
+
+    def over_memory(self) -> list[tuple[ModelSpec, int, str]]:
+        """Kill every worker over its model's ``memory_mb``; returns (spec, pid, why) of each."""
+        killed = []
+        for pid, entry in self._processes.items():
+            cap = entry.spec.resources.memory_mb
+            if cap is None or entry.kind != "worker" or entry.killed_because is not None:
+                continue
+            rss_mb = over_memory_cap(entry.watched, cap)
+            if rss_mb is None:
+                continue
+            entry.killed_because = (
+                f"worker pid {pid} was recycled: it used {rss_mb} MB of resident memory, "
+                f"over its memory_mb cap of {cap} MB"
+            )
+            entry.handle.kill()
+            killed.append((entry.spec, pid, entry.killed_because))
+        return killed
+
+    def retire(self, pid: int) -> None:
+        """``pid`` is about to be told DISCONNECT: its exit is expected, not a crash."""
+        self._retired.add(pid)
+
+    def release(self, spec: ModelSpec, still_starting: set[int]) -> None:
+        """``spec`` is no longer served: stop its template and its workers still starting
+        (``still_starting``), and forget its restart history (the model may be added again,
+        afresh). Its ready workers were told DISCONNECT and exit by themselves."""
+        self._crashes = {k: v for k, v in self._crashes.items() if k[:2] != spec.key}
+        self._not_before.pop(spec.key, None)
+        template = self._templates.pop(spec.key, None)
+        if template is not None:
+            if not template.ready:
+                asyncio.get_running_loop().remove_reader(template.control.fileno())
+            template.control.close()
+        for pid, entry in self._processes.items():
+            if entry.spec.key != spec.key:
+                continue
+            self._retired.add(pid)
+            if entry.kind == "template" or pid in still_starting:
+                entry.handle.terminate()
+
+    def _on_exit(self, pid: int) -> None:
+        entry = self._processes.pop(pid)
+        asyncio.get_running_loop().remove_reader(entry.handle.sentinel)
+        exitcode = entry.handle.exitcode()
+        entry.handle.close()
+        entry.output.drain()
+        how = entry.killed_because or describe_exit(entry.kind, pid, exitcode)
+        if entry.killed_because is None and (tail := entry.output.tail()):
+            how = f"{how}; its last output:\n{tail}"
+            if entry.spec.start.python is not None and "No module named 'ketch'" in tail:
+                how += (
+                    f"\n(install ketch=={__version__} for {entry.spec.start.python} "
+                    "to run this model's workers there)"
+                )
+        entry.output.close()
+        expected = self._stopping or pid in self._retired
+        self._retired.discard(pid)
+        if entry.kind == "template":
+            self._template_exited(entry, how, expected)
+        else:
+            self._worker_exited(entry, pid, how, expected)
+        if self._stopping and not self._processes and self._all_exited is not None:
+            self._all_exited.set()
+
+    def _worker_exited(self, entry: _Process, pid: int, how: str, expected: bool) -> None:
+        spec = entry.spec
+        self._events.exited(spec, pid, how, expected)
+        if expected:
+            return
+        delay = self._restart_delay(entry, how)
+        if delay is not None:
+            log.warning("%s; its replacement may start in %.1f s", how, delay)
+            self._not_before[spec.key] = time.monotonic() + delay
+
+    def _template_exited(self, entry: _Process, how: str, expected: bool) -> None:
+        spec = entry.spec
+        template = self._templates.pop(spec.key, None)
+        if template is not None:
+            if not template.ready:
+                asyncio.get_running_loop().remove_reader(template.control.fileno())
+            template.control.close()
+        self._events.template(spec, None)
+        if expected:
+            return
+        if template is None or not template.ready:
+            self._events.unhealthy(spec, f"its template could not load the model: {how}")
+            return
+        delay = self._restart_delay(entry, how)
+        if delay is not None:
+            log.warning("%s; a new template starts in %.1f s", how, delay)
+            asyncio.get_running_loop().call_later(delay, self.prepare, spec)
+
+    def _restart_delay(self, entry: _Process, how: str) -> float | None:
+        """Backoff before replacing ``entry``; None (and the model reported unhealthy) once
+        it has exited early too many times in a row."""
+        key = (*entry.spec.key, entry.kind)
+        history = self._crashes.setdefault(key, CrashHistory(self._policy))
+        delay = history.restart_delay(time.monotonic() - entry.started)
+        if delay is None:
+            log.error("%s; giving up after %d quick exits in a row", how, history.quick_exits)
+            self._events.unhealthy(
+                entry.spec,
+                f"{history.quick_exits} {entry.kind}s in a row exited early; the last: {how}",
+            )
+        return delay
+
+    def hold_restarts(self) -> None:
+        """From now on no worker starts (the server is shutting down)."""
+        self._stopping = True
+
+    async def stop(self, grace_s: float = 1.0, timeout_s: float = 5.0) -> None:
+        """Stop every worker and template. The broker has told the workers DISCONNECT, so most
+        exit on their own within ``grace_s``, and a template exits once its workers have;
+        laggards are terminated, then killed, each within ``timeout_s``."""
+        self.hold_restarts()
+        self._all_exited = asyncio.Event()
+        for template in self._templates.values():
+            if not template.ready:
+                asyncio.get_running_loop().remove_reader(template.control.fileno())
+            template.control.close()
+        self._templates.clear()
+        for wait_s, escalate in ((grace_s, "terminate"), (timeout_s, "kill"), (timeout_s, None)):
+            if not self._processes:
+                return
+            try:
+                await asyncio.wait_for(self._all_exited.wait(), wait_s)
+                return
+            except TimeoutError:
+                pass
+            if escalate is None:
+                raise RuntimeError(f"worker processes {sorted(self._processes)} did not exit")
+            for entry in list(self._processes.values()):
+                getattr(entry.handle, escalate)()

@@ -1,0 +1,103 @@
+"""One request's way into a model queue: cache lookups, numpy stacking, then the batcher.
+
+Each input is looked up in the model version's cache (when it has one); only the misses are
+queued, and their outputs are stored on the way back. For a model that takes numpy batches,
+the request's inputs become one array here, in the gateway (``np.asarray`` on the parsed JSON,
+no Python loop over elements): a batch is then one ``np.concatenate`` of its requests' arrays,
+sent to the worker as a raw buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ketch.observability.metrics import note_model
+from ketch.serving.cache import input_key
+from ketch.serving.jobs import Inputs, PredictionError
+from ketch.serving.queue import ModelQueue
+from ketch.specs.signature import item_problem
+from ketch.types import Outputs
+
+
+async def predict(queue: ModelQueue, inputs: list[Any], timeout_s: float) -> Outputs:
+    """The outputs for ``inputs``, one each, from the cache or the model's workers."""
+    # The metrics middleware sees only the path: it labels the request with this version.
+    note_model(queue.spec.name, queue.spec.version)
+    cache = queue.cache
+    if cache is None:
+        return await queue.submit(_batchable(queue, inputs), timeout_s)
+    keys = [input_key(x) for x in inputs]
+    outputs: list[Any] = [None] * len(inputs)
+    missing: list[int] = []
+    for index, key in enumerate(keys):
+        hit, output = cache.get(key)
+        if hit:
+            outputs[index] = output
+        else:
+            missing.append(index)
+    if not missing:
+        return outputs
+    computed = await queue.submit(_batchable(queue, [inputs[i] for i in missing]), timeout_s)
+    for index, output in zip(missing, computed, strict=True):
+        outputs[index] = output
+        cache.put(keys[index], output)
+    return outputs
+
+
+def _batchable(queue: ModelQueue, inputs: list[Any]) -> Inputs:
+    if queue.spec.batch_input != "numpy":
+        _check_items(queue, inputs)
+        return inputs
+    try:
+        array = np.asarray(inputs)
+    except (ValueError, TypeError) as exc:
+        raise _not_stackable(queue, str(exc)) from None
+    if array.dtype == object:
+        raise _not_stackable(queue, "they are not numbers or strings of one shape")
+    _check_tensor(queue, array)
+    return array
+
+
+def _check_tensor(queue: ModelQueue, array: np.ndarray) -> None:
+    """A 400 naming the expected tensor when the inputs cannot be what the model takes."""
+    if len(queue.spec.inputs) != 1:
+        return  # unknown yet (no worker loaded it), or several named inputs
+    (tensor,) = queue.spec.inputs
+    item_shape = array.shape[1:]
+    if tensor.accepts(item_shape) and (not tensor.numeric or array.dtype.kind in "biuf"):
+        return
+    got = f"{array.dtype.name}[{', '.join(map(str, item_shape))}]"
+    raise PredictionError(
+        400,
+        f"model {queue.spec.label()!r} takes inputs of {tensor.describe()} each, got {got}",
+        **queue.labels(),
+        expected={"shape": list(tensor.shape), "datatype": tensor.datatype},
+    )
+
+
+def _check_items(queue: ModelQueue, inputs: list[Any]) -> None:
+    """A 400 for a request whose inputs cannot be what the model's runtime announced, before
+    they can share a batch with other requests' (and fail it)."""
+    tensors = queue.spec.inputs
+    if not tensors:
+        return
+    for index, value in enumerate(inputs):
+        if problem := item_problem(tensors, value):
+            takes = ", ".join(t.describe() for t in tensors)
+            raise PredictionError(
+                400,
+                f"model {queue.spec.label()!r} takes inputs of {{{takes}}}; input {index}: "
+                f"{problem}",
+                **queue.labels(),
+                expected=[t.to_dict() for t in tensors],
+            )
+
+
+def _not_stackable(queue: ModelQueue, why: str) -> PredictionError:
+    return PredictionError(
+        400,
+        f"inputs for model {queue.spec.label()!r} cannot be stacked into one array: {why}",
+        **queue.labels(),
+    )

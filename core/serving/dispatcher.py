@@ -1,0 +1,266 @@
+"""The dispatcher: routes requests to model queues and the broker's events to the queue of the
+worker's model, and tracks local worker processes from their start to their READY, so
+``GET /models`` can say ``starting`` and a process exit becomes an immediate drop."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import socket
+from typing import Any
+
+from ketch.observability import events
+from ketch.observability.metrics import Metrics
+from ketch.serving.jobs import PredictionError
+from ketch.serving.queue import ModelQueue
+from ketch.specs.models import ModelSpec
+from ketch.types import Outputs
+from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
+
+
+def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key for versions: numeric parts compare as numbers, so "10" is above "9"."""
+    return tuple(
+        (0, int(piece)) if piece.isdigit() else (1, piece) for piece in re.split(r"[.\-_]", version)
+    )
+
+
+class Dispatcher:
+    """Routes requests to model queues and broker events to the queue of the worker's model.
+
+    :param report: receives one :class:`~ketch.observability.events.Event` per state change
+        (worker ready or lost, template started, model unhealthy, pool back to zero).
+    """
+
+    def __init__(self, report: events.Report) -> None:
+        self._report = report
+        self._queues: dict[tuple[str, str], ModelQueue] = {}
+        self._defaults: dict[str, str] = {}
+        #: Versions an operator made the default (rolled to); other models default to
+        #: their highest version.
+        self._pinned: dict[str, str] = {}
+        #: Removed model versions whose queued requests are still finishing: their workers'
+        #: replies must still reach them.
+        self._draining: dict[tuple[str, str], ModelQueue] = {}
+        #: Model versions removed through the management API: their workers are sent away.
+        self._removed: set[tuple[str, str]] = set()
+        self._batch_ids = itertools.count(1).__next__
+        self._broker: Broker | None = None
+        self._hostname = socket.gethostname()
+        #: This server's Prometheus metrics; the gauges read the queues at scrape time.
+        self.metrics = Metrics()
+        self.metrics.watch_queues(self.queues)
+
+    def attach(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def add_model(self, spec: ModelSpec, *, served_from_file: bool = True) -> ModelQueue:
+        queue = self._queue_of(spec.key)
+        if queue is None:
+            assert self._broker is not None, "attach a broker before adding models"
+            model_metrics = self.metrics.for_model(spec.name, spec.version)
+            queue = ModelQueue(spec, self._broker, self._batch_ids, model_metrics)
+            self._queues[spec.key] = queue
+            self._removed.discard(spec.key)
+            self._choose_default(spec.name)
+        queue.served_from_file = queue.served_from_file or served_from_file
+        return queue
+
+    def remove_model(self, key: tuple[str, str], why: str) -> ModelQueue:
+        """Take a model version out of routing: new requests no longer reach it (those
+        without a version go to the model's next default), and its workers that join later
+        are sent away. Requests already queued finish on it; see
+        :meth:`ModelQueue.wait_drained`."""
+        queue = self._queues.pop(key)
+        queue.removed_because = why
+        self._draining[key] = queue
+        self._removed.add(key)
+        name, version = key
+        if self._pinned.get(name) == version:
+            del self._pinned[name]
+        self._choose_default(name)
+        return queue
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """A removed model version has drained: nothing more of it is routed anywhere."""
+        self._draining.pop(key, None)
+
+    def _queue_of(self, key: tuple[str, str]) -> ModelQueue | None:
+        """The queue of a worker's model: a served one, or one removed and still draining."""
+        queue = self._queues.get(key)
+        return queue if queue is not None else self._draining.get(key)
+
+    def set_default(self, name: str, version: str) -> str:
+        """Send requests without a version to ``version`` from now on; returns the previous
+        default. Requests already queued on the previous one finish there."""
+        previous = self._defaults[name]
+        self._pinned[name] = version
+        self._choose_default(name)
+        return previous
+
+    def pin_default(self, name: str) -> None:
+        """Keep the current default of ``name`` even when a higher version is added."""
+        if name in self._defaults:
+            self._pinned.setdefault(name, self._defaults[name])
+
+    def _choose_default(self, name: str) -> None:
+        versions = [v for (n, v) in self._queues if n == name]
+        if not versions:
+            self._defaults.pop(name, None)
+            self._pinned.pop(name, None)
+        elif self._pinned.get(name) in versions:
+            self._defaults[name] = self._pinned[name]
+        else:
+            self._defaults[name] = max(versions, key=version_order)
+
+    def default_version(self, name: str) -> str | None:
+        return self._defaults.get(name)
+
+    def versions(self, name: str) -> list[str]:
+        return sorted((v for (n, v) in self._queues if n == name), key=version_order)
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def has_model(self, key: tuple[str, str]) -> bool:
+        return key in self._queues
+
+    def queue_for(self, name: str, version: str | None) -> ModelQueue:
+        default = self._defaults.get(name)
+        if default is None:
+            raise PredictionError(404, f"unknown model {name!r}", models=sorted(self._defaults))
+        queue = self._queues.get((name, version if version is not None else default))
+        if queue is None:
+            raise PredictionError(
+                404,
+                f"model {name!r} has no version {version!r}",
+                model=name,
+                versions=self.versions(name),
+            )
+        return queue
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            queue.describe(self._defaults[name])
+            for (name, _), queue in sorted(
+                self._queues.items(), key=lambda kv: (kv[0][0], version_order(kv[0][1]))
+            )
+        ]
+
+    def not_ready(self) -> list[str]:
+        """Labels of models from the served file that cannot serve now."""
+        return [
+            q.spec.label()
+            for q in self._queues.values()
+            if q.served_from_file and not q.ready_to_serve
+        ]
+
+    def settled(self) -> bool:
+        """Every model of the served file can serve (or was given up on as unhealthy) and no
+        worker is still starting."""
+        return not any(
+            q.starting or (q.served_from_file and not q.ready_to_serve and q.state != "unhealthy")
+            for q in self._queues.values()
+        )
+
+    def queues(self) -> list[ModelQueue]:
+        return list(self._queues.values())
+
+    def recycle(self, spec: ModelSpec, pid: int, why: str) -> None:
+        """A local worker was killed for cause: its batches fail with ``why`` (retrying them
+        would likely kill the next worker the same way) and it leaves its pool at once."""
+        queue = self._queue_of(spec.key)
+        assert self._broker is not None
+        for worker in self._local_workers(pid):
+            if queue is not None:
+                queue.fail_in_flight(worker, PredictionError(503, why, **queue.labels()))
+            self._broker.drop(worker, why)
+
+    def scaled_to_zero(self, spec: ModelSpec) -> None:
+        """The pool manager let the last worker of ``spec`` go for idleness: say so, since
+        the next request pays a cold start."""
+        self._report(events.scaled_to_zero(spec, spec.pool.idle_timeout_s))
+
+    def retire_all(self, key: tuple[str, str], reason: str) -> list[WorkerInfo]:
+        """Tell every worker of a model version, local or remote, to leave (DISCONNECT)."""
+        assert self._broker is not None
+        leaving = [w for w in self._broker.workers() if w.spec.key == key]
+        for worker in leaving:
+            self._broker.drop(worker, reason)
+        return leaving
+
+    def retire(self, worker: WorkerInfo, reason: str) -> None:
+        """Let an idle worker go: it is told DISCONNECT and leaves its pool."""
+        assert self._broker is not None
+        self._broker.drop(worker, reason)
+
+    # -- local processes (from the supervisor) ----------------------------------------------
+
+    def process_started(self, spec: ModelSpec, pid: int) -> None:
+        self.add_model(spec).starting.add(pid)
+
+    def process_exited(self, spec: ModelSpec, pid: int, how: str, expected: bool) -> None:
+        queue = self._queue_of(spec.key)
+        if queue is not None:
+            queue.starting.discard(pid)
+            if not expected:
+                queue.worker_exits += 1
+                queue.last_error = how
+        assert self._broker is not None
+        for worker in self._local_workers(pid):
+            self._broker.drop(worker, how)
+
+    def _local_workers(self, pid: int) -> list[WorkerInfo]:
+        """The broker's workers that are process ``pid`` of this machine (one, or none yet)."""
+        assert self._broker is not None
+        return [w for w in self._broker.workers() if w.pid == pid and w.host == self._hostname]
+
+    def template_changed(self, spec: ModelSpec, template: dict[str, Any] | None) -> None:
+        queue = self.add_model(spec)
+        queue.template = template
+        if template is None:
+            return
+        if template["state"] == "ready":
+            self._report(events.template_ready(spec, template["pid"], template["rss_mb"]))
+            if queue.queue_depth and queue.on_demand is not None:
+                queue.on_demand()  # requests were waiting for the template
+        else:
+            self._report(events.template_starting(spec, template["pid"]))
+
+    def model_unhealthy(self, spec: ModelSpec, cause: str) -> None:
+        self.add_model(spec).mark_unhealthy(cause)
+        self._report(events.model_unhealthy(spec, cause))
+
+    # -- broker events ----------------------------------------------------------------------
+
+    def worker_ready(self, worker: WorkerInfo) -> None:
+        queue = self._queues.get(worker.spec.key)
+        if queue is None and worker.spec.key in self._removed:
+            assert self._broker is not None
+            self._broker.drop(worker, f"model {worker.spec.label()!r} was removed")
+            return
+        if queue is None:
+            # A worker started by hand for a model the served file does not define.
+            queue = self.add_model(worker.spec, served_from_file=False)
+        if worker.host == self._hostname:
+            queue.starting.discard(worker.pid)
+        queue.learn_loaded(worker.spec)
+        queue.add_worker(worker)
+        self._report(events.model_ready(worker))
+
+    def worker_lost(self, worker: WorkerInfo, reason: str) -> None:
+        queue = self._queue_of(worker.spec.key)
+        if queue is not None:
+            queue.remove_worker(worker, reason)
+        self._report(events.worker_lost(worker, reason))
+
+    def batch_replied(
+        self, worker: WorkerInfo, batch_id: int, outputs: Outputs, compute_s: float | None
+    ) -> None:
+        queue = self._queue_of(worker.spec.key)
+        if queue is not None:
+            queue.complete(worker, batch_id, outputs, compute_s)
+
+    def batch_failed(self, worker: WorkerInfo, batch_id: int, error: RemoteError) -> None:
+        queue = self._queue_of(worker.spec.key)
+        if queue is not None:
+            queue.fail_batch(worker, batch_id, error)

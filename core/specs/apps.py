@@ -1,0 +1,174 @@
+"""``ketch.app(...)``: declare an application that combines models through a policy.
+
+An application is declared in the served file, next to its models, and lives in the gateway:
+``POST /apps/{name}/predict`` asks the models its policy selects and combines their answers,
+``POST /apps/{name}/feedback`` teaches the policy. The declaration is plain data, checked when
+it is made; the gateway checks the policy and the models exist when it starts.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ketch.specs.models import NAME_PATTERN
+
+#: Where ``ketch.app`` keeps the applications a module declares, in that module's globals.
+APPS_ATTRIBUTE = "__ketch_apps__"
+
+
+@dataclass(frozen=True, slots=True)
+class AppSpec:
+    """An application as declared.
+
+    :param name: URL name (``/apps/{name}/predict``).
+    :param models: the models it may ask, ``"name"`` or ``"name:version"``, in the order the
+        policy sees them (a cascade's cheapest first, a shadow's primary first).
+    :param policy: the name a policy plugin registered (``ketch plugins`` lists them).
+    :param params: keyword arguments for the policy (``{"gamma": 0.05}``), JSON values.
+    :param slo_ms: the application answers by this deadline with whatever models answered;
+        ``None`` waits for the models up to the server's request timeout.
+    :param default_output: answered (with ``"default": true``) when no model answered in
+        time; without one, such a query gets an error.
+    :param has_default_output: whether ``default_output`` was given (it may be ``None``).
+    """
+
+    name: str
+    models: tuple[str, ...]
+    policy: str = "single"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    slo_ms: float | None = None
+    default_output: Any = None
+    has_default_output: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "models": list(self.models),
+            "policy": self.policy,
+            "params": dict(self.params),
+            "slo_ms": self.slo_ms,
+            "default_output": self.default_output,
+            "has_default_output": self.has_default_output,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AppSpec:
+        return validated_app(
+            data["name"],
+            data["models"],
+            data.get("policy", "single"),
+            data.get("params") or {},
+            data.get("slo_ms"),
+            data.get("default_output"),
+            bool(data.get("has_default_output")),
+        )
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<no default output>"
+
+
+_NO_DEFAULT: Any = _Missing()
+
+
+def app(
+    name: str,
+    *,
+    models: Sequence[str],
+    policy: str = "single",
+    params: Mapping[str, Any] | None = None,
+    slo_ms: float | None = None,
+    default_output: Any = _NO_DEFAULT,
+) -> AppSpec:
+    """Declare an application in the served file: ``ketch.app("reviews", models=[...],
+    policy="exp3", slo_ms=50, default_output=0.5)``.
+
+    See :class:`AppSpec` for the parameters. Returns the spec, and records it in the calling
+    module so ``ketch serve`` finds it; declaring one name twice in a module is an error.
+    """
+    has_default = default_output is not _NO_DEFAULT
+    spec = validated_app(
+        name,
+        models,
+        policy,
+        params or {},
+        slo_ms,
+        default_output if has_default else None,
+        has_default,
+    )
+    caller = sys._getframe(1).f_globals
+    declared: dict[str, AppSpec] = caller.setdefault(APPS_ATTRIBUTE, {})
+    if name in declared and declared[name] != spec:
+        raise ValueError(f"application {name!r} is declared twice in {caller.get('__name__')}")
+    declared[name] = spec
+    return spec
+
+
+def validated_app(
+    name: str,
+    models: Sequence[str],
+    policy: str,
+    params: Mapping[str, Any],
+    slo_ms: float | None,
+    default_output: Any,
+    has_default_output: bool,
+) -> AppSpec:
+    """An :class:`AppSpec`, or ``ValueError``/``TypeError`` naming the value that is wrong."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ValueError(
+            f"application name {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-'"
+        )
+    if isinstance(models, str) or not isinstance(models, Sequence) or not models:
+        raise TypeError(f"models of application {name!r} must be a non-empty list of names")
+    for reference in models:
+        if not _is_model_reference(reference):
+            raise ValueError(
+                f"application {name!r} lists {reference!r}: name a model as 'name' or "
+                "'name:version'"
+            )
+    if len(set(models)) != len(models):
+        raise ValueError(f"application {name!r} lists a model twice: {list(models)}")
+    if not isinstance(policy, str) or not policy:
+        raise TypeError(f"policy of application {name!r} must be a policy's name, got {policy!r}")
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise TypeError(f"params of application {name!r} must be a dict with string keys")
+    _require_json(name, "params", params)
+    if slo_ms is not None and (
+        isinstance(slo_ms, bool)
+        or not isinstance(slo_ms, int | float)
+        or not math.isfinite(slo_ms)
+        or slo_ms <= 0
+    ):
+        raise ValueError(f"slo_ms of application {name!r} must be a number > 0, got {slo_ms!r}")
+    if has_default_output:
+        _require_json(name, "default_output", default_output)
+    return AppSpec(
+        name,
+        tuple(models),
+        policy,
+        dict(params),
+        float(slo_ms) if slo_ms is not None else None,
+        default_output,
+        has_default_output,
+    )
+
+
+def _is_model_reference(reference: Any) -> bool:
+    if not isinstance(reference, str):
+        return False
+    model_name, colon, version = reference.partition(":")
+    return bool(NAME_PATTERN.match(model_name)) and (not colon or bool(NAME_PATTERN.match(version)))
+
+
+def _require_json(app_name: str, what: str, value: Any) -> None:
+    try:
+        orjson.dumps(value)
+    except TypeError as exc:
+        raise TypeError(f"{what} of application {app_name!r} must be JSON data: {exc}") from None

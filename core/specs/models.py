@@ -1,0 +1,561 @@
+"""``@ketch.model``: turn a batch function into a servable model.
+
+A model function takes a batch (a list, or a numpy array when its first parameter is annotated
+``np.ndarray``) and returns a sequence of the same length. The decorator validates its options
+when it decorates, so a typo fails at import time instead of at the first request, and returns a
+:class:`Model` that is still callable as the plain function.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+
+import numpy as np
+
+from ketch.specs.resources import Resources
+from ketch.specs.signature import TensorSpec
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+BatchInput = Literal["list", "numpy"]
+
+#: Names and versions appear in URLs and log lines: keep them to URL-safe characters.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+DEFAULT_VERSION = "1"
+DEFAULT_MAX_BATCH_SIZE = 32
+#: Inputs a model's queue holds before new requests get 429: enough for bursts, small enough
+#: that an overloaded gateway's memory stays bounded.
+DEFAULT_MAX_QUEUE = 4096
+_CACHE_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*$", re.IGNORECASE)
+_BYTE_UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """How many workers a model version gets, and when.
+
+    :param min_replicas: workers kept even without traffic; 0 lets the pool scale to zero.
+    :param max_replicas: most workers the pool grows to under load.
+    :param idle_timeout_s: how long the pool must have more workers than its load needs
+        before it stops one (and, at ``min_replicas=0``, how long without traffic before it is
+        back to zero). The delay is the hysteresis that keeps pools from flapping.
+    :param target_inflight: requests queued or computing per worker that the pool aims for;
+        more than that starts another worker.
+    :param cold_start_timeout_s: how long a request waits for a worker to start before it is
+        answered 503.
+    """
+
+    min_replicas: int = 0
+    max_replicas: int = 1
+    idle_timeout_s: float = 300.0
+    target_inflight: int = 64
+    cold_start_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for field_name in ("min_replicas", "max_replicas", "target_inflight"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{field_name} must be an int, got {value!r}")
+        if self.min_replicas < 0:
+            raise ValueError(f"min_replicas must be >= 0, got {self.min_replicas}")
+        if self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(
+                f"max_replicas must be >= 1 and >= min_replicas ({self.min_replicas}), "
+                f"got {self.max_replicas}"
+            )
+        if self.target_inflight < 1:
+            raise ValueError(f"target_inflight must be >= 1, got {self.target_inflight}")
+        for field_name in ("idle_timeout_s", "cold_start_timeout_s"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{field_name} must be a number of seconds > 0, got {value!r}")
+
+    def with_floor(self, replicas: int) -> PoolSpec:
+        """This spec with at least ``replicas`` workers kept (``ketch serve --min-replicas``)."""
+        if replicas <= self.min_replicas:
+            return self
+        return replace(self, min_replicas=replicas, max_replicas=max(self.max_replicas, replicas))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStart:
+    """How a model's worker processes start.
+
+    :param preload: keep a template process with the model's module imported, even while the
+        pool is at zero, and fork each worker from it: a cold start then skips the model's own
+        imports (seconds for ``import torch``), at the cost of the template's memory.
+    :param python: the interpreter that runs the workers (e.g. the model's virtualenv's
+        ``bin/python``, or a name looked up on ``PATH``); ketch must be installed there.
+        ``None`` uses the gateway's interpreter.
+    """
+
+    preload: bool = False
+    python: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.preload, bool):
+            raise TypeError(f"preload must be True or False, got {self.preload!r}")
+        if self.python is not None and (not isinstance(self.python, str) or not self.python):
+            raise ValueError(f"python must name an interpreter, got {self.python!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What the gateway needs to know about a model; plain data, sent over the wire as a dict.
+
+    :param name: URL name of the model (``/models/{name}/predict``).
+    :param version: version label; requests without a version go to the highest one.
+    :param max_batch_size: most inputs handed to one call of the function.
+    :param batch_input: ``"list"`` or ``"numpy"`` (inputs stacked into one array).
+    :param max_delay_ms: longest a request waits for others to fill its batch (0: a free
+        worker gets what is waiting at once).
+    :param slo_ms: latency objective: each worker's batch size adapts to meet it, and it is
+        every request's deadline unless the request sets its own.
+    :param max_queue: inputs waiting for a worker beyond which requests are answered 429.
+    :param cache_size: prediction cache, off by default: a number of entries, or a size in
+        bytes as text (``"64MB"``, ``"1GiB"``).
+    :param is_async: whether the function is ``async def``.
+    :param pool: how many workers serve it, and when.
+    :param resources: what each worker may use (cores, memory, threads, GPUs).
+    :param start: how its workers start (a preloaded template, another interpreter).
+    :param runtime: the runtime that loads it in the worker: ``"python"`` for a decorated
+        function, a framework adapter's name (``"torch"``) for a deployed artifact.
+    :param artifact: the deployed model's path (absolute), or None.
+    :param options: the runtime's options (``{"device": "cpu"}``).
+    :param inputs, outputs: its tensors per item: declared with ``@ketch.model(inputs=...)``,
+        or as its worker's runtime announced them (empty until a worker has loaded it, or when
+        the runtime cannot tell). Requests are checked against its inputs.
+    :param hinted_inputs, hinted_outputs: tensors guessed from the function's type hints
+        (``list[float]``: one float64 per item), shown in the V2 model metadata when nothing
+        was declared or announced, and never enforced: a hint is not a contract.
+    :param runtime_info: what the runtime says of the loaded model (``Runtime.describe()``),
+        as its worker announced it.
+    """
+
+    name: str
+    version: str = DEFAULT_VERSION
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_input: BatchInput = "list"
+    is_async: bool = False
+    max_delay_ms: float = 0.0
+    slo_ms: float | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    cache_size: int | str | None = None
+    pool: PoolSpec = field(default_factory=PoolSpec)
+    resources: Resources = field(default_factory=Resources)
+    start: WorkerStart = field(default_factory=WorkerStart)
+    runtime: str = "python"
+    artifact: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    runtime_info: Mapping[str, Any] = field(default_factory=dict)
+    hinted_inputs: tuple[TensorSpec, ...] = ()
+    hinted_outputs: tuple[TensorSpec, ...] = ()
+
+    @property
+    def deployed(self) -> bool:
+        """Loaded by a runtime from an artifact rather than defined by a decorated function."""
+        return self.runtime != "python" or self.artifact is not None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.version)
+
+    def label(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["options"] = dict(self.options)
+        data["inputs"] = [tensor.to_dict() for tensor in self.inputs]
+        data["outputs"] = [tensor.to_dict() for tensor in self.outputs]
+        data["hinted_inputs"] = [tensor.to_dict() for tensor in self.hinted_inputs]
+        data["hinted_outputs"] = [tensor.to_dict() for tensor in self.hinted_outputs]
+        data["runtime_info"] = dict(self.runtime_info)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        """Rebuild a spec from :meth:`to_dict`, ignoring keys a newer peer may add."""
+        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        if isinstance(known.get("pool"), Mapping):
+            pool = known["pool"]
+            known["pool"] = PoolSpec(
+                **{name: pool[name] for name in PoolSpec.__dataclass_fields__ if name in pool}
+            )
+        if isinstance(known.get("resources"), Mapping):
+            known["resources"] = Resources.from_dict(known["resources"])
+        if isinstance(known.get("start"), Mapping):
+            start = known["start"]
+            known["start"] = WorkerStart(
+                **{name: start[name] for name in WorkerStart.__dataclass_fields__ if name in start}
+            )
+        for tensors in ("inputs", "outputs", "hinted_inputs", "hinted_outputs"):
+            if tensors in known:
+                known[tensors] = tuple(TensorSpec.from_dict(t) for t in known[tensors])
+        return validated_spec(**known)
+
+
+def validated_spec(
+    name: str,
+    version: str | int = DEFAULT_VERSION,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    batch_input: BatchInput = "list",
+    is_async: bool = False,
+    max_delay_ms: float = 0.0,
+    slo_ms: float | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    cache_size: int | str | None = None,
+    pool: PoolSpec | None = None,
+    resources: Resources | None = None,
+    start: WorkerStart | None = None,
+    runtime: str = "python",
+    artifact: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    inputs: Sequence[TensorSpec] = (),
+    outputs: Sequence[TensorSpec] = (),
+    runtime_info: Mapping[str, Any] | None = None,
+    hinted_inputs: Sequence[TensorSpec] = (),
+    hinted_outputs: Sequence[TensorSpec] = (),
+) -> ModelSpec:
+    """Build a :class:`ModelSpec`, raising ``ValueError``/``TypeError`` that names the bad value."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ValueError(
+            f"model name {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-'"
+        )
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(version)
+    if not isinstance(version, str) or not NAME_PATTERN.match(version):
+        raise ValueError(
+            f"model version {version!r} of {name!r} is not valid: "
+            "use 1-128 letters, digits, '_', '.' or '-'"
+        )
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
+        raise TypeError(f"max_batch_size of {name!r} must be an int, got {max_batch_size!r}")
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size of {name!r} must be >= 1, got {max_batch_size}")
+    if batch_input not in ("list", "numpy"):
+        raise ValueError(f"batch_input of {name!r} must be 'list' or 'numpy', got {batch_input!r}")
+    if not _is_number(max_delay_ms) or not max_delay_ms >= 0:
+        raise ValueError(f"max_delay_ms of {name!r} must be a number >= 0, got {max_delay_ms!r}")
+    if slo_ms is not None and (not _is_number(slo_ms) or not slo_ms > max_delay_ms):
+        raise ValueError(
+            f"slo_ms of {name!r} must be a number of milliseconds above max_delay_ms "
+            f"({max_delay_ms:g}), got {slo_ms!r}"
+        )
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+        raise ValueError(f"max_queue of {name!r} must be an int >= 1, got {max_queue!r}")
+    cache_limit(cache_size, name)
+    return ModelSpec(
+        name,
+        version,
+        max_batch_size,
+        batch_input,
+        bool(is_async),
+        float(max_delay_ms),
+        float(slo_ms) if slo_ms is not None else None,
+        max_queue,
+        cache_size,
+        pool or PoolSpec(),
+        resources or Resources(),
+        start or WorkerStart(),
+        runtime,
+        artifact,
+        dict(options or {}),
+        tuple(inputs),
+        tuple(outputs),
+        dict(runtime_info or {}),
+        tuple(hinted_inputs),
+        tuple(hinted_outputs),
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def cache_limit(cache_size: int | str | None, name: str) -> tuple[str, int] | None:
+    """``("entries", n)`` or ``("bytes", n)`` for a ``cache_size``; None when caching is off.
+
+    Raises ``ValueError`` naming the model and the value when it is neither.
+    """
+    if cache_size is None:
+        return None
+    if isinstance(cache_size, int) and not isinstance(cache_size, bool) and cache_size >= 1:
+        return ("entries", cache_size)
+    if isinstance(cache_size, str) and (match := _CACHE_BYTES.match(cache_size)):
+        amount, unit = match.groups()
+        size = int(float(amount) * _BYTE_UNITS[unit[:-1].lower()])
+        if size >= 1:
+            return ("bytes", size)
+    raise ValueError(
+        f"cache_size of {name!r} must be a number of entries >= 1 or a size like '64MB', "
+        f"got {cache_size!r}"
+    )
+
+
+class Model(Generic[P, R]):
+    """A decorated model function: call it like the function, serve it with ``ketch serve``."""
+
+    def __init__(self, fn: Callable[P, R], spec: ModelSpec) -> None:
+        self.fn = fn
+        self.spec = spec
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<ketch.Model {self.spec.label()} of {self.fn.__module__}.{self.fn.__qualname__}>"
+
+
+@overload
+def model(fn: Callable[P, R], /) -> Model[P, R]: ...
+
+
+@overload
+def model(
+    *,
+    name: str | None = None,
+    version: str | int = DEFAULT_VERSION,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_delay_ms: float = 0.0,
+    slo_ms: float | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    cache_size: int | str | None = None,
+    min_replicas: int = 0,
+    max_replicas: int = 1,
+    idle_timeout_s: float = 300.0,
+    target_inflight: int = 64,
+    cold_start_timeout_s: float = 60.0,
+    cpus: Sequence[int] | None = None,
+    memory_mb: int | None = None,
+    threads: int | None = None,
+    gpus: Sequence[int] | None = None,
+    preload: bool = False,
+    python: str | None = None,
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
+) -> Callable[[Callable[P, R]], Model[P, R]]: ...
+
+
+def model(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    version: str | int = DEFAULT_VERSION,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_delay_ms: float = 0.0,
+    slo_ms: float | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    cache_size: int | str | None = None,
+    min_replicas: int = 0,
+    max_replicas: int = 1,
+    idle_timeout_s: float = 300.0,
+    target_inflight: int = 64,
+    cold_start_timeout_s: float = 60.0,
+    cpus: Sequence[int] | None = None,
+    memory_mb: int | None = None,
+    threads: int | None = None,
+    gpus: Sequence[int] | None = None,
+    preload: bool = False,
+    python: str | None = None,
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
+) -> Model[P, R] | Callable[[Callable[P, R]], Model[P, R]]:
+    """Declare a model: ``@ketch.model`` or ``@ketch.model(name=..., version=..., ...)``.
+
+    :param name: the model's URL name; defaults to the function's name.
+    :param version: version label (default ``"1"``).
+    :param max_batch_size: most inputs passed to one call of the function (default 32).
+    :param max_delay_ms, slo_ms, max_queue, cache_size: batching, deadlines, backpressure and
+        the prediction cache, see :class:`ModelSpec`.
+    :param min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s:
+        the model's worker pool, see :class:`PoolSpec`. By default a model has no worker
+        until its first request, one while it has traffic, and none again after 5 idle
+        minutes.
+    :param cpus, memory_mb, threads, gpus: what each worker may use, see :class:`Resources`.
+    :param preload, python: how its workers start, see :class:`WorkerStart`.
+    :param inputs, outputs: the model's tensors, per item (:class:`TensorSpec`, shapes without
+        the batch axis): requests are checked against the inputs (a 400 naming the expected
+        tensor), and the Open Inference Protocol's metadata lists them. A model with several
+        inputs receives each item as ``{name: value}``. Without them, the metadata shows what
+        the type hints say, if they are plain enough (``list[float]``, ``list[str]``,
+        ``list[list[int]]``), unenforced.
+
+    The function receives a batch and must return one output per input. Annotate its first
+    parameter ``np.ndarray`` to receive the batch as one stacked array.
+    """
+
+    pool = PoolSpec(
+        min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s
+    )
+
+    resources = Resources(
+        tuple(cpus) if cpus is not None else None,
+        memory_mb,
+        threads,
+        tuple(gpus) if gpus is not None else None,
+    )
+    start = WorkerStart(preload, python)
+
+    def decorate(func: Callable[P, R]) -> Model[P, R]:
+        if isinstance(func, Model):
+            raise TypeError(f"{func!r} is already a ketch model; decorate the function once")
+        if not callable(func):
+            raise TypeError(f"@ketch.model decorates a function, got {func!r}")
+        _require_batch_parameter(func)
+        model_name = name if name is not None else func.__name__
+        batch_input = _batch_input_of(func)
+        declared_inputs = _tensors(inputs, "inputs", model_name)
+        if batch_input == "numpy" and len(declared_inputs) > 1:
+            raise ValueError(
+                f"model {model_name!r} takes its batch as one numpy array, so it has one input "
+                f"tensor, not {len(declared_inputs)}; annotate it list[dict] for named inputs"
+            )
+        hinted_inputs, hinted_outputs = _hinted_tensors(func)
+        spec = validated_spec(
+            name=model_name,
+            version=version,
+            max_batch_size=max_batch_size,
+            max_delay_ms=max_delay_ms,
+            slo_ms=slo_ms,
+            max_queue=max_queue,
+            cache_size=cache_size,
+            batch_input=batch_input,
+            is_async=inspect.iscoroutinefunction(func),
+            pool=pool,
+            resources=resources,
+            start=start,
+            inputs=declared_inputs,
+            outputs=_tensors(outputs, "outputs", model_name),
+            hinted_inputs=hinted_inputs,
+            hinted_outputs=hinted_outputs,
+        )
+        return Model(func, spec)
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def _require_batch_parameter(func: Callable[..., Any]) -> None:
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: trust the caller
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        raise TypeError(
+            f"model function {func.__qualname__}{signature} must accept the batch as its one "
+            f"positional argument ({exc})"
+        ) from None
+
+
+def _batch_input_of(func: Callable[..., Any]) -> BatchInput:
+    """``"numpy"`` when the batch parameter is annotated as a numpy array, else ``"list"``."""
+    try:
+        first = next(iter(inspect.signature(func).parameters.values()))
+    except (StopIteration, TypeError, ValueError):
+        return "list"
+    annotation: Any = first.annotation
+    if isinstance(annotation, str):
+        # Resolve just this parameter's annotation: another one that cannot be resolved
+        # (a name imported only under TYPE_CHECKING) must not change the outcome.
+        try:
+            annotation = eval(annotation, getattr(func, "__globals__", {}))
+        except Exception:
+            return "numpy" if _NUMPY_ANNOTATION.fullmatch(annotation.strip()) else "list"
+    origin = typing.get_origin(annotation) or annotation
+    return "numpy" if origin is np.ndarray else "list"
+
+
+#: ``np.ndarray``, ``numpy.ndarray``, ``npt.NDArray[np.float32]`` and the like, as text.
+_NUMPY_ANNOTATION = re.compile(r"(?:\w+\.)*(?:ndarray|NDArray)(?:\[.*\])?")
+
+
+def _tensors(value: Sequence[TensorSpec] | None, what: str, name: str) -> tuple[TensorSpec, ...]:
+    """Declared tensors, checked now so a typo fails at import rather than on a request."""
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes | TensorSpec) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} of {name!r} must be a list of ketch.TensorSpec, got {value!r}")
+    tensors: list[TensorSpec] = []
+    for tensor in value:
+        if not isinstance(tensor, TensorSpec):
+            raise TypeError(f"{what} of {name!r} must be ketch.TensorSpec, got {tensor!r}")
+        if not isinstance(tensor.name, str) or not tensor.name:
+            raise ValueError(f"{what} of {name!r}: a tensor needs a name, got {tensor.name!r}")
+        if tensor.datatype not in ("str", "bytes"):
+            try:
+                np.dtype(tensor.datatype)
+            except TypeError:
+                raise ValueError(
+                    f"{what} of {name!r}: {tensor.name} has datatype {tensor.datatype!r}, "
+                    "which is not a numpy dtype name ('float32', 'int64', 'bool') nor 'str'"
+                ) from None
+        shape = tuple(tensor.shape) if isinstance(tensor.shape, Sequence) else None
+        if shape is None or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape
+        ):
+            raise ValueError(
+                f"{what} of {name!r}: {tensor.name} must have a shape of sizes >= 0 (or -1 for "
+                f"any size), per item without the batch axis, got {tensor.shape!r}"
+            )
+        tensors.append(replace(tensor, shape=shape))  # a list given as shape becomes a tuple
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} of {name!r} name a tensor twice: {names}")
+    return tuple(tensors)
+
+
+#: Element types whose hint says what an item holds, as a TensorSpec datatype.
+_HINTED_DATATYPES: dict[Any, str] = {float: "float64", int: "int64", bool: "bool", str: "str"}
+
+
+def _hinted_tensors(func: Callable[..., Any]) -> tuple[tuple[TensorSpec, ...], ...]:
+    """``(inputs, outputs)`` read off plain type hints: ``list[float]`` is one float64 per item,
+    ``list[list[str]]`` a variable-length list of strings per item. Anything else (numpy arrays,
+    whose hint says neither rank nor dtype for sure, dicts, ``Any``) gives no tensor."""
+    try:
+        signature = inspect.signature(func)
+        first = next(iter(signature.parameters.values()))
+    except (StopIteration, TypeError, ValueError):
+        return (), ()
+    hinted_input = _item_tensor(_resolved(first.annotation, func), "input_0")
+    hinted_output = _item_tensor(_resolved(signature.return_annotation, func), "output_0")
+    return hinted_input, hinted_output
+
+
+def _resolved(annotation: Any, func: Callable[..., Any]) -> Any:
+    """An annotation, evaluated when it is text (``from __future__ import annotations``);
+    None when it cannot be."""
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, getattr(func, "__globals__", {}))
+    except Exception:
+        return None
+
+
+def _item_tensor(batch_hint: Any, name: str) -> tuple[TensorSpec, ...]:
+    """The tensor of one item of a batch hinted ``list[...]`` (or a ``Sequence``)."""
+    if typing.get_origin(batch_hint) not in (list, Sequence):
+        return ()
+    (item,) = typing.get_args(batch_hint) or (None,)
+    shape: tuple[int, ...] = ()
+    while typing.get_origin(item) in (list, Sequence) and len(shape) < 8:
+        (item,) = typing.get_args(item) or (None,)
+        shape += (-1,)
+    datatype = _HINTED_DATATYPES.get(item)
+    return (TensorSpec(name, datatype, shape),) if datatype is not None else ()
