@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+# What a runtime raises for a batch it cannot take or give back: the worker protocol defines
+# them, since it answers each with its own ERROR kind.
+from ketch.zmq_transport.protocol import BatchInputError, BatchOutputError
+
+__all__ = ["AppError", "BatchInputError", "BatchOutputError", "KetchError", "TargetLoadError"]
+
 
 class KetchError(Exception):
     """Base class of ketch's own errors."""
-
-
-class BatchInputError(KetchError):
-    """The inputs cannot be made into the batch the model declared (HTTP 400)."""
-
-
-class BatchOutputError(KetchError):
-    """The model's return value is not one sendable output per input (HTTP 500)."""
 
 
 class TargetLoadError(KetchError):

@@ -22,8 +22,10 @@ from ketch.observability import events
 from ketch.plugin_manager import load_plugins, share_plugins
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import LocalWorkers, ProcessEvents, Served, discover
+from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.specs.deployments import parse_model_argument
+from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import Broker
 from ketch.zmq_transport.liveness import Heartbeat
 
@@ -114,7 +116,7 @@ async def serve(
             loop.add_signal_handler(signum, shutdown.set)
     report = _Reporter(out, options.log_format)
     dispatcher = Dispatcher(report)
-    broker = Broker(options.broker, dispatcher, options.heartbeat)
+    broker = Broker(options.broker, dispatcher, options.heartbeat, ModelSpec.from_dict)
     # Both ports first: a port in use fails at once, before any import of user code.
     sock = bind_tcp(options.host, options.port)
     workers: LocalWorkers | None = None
@@ -140,9 +142,9 @@ async def serve(
             dispatcher.add_model(spec)
         store = StateStore(options.state_dir or default_state_dir())
         apps = build_applications(
-            served.apps, plugins, dispatcher, store, options.request_timeout_s
+            served.apps, plugins, dispatcher, store, Deadlines(options.request_timeout_s)
         )
-        dispatcher.metrics.watch_apps(apps)
+        dispatcher.metrics.watch_apps(apps.samples)
         host, port = sock.getsockname()[:2]
         report(events.broker_listening(endpoint))
         report(events.listening(f"http://{_url_host(host)}:{port}"))
@@ -175,7 +177,8 @@ async def serve(
             options.workers_per_model,
         )
         tokens = Tokens(options.admin_token, options.predict_token)
-        app = Gateway(dispatcher, apps, options.request_timeout_s, admin, tokens).app()
+        deadlines = Deadlines(options.request_timeout_s)
+        app = Gateway(dispatcher, apps, deadlines, admin, tokens).app()
         await serve_asgi(app, sock, shutdown.wait)
     finally:
         sock.close()  # a no-op once serve_asgi has handed the socket to Hypercorn

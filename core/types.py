@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeAlias
+# The worker protocol defines what a batch's outputs and a predict function are.
+from ketch.zmq_transport.protocol import Outputs, Predict
 
-import numpy as np
-
-#: One output per input of a batch: a list, or an array whose first axis is the batch.
-Outputs: TypeAlias = "list[Any] | tuple[Any, ...] | np.ndarray[Any, Any]"
-
-#: A batch predict function as a runtime builds it inside a worker.
-Predict: TypeAlias = Callable[[list[Any]], Outputs]
+__all__ = ["Outputs", "Predict"]

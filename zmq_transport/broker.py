@@ -1,9 +1,17 @@
 """The gateway's side of the protocol: a ROUTER socket driven by the asyncio event loop.
 
 The broker knows workers, not requests: it registers a worker on READY, keeps heartbeats going
-both ways, drops a worker that goes silent, says DISCONNECT or is reported dead, and hands
-replies to the :class:`BrokerEvents` it was given (the gateway's dispatcher), which owns the
-queues, the batches and the retries.
+both ways (at the interval each worker announced), drops a worker that goes silent, says
+DISCONNECT or is reported dead, and hands replies to the :class:`BrokerEvents` it was given (the
+gateway's dispatcher), which owns the queues, the batches and the retries.
+
+It knows nothing of what a model is: the spec a worker announces in READY is decoded by the
+``read_model`` function the broker is given, so every :class:`WorkerInfo` carries the core's own
+spec type, and a spec that does not decode is refused with DISCONNECT.
+
+A batch that cannot be delivered (the worker's connection is gone) is reported: ``send_batch``
+answers False at once, and the worker's loss reaches :class:`BrokerEvents` from the event loop
+afterwards, never from inside the caller's send.
 
 The socket is a plain (blocking-API) ZeroMQ socket read from ``loop.add_reader`` with
 non-blocking calls: it saves a future per message over ``zmq.asyncio``, which matters on the
@@ -18,21 +26,20 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import numpy as np
 import zmq
 
-from ketch.specs.models import ModelSpec
-from ketch.types import Outputs
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (
     EMPTY,
     Command,
     ErrorKind,
     Message,
+    Outputs,
     ProtocolError,
     decode,
     encode,
@@ -45,18 +52,38 @@ log = logging.getLogger("ketch.broker")
 _DRAIN_LIMIT = 512
 #: How long DISCONNECT messages may take to leave when the broker closes.
 _CLOSE_LINGER_MS = 500
+#: A worker is sent a HEARTBEAT once this share of its interval has passed since the last one:
+#: with the loop ticking at half the shortest interval, every worker hears from the broker at
+#: least once per interval of its own.
+_BEAT_EARLY = 0.5
+
+
+class AnnouncedModel(Protocol):
+    """What the broker needs of the model a worker serves, once ``read_model`` decoded it."""
+
+    def label(self) -> str: ...
+
+
+M = TypeVar("M", bound=AnnouncedModel)
 
 
 @dataclass(slots=True, eq=False)
-class WorkerInfo:
-    """A worker that has sent READY: which model version it serves and where it runs."""
+class WorkerInfo(Generic[M]):
+    """A worker that has sent READY: which model version it serves and where it runs.
+
+    :param heartbeat: the worker's own heartbeat interval (from READY) with the broker's
+        liveness: what the broker sends it at, and how long it may be silent.
+    """
 
     identity: bytes
-    spec: ModelSpec
+    spec: M
     pid: int
     host: str
     capacity: int
+    heartbeat: Heartbeat
     last_heard: float = field(default_factory=time.monotonic)
+    #: When the broker last sent it a HEARTBEAT.
+    last_beat: float = field(default_factory=time.monotonic)
 
     def describe(self) -> str:
         return f"worker pid {self.pid} on {self.host} ({self.spec.label()})"
@@ -71,36 +98,46 @@ class RemoteError:
     message: str
 
 
-class BrokerEvents(Protocol):
+class BrokerEvents(Protocol[M]):
     """What the broker reports; implemented by the gateway's dispatcher."""
 
-    def worker_ready(self, worker: WorkerInfo) -> None: ...
+    def worker_ready(self, worker: WorkerInfo[M]) -> None: ...
 
-    def worker_lost(self, worker: WorkerInfo, reason: str) -> None: ...
+    def worker_lost(self, worker: WorkerInfo[M], reason: str) -> None: ...
 
     def batch_replied(
-        self, worker: WorkerInfo, batch_id: int, outputs: Outputs, compute_s: float | None
+        self, worker: WorkerInfo[M], batch_id: int, outputs: Outputs, compute_s: float | None
     ) -> None: ...
 
-    def batch_failed(self, worker: WorkerInfo, batch_id: int, error: RemoteError) -> None: ...
+    def batch_failed(self, worker: WorkerInfo[M], batch_id: int, error: RemoteError) -> None: ...
 
 
-class Broker:
+class Broker(Generic[M]):
     """ROUTER socket plus worker registry; see the module docstring.
 
     :param endpoint: where to bind, e.g. ``tcp://127.0.0.1:7070`` (``tcp://127.0.0.1:*`` picks a
         free port; :meth:`start` returns the bound endpoint).
     :param events: receiver of worker and batch events.
-    :param heartbeat: heartbeat interval and liveness, the same the workers use.
+    :param heartbeat: the broker's heartbeat interval (a worker's READY may announce its own)
+        and the liveness for every worker.
+    :param read_model: decodes the model map of a READY into the caller's spec type; raises
+        ``ValueError``, ``TypeError`` or ``KeyError`` for one it refuses.
     """
 
-    def __init__(self, endpoint: str, events: BrokerEvents, heartbeat: Heartbeat) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        events: BrokerEvents[M],
+        heartbeat: Heartbeat,
+        read_model: Callable[[Mapping[str, Any]], M],
+    ) -> None:
         self.endpoint = endpoint
         self.heartbeat = heartbeat
         self._events = events
+        self._read_model = read_model
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = None
-        self._workers: dict[bytes, WorkerInfo] = {}
+        self._workers: dict[bytes, WorkerInfo[M]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -145,20 +182,24 @@ class Broker:
 
     # -- used by the dispatcher -------------------------------------------------------------
 
-    def workers(self) -> Iterator[WorkerInfo]:
+    def workers(self) -> Iterator[WorkerInfo[M]]:
         return iter(list(self._workers.values()))
 
     def send_batch(
-        self, worker: WorkerInfo, batch_id: int, inputs: Sequence[Any] | np.ndarray
+        self, worker: WorkerInfo[M], batch_id: int, inputs: Sequence[Any] | np.ndarray
     ) -> bool:
-        """Send one REQUEST; False (and the worker dropped) when it cannot be delivered."""
+        """Send one REQUEST; False when it cannot be delivered, in which case the worker is
+        dropped from the event loop right after (its loss is reported then, not from here).
+
+        :raises ValueError: the inputs cannot be encoded (nothing was sent).
+        """
         try:
             frames = encode(Command.REQUEST, {"id": batch_id, "inputs": inputs})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"inputs cannot be sent to {worker.spec.label()}: {exc}") from exc
         return self._send_frames(worker.identity, frames)
 
-    def drop(self, worker: WorkerInfo, reason: str) -> None:
+    def drop(self, worker: WorkerInfo[M], reason: str) -> None:
         """Forget ``worker`` (telling it DISCONNECT) and report it lost; idempotent."""
         if self._workers.pop(worker.identity, None) is None:
             return
@@ -181,8 +222,9 @@ class Broker:
             if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
                 raise
             worker = self._workers.get(identity)
-            if worker is not None:
-                self.drop(worker, f"cannot deliver to it ({exc.strerror})")
+            if worker is not None and self._loop is not None:
+                # Reported from the loop: the caller is in the middle of a send.
+                self._loop.call_soon(self.drop, worker, f"cannot deliver to it ({exc.strerror})")
             return False
         finally:
             if _readable(sock):
@@ -258,9 +300,14 @@ class Broker:
     def _register(self, identity: bytes, message: Message) -> None:
         header = message.header
         try:
-            spec = ModelSpec.from_dict(header["model"])
+            spec = self._read_model(header["model"])
             worker = WorkerInfo(
-                identity, spec, int(header["pid"]), str(header["host"]), int(header["capacity"])
+                identity,
+                spec,
+                int(header["pid"]),
+                str(header["host"]),
+                int(header["capacity"]),
+                self._worker_heartbeat(header.get("heartbeat_ms")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             self._send(identity, Command.DISCONNECT, {"reason": f"invalid READY: {exc}"})
@@ -272,16 +319,31 @@ class Broker:
         log.info("%s is ready", worker.describe())
         self._events.worker_ready(worker)
 
+    def _worker_heartbeat(self, heartbeat_ms: Any) -> Heartbeat:
+        """The heartbeat a READY announces (``heartbeat_ms``), with the broker's liveness; the
+        broker's own interval for a worker that announces none."""
+        if heartbeat_ms is None:
+            return self.heartbeat
+        if isinstance(heartbeat_ms, bool) or not isinstance(heartbeat_ms, int | float):
+            raise TypeError(f"heartbeat_ms must be a number, got {heartbeat_ms!r}")
+        return Heartbeat(heartbeat_ms / 1000, self.heartbeat.liveness)
+
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.heartbeat.interval_s)  # a timer, not a wait for a peer
+            await asyncio.sleep(self._tick_s())  # a timer, not a wait for a peer
             now = time.monotonic()
             for worker in list(self._workers.values()):
-                if peer_expired(worker.last_heard, now, self.heartbeat):
+                if peer_expired(worker.last_heard, now, worker.heartbeat):
                     silent = now - worker.last_heard
                     self.drop(worker, f"no heartbeat for {silent:.1f} s")
-                else:
+                elif now - worker.last_beat >= worker.heartbeat.interval_s * _BEAT_EARLY:
+                    worker.last_beat = now
                     self._send(worker.identity, Command.HEARTBEAT, {})
+
+    def _tick_s(self) -> float:
+        """How often to look at the workers: often enough for the fastest heartbeat."""
+        intervals = [w.heartbeat.interval_s for w in self._workers.values()]
+        return min([self.heartbeat.interval_s, *intervals]) / 2
 
 
 def _fd_of(sock: zmq.Socket[bytes]) -> int:

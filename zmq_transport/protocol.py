@@ -20,8 +20,9 @@ Frames
 
 Commands and their header fields
     ``READY`` (worker -> broker), once after the model is loaded:
-        ``model`` (a :class:`~ketch.specs.models.ModelSpec` as a map), ``pid``, ``host``,
-        ``capacity`` (batches the worker accepts at once), ``heartbeat_ms``.
+        ``model`` (the model's spec as a map: the transport carries it, the core decodes it),
+        ``pid``, ``host``, ``capacity`` (batches the worker accepts at once), ``heartbeat_ms``
+        (the worker's heartbeat interval, which the broker keeps to with this worker).
     ``REQUEST`` (broker -> worker): ``id`` (batch id, unique per broker), ``inputs`` (list, one
         entry per input in the batch).
     ``REPLY`` (worker -> broker): ``id``, ``outputs`` (list or array, one entry per input),
@@ -45,9 +46,9 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeAlias
 
 import msgpack
 import numpy as np
@@ -57,6 +58,11 @@ NDARRAY_EXT = 1
 EMPTY = b""
 
 Frame = bytes | memoryview
+
+#: One output per input of a batch: a list, or an array whose first axis is the batch.
+Outputs: TypeAlias = "list[Any] | tuple[Any, ...] | np.ndarray[Any, Any]"
+#: A worker's batch predict function: the inputs of one REQUEST to the outputs of its REPLY.
+Predict: TypeAlias = Callable[[list[Any]], Outputs]
 
 
 class Command(bytes, enum.Enum):
@@ -77,6 +83,25 @@ class ErrorKind(enum.StrEnum):
     BAD_OUTPUT = "bad_output"
     #: The inputs could not be turned into the batch the model declared (e.g. ragged arrays).
     BAD_INPUT = "bad_input"
+
+
+class BatchError(Exception):
+    """Raised by a predict function for a batch it cannot compute through no fault of the model
+    code: the worker answers ERROR with :attr:`kind` instead of :attr:`ErrorKind.MODEL`."""
+
+    kind: ClassVar[ErrorKind]
+
+
+class BatchInputError(BatchError):
+    """The inputs cannot be made into the batch the model takes (HTTP 400)."""
+
+    kind = ErrorKind.BAD_INPUT
+
+
+class BatchOutputError(BatchError):
+    """The model's return value is not one sendable output per input (HTTP 500)."""
+
+    kind = ErrorKind.BAD_OUTPUT
 
 
 class ProtocolError(ValueError):

@@ -17,22 +17,22 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
-from ketch.errors import BatchInputError, BatchOutputError
-from ketch.specs.models import ModelSpec
-from ketch.types import Predict
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (
     EMPTY,
     PROTOCOL,
+    BatchError,
+    BatchOutputError,
     Command,
     ErrorKind,
     Frame,
+    Predict,
     ProtocolError,
     decode,
     encode,
@@ -62,16 +62,20 @@ class WorkerOptions:
     capacity: int = 1
 
 
-def serve(spec: ModelSpec, predict: Predict, options: WorkerOptions) -> None:
-    """Serve ``spec`` with ``predict`` until the broker says DISCONNECT or goes silent (or,
-    with ``rejoin``, until interrupted)."""
+def serve(model: Mapping[str, Any], label: str, predict: Predict, options: WorkerOptions) -> None:
+    """Serve one model version with ``predict`` until the broker says DISCONNECT or goes silent
+    (or, with ``rejoin``, until interrupted).
+
+    :param model: the model's spec as a map, announced in READY (the gateway decodes it).
+    :param label: the model's ``name:version``, for log lines and error messages.
+    """
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    link = _Link(context, options, _ready_header(spec, options))
+    link = _Link(context, options, _ready_header(model, options))
     try:
         while (frames := link.next_request()) is not None:
             with link.lent_for_heartbeats():
                 try:
-                    reply = run_batch(frames, predict, spec.label())
+                    reply = run_batch(frames, predict, label)
                 except (ProtocolError, KeyError) as exc:
                     # Without a readable batch id there is no one to answer; the broker's
                     # request times out. Keep serving the well-formed ones.
@@ -90,10 +94,8 @@ def run_batch(frames: Sequence[bytes], predict: Predict, label: str) -> list[Fra
     started = time.perf_counter()
     try:
         outputs = predict(message.header["inputs"])
-    except BatchInputError as exc:
-        return _error(batch_id, ErrorKind.BAD_INPUT, exc)
-    except BatchOutputError as exc:
-        return _error(batch_id, ErrorKind.BAD_OUTPUT, exc)
+    except BatchError as exc:
+        return _error(batch_id, exc.kind, exc)
     except Exception as exc:
         log.debug("model %s raised", label, exc_info=True)
         return _error(batch_id, ErrorKind.MODEL, exc)
@@ -110,9 +112,9 @@ def _error(batch_id: int, kind: ErrorKind, exc: BaseException) -> list[Frame]:
     return [EMPTY, *encode(Command.ERROR, header)]
 
 
-def _ready_header(spec: ModelSpec, options: WorkerOptions) -> dict[str, Any]:
+def _ready_header(model: Mapping[str, Any], options: WorkerOptions) -> dict[str, Any]:
     return {
-        "model": spec.to_dict(),
+        "model": dict(model),
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "capacity": options.capacity,

@@ -33,11 +33,12 @@ import orjson
 
 from ketch.applications.state import StateStore
 from ketch.errors import AppError
+from ketch.observability.metrics import AppSample
 from ketch.plugin_manager import PluginError, Plugins
 from ketch.policy import Combined, Feedback, Policy, Query
-from ketch.serving.admission import predict
+from ketch.serving.admission import Deadlines, predict
 from ketch.serving.dispatcher import Dispatcher
-from ketch.serving.jobs import PredictionError
+from ketch.serving.jobs import Deadline, PredictionError
 from ketch.specs.apps import AppSpec
 
 log = logging.getLogger("ketch.apps")
@@ -70,13 +71,13 @@ class Application:
         policy: Policy,
         plugins: Plugins,
         dispatcher: Dispatcher,
-        request_timeout_s: float,
+        deadlines: Deadlines,
     ) -> None:
         self.spec = spec
         self.policy = policy
         self._plugins = plugins
         self._dispatcher = dispatcher
-        self._request_timeout_s = request_timeout_s
+        self._deadlines = deadlines
         self._plugin = plugins.plugin_of_policy(spec.policy)
         self._records: OrderedDict[str, _Record] = OrderedDict()
         self._background: set[asyncio.Future[Any]] = set()
@@ -96,10 +97,8 @@ class Application:
 
     async def _predict(self, value: Any, timeout_ms: float | None) -> dict[str, Any]:
         query = Query(uuid.uuid4().hex, self.spec.name, value)
-        if timeout_ms is None and self.spec.slo_ms is not None:
-            timeout_ms = self.spec.slo_ms
-        budget_s = timeout_ms / 1000 if timeout_ms is not None else self._request_timeout_s
-        deadline = time.monotonic() + budget_s
+        deadline = self._deadlines.deadline(timeout_ms, self.spec.slo_ms)
+        budget_s = deadline.budget_s
         record = _Record(query)
         failures: dict[str, PredictionError] = {}
         selected = self._models_from("select", self.policy.select, query, required=True)
@@ -109,14 +108,14 @@ class Application:
         asked: dict[str, asyncio.Future[Any]] = {}
         self._ask(selected, asked, record, failures, deadline)
         mirror_tasks: dict[str, asyncio.Future[Any]] = {}
-        mirror_deadline = time.monotonic() + self._request_timeout_s
+        mirror_deadline = self._deadlines.deadline(None, None)
         self._ask(mirrored, mirror_tasks, record, failures, mirror_deadline)
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline.at - time.monotonic()
             pending = [task for task in asked.values() if not task.done()]
             if pending and remaining > 0:
                 await asyncio.wait(pending, timeout=remaining)
-            if any(not task.done() for task in asked.values()) or time.monotonic() >= deadline:
+            if any(not task.done() for task in asked.values()) or time.monotonic() >= deadline.at:
                 break
             arrived = {m: record.predictions[m] for m in asked if m in record.predictions}
             more = [
@@ -150,18 +149,17 @@ class Application:
         tasks: dict[str, asyncio.Future[Any]],
         record: _Record,
         failures: dict[str, PredictionError],
-        deadline: float,
+        deadline: Deadline,
     ) -> None:
         for reference in models:
             task = asyncio.ensure_future(self._ask_model(reference, record.query.input, deadline))
             task.add_done_callback(_arrival(reference, record, failures))
             tasks[reference] = task
 
-    async def _ask_model(self, reference: str, value: Any, deadline: float) -> Any:
+    async def _ask_model(self, reference: str, value: Any, deadline: Deadline) -> Any:
         name, _, version = reference.partition(":")
         queue = self._dispatcher.queue_for(name, version or None)
-        timeout_s = max(deadline - time.monotonic(), 0.001)
-        outputs = await predict(queue, [value], timeout_s)
+        outputs = await predict(queue, [value], deadline)
         return _plain(outputs[0])
 
     def _combined(
@@ -335,7 +333,7 @@ class Application:
         """This application with a new spec and policy (an operator changed it): it keeps
         the queries answered so far, for their feedback, and the counts. Queries in flight
         finish with this one."""
-        after = Application(spec, policy, self._plugins, self._dispatcher, self._request_timeout_s)
+        after = Application(spec, policy, self._plugins, self._dispatcher, self._deadlines)
         after._records = self._records
         after._background = self._background
         after.counts = self.counts
@@ -398,13 +396,13 @@ class Applications:
         store: StateStore,
         plugins: Plugins,
         dispatcher: Dispatcher,
-        request_timeout_s: float,
+        deadlines: Deadlines,
     ) -> None:
         self._apps: dict[str, Application] = {}
         self._store = store
         self._plugins = plugins
         self._dispatcher = dispatcher
-        self._request_timeout_s = request_timeout_s
+        self._deadlines = deadlines
         self._saver: asyncio.Task[None] | None = None
 
     def build(self, spec: AppSpec) -> Application:
@@ -428,7 +426,7 @@ class Applications:
                 f"application {spec.name!r}: policy {spec.policy!r} rejects its models "
                 f"{list(spec.models)} or params {dict(spec.params)}: {exc}"
             ) from None
-        return Application(spec, policy, self._plugins, self._dispatcher, self._request_timeout_s)
+        return Application(spec, policy, self._plugins, self._dispatcher, self._deadlines)
 
     def add(self, spec: AppSpec) -> Application:
         """Build and serve an application, with the policy state saved for it by the same
@@ -522,6 +520,10 @@ class Applications:
     def __contains__(self, name: object) -> bool:
         return name in self._apps
 
+    def samples(self) -> list[AppSample]:
+        """What the metrics read of each application at scrape time."""
+        return [AppSample(name, app.counts["defaults"]) for name, app in self.items()]
+
     def items(self) -> list[tuple[str, Application]]:
         """``(name, application)`` pairs, sorted by name (for ``GET /metrics``)."""
         return sorted(self._apps.items())
@@ -561,11 +563,11 @@ def build_applications(
     plugins: Plugins,
     dispatcher: Dispatcher,
     store: StateStore,
-    request_timeout_s: float,
+    deadlines: Deadlines,
 ) -> Applications:
     """Every declared application with its policy, its saved state restored; raises
     :class:`AppError` naming the application and what is wrong with it."""
-    applications = Applications(store, plugins, dispatcher, request_timeout_s)
+    applications = Applications(store, plugins, dispatcher, deadlines)
     for spec in specs:
         applications.add(spec)
     return applications

@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from ketch.applications.runner import Applications
 from ketch.errors import AppError
+from ketch.http.endpoints import Endpoints
 from ketch.http.json_io import json_kind, json_response, parse_body
 from ketch.observability import events
 from ketch.pools.scaling import PoolManager
@@ -76,24 +77,24 @@ class Admin:
         self._model_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._apps_lock = asyncio.Lock()
 
-    def routes(self) -> list[Route]:
+    def routes(self, endpoints: Endpoints) -> list[Route]:
         model = "/admin/models/{name}"
         version = model + "/versions/{version}"
         app = "/admin/apps/{name}"
         return [
-            Route("/admin/models", self.list_models, methods=["GET"]),
-            Route("/admin/models", self.add_model, methods=["POST"]),
-            Route(model, self.remove_model, methods=["DELETE"]),
-            Route(version, self.remove_model, methods=["DELETE"]),
-            Route(model + "/pool", self.set_pool, methods=["PATCH"]),
-            Route(version + "/pool", self.set_pool, methods=["PATCH"]),
-            Route(model + "/roll", self.roll, methods=["POST"]),
-            Route("/admin/apps", self.list_apps, methods=["GET"]),
-            Route("/admin/apps", self.add_app, methods=["POST"]),
-            Route(app, self.change_app, methods=["PATCH"]),
-            Route(app, self.remove_app, methods=["DELETE"]),
-            Route(app + "/models", self.link, methods=["POST"]),
-            Route(app + "/models/{model}", self.unlink, methods=["DELETE"]),
+            endpoints.route("/admin/models", self.list_models, ["GET"]),
+            endpoints.route("/admin/models", self.add_model, ["POST"]),
+            endpoints.route(model, self.remove_model, ["DELETE"]),
+            endpoints.route(version, self.remove_model, ["DELETE"]),
+            endpoints.route(model + "/pool", self.set_pool, ["PATCH"]),
+            endpoints.route(version + "/pool", self.set_pool, ["PATCH"]),
+            endpoints.route(model + "/roll", self.roll, ["POST"]),
+            endpoints.route("/admin/apps", self.list_apps, ["GET"]),
+            endpoints.route("/admin/apps", self.add_app, ["POST"]),
+            endpoints.route(app, self.change_app, ["PATCH"]),
+            endpoints.route(app, self.remove_app, ["DELETE"]),
+            endpoints.route(app + "/models", self.link, ["POST"]),
+            endpoints.route(app + "/models/{model}", self.unlink, ["DELETE"]),
         ]
 
     # -- models -----------------------------------------------------------------------------
@@ -211,7 +212,6 @@ class Admin:
             except (TypeError, ValueError) as exc:
                 raise PredictionError(400, str(exc), **queue.labels()) from None
             queue.set_pool(pool)
-            self._pools.reconcile(queue)
             self._report(events.pool_changed(queue.spec))
         return json_response({"model": self._describe(queue)})
 

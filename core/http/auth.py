@@ -17,7 +17,8 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Scope
 
 from ketch.http.json_io import json_response
 
@@ -44,27 +45,21 @@ def is_admin_path(path: str) -> bool:
 
 
 class TokenGuard:
-    """ASGI middleware refusing requests without the token their route needs."""
+    """Refuses requests without the token their route needs; every route of the gateway asks
+    it first (:mod:`ketch.http.endpoints`)."""
 
-    def __init__(self, app: ASGIApp, tokens: Tokens) -> None:
-        self._app = app
+    def __init__(self, tokens: Tokens) -> None:
         self._admin = _encoded(tokens.admin)
         self._predict = _encoded(tokens.predict)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                response = json_response(
-                    {"error": refusal},
-                    401,
-                    {"WWW-Authenticate": 'Bearer realm="ketch"'},
-                )
-                await response(scope, receive, send)
-                return
-        await self._app(scope, receive, send)
+    def refusal(self, scope: Scope) -> Response | None:
+        """The 401 for a request that may not go on, or None when it may."""
+        why = self._why_refused(scope)
+        if why is None:
+            return None
+        return json_response({"error": why}, 401, {"WWW-Authenticate": 'Bearer realm="ketch"'})
 
-    def _refusal(self, scope: Scope) -> str | None:
+    def _why_refused(self, scope: Scope) -> str | None:
         """Why the request may not go on, or None when it may."""
         path = scope["path"]
         if is_admin_path(path):

@@ -28,6 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import ketch
+from ketch.http.endpoints import Endpoints, Reached
 from ketch.http.json_io import TIMEOUT_HEADER, json_response, parse_body, timeout_ms_of
 from ketch.http.oip_types import (
     V2_TO_NUMPY,
@@ -37,8 +38,7 @@ from ketch.http.oip_types import (
     v2_datatype,
     v2_datatype_of,
 )
-from ketch.observability.metrics import note_model
-from ketch.serving.admission import predict
+from ketch.serving.admission import Deadlines, predict
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
@@ -51,17 +51,17 @@ BINARY_HEADER = "inference-header-content-length"
 class OpenInference:
     """The V2 handlers over one :class:`Dispatcher` (see the module's docstring)."""
 
-    def __init__(self, dispatcher: Dispatcher, request_timeout_s: float) -> None:
+    def __init__(self, dispatcher: Dispatcher, deadlines: Deadlines) -> None:
         self.dispatcher = dispatcher
-        self.request_timeout_s = request_timeout_s
+        self.deadlines = deadlines
 
-    def routes(self) -> list[Route]:
-        routes = [Route("/v2", self.server_metadata, methods=["GET"])]
+    def routes(self, endpoints: Endpoints) -> list[Route]:
+        routes = [endpoints.route("/v2", self.server_metadata, ["GET"])]
         for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             routes += [
-                Route(model, self.model_metadata, methods=["GET"]),
-                Route(f"{model}/ready", self.model_ready, methods=["GET"]),
-                Route(f"{model}/infer", self.infer, methods=["POST"]),
+                endpoints.route(model, self.model_metadata, ["GET"]),
+                endpoints.route(f"{model}/ready", self.model_ready, ["GET"]),
+                endpoints.model_route(f"{model}/infer", self.infer, ["POST"]),
             ]
         return routes
 
@@ -88,17 +88,15 @@ class OpenInference:
         answer = {"name": queue.spec.name, "version": queue.spec.version, "ready": ready}
         return json_response(answer, 200 if ready else 503)
 
-    async def infer(self, request: Request) -> Response:
+    async def infer(self, request: Request, reached: Reached) -> Response:
         queue = self._queue(request)
         # Known from the path: even a request failing below is counted under this version.
-        note_model(queue.spec.name, queue.spec.version)
+        reached.set(queue.spec.name, queue.spec.version)
         body, tensors = _parse_request(await request.body(), request.headers)
         items = _items(queue, tensors)
         timeout_ms = timeout_ms_of(_client_timeout(body), request.headers.get(TIMEOUT_HEADER))
-        if timeout_ms is None:
-            timeout_ms = queue.spec.slo_ms
-        timeout_s = self.request_timeout_s if timeout_ms is None else timeout_ms / 1000
-        outputs = await predict(queue, items, timeout_s)
+        deadline = self.deadlines.deadline(timeout_ms, queue.spec.slo_ms)
+        outputs = await predict(queue, items, deadline)
         answer = {
             "model_name": queue.spec.name,
             "model_version": queue.spec.version,

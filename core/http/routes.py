@@ -34,16 +34,14 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from ketch.applications.runner import Applications
 from ketch.http import openapi
 from ketch.http.admin import Admin
 from ketch.http.auth import TokenGuard, Tokens
-from ketch.http.drain import DrainRequestBody
+from ketch.http.endpoints import Endpoints, Reached
 from ketch.http.json_io import (
     TIMEOUT_HEADER,
     json_kind,
@@ -52,7 +50,7 @@ from ketch.http.json_io import (
     timeout_ms_of,
 )
 from ketch.http.oip import OpenInference
-from ketch.serving.admission import predict
+from ketch.serving.admission import Deadlines, predict
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
 
@@ -62,8 +60,7 @@ class Gateway:
 
     :param dispatcher: where requests are queued.
     :param apps: the applications (``/apps/...``).
-    :param request_timeout_s: longest a request waits for its outputs before a 504, unless
-        it sets its own timeout or its model has an ``slo_ms``.
+    :param deadlines: the deadline rule of every route.
     :param admin: the management API's routes.
     :param tokens: the bearer tokens the routes need.
     """
@@ -72,55 +69,56 @@ class Gateway:
         self,
         dispatcher: Dispatcher,
         apps: Applications,
-        request_timeout_s: float,
+        deadlines: Deadlines,
         admin: Admin,
         tokens: Tokens,
     ) -> None:
         self.dispatcher = dispatcher
         self.apps = apps
-        self.request_timeout_s = request_timeout_s
+        self.deadlines = deadlines
         self._admin = admin
         self._tokens = tokens
         self._openapi = openapi.document()
 
     def app(self) -> Starlette:
+        endpoints = Endpoints(
+            TokenGuard(self._tokens),
+            self.dispatcher.metrics,
+            known_model=self.dispatcher.knows_model,
+            known_app=self.apps.__contains__,
+        )
+        route, model_route, app_route = endpoints.route, endpoints.model_route, endpoints.app_route
         return Starlette(
             routes=[
-                Route("/models", self.list_models, methods=["GET"]),
-                Route("/models/{name}/predict", self.predict, methods=["POST"]),
-                Route("/apps", self.list_apps, methods=["GET"]),
-                Route("/apps/{name}/predict", self.app_predict, methods=["POST"]),
-                Route("/apps/{name}/feedback", self.app_feedback, methods=["POST"]),
-                Route("/v2/health/live", self.live, methods=["GET"]),
-                Route("/v2/health/ready", self.ready, methods=["GET"]),
-                *OpenInference(self.dispatcher, self.request_timeout_s).routes(),
-                Route("/metrics", self.dispatcher.metrics.endpoint, methods=["GET"]),
-                Route("/openapi.json", self.openapi, methods=["GET"]),
-                *self._admin.routes(),
+                route("/models", self.list_models, ["GET"]),
+                model_route("/models/{name}/predict", self.predict, ["POST"]),
+                route("/apps", self.list_apps, ["GET"]),
+                app_route("/apps/{name}/predict", self.app_predict, ["POST"]),
+                route("/apps/{name}/feedback", self.app_feedback, ["POST"]),
+                route("/v2/health/live", self.live, ["GET"]),
+                route("/v2/health/ready", self.ready, ["GET"]),
+                *OpenInference(self.dispatcher, self.deadlines).routes(endpoints),
+                route("/metrics", self.dispatcher.metrics.endpoint, ["GET"]),
+                route("/openapi.json", self.openapi, ["GET"]),
+                *self._admin.routes(endpoints),
             ],
             # Starlette types its handlers as taking any Exception; each takes its own.
             exception_handlers={
-                HTTPException: _http_error,  # type: ignore[dict-item]
+                HTTPException: endpoints.http_error,  # type: ignore[dict-item]
                 PredictionError: _prediction_error,  # type: ignore[dict-item]
             },
-            middleware=[
-                Middleware(DrainRequestBody),
-                Middleware(TokenGuard, tokens=self._tokens),
-                self.dispatcher.metrics.middleware(),
-            ],
         )
 
-    async def predict(self, request: Request) -> Response:
+    async def predict(self, request: Request, reached: Reached) -> Response:
         name = request.path_params["name"]
         body = parse_body(await request.body())
         single, inputs = _inputs_of(body)
         version = _version_of(body)
         timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
         queue = self.dispatcher.queue_for(name, version)
-        if timeout_ms is None:
-            timeout_ms = queue.spec.slo_ms
-        timeout_s = self.request_timeout_s if timeout_ms is None else timeout_ms / 1000
-        outputs = await predict(queue, inputs, timeout_s)
+        reached.set(queue.spec.name, queue.spec.version)
+        deadline = self.deadlines.deadline(timeout_ms, queue.spec.slo_ms)
+        outputs = await predict(queue, inputs, deadline)
         answer: dict[str, Any] = {"output": outputs[0]} if single else {"outputs": outputs}
         answer["model"] = queue.spec.name
         answer["version"] = queue.spec.version
@@ -225,8 +223,3 @@ async def _prediction_error(request: Request, exc: PredictionError) -> Response:
     """What any handler raises (a bad body, an unknown model, a failed prediction) as its JSON
     answer: handlers raise, none catches."""
     return json_response(exc.body, exc.status, exc.headers)
-
-
-async def _http_error(request: Request, exc: HTTPException) -> Response:
-    """Starlette's own errors (unknown route, wrong method) as JSON like all the others."""
-    return json_response({"error": exc.detail}, exc.status_code, exc.headers)

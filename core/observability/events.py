@@ -53,7 +53,7 @@ def _model(spec: ModelSpec) -> dict[str, Any]:
     return {"model": spec.name, "version": spec.version}
 
 
-def _worker(worker: WorkerInfo) -> dict[str, Any]:
+def _worker(worker: WorkerInfo[ModelSpec]) -> dict[str, Any]:
     return {**_model(worker.spec), "pid": worker.pid, "host": worker.host}
 
 
@@ -109,13 +109,13 @@ def model_unhealthy(spec: ModelSpec, cause: str) -> Event:
     )
 
 
-def model_ready(worker: WorkerInfo) -> Event:
+def model_ready(worker: WorkerInfo[ModelSpec]) -> Event:
     return Event(
         "model_ready", f"model {worker.spec.label()} ready: {worker.describe()}", _worker(worker)
     )
 
 
-def worker_lost(worker: WorkerInfo, reason: str) -> Event:
+def worker_lost(worker: WorkerInfo[ModelSpec], reason: str) -> Event:
     return Event(
         "worker_lost",
         f"model {worker.spec.label()} lost {worker.describe()}: {reason}",

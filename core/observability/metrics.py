@@ -5,41 +5,31 @@ default registry), so several servers, or tests, in one process never clash.
 
 Two kinds of metrics:
 
-* What the gateway already keeps (queue depths, replicas, health, and the counts
-  :class:`~ketch.serving.queue.ModelQueue` and the caches keep: cold starts, worker exits, cache
-  hits and misses, rejected and expired requests, an application's default outputs) is read
-  from the queues when Prometheus scrapes, by :class:`_StateCollector`: nothing is counted
-  twice, and the numbers always agree with ``GET /models`` and ``GET /apps``.
+* What the gateway already keeps (queue depths, replicas, health, and the counts the model
+  queues and their caches keep: cold starts, worker exits, cache hits and misses, rejected and
+  expired requests, an application's default outputs) is read when Prometheus scrapes, as
+  :class:`QueueSample` and :class:`AppSample` rows from the functions given to
+  :meth:`Metrics.watch`: nothing is counted twice, and the numbers always agree with
+  ``GET /models`` and ``GET /apps``.
 * What nothing else keeps (per-status request counts, latency, batch size and cold start
   histograms) is recorded as it happens, through the typed methods of :class:`Metrics` and
-  :class:`ModelMetrics`, and through :class:`RequestMetrics`, the ASGI middleware that times
-  ``/models/{name}/predict``, the Open Inference Protocol's
-  ``/v2/models/{name}[/versions/{version}]/infer`` and ``/apps/{name}/predict``.
+  :class:`ModelMetrics`: the gateway's model and application routes report each answer with
+  the labels of the route that matched (:mod:`ketch.http.endpoints`).
 
 ``docs/metrics.md`` lists every metric.
 """
 
 from __future__ import annotations
 
-import contextvars
-import re
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from ketch.applications.runner import Applications
-    from ketch.serving.queue import ModelQueue
 
 #: Seconds, from a cache hit (well under a millisecond) to a request waiting for a cold start.
 LATENCY_BUCKETS = (
@@ -52,32 +42,32 @@ BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(10))  # 1, 2, 4, ..., 512
 COLD_START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 _MODEL = ("model", "version")
-_PREDICT_PATH = re.compile(r"/(models|apps)/([^/]+)/predict")
-#: Open Inference Protocol requests: counted as model requests, as ``/models/{name}/predict``.
-_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")
 
 
-@dataclass(slots=True)
-class _Resolved:
-    """The model version a model request (``/models/{name}/predict``, ``/v2/.../infer``) was
-    routed to, once known."""
+@dataclass(frozen=True, slots=True)
+class QueueSample:
+    """What one model version's queue shows at scrape time."""
 
-    model: str | None = None
-    version: str | None = None
+    model: str
+    version: str
+    queue_depth: int
+    ready: int
+    starting: int
+    healthy: bool
+    cold_starts: int
+    worker_exits: int
+    rejected: int
+    expired: int
+    #: ``(hits, misses)`` of its prediction cache; None without one.
+    cache: tuple[int, int] | None
 
 
-#: Set by :class:`RequestMetrics` around a model request, filled in by :func:`note_model`:
-#: the middleware sees the request's path, but only the handler knows the version it got.
-_resolved: contextvars.ContextVar[_Resolved | None] = contextvars.ContextVar(
-    "ketch_metrics_resolved", default=None
-)
+@dataclass(frozen=True, slots=True)
+class AppSample:
+    """What one application shows at scrape time."""
 
-
-def note_model(name: str, version: str) -> None:
-    """Tell the request being timed which model version answers it (no-op outside one)."""
-    resolved = _resolved.get()
-    if resolved is not None:
-        resolved.model, resolved.version = name, version
+    app: str
+    default_outputs: int
 
 
 class ModelMetrics:
@@ -106,8 +96,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._queues: Callable[[], Sequence[ModelQueue]] = list
-        self._apps: Applications | None = None
+        self._queues: Callable[[], Iterable[QueueSample]] = list
+        self._apps: Callable[[], Iterable[AppSample]] = list
         self.requests = Counter(
             "ketch_requests",
             "Requests to /models/{model}/predict and /v2/models/{model}/infer, by the HTTP "
@@ -153,17 +143,19 @@ class Metrics:
 
     # -- what is read at scrape time --------------------------------------------------------
 
-    def watch_queues(self, queues: Callable[[], Sequence[ModelQueue]]) -> None:
+    def watch_queues(self, queues: Callable[[], Iterable[QueueSample]]) -> None:
+        """Read the model queues through ``queues`` at every scrape."""
         self._queues = queues
 
-    def watch_apps(self, apps: Applications) -> None:
+    def watch_apps(self, apps: Callable[[], Iterable[AppSample]]) -> None:
+        """Read the applications through ``apps`` at every scrape."""
         self._apps = apps
 
-    def queues(self) -> Sequence[ModelQueue]:
+    def queues(self) -> Iterable[QueueSample]:
         return self._queues()
 
-    def apps(self) -> Applications | None:
-        return self._apps
+    def apps(self) -> Iterable[AppSample]:
+        return self._apps()
 
     # -- what is recorded as it happens -----------------------------------------------------
 
@@ -185,18 +177,6 @@ class Metrics:
     async def endpoint(self, request: Request) -> Response:
         """``GET /metrics``."""
         return Response(self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    def middleware(self) -> Middleware:
-        """The gateway's :class:`RequestMetrics` middleware, recording into these metrics."""
-        return Middleware(RequestMetrics, metrics=self)
-
-    # Label values for requests whose model or application is unknown: a label per name a
-    # client makes up would grow the series without bound.
-    def knows_model(self, name: str) -> bool:
-        return any(queue.spec.name == name for queue in self.queues())
-
-    def knows_app(self, name: str) -> bool:
-        return self._apps is not None and name in self._apps
 
 
 class _StateCollector(Collector):
@@ -248,16 +228,16 @@ class _StateCollector(Collector):
             labels=_MODEL,
         )
         for queue in self._metrics.queues():
-            labels = [queue.spec.name, queue.spec.version]
+            labels = [queue.model, queue.version]
             depth.add_metric(labels, queue.queue_depth)
-            replicas.add_metric([*labels, "ready"], queue.ready_replicas)
-            replicas.add_metric([*labels, "starting"], len(queue.starting))
-            healthy.add_metric(labels, 0 if queue.unhealthy_because is not None else 1)
+            replicas.add_metric([*labels, "ready"], queue.ready)
+            replicas.add_metric([*labels, "starting"], queue.starting)
+            healthy.add_metric(labels, 1 if queue.healthy else 0)
             cold_starts.add_metric(labels, queue.cold_starts)
             restarts.add_metric(labels, queue.worker_exits)
             if queue.cache is not None:
-                hits.add_metric(labels, queue.cache.hits)
-                misses.add_metric(labels, queue.cache.misses)
+                hits.add_metric(labels, queue.cache[0])
+                misses.add_metric(labels, queue.cache[1])
             rejected.add_metric(labels, queue.rejected)
             expired.add_metric(labels, queue.expired)
         yield from (depth, replicas, healthy, cold_starts, restarts, hits, misses)
@@ -267,61 +247,6 @@ class _StateCollector(Collector):
             "Application queries answered with the application's default_output.",
             labels=["app"],
         )
-        apps = self._metrics.apps()
-        if apps is not None:
-            for name, application in apps.items():
-                defaults.add_metric([name], application.counts["defaults"])
+        for app in self._metrics.apps():
+            defaults.add_metric([app.app], app.default_outputs)
         yield defaults
-
-
-class RequestMetrics:
-    """ASGI middleware: counts and times ``POST /models/{name}/predict``,
-    ``POST /v2/models/{name}[/versions/{version}]/infer`` and ``POST /apps/{name}/predict`` by
-    the status of their answer; other routes pass through."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        routed = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            routed = _routed(scope["path"])
-        if routed is None:
-            await self.app(scope, receive, send)
-            return
-        kind, name = routed
-        started = time.perf_counter()
-        status = 500  # when the app raises before answering, Starlette answers 500
-        resolved = _Resolved()
-        token = _resolved.set(resolved if kind == "models" else None)
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            _resolved.reset(token)
-            seconds = time.perf_counter() - started
-            if kind == "apps":
-                app = name if self.metrics.knows_app(name) else ""
-                self.metrics.app_request_done(app, status)
-            elif resolved.model is not None and resolved.version is not None:
-                self.metrics.request_done(resolved.model, resolved.version, status, seconds)
-            else:
-                # Failed before a version was chosen (bad body, unknown model or version).
-                model = name if self.metrics.knows_model(name) else ""
-                self.metrics.request_done(model, "", status, seconds)
-
-
-def _routed(path: str) -> tuple[str, str] | None:
-    """``("models", name)`` or ``("apps", name)`` for a request path the middleware times."""
-    if match := _PREDICT_PATH.fullmatch(path):
-        return match[1], match[2]
-    if match := _INFER_PATH.fullmatch(path):
-        return "models", match[1]
-    return None

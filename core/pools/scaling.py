@@ -20,8 +20,10 @@ from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.queue import ModelQueue
 from ketch.specs.models import ModelSpec, PoolSpec
 
-#: How often pools are reconciled with their load (scale-ups on demand do not wait for it).
-TICK_S = 0.1
+#: How often workers' resident memory is compared with their model's ``memory_mb``.
+MEMORY_CHECK_S = 0.1
+#: Added to a pool's timer so that the moment it waits for has surely passed when it fires.
+_TIMER_SLACK_S = 0.001
 
 
 @dataclass(slots=True)
@@ -60,28 +62,37 @@ def scale_step(
 
 
 class PoolManager:
-    """Reconciles every pool of the served file with its load, every :data:`TICK_S` and at
-    once when a request finds its pool with no worker."""
+    """Sizes every managed pool from its load, when something happens rather than on a tick.
+
+    A queue tells the manager when its pool's needs may have changed (:class:`PoolListener`):
+    a request found no worker, the load crossed a multiple of ``target_inflight``, a worker or
+    a process came or went, the bounds changed. The only waits are timers for what changes by
+    itself with time: the end of an idle period (scale down, or back to zero), and the end of a
+    crash back-off. Memory caps are the one thing sampled (:data:`MEMORY_CHECK_S`), since no
+    event says a process grew.
+    """
 
     def __init__(self, dispatcher: Dispatcher, workers: LocalWorkers) -> None:
         self._dispatcher = dispatcher
         self._workers = workers
         self._states: dict[tuple[str, str], ScaleState] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._memory_task: asyncio.Task[None] | None = None
 
     def manage(self, spec: ModelSpec) -> None:
         queue = self._dispatcher.add_model(spec)
         self._states[spec.key] = ScaleState()
-        queue.on_demand = lambda: self.reconcile(queue)
+        queue.managed_by(self)
         self._workers.prepare(spec)
-        self.reconcile(queue)
+        self.pool_changed(queue)
 
     def release(self, queue: ModelQueue, reason: str) -> None:
         """Stop managing a removed model version: its workers (local and remote) are told
         to leave, its starting processes and template are stopped."""
         spec = queue.spec
         self._states.pop(spec.key, None)
-        queue.on_demand = None
+        self._cancel_timer(spec.key)
+        queue.managed_by(None)
         for pid in self._workers.pids(spec):
             self._workers.retire(pid)
         self._dispatcher.retire_all(spec.key, reason)
@@ -89,48 +100,75 @@ class PoolManager:
         self._dispatcher.forget(spec.key)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="ketch-pools")
+        self._memory_task = asyncio.create_task(self._check_memory(), name="ketch-memory")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for key in list(self._timers):
+            self._cancel_timer(key)
+        if self._memory_task is not None:
+            self._memory_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await self._memory_task
 
-    async def _run(self) -> None:
+    async def _check_memory(self) -> None:
         while True:
-            await asyncio.sleep(TICK_S)  # a reconcile period, not a wait for a peer
+            await asyncio.sleep(MEMORY_CHECK_S)  # a sampling period, not a wait for a peer
             for spec, pid, why in self._workers.over_memory():
                 self._dispatcher.recycle(spec, pid, why)
-            for queue in self._dispatcher.queues():
-                if queue.spec.key in self._states:
-                    self.reconcile(queue)
 
-    def reconcile(self, queue: ModelQueue) -> None:
-        if queue.unhealthy_because is not None:
+    def pool_changed(self, queue: ModelQueue) -> None:
+        """Start or stop workers as ``queue``'s load asks, and set the timer for the next
+        change that time alone brings."""
+        state = self._states.get(queue.spec.key)
+        if state is None or queue.unhealthy_because is not None:
             return
         now = time.monotonic()
-        queue.expire_cold_starts(now)
         spec = queue.spec
         current = queue.ready_replicas + len(queue.starting)
-        step = scale_step(
-            spec.pool,
-            current,
-            queue.active_requests,
-            now - queue.last_request_at,
-            now,
-            self._states[spec.key],
-        )
-        for _ in range(step):
-            if not self._workers.spawn(spec):
-                break  # backing off after a crash: the next tick tries again
+        idle_s = now - queue.last_request_at
+        step = scale_step(spec.pool, current, queue.active_requests, idle_s, now, state)
+        started = 0
+        while started < step and self._workers.spawn(spec):
+            started += 1
         if step < 0:
-            retired = queue.idle_workers(-step, local_pids=self._workers.pids(spec))
-            for worker in retired:
-                self._workers.retire(worker.pid)
-                self._dispatcher.retire(
-                    worker,
-                    f"scaled down after {spec.pool.idle_timeout_s:g} s with more workers than load",
-                )
-            if retired and current == len(retired):
-                self._dispatcher.scaled_to_zero(spec)
+            self._scale_down(queue, -step, current)
+        self._wake_later(queue, state, now, backing_off=started < step)
+
+    def _scale_down(self, queue: ModelQueue, count: int, current: int) -> None:
+        spec = queue.spec
+        retired = queue.idle_workers(count, local_pids=self._workers.pids(spec))
+        for worker in retired:
+            self._workers.retire(worker.pid)
+            self._dispatcher.retire(
+                worker,
+                f"scaled down after {spec.pool.idle_timeout_s:g} s with more workers than load",
+            )
+        if retired and current == len(retired):
+            self._dispatcher.scaled_to_zero(spec)
+
+    def _wake_later(
+        self, queue: ModelQueue, state: ScaleState, now: float, *, backing_off: bool
+    ) -> None:
+        """Look at the pool again when its idle period or its crash back-off ends: the changes
+        no event announces."""
+        spec = queue.spec
+        moments = []
+        if state.surplus_since is not None:
+            moments.append(state.surplus_since + spec.pool.idle_timeout_s)
+        if queue.active_requests == 0 and queue.ready_replicas > spec.pool.min_replicas:
+            moments.append(queue.last_request_at + spec.pool.idle_timeout_s)
+        if backing_off:
+            retry_at = self._workers.retry_at(spec)
+            # Without a back-off to wait out, a template still loading says when it is ready.
+            if retry_at is not None:
+                moments.append(retry_at)
+        self._cancel_timer(spec.key)
+        if moments:
+            delay_s = max(min(moments) - now, 0.0) + _TIMER_SLACK_S
+            loop = asyncio.get_running_loop()
+            self._timers[spec.key] = loop.call_later(delay_s, self.pool_changed, queue)
+
+    def _cancel_timer(self, key: tuple[str, str]) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()

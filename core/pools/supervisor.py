@@ -194,6 +194,12 @@ class LocalWorkers:
         if spec.start.preload and spec.key not in self._templates:
             self._start_template(spec)
 
+    def retry_at(self, spec: ModelSpec) -> float | None:
+        """When a worker of ``spec`` may start again (``time.monotonic()``) while it is backing
+        off after a crash; None when it may start now."""
+        at = self._not_before.get(spec.key)
+        return at if at is not None and at > time.monotonic() else None
+
     def spawn(self, spec: ModelSpec) -> bool:
         """Start a worker for ``spec``; False while it cannot start yet (restart backoff, its
         template still loading) or at all (then the model has been reported unhealthy)."""
@@ -369,13 +375,14 @@ class LocalWorkers:
 
     def _worker_exited(self, entry: _Process, pid: int, how: str, expected: bool) -> None:
         spec = entry.spec
+        if not expected:
+            # Decided before the exit is reported: the pool reacts to the report at once, and
+            # must find the back-off (or the model unhealthy) already in place.
+            delay = self._restart_delay(entry, how)
+            if delay is not None:
+                log.warning("%s; its replacement may start in %.1f s", how, delay)
+                self._not_before[spec.key] = time.monotonic() + delay
         self._events.exited(spec, pid, how, expected)
-        if expected:
-            return
-        delay = self._restart_delay(entry, how)
-        if delay is not None:
-            log.warning("%s; its replacement may start in %.1f s", how, delay)
-            self._not_before[spec.key] = time.monotonic() + delay
 
     def _template_exited(self, entry: _Process, how: str, expected: bool) -> None:
         spec = entry.spec

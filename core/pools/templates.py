@@ -119,7 +119,7 @@ class _Zygote:
                 os.close(fd)
             self._control.close()
             redirect_output(output_fd)
-            worker.serve(self._spec, self._predict, plan.options())
+            worker.serve(self._spec.to_dict(), self._spec.label(), self._predict, plan.options())
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1

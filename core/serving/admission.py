@@ -1,7 +1,9 @@
-"""One request's way into a model queue: cache lookups, numpy stacking, then the batcher.
+"""One request's way into a model queue: its deadline, cache lookups, checks and numpy
+stacking, then the model's queue.
 
-Each input is looked up in the model version's cache (when it has one); only the misses are
-queued, and their outputs are stored on the way back. For a model that takes numpy batches,
+Every route computes its deadline with :class:`Deadlines`, one rule for all. Each input is
+looked up in the model version's cache (when it has one); only the misses are queued, and their
+outputs are stored on the way back. For a model that takes numpy batches,
 the request's inputs become one array here, in the gateway (``np.asarray`` on the parsed JSON,
 no Python loop over elements): a batch is then one ``np.concatenate`` of its requests' arrays,
 sent to the worker as a raw buffer.
@@ -9,25 +11,47 @@ sent to the worker as a raw buffer.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ketch.observability.metrics import note_model
 from ketch.serving.cache import input_key
-from ketch.serving.jobs import Inputs, PredictionError
+from ketch.serving.jobs import Deadline, Inputs, PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.specs.signature import item_problem
 from ketch.types import Outputs
 
 
-async def predict(queue: ModelQueue, inputs: list[Any], timeout_s: float) -> Outputs:
-    """The outputs for ``inputs``, one each, from the cache or the model's workers."""
-    # The metrics middleware sees only the path: it labels the request with this version.
-    note_model(queue.spec.name, queue.spec.version)
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """The deadline rule of every route: a request's own timeout, else the latency objective
+    (``slo_ms``) of what it asks for (a model, an application), else the server's request
+    timeout.
+
+    :param request_timeout_s: the server's request timeout (``--request-timeout``).
+    """
+
+    request_timeout_s: float
+
+    def budget_s(self, requested_ms: float | None, objective_ms: float | None) -> float:
+        """Seconds the request may take from now."""
+        budget_ms = requested_ms if requested_ms is not None else objective_ms
+        return self.request_timeout_s if budget_ms is None else budget_ms / 1000
+
+    def deadline(self, requested_ms: float | None, objective_ms: float | None) -> Deadline:
+        """By when a request starting now must be answered (or get a 504)."""
+        budget_s = self.budget_s(requested_ms, objective_ms)
+        return Deadline(time.monotonic() + budget_s, budget_s)
+
+
+async def predict(queue: ModelQueue, inputs: list[Any], deadline: Deadline) -> Outputs:
+    """The outputs for ``inputs``, one each, from the cache or the model's workers, by
+    ``deadline`` (see :class:`Deadlines`)."""
     cache = queue.cache
     if cache is None:
-        return await queue.submit(_batchable(queue, inputs), timeout_s)
+        return await queue.submit(_batchable(queue, inputs), deadline)
     keys = [input_key(x) for x in inputs]
     outputs: list[Any] = [None] * len(inputs)
     missing: list[int] = []
@@ -39,7 +63,7 @@ async def predict(queue: ModelQueue, inputs: list[Any], timeout_s: float) -> Out
             missing.append(index)
     if not missing:
         return outputs
-    computed = await queue.submit(_batchable(queue, [inputs[i] for i in missing]), timeout_s)
+    computed = await queue.submit(_batchable(queue, [inputs[i] for i in missing]), deadline)
     for index, output in zip(missing, computed, strict=True):
         outputs[index] = output
         cache.put(keys[index], output)

@@ -13,9 +13,10 @@ from ketch.observability import events
 from ketch.observability.metrics import Metrics
 from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
+from ketch.serving.sink import Worker, WorkerLink
 from ketch.specs.models import ModelSpec
 from ketch.types import Outputs
-from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
+from ketch.zmq_transport.broker import RemoteError
 
 
 def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -45,13 +46,13 @@ class Dispatcher:
         #: Model versions removed through the management API: their workers are sent away.
         self._removed: set[tuple[str, str]] = set()
         self._batch_ids = itertools.count(1).__next__
-        self._broker: Broker | None = None
+        self._broker: WorkerLink | None = None
         self._hostname = socket.gethostname()
         #: This server's Prometheus metrics; the gauges read the queues at scrape time.
         self.metrics = Metrics()
-        self.metrics.watch_queues(self.queues)
+        self.metrics.watch_queues(lambda: [queue.sample() for queue in self.queues()])
 
-    def attach(self, broker: Broker) -> None:
+    def attach(self, broker: WorkerLink) -> None:
         self._broker = broker
 
     def add_model(self, spec: ModelSpec, *, served_from_file: bool = True) -> ModelQueue:
@@ -121,6 +122,10 @@ class Dispatcher:
 
     # -- lookups ----------------------------------------------------------------------------
 
+    def knows_model(self, name: str) -> bool:
+        """Whether some version of a model of this name is served."""
+        return name in self._defaults
+
     def has_model(self, key: tuple[str, str]) -> bool:
         return key in self._queues
 
@@ -155,10 +160,10 @@ class Dispatcher:
         ]
 
     def settled(self) -> bool:
-        """Every model of the served file can serve (or was given up on as unhealthy) and no
-        worker is still starting."""
+        """Every model of the served file can serve, or was given up on as unhealthy, and no
+        worker of a model still served is starting."""
         return not any(
-            q.starting or (q.served_from_file and not q.ready_to_serve and q.state != "unhealthy")
+            q.state != "unhealthy" and (q.starting or (q.served_from_file and not q.ready_to_serve))
             for q in self._queues.values()
         )
 
@@ -180,7 +185,7 @@ class Dispatcher:
         the next request pays a cold start."""
         self._report(events.scaled_to_zero(spec, spec.pool.idle_timeout_s))
 
-    def retire_all(self, key: tuple[str, str], reason: str) -> list[WorkerInfo]:
+    def retire_all(self, key: tuple[str, str], reason: str) -> list[Worker]:
         """Tell every worker of a model version, local or remote, to leave (DISCONNECT)."""
         assert self._broker is not None
         leaving = [w for w in self._broker.workers() if w.spec.key == key]
@@ -188,7 +193,7 @@ class Dispatcher:
             self._broker.drop(worker, reason)
         return leaving
 
-    def retire(self, worker: WorkerInfo, reason: str) -> None:
+    def retire(self, worker: Worker, reason: str) -> None:
         """Let an idle worker go: it is told DISCONNECT and leaves its pool."""
         assert self._broker is not None
         self._broker.drop(worker, reason)
@@ -196,33 +201,27 @@ class Dispatcher:
     # -- local processes (from the supervisor) ----------------------------------------------
 
     def process_started(self, spec: ModelSpec, pid: int) -> None:
-        self.add_model(spec).starting.add(pid)
+        self.add_model(spec).process_started(pid)
 
     def process_exited(self, spec: ModelSpec, pid: int, how: str, expected: bool) -> None:
-        queue = self._queue_of(spec.key)
-        if queue is not None:
-            queue.starting.discard(pid)
-            if not expected:
-                queue.worker_exits += 1
-                queue.last_error = how
         assert self._broker is not None
         for worker in self._local_workers(pid):
             self._broker.drop(worker, how)
+        queue = self._queue_of(spec.key)
+        if queue is not None:
+            queue.process_exited(pid, how, expected)
 
-    def _local_workers(self, pid: int) -> list[WorkerInfo]:
+    def _local_workers(self, pid: int) -> list[Worker]:
         """The broker's workers that are process ``pid`` of this machine (one, or none yet)."""
         assert self._broker is not None
         return [w for w in self._broker.workers() if w.pid == pid and w.host == self._hostname]
 
     def template_changed(self, spec: ModelSpec, template: dict[str, Any] | None) -> None:
-        queue = self.add_model(spec)
-        queue.template = template
+        self.add_model(spec).template_changed(template)
         if template is None:
             return
         if template["state"] == "ready":
             self._report(events.template_ready(spec, template["pid"], template["rss_mb"]))
-            if queue.queue_depth and queue.on_demand is not None:
-                queue.on_demand()  # requests were waiting for the template
         else:
             self._report(events.template_starting(spec, template["pid"]))
 
@@ -232,7 +231,7 @@ class Dispatcher:
 
     # -- broker events ----------------------------------------------------------------------
 
-    def worker_ready(self, worker: WorkerInfo) -> None:
+    def worker_ready(self, worker: Worker) -> None:
         queue = self._queues.get(worker.spec.key)
         if queue is None and worker.spec.key in self._removed:
             assert self._broker is not None
@@ -242,25 +241,25 @@ class Dispatcher:
             # A worker started by hand for a model the served file does not define.
             queue = self.add_model(worker.spec, served_from_file=False)
         if worker.host == self._hostname:
-            queue.starting.discard(worker.pid)
+            queue.process_ready(worker.pid)
         queue.learn_loaded(worker.spec)
         queue.add_worker(worker)
         self._report(events.model_ready(worker))
 
-    def worker_lost(self, worker: WorkerInfo, reason: str) -> None:
+    def worker_lost(self, worker: Worker, reason: str) -> None:
         queue = self._queue_of(worker.spec.key)
         if queue is not None:
             queue.remove_worker(worker, reason)
         self._report(events.worker_lost(worker, reason))
 
     def batch_replied(
-        self, worker: WorkerInfo, batch_id: int, outputs: Outputs, compute_s: float | None
+        self, worker: Worker, batch_id: int, outputs: Outputs, compute_s: float | None
     ) -> None:
         queue = self._queue_of(worker.spec.key)
         if queue is not None:
             queue.complete(worker, batch_id, outputs, compute_s)
 
-    def batch_failed(self, worker: WorkerInfo, batch_id: int, error: RemoteError) -> None:
+    def batch_failed(self, worker: Worker, batch_id: int, error: RemoteError) -> None:
         queue = self._queue_of(worker.spec.key)
         if queue is not None:
             queue.fail_batch(worker, batch_id, error)

@@ -25,10 +25,19 @@ class PredictionError(Exception):
         self.body: dict[str, Any] = {"error": error, **details}
 
 
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a request must be answered: ``at`` (``time.monotonic()``), and the time it was
+    given (``budget_s``), which its 504 quotes."""
+
+    at: float
+    budget_s: float
+
+
 class Job:
     """The inputs of one request and the future its handler awaits.
 
-    :param deadline: ``time.monotonic()`` by which it must be answered (or get a 504).
+    :param deadline: by when it must be answered (or get a 504).
     """
 
     __slots__ = (
@@ -45,7 +54,7 @@ class Job:
     )
 
     def __init__(
-        self, inputs: Inputs, future: asyncio.Future[Outputs], arrived: float, deadline: float
+        self, inputs: Inputs, future: asyncio.Future[Outputs], arrived: float, deadline: Deadline
     ) -> None:
         self.inputs = inputs
         self.future = future

@@ -7,7 +7,11 @@ model's ``max_batch_size``. So batches form by themselves under load and a lone 
 sent at once. A request larger than ``max_batch_size`` is split across batches and answered
 when all its parts are back.
 
-:class:`~ketch.serving.dispatcher.Dispatcher` routes the broker's events to the right queue.
+Batches go to a :class:`~ketch.serving.sink.BatchSink` (the broker). The queue tells its
+:class:`PoolListener` (the pool manager) whenever what its pool needs may have changed: a
+request found no worker, its load crossed a multiple of ``target_inflight``, or a worker or
+process came or went. :class:`~ketch.serving.dispatcher.Dispatcher` routes the broker's events
+to the right queue.
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from ketch.observability.metrics import ModelMetrics
+from ketch.observability.metrics import ModelMetrics, QueueSample
+from ketch.serving import refusals
 from ketch.serving.batching import BatchSizer, batch_latency_target_s
 from ketch.serving.cache import PredictionCache
-from ketch.serving.jobs import Inputs, Job, Part, PredictionError
+from ketch.serving.jobs import Deadline, Inputs, Job, Part, PredictionError
+from ketch.serving.sink import BatchSink, Worker
 from ketch.specs.models import ModelSpec, PoolSpec, cache_limit
 from ketch.types import Outputs
-from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
-from ketch.zmq_transport.protocol import ErrorKind
+from ketch.zmq_transport.broker import RemoteError
 
 #: A batch is sent at most this many times: once, and once more if its worker dies.
 MAX_ATTEMPTS = 2
@@ -42,10 +47,17 @@ _SCAN_AHEAD = 64
 LATENCIES_KEPT = 1000
 
 
+class PoolListener(Protocol):
+    """Who sizes a queue's pool (the pool manager); told when what the pool needs may have
+    changed, it decides what to do."""
+
+    def pool_changed(self, queue: ModelQueue) -> None: ...
+
+
 @dataclass(slots=True)
 class Batch:
     id: int
-    worker: WorkerInfo
+    worker: Worker
     parts: list[Part]
     size: int
     sent_at: float
@@ -53,14 +65,16 @@ class Batch:
 
 @dataclass(slots=True)
 class _Worker:
-    info: WorkerInfo
+    info: Worker
     #: Adapts this worker's batch size to the model's ``slo_ms``; None without one.
     sizer: BatchSizer | None
     batches: dict[int, Batch] = field(default_factory=dict)
+    #: A send to it failed: it takes no batch until the sink reports it lost.
+    unreachable: bool = False
 
     @property
     def has_room(self) -> bool:
-        return len(self.batches) < self.info.capacity
+        return not self.unreachable and len(self.batches) < self.info.capacity
 
 
 class ModelQueue:
@@ -69,17 +83,18 @@ class ModelQueue:
     def __init__(
         self,
         spec: ModelSpec,
-        broker: Broker,
+        sink: BatchSink,
         batch_ids: Callable[[], int],
         metrics: ModelMetrics,
     ) -> None:
         self.spec = spec
         self._metrics = metrics
-        self._broker = broker
+        self._sink = sink
         self._next_batch_id = batch_ids
         self._pending: deque[Part] = deque()
         self._workers: dict[bytes, _Worker] = {}
-        self.starting: set[int] = set()
+        #: Local processes started for this version that have not said READY yet.
+        self._starting: set[int] = set()
         self.served_from_file = False
         #: Why the model stopped being served; set once its workers crash-looped.
         self.unhealthy_because: str | None = None
@@ -90,8 +105,11 @@ class ModelQueue:
         self.cold_starts = 0
         #: When the pending cold start began (the first worker's READY ends it); None: none.
         self._cold_start_began: float | None = None
-        #: Called when a request finds no worker ready or starting (the pool manager's cue).
-        self.on_demand: Callable[[], None] | None = None
+        #: The pool manager, while it manages this version's pool.
+        self._pool: PoolListener | None = None
+        #: ``ceil(active_requests / target_inflight)`` when the pool was last told.
+        self._load_level = 0
+        self._cold_timer: asyncio.TimerHandle | None = None
         #: A ``preload=True`` model's template process (pid, state, memory), while it runs.
         self.template: dict[str, Any] | None = None
         limit = cache_limit(spec.cache_size, spec.name)
@@ -116,40 +134,64 @@ class ModelQueue:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, inputs: Inputs, timeout_s: float) -> asyncio.Future[Outputs]:
+    def submit(self, inputs: Inputs, deadline: Deadline) -> asyncio.Future[Outputs]:
         """Queue a request's inputs; the future resolves to one output per input, or fails
-        with a :class:`PredictionError` (429 when the queue is full, 504 after ``timeout_s``).
+        with a :class:`PredictionError` (429 when the queue is full, 504 at ``deadline``).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         now = time.monotonic()
-        job = Job(inputs, future, now, now + timeout_s)
+        job = Job(inputs, future, now, deadline)
         if self.removed_because is not None:
-            job.fail(PredictionError(404, self.removed_because, **self.labels()))
+            job.fail(refusals.removed(self.spec, self.removed_because))
             return future
         if self.unhealthy_because is not None:
-            job.fail(self._unhealthy_error())
+            job.fail(refusals.unhealthy(self.spec, self.unhealthy_because))
             return future
         if self._abandoned():
-            job.fail(self._no_worker_error())
+            job.fail(refusals.no_worker(self.spec))
             return future
         if self._queued_items and self._queued_items + len(inputs) > self.spec.max_queue:
             self.rejected += 1
-            job.fail(self._queue_full_error())
+            job.fail(refusals.queue_full(self.spec, self._queued_items, self._drain_rate))
             return future
         self.active_requests += 1
-        job.timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
+        job.timer = loop.call_later(deadline.at - now, self._expire, job)
         future.add_done_callback(lambda _, job=job: self._job_done(job))  # type: ignore[misc]
         self.last_request_at = now
         self._enqueue(Part(job, 0, len(inputs)))
         if not self._workers:
-            job.cold_deadline = now + self.spec.pool.cold_start_timeout_s
-            if not self.starting and self.on_demand is not None:
-                self.cold_starts += 1
-                self._cold_start_began = now
-                self.on_demand()
+            self._wait_for_cold_start(job, now)
+        else:
+            self._load_moved()
         self.pump()
         return future
+
+    def _wait_for_cold_start(self, job: Job, now: float) -> None:
+        """A request with no worker ready: it waits up to ``cold_start_timeout_s`` for one,
+        and the first such request of a pool with none starting starts a cold start."""
+        timeout_s = self.spec.pool.cold_start_timeout_s
+        job.cold_deadline = now + timeout_s
+        if self._cold_timer is None:
+            self._cold_timer = asyncio.get_running_loop().call_later(
+                timeout_s, self._expire_cold_starts
+            )
+        if not self._starting and self._pool is not None:
+            self.cold_starts += 1
+            self._cold_start_began = now
+        self._load_moved(always=True)
+
+    def _load_moved(self, *, always: bool = False) -> None:
+        """Tell the pool when the load level (requests per ``target_inflight``) changed: the
+        one load figure its size depends on, so the pool hears of load only when it matters."""
+        level = -(-self.active_requests // self.spec.pool.target_inflight)
+        if (always or level != self._load_level) and self._pool is not None:
+            self._load_level = level
+            self._pool.pool_changed(self)
+
+    def managed_by(self, pool: PoolListener | None) -> None:
+        """Let ``pool`` size this version's pool from now on (None: nobody does)."""
+        self._pool = pool
 
     def _enqueue(self, part: Part, *, first: bool = False) -> None:
         if first:
@@ -161,6 +203,7 @@ class ModelQueue:
 
     def _job_done(self, job: Job) -> None:
         self.active_requests -= 1
+        self._load_moved()
         self._queued_items -= job.queued
         job.queued = 0
         if job.timer is not None:
@@ -183,82 +226,48 @@ class ModelQueue:
         :raises PredictionError: 503 when the model is unhealthy or none is ready in time.
         """
         if self.unhealthy_because is not None:
-            raise self._unhealthy_error()
+            raise refusals.unhealthy(self.spec, self.unhealthy_because)
         if self._workers:
             return
         # Counts as traffic for the pool manager: the pool wants a worker for idle_timeout_s.
         self.last_request_at = time.monotonic()
-        if not self.starting and self.on_demand is not None:
-            self.on_demand()
+        self._load_moved(always=True)
         if not await _wait_for(self._ready_waiters, timeout_s):
-            cause = f"; the last attempt: {self.last_error}" if self.last_error else ""
-            raise PredictionError(
-                503,
-                f"model {self.spec.label()!r} has no worker ready after {timeout_s:g} s{cause}",
-                **self.labels(),
-            )
+            raise refusals.not_ready(self.spec, timeout_s, self.last_error)
         if self.unhealthy_because is not None:
-            raise self._unhealthy_error()
+            raise refusals.unhealthy(self.spec, self.unhealthy_because)
 
     def set_pool(self, pool: PoolSpec) -> None:
-        """New replica bounds (or timings); the pool manager follows them at its next tick."""
+        """New replica bounds (or timings), which the pool follows at once."""
         self.spec = replace(self.spec, pool=pool)
+        self._load_moved(always=True)
 
-    def _expire(self, job: Job, timeout_s: float) -> None:
+    def _expire(self, job: Job) -> None:
         if job.future.done():
             return
         self.expired += 1
-        where = (
-            "while its batch was computing"
-            if job.dispatched
-            else "before a worker was free, so it was never computed"
-        )
-        job.fail(
-            PredictionError(
-                504,
-                f"model {self.spec.label()!r} did not answer within {timeout_s * 1000:g} ms: "
-                f"the request's deadline passed {where}",
-                **self.labels(),
-            )
-        )
+        job.fail(refusals.deadline_passed(self.spec, job.deadline.budget_s, job.dispatched))
 
-    def _queue_full_error(self) -> PredictionError:
-        retry_after = 1
-        if self._drain_rate > 0:
-            retry_after = max(1, min(60, math.ceil(self._queued_items / self._drain_rate)))
-        error = PredictionError(
-            429,
-            f"model {self.spec.label()!r} has {self._queued_items} inputs waiting, its "
-            f"max_queue is {self.spec.max_queue}: retry after {retry_after} s",
-            **self.labels(),
-        )
-        error.headers["Retry-After"] = str(retry_after)
-        return error
-
-    def expire_cold_starts(self, now: float) -> None:
-        """Answer 503 to requests that waited their ``cold_start_timeout_s`` for a worker."""
+    def _expire_cold_starts(self) -> None:
+        """Answer 503 to requests that waited their ``cold_start_timeout_s`` for a worker, and
+        look again when the next waiting one's time is up."""
+        self._cold_timer = None
         if self._workers or not self._pending:
             return
-        expired = [
-            p
-            for p in self._pending
-            if p.job.cold_deadline is not None and p.job.cold_deadline < now
-        ]
-        if not expired:
-            return
-        cause = "a worker is still starting" if self.starting else "no worker could start"
-        if self.last_error is not None:
-            cause = f"{cause}; the last attempt: {self.last_error}"
-        error = PredictionError(
-            503,
-            f"model {self.spec.label()!r} got no worker within "
-            f"{self.spec.pool.cold_start_timeout_s:g} s ({cause})",
-            **self.labels(),
-        )
-        for part in expired:
-            part.job.fail(error)
+        now = time.monotonic()
+        waiting = [(p, p.job.cold_deadline) for p in self._pending if p.job.cold_deadline]
+        expired = [part for part, at in waiting if at <= now]
+        if expired:
+            error = refusals.no_cold_start(self.spec, bool(self._starting), self.last_error)
+            for part in expired:
+                part.job.fail(error)
+        later = [at for _, at in waiting if at > now]
+        if later:
+            self._cold_timer = asyncio.get_running_loop().call_later(
+                min(later) - now, self._expire_cold_starts
+            )
 
-    def idle_workers(self, count: int, local_pids: set[int]) -> list[WorkerInfo]:
+    def idle_workers(self, count: int, local_pids: set[int]) -> list[Worker]:
         """Up to ``count`` local workers with no batch in flight, to be scaled down."""
         hostname = socket.gethostname()
         idle = [
@@ -270,33 +279,42 @@ class ModelQueue:
 
     def _abandoned(self) -> bool:
         """No worker serves this model and none will come by itself: it joined by hand only."""
-        return not self.served_from_file and not self._workers and not self.starting
+        return not self.served_from_file and not self._workers and not self._starting
 
     def mark_unhealthy(self, cause: str) -> None:
         """Stop serving: answer everything waiting, and every new request, 503 with ``cause``."""
         self.unhealthy_because = cause
         self.last_error = cause
-        error = self._unhealthy_error()
+        error = refusals.unhealthy(self.spec, cause)
         while self._pending:
             self._pending.popleft().job.fail(error)
         _wake(self._ready_waiters)
 
-    def _unhealthy_error(self) -> PredictionError:
-        return PredictionError(
-            503,
-            f"model {self.spec.label()!r} is unhealthy and no longer served: "
-            f"{self.unhealthy_because}; fix it and restart ketch (or remove it and add it "
-            "again through the management API)",
-            **self.labels(),
-        )
+    # -- local processes (from the supervisor, through the dispatcher) -----------------------
 
-    def _no_worker_error(self) -> PredictionError:
-        return PredictionError(
-            503,
-            f"no worker serves model {self.spec.label()!r}: its workers were started by hand "
-            "and have all left; start one with `ketch worker`",
-            **self.labels(),
-        )
+    @property
+    def starting(self) -> frozenset[int]:
+        """Local processes started for this version that have not said READY yet."""
+        return frozenset(self._starting)
+
+    def process_started(self, pid: int) -> None:
+        self._starting.add(pid)
+
+    def process_ready(self, pid: int) -> None:
+        """Local process ``pid`` said READY (its worker is added separately)."""
+        self._starting.discard(pid)
+
+    def process_exited(self, pid: int, how: str, expected: bool) -> None:
+        self._starting.discard(pid)
+        if not expected:
+            self.worker_exits += 1
+            self.last_error = how
+        self._load_moved(always=True)
+
+    def template_changed(self, template: dict[str, Any] | None) -> None:
+        self.template = template
+        if template is not None and template["state"] == "ready":
+            self._load_moved(always=True)  # workers can start now
 
     @property
     def queue_depth(self) -> int:
@@ -368,20 +386,26 @@ class ModelQueue:
             inputs = np.concatenate([part.inputs() for part in parts])
         else:
             inputs = [x for part in parts for x in part.inputs()]
+        batch_id = self._next_batch_id()
+        try:
+            delivered = self._sink.send_batch(worker.info, batch_id, inputs)
+        except ValueError as exc:
+            self._fail(parts, refusals.unsendable(self.spec, str(exc)))
+            return
+        if not delivered:
+            # Never sent: the parts wait at the front for another worker (no attempt used),
+            # and this one takes nothing more until its loss is reported.
+            worker.unreachable = True
+            for part in reversed(parts):
+                self._enqueue(part, first=True)
+            return
         for part in parts:
             part.attempts += 1
             part.job.dispatched = True
-        batch = Batch(self._next_batch_id(), worker.info, parts, len(inputs), time.monotonic())
+        batch = Batch(batch_id, worker.info, parts, len(inputs), time.monotonic())
         worker.batches[batch.id] = batch
         self.last_batch_size = batch.size
-        try:
-            # On failure the broker drops the worker, and worker_lost requeues this batch.
-            self._broker.send_batch(worker.info, batch.id, inputs)
-        except ValueError as exc:
-            worker.batches.pop(batch.id, None)
-            self._fail(parts, PredictionError(400, str(exc), **self.labels()))
-        else:
-            self._metrics.batch_sent(batch.size)
+        self._metrics.batch_sent(batch.size)
 
     # -- worker events ----------------------------------------------------------------------
 
@@ -397,7 +421,7 @@ class ModelQueue:
                 runtime_info=announced.runtime_info,
             )
 
-    def add_worker(self, info: WorkerInfo) -> None:
+    def add_worker(self, info: Worker) -> None:
         sizer = None
         if self.spec.slo_ms is not None:
             target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
@@ -408,8 +432,9 @@ class ModelQueue:
             self._metrics.cold_start_done(time.monotonic() - self._cold_start_began)
             self._cold_start_began = None
         self.pump()
+        self._load_moved(always=True)
 
-    def remove_worker(self, info: WorkerInfo, reason: str) -> None:
+    def remove_worker(self, info: Worker, reason: str) -> None:
         worker = self._workers.pop(info.identity, None)
         if worker is None:
             return
@@ -419,26 +444,21 @@ class ModelQueue:
                 if part.job.future.done():
                     continue
                 if part.attempts >= MAX_ATTEMPTS:
-                    part.job.fail(
-                        PredictionError(
-                            503,
-                            f"{info.describe()} was lost while computing this request "
-                            f"({reason}), after {part.attempts} attempts",
-                            **self.labels(),
-                        )
-                    )
+                    error = refusals.worker_lost(self.spec, info.describe(), reason, part.attempts)
+                    part.job.fail(error)
                 else:
                     retry.append(part)
         # Retries go first: they have waited longest.
         for part in reversed(retry):
             self._enqueue(part, first=True)
         if self._abandoned():
-            error = self._no_worker_error()
+            error = refusals.no_worker(self.spec)
             while self._pending:
                 self._pending.popleft().job.fail(error)
         self.pump()
+        self._load_moved(always=True)
 
-    def fail_in_flight(self, info: WorkerInfo, error: PredictionError) -> None:
+    def fail_in_flight(self, info: Worker, error: PredictionError) -> None:
         worker = self._workers.get(info.identity)
         if worker is None:
             return
@@ -447,7 +467,7 @@ class ModelQueue:
         worker.batches.clear()
 
     def complete(
-        self, info: WorkerInfo, batch_id: int, outputs: Outputs, compute_s: float | None = None
+        self, info: Worker, batch_id: int, outputs: Outputs, compute_s: float | None = None
     ) -> None:
         """A batch came back: deliver its outputs; ``compute_s`` is the model's time on it as
         the worker measured it (the round trip when unknown), which the batch size tunes by:
@@ -466,10 +486,8 @@ class ModelQueue:
             self._drain_rate += _RATE_SMOOTHING * (rate - self._drain_rate)
         self._last_completion = now
         if len(outputs) != batch.size:
-            error = PredictionError(
-                500,
-                f"{info.describe()} returned {len(outputs)} outputs for a batch of {batch.size}",
-                **self.labels(),
+            error = refusals.wrong_output_count(
+                self.spec, info.describe(), len(outputs), batch.size
             )
             self._fail(batch.parts, error)
         else:
@@ -479,25 +497,14 @@ class ModelQueue:
                 offset += part.size
         self.pump()
 
-    def fail_batch(self, info: WorkerInfo, batch_id: int, remote: RemoteError) -> None:
+    def fail_batch(self, info: Worker, batch_id: int, remote: RemoteError) -> None:
         batch = self._finish(info, batch_id)
         if batch is None:
             return
-        if remote.kind is ErrorKind.MODEL:
-            error = PredictionError(
-                500,
-                f"model {self.spec.label()!r} raised {remote.type}: {remote.message}",
-                type=remote.type,
-                message=remote.message,
-                **self.labels(),
-            )
-        else:
-            status = 400 if remote.kind is ErrorKind.BAD_INPUT else 500
-            error = PredictionError(status, remote.message, type=remote.type, **self.labels())
-        self._fail(batch.parts, error)
+        self._fail(batch.parts, refusals.batch_failed(self.spec, remote))
         self.pump()
 
-    def _finish(self, info: WorkerInfo, batch_id: int) -> Batch | None:
+    def _finish(self, info: Worker, batch_id: int) -> Batch | None:
         worker = self._workers.get(info.identity)
         return None if worker is None else worker.batches.pop(batch_id, None)
 
@@ -507,9 +514,26 @@ class ModelQueue:
 
     def labels(self) -> dict[str, str]:
         """The ``model`` and ``version`` details every error about this queue carries."""
-        return {"model": self.spec.name, "version": self.spec.version}
+        return refusals.labels(self.spec)
 
     # -- status -----------------------------------------------------------------------------
+
+    def sample(self) -> QueueSample:
+        """What the metrics read of this queue at scrape time."""
+        cache = self.cache
+        return QueueSample(
+            model=self.spec.name,
+            version=self.spec.version,
+            queue_depth=self.queue_depth,
+            ready=len(self._workers),
+            starting=len(self._starting),
+            healthy=self.unhealthy_because is None,
+            cold_starts=self.cold_starts,
+            worker_exits=self.worker_exits,
+            rejected=self.rejected,
+            expired=self.expired,
+            cache=(cache.hits, cache.misses) if cache is not None else None,
+        )
 
     @property
     def ready_replicas(self) -> int:
@@ -521,7 +545,7 @@ class ModelQueue:
             return "unhealthy"
         if self._workers:
             return "ready"
-        if self.starting:
+        if self._starting:
             return "starting"
         return "zero" if self.served_from_file else "unavailable"
 
@@ -538,7 +562,7 @@ class ModelQueue:
             "version": self.spec.version,
             "default": self.spec.version == default_version,
             "state": self.state,
-            "replicas": {"ready": len(self._workers), "starting": len(self.starting)},
+            "replicas": {"ready": len(self._workers), "starting": len(self._starting)},
             "runtime": self.spec.runtime,
             "artifact": self.spec.artifact,
             "options": self.spec.options,

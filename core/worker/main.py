@@ -122,7 +122,7 @@ def run_worker(plan: WorkerPlan) -> None:
         # workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec, predict = load(plan)
-    worker.serve(spec, predict, plan.options())
+    worker.serve(spec.to_dict(), spec.label(), predict, plan.options())
 
 
 def redirect_output(fd: int) -> None:
