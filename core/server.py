@@ -7,9 +7,11 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+import msgspec
 
 from ketch.applications.runner import Applications, build_applications
 from ketch.applications.state import StateStore, default_state_dir
@@ -133,7 +135,7 @@ async def serve(
             else Served([], [])
         )
         specs = [
-            replace(spec, pool=spec.pool.with_floor(options.workers_per_model))
+            msgspec.structs.replace(spec, pool=spec.pool.with_floor(options.workers_per_model))
             for spec in [*served.models, *map(parse_model_argument, options.models)]
         ]
         for spec in specs:

@@ -5,7 +5,6 @@ commands, through :class:`~ketch.cli.admin_client.AdminClient`; and ``--url``/``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from typing import Any, TypeAlias
@@ -328,7 +327,7 @@ def run_admin_action(args: argparse.Namespace) -> Outcome:
         case "models", "remove":
             return client.remove_model(args.name, args.version)
         case "models", "scale":
-            fields = (f.name for f in dataclasses.fields(PoolSpec))
+            fields = PoolSpec.__struct_fields__
             pool = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
             if not pool:
                 raise KetchError(

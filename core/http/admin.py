@@ -16,12 +16,12 @@ removal cannot race a roll of the same model. Every route needs the admin token
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -41,7 +41,7 @@ from ketch.specs.models import DEFAULT_VERSION, PoolSpec
 
 #: Keys of ``POST /admin/models``.
 _MODEL_KEYS = frozenset({"name", "runtime", "path", "version", "settings", "wait"})
-_POOL_KEYS = frozenset(f.name for f in dataclasses.fields(PoolSpec))
+_POOL_KEYS = frozenset(PoolSpec.__struct_fields__)
 #: Keys of ``PATCH /admin/apps/{name}``: an application's spec but its name.
 _APP_CHANGES = frozenset(
     {"models", "policy", "params", "slo_ms", "default_output", "has_default_output"}
@@ -117,7 +117,7 @@ class Admin:
             spec = deployment_spec(name, runtime, path, Path.cwd(), version, settings)
         except (TypeError, ValueError) as exc:
             raise PredictionError(400, str(exc), model=name) from None
-        spec = dataclasses.replace(spec, pool=spec.pool.with_floor(self._workers_per_model))
+        spec = msgspec.structs.replace(spec, pool=spec.pool.with_floor(self._workers_per_model))
         async with self._model_locks[spec.name]:
             if self._dispatcher.has_model(spec.key):
                 raise PredictionError(
@@ -208,7 +208,7 @@ class Admin:
                 # Raising the floor above the ceiling raises the ceiling with it.
                 body["max_replicas"] = max(current.max_replicas, minimum)
             try:
-                pool = dataclasses.replace(current, **body)
+                pool = msgspec.structs.replace(current, **body)
             except (TypeError, ValueError) as exc:
                 raise PredictionError(400, str(exc), **queue.labels()) from None
             queue.set_pool(pool)

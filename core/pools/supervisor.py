@@ -15,9 +15,10 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import psutil
 
 from ketch import __version__
@@ -239,7 +240,7 @@ class LocalWorkers:
             broker=self._broker,
             heartbeat_interval_s=self._heartbeat.interval_s,
             heartbeat_liveness=self._heartbeat.liveness,
-            resources=asdict(spec.resources),
+            resources=msgspec.to_builtins(spec.resources),
             deployment=spec.to_dict() if spec.deployed else None,
         )
 

@@ -22,10 +22,11 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from msgspec.structs import asdict, replace
 
 from ketch.observability.metrics import ModelMetrics, QueueSample
 from ketch.serving import refusals

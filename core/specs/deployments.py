@@ -9,7 +9,6 @@ once with the path and the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 from collections.abc import Mapping
@@ -30,9 +29,9 @@ from ketch.specs.resources import Resources
 DEPLOYMENTS_ATTRIBUTE = "__ketch_deployments__"
 
 _SPEC_OPTIONS = ("max_batch_size", "max_delay_ms", "slo_ms", "max_queue", "cache_size")
-_POOL_OPTIONS = tuple(f.name for f in dataclasses.fields(PoolSpec))
-_RESOURCE_OPTIONS = tuple(f.name for f in dataclasses.fields(Resources))
-_START_OPTIONS = tuple(f.name for f in dataclasses.fields(WorkerStart))
+_POOL_OPTIONS = PoolSpec.__struct_fields__
+_RESOURCE_OPTIONS = Resources.__struct_fields__
+_START_OPTIONS = WorkerStart.__struct_fields__
 #: ``NAME=RUNTIME:PATH`` as ``ketch serve --model`` takes it.
 MODEL_ARGUMENT = re.compile(r"^(?P<name>[^=:]+)=(?P<runtime>[A-Za-z][A-Za-z0-9_]*):(?P<path>.+)$")
 

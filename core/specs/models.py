@@ -13,10 +13,11 @@ import inspect
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
+import msgspec
 import numpy as np
+from msgspec.structs import replace
 
 from ketch.specs.resources import Resources
 from ketch.specs.signature import TensorSpec
@@ -37,8 +38,7 @@ _CACHE_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*$", re.IGNORECASE
 _BYTE_UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
-@dataclass(frozen=True, slots=True)
-class PoolSpec:
+class PoolSpec(msgspec.Struct, frozen=True, kw_only=True):
     """How many workers a model version gets, and when.
 
     :param min_replicas: workers kept even without traffic; 0 lets the pool scale to zero.
@@ -84,8 +84,7 @@ class PoolSpec:
         return replace(self, min_replicas=replicas, max_replicas=max(self.max_replicas, replicas))
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerStart:
+class WorkerStart(msgspec.Struct, frozen=True, kw_only=True):
     """How a model's worker processes start.
 
     :param preload: keep a template process with the model's module imported, even while the
@@ -106,9 +105,12 @@ class WorkerStart:
             raise ValueError(f"python must name an interpreter, got {self.python!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class ModelSpec:
-    """What the gateway needs to know about a model; plain data, sent over the wire as a dict.
+_TENSOR_FIELDS = ("inputs", "outputs", "hinted_inputs", "hinted_outputs")
+
+
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What the gateway needs to know about a model: plain data, the one shape of a model in
+    the served file's discovery, in a worker's READY, in a plan and in the management API.
 
     :param name: URL name of the model (``/models/{name}/predict``).
     :param version: version label; requests without a version go to the highest one.
@@ -148,15 +150,15 @@ class ModelSpec:
     slo_ms: float | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     cache_size: int | str | None = None
-    pool: PoolSpec = field(default_factory=PoolSpec)
-    resources: Resources = field(default_factory=Resources)
-    start: WorkerStart = field(default_factory=WorkerStart)
+    pool: PoolSpec = msgspec.field(default_factory=PoolSpec)
+    resources: Resources = msgspec.field(default_factory=Resources)
+    start: WorkerStart = msgspec.field(default_factory=WorkerStart)
     runtime: str = "python"
     artifact: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
-    runtime_info: Mapping[str, Any] = field(default_factory=dict)
+    runtime_info: dict[str, Any] = msgspec.field(default_factory=dict)
     hinted_inputs: tuple[TensorSpec, ...] = ()
     hinted_outputs: tuple[TensorSpec, ...] = ()
 
@@ -173,35 +175,29 @@ class ModelSpec:
         return f"{self.name}:{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["options"] = dict(self.options)
-        data["inputs"] = [tensor.to_dict() for tensor in self.inputs]
-        data["outputs"] = [tensor.to_dict() for tensor in self.outputs]
-        data["hinted_inputs"] = [tensor.to_dict() for tensor in self.hinted_inputs]
-        data["hinted_outputs"] = [tensor.to_dict() for tensor in self.hinted_outputs]
-        data["runtime_info"] = dict(self.runtime_info)
+        """The spec as plain data (maps, lists, strings, numbers) for JSON or msgpack."""
+        data: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(self))
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
-        """Rebuild a spec from :meth:`to_dict`, ignoring keys a newer peer may add."""
-        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
-        if isinstance(known.get("pool"), Mapping):
-            pool = known["pool"]
-            known["pool"] = PoolSpec(
-                **{name: pool[name] for name in PoolSpec.__dataclass_fields__ if name in pool}
-            )
-        if isinstance(known.get("resources"), Mapping):
-            known["resources"] = Resources.from_dict(known["resources"])
-        if isinstance(known.get("start"), Mapping):
-            start = known["start"]
-            known["start"] = WorkerStart(
-                **{name: start[name] for name in WorkerStart.__dataclass_fields__ if name in start}
-            )
-        for tensors in ("inputs", "outputs", "hinted_inputs", "hinted_outputs"):
-            if tensors in known:
-                known[tensors] = tuple(TensorSpec.from_dict(t) for t in known[tensors])
+        """Rebuild a spec from :meth:`to_dict`, ignoring keys a newer peer may add; raises
+        ``ValueError`` naming the field and the value when one is not valid."""
+        known = {name: data[name] for name in cls.__struct_fields__ if name in data}
+        for name, part in _PARTS.items():
+            if name in known:
+                known[name] = msgspec.convert(known[name], part)
+        # The scalar fields go through the same checks, and messages, as the decorator's.
         return validated_spec(**known)
+
+
+#: The fields of a :class:`ModelSpec` that are shapes of their own.
+_PARTS: dict[str, Any] = {
+    "pool": PoolSpec,
+    "resources": Resources,
+    "start": WorkerStart,
+    **{name: tuple[TensorSpec, ...] for name in _TENSOR_FIELDS},
+}
 
 
 def validated_spec(
@@ -255,26 +251,26 @@ def validated_spec(
         raise ValueError(f"max_queue of {name!r} must be an int >= 1, got {max_queue!r}")
     cache_limit(cache_size, name)
     return ModelSpec(
-        name,
-        version,
-        max_batch_size,
-        batch_input,
-        bool(is_async),
-        float(max_delay_ms),
-        float(slo_ms) if slo_ms is not None else None,
-        max_queue,
-        cache_size,
-        pool or PoolSpec(),
-        resources or Resources(),
-        start or WorkerStart(),
-        runtime,
-        artifact,
-        dict(options or {}),
-        tuple(inputs),
-        tuple(outputs),
-        dict(runtime_info or {}),
-        tuple(hinted_inputs),
-        tuple(hinted_outputs),
+        name=name,
+        version=version,
+        max_batch_size=max_batch_size,
+        batch_input=batch_input,
+        is_async=bool(is_async),
+        max_delay_ms=float(max_delay_ms),
+        slo_ms=float(slo_ms) if slo_ms is not None else None,
+        max_queue=max_queue,
+        cache_size=cache_size,
+        pool=pool or PoolSpec(),
+        resources=resources or Resources(),
+        start=start or WorkerStart(),
+        runtime=runtime,
+        artifact=artifact,
+        options=dict(options or {}),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        runtime_info=dict(runtime_info or {}),
+        hinted_inputs=tuple(hinted_inputs),
+        hinted_outputs=tuple(hinted_outputs),
     )
 
 
@@ -397,16 +393,19 @@ def model(
     """
 
     pool = PoolSpec(
-        min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        idle_timeout_s=idle_timeout_s,
+        target_inflight=target_inflight,
+        cold_start_timeout_s=cold_start_timeout_s,
     )
-
     resources = Resources(
-        tuple(cpus) if cpus is not None else None,
-        memory_mb,
-        threads,
-        tuple(gpus) if gpus is not None else None,
+        cpus=tuple(cpus) if cpus is not None else None,
+        memory_mb=memory_mb,
+        threads=threads,
+        gpus=tuple(gpus) if gpus is not None else None,
     )
-    start = WorkerStart(preload, python)
+    start = WorkerStart(preload=preload, python=python)
 
     def decorate(func: Callable[P, R]) -> Model[P, R]:
         if isinstance(func, Model):

@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import psutil
+from msgspec.structs import force_setattr
 
 #: Environment variables through which OpenMP, MKL, OpenBLAS, numexpr and Accelerate take
 #: their thread counts.
@@ -28,8 +29,7 @@ THREAD_VARIABLES = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Resources:
+class Resources(msgspec.Struct, frozen=True, kw_only=True):
     """Limits for each worker of a model; ``None`` leaves that resource alone.
 
     :param cpus: cores the worker may run on (CPU affinity), e.g. ``(0, 1)``.
@@ -55,7 +55,7 @@ class Resources:
                 raise ValueError(f"{name} must hold indices >= 0, got {value!r}")
             if name == "cpus" and not items:
                 raise ValueError("cpus must name at least one core")
-            object.__setattr__(self, name, items)
+            force_setattr(self, name, items)
         for name in ("memory_mb", "threads"):
             value = getattr(self, name)
             if value is None:
@@ -65,7 +65,8 @@ class Resources:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Resources:
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+        """Rebuild limits from their plain form, ignoring keys a newer peer may add."""
+        return msgspec.convert(data, cls)
 
 
 def apply(resources: Resources) -> None:

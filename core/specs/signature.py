@@ -8,14 +8,13 @@ names the expected one, never a failed batch).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 
 
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
+class TensorSpec(msgspec.Struct, frozen=True):
     """One input or output tensor of a model, per item of a batch.
 
     :param name: the tensor's name in the framework (``"input_1"``, ``"x"``).
@@ -33,7 +32,7 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), str(data["datatype"]), tuple(int(d) for d in data["shape"]))
+        return msgspec.convert(data, cls)
 
     def accepts(self, shape: Sequence[int]) -> bool:
         """Whether an item of ``shape`` fits this tensor (``-1`` matches any size)."""

@@ -18,8 +18,10 @@ import signal
 import sys
 import traceback
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
+
+import msgspec
 
 from ketch.errors import TargetLoadError
 from ketch.runtimes.python import checked_outputs, make_predict, stack
@@ -103,7 +105,7 @@ def _load_deployment(spec: ModelSpec) -> tuple[ModelSpec, Predict]:
 
     apply_resources(spec.resources)
     runtime = installed_plugins().runtime_class(spec.runtime)(spec.artifact, spec.options)
-    spec = replace(
+    spec = msgspec.structs.replace(
         spec, inputs=runtime.inputs, outputs=runtime.outputs, runtime_info=runtime.describe()
     )
     label = spec.label()
