@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import numpy as np
 
@@ -27,7 +28,9 @@ def scale_v2(xs: list[float]) -> list[float]:
 
 @ketch.model(max_batch_size=4)
 def batch_sizes(xs: list[float]) -> list[int]:
-    """Answers each input with the size of the batch it was computed in."""
+    """Answers each input with the size of the batch it was computed in; takes 20 ms a batch,
+    so that requests arriving meanwhile (even from a slow client) queue up behind it."""
+    time.sleep(0.02)  # the model's compute time, not a wait for anything
     return [len(xs)] * len(xs)
 
 

@@ -108,7 +108,7 @@ def test_health_routes(server: KetchServer) -> None:
         (b"[1, 2]", 400, "must be a JSON object, got a JSON array"),
         (b'{"x": 1}', 400, "needs 'input'"),
         (b'{"input": 1, "inputs": [1]}', 400, "not both"),
-        (b'{"inputs": 3}', 400, "'inputs' must be a list"),
+        (b'{"inputs": 3}', 400, "'inputs' must be a non-empty list, got 3"),
         (b'{"inputs": []}', 400, "empty"),
         (b'{"input": 1, "version": [1]}', 400, "'version' must be a string"),
     ],

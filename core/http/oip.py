@@ -171,14 +171,18 @@ def _parse_request(
     return body, tensors
 
 
-def _client_timeout(body: dict[str, Any]) -> dict[str, Any]:
-    """The request's ``parameters.timeout`` (microseconds, as tritonclient sends it) as ketch's
-    ``timeout_ms``; the X-Ketch-Timeout-Ms header is only read when it is absent."""
+def _client_timeout(body: dict[str, Any]) -> float | None:
+    """The request's ``parameters.timeout`` (microseconds, as tritonclient sends it) in ms;
+    the X-Ketch-Timeout-Ms header is only read when it is absent."""
     parameters = body.get("parameters")
     timeout_us = parameters.get("timeout") if isinstance(parameters, dict) else None
     if isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool):
-        return {"timeout_ms": timeout_us / 1000}
-    return {}
+        if not 0 < timeout_us < 1e12:
+            raise PredictionError(
+                400, f"'parameters.timeout' must be microseconds > 0, got {timeout_us!r}"
+            )
+        return timeout_us / 1000
+    return None
 
 
 def _is_shape(value: Any) -> bool:

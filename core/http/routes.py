@@ -28,10 +28,10 @@ passed (its own timeout, else the model's ``slo_ms``, else the server's request 
 
 from __future__ import annotations
 
-import math
 import uuid
 from typing import Any
 
+from msgspec import UNSET, UnsetType
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -42,14 +42,9 @@ from ketch.http import openapi
 from ketch.http.admin import Admin
 from ketch.http.auth import TokenGuard, Tokens
 from ketch.http.endpoints import Endpoints, Reached
-from ketch.http.json_io import (
-    TIMEOUT_HEADER,
-    json_kind,
-    json_response,
-    parse_body,
-    timeout_ms_of,
-)
+from ketch.http.json_io import TIMEOUT_HEADER, decode_body, json_response, timeout_ms_of
 from ketch.http.oip import OpenInference
+from ketch.http.shapes import AppRequest, FeedbackRequest, PredictRequest
 from ketch.serving.admission import Deadlines, predict
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
@@ -111,10 +106,10 @@ class Gateway:
 
     async def predict(self, request: Request, reached: Reached) -> Response:
         name = request.path_params["name"]
-        body = parse_body(await request.body())
+        body = decode_body(await request.body(), PredictRequest)
         single, inputs = _inputs_of(body)
-        version = _version_of(body)
-        timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
+        version = body.version if not isinstance(body.version, int) else str(body.version)
+        timeout_ms = timeout_ms_of(body.timeout_ms, request.headers.get(TIMEOUT_HEADER))
         queue = self.dispatcher.queue_for(name, version)
         reached.set(queue.spec.name, queue.spec.version)
         deadline = self.deadlines.deadline(timeout_ms, queue.spec.slo_ms)
@@ -127,33 +122,31 @@ class Gateway:
 
     async def app_predict(self, request: Request) -> Response:
         application = self.apps.get(request.path_params["name"])
-        body = parse_body(await request.body())
-        if "input" not in body:
+        body = decode_body(await request.body(), AppRequest)
+        if body.input is UNSET:
             raise PredictionError(
-                400,
-                "request body needs 'input': an application answers one input",
-                keys=sorted(body),
+                400, "request body needs 'input': an application answers one input"
             )
-        timeout_ms = timeout_ms_of(body, request.headers.get(TIMEOUT_HEADER))
-        answer = await application.predict(body["input"], timeout_ms)
+        timeout_ms = timeout_ms_of(body.timeout_ms, request.headers.get(TIMEOUT_HEADER))
+        answer = await application.predict(body.input, timeout_ms)
         return json_response(answer)
 
     async def app_feedback(self, request: Request) -> Response:
         application = self.apps.get(request.path_params["name"])
-        body = parse_body(await request.body())
-        query_id = body.get("query_id")
+        body = decode_body(await request.body(), FeedbackRequest)
+        query_id = body.query_id
         if not isinstance(query_id, str) or not query_id:
+            query_id = None if query_id is UNSET else query_id
             raise PredictionError(
                 400, f"feedback needs the 'query_id' of an answer, got {query_id!r}"
             )
-        reward = _reward_of(body)
-        if reward is None and "label" not in body:
+        has_label = body.label is not UNSET
+        if body.reward is None and not has_label:
             raise PredictionError(
-                400,
-                "feedback needs a 'reward' (a number in [0, 1]) or a 'label'",
-                keys=sorted(body),
+                400, "feedback needs a 'reward' (a number in [0, 1]) or a 'label'"
             )
-        answer = application.feedback(query_id, reward, body.get("label"), "label" in body)
+        label = body.label if has_label else None
+        answer = application.feedback(query_id, body.reward, label, has_label)
         return json_response(answer)
 
     async def list_apps(self, request: Request) -> Response:
@@ -175,48 +168,18 @@ class Gateway:
         return json_response({"ready": True})
 
 
-def _inputs_of(body: dict[str, Any]) -> tuple[bool, list[Any]]:
+def _inputs_of(body: PredictRequest) -> tuple[bool, list[Any]]:
     """``(single, inputs)``: whether the request used ``input``, and the inputs as a list."""
-    has_input, has_inputs = "input" in body, "inputs" in body
+    has_input, has_inputs = body.input is not UNSET, body.inputs is not UNSET
     if has_input and has_inputs:
         raise PredictionError(400, "give either 'input' or 'inputs', not both")
     if has_input:
-        return True, [body["input"]]
-    if not has_inputs:
+        return True, [body.input]
+    if isinstance(body.inputs, UnsetType):
         raise PredictionError(
-            400,
-            "request body needs 'input' (one input) or 'inputs' (a list of inputs)",
-            keys=sorted(body),
+            400, "request body needs 'input' (one input) or 'inputs' (a list of inputs)"
         )
-    inputs = body["inputs"]
-    if not isinstance(inputs, list):
-        raise PredictionError(400, f"'inputs' must be a list, got a JSON {json_kind(inputs)}")
-    if not inputs:
-        raise PredictionError(400, "'inputs' is an empty list: send at least one input")
-    return False, inputs
-
-
-def _version_of(body: dict[str, Any]) -> str | None:
-    version = body.get("version")
-    if version is None or isinstance(version, str):
-        return version
-    if isinstance(version, int) and not isinstance(version, bool):
-        return str(version)
-    raise PredictionError(400, f"'version' must be a string, got {version!r}")
-
-
-def _reward_of(body: dict[str, Any]) -> float | None:
-    reward = body.get("reward")
-    if reward is None:
-        return None
-    if (
-        isinstance(reward, bool)
-        or not isinstance(reward, int | float)
-        or not math.isfinite(reward)
-        or not 0 <= reward <= 1
-    ):
-        raise PredictionError(400, f"'reward' must be a number in [0, 1], got {reward!r}")
-    return float(reward)
+    return False, body.inputs
 
 
 async def _prediction_error(request: Request, exc: PredictionError) -> Response:
