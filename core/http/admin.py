@@ -32,9 +32,11 @@ from ketch.http.endpoints import Endpoints
 from ketch.http.json_io import json_kind, json_response, parse_body
 from ketch.observability import events
 from ketch.pools.scaling import PoolManager
+from ketch.serving import status
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
+from ketch.serving.status import ModelStatus
 from ketch.specs.apps import AppSpec
 from ketch.specs.deployments import deployment_spec
 from ketch.specs.models import DEFAULT_VERSION, PoolSpec
@@ -238,8 +240,8 @@ class Admin:
             request.path_params["name"], request.path_params.get("version")
         )
 
-    def _describe(self, queue: ModelQueue) -> dict[str, Any]:
-        return queue.describe(self._dispatcher.default_version(queue.spec.name) or "")
+    def _describe(self, queue: ModelQueue) -> ModelStatus:
+        return status.describe(queue, self._dispatcher.default_version(queue.spec.name) or "")
 
     # -- applications -----------------------------------------------------------------------
 

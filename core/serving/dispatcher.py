@@ -11,6 +11,7 @@ from typing import Any
 
 from ketch.observability import events
 from ketch.observability.metrics import Metrics
+from ketch.serving import status
 from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import Worker, WorkerLink
@@ -50,7 +51,7 @@ class Dispatcher:
         self._hostname = socket.gethostname()
         #: This server's Prometheus metrics; the gauges read the queues at scrape time.
         self.metrics = Metrics()
-        self.metrics.watch_queues(lambda: [queue.sample() for queue in self.queues()])
+        self.metrics.watch_queues(lambda: [status.sample(queue) for queue in self.queues()])
 
     def attach(self, broker: WorkerLink) -> None:
         self._broker = broker
@@ -143,9 +144,9 @@ class Dispatcher:
             )
         return queue
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self) -> list[status.ModelStatus]:
         return [
-            queue.describe(self._defaults[name])
+            status.describe(queue, self._defaults[name])
             for (name, _), queue in sorted(
                 self._queues.items(), key=lambda kv: (kv[0][0], version_order(kv[0][1]))
             )

@@ -23,12 +23,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
-from msgspec.structs import asdict, replace
+from msgspec.structs import replace
 
-from ketch.observability.metrics import ModelMetrics, QueueSample
+from ketch.observability.metrics import ModelMetrics
 from ketch.serving import refusals
 from ketch.serving.batching import BatchSizer, batch_latency_target_s
 from ketch.serving.cache import PredictionCache
@@ -48,6 +48,11 @@ _SCAN_AHEAD = 64
 LATENCIES_KEPT = 1000
 
 
+#: What a model version can do now: serve (ready), soon (starting), after a cold start (zero),
+#: not until a hand-started worker joins (unavailable), or no more (unhealthy).
+QueueState = Literal["ready", "starting", "zero", "unavailable", "unhealthy"]
+
+
 class PoolListener(Protocol):
     """Who sizes a queue's pool (the pool manager); told when what the pool needs may have
     changed, it decides what to do."""
@@ -65,7 +70,7 @@ class Batch:
 
 
 @dataclass(slots=True)
-class _Worker:
+class WorkerSlot:
     info: Worker
     #: Adapts this worker's batch size to the model's ``slo_ms``; None without one.
     sizer: BatchSizer | None
@@ -93,7 +98,7 @@ class ModelQueue:
         self._sink = sink
         self._next_batch_id = batch_ids
         self._pending: deque[Part] = deque()
-        self._workers: dict[bytes, _Worker] = {}
+        self._workers: dict[bytes, WorkerSlot] = {}
         #: Local processes started for this version that have not said READY yet.
         self._starting: set[int] = set()
         self.served_from_file = False
@@ -379,7 +384,7 @@ class ModelQueue:
         self._pending.extendleft(reversed(skipped))
         return parts
 
-    def _send(self, worker: _Worker, parts: list[Part]) -> None:
+    def _send(self, worker: WorkerSlot, parts: list[Part]) -> None:
         first = parts[0]
         if len(parts) == 1 and first.size == len(first.job.inputs):
             inputs: Inputs = first.job.inputs
@@ -427,7 +432,7 @@ class ModelQueue:
         if self.spec.slo_ms is not None:
             target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
             sizer = BatchSizer(target_s, self.spec.max_batch_size)
-        self._workers[info.identity] = _Worker(info, sizer)
+        self._workers[info.identity] = WorkerSlot(info, sizer)
         _wake(self._ready_waiters)
         if self._cold_start_began is not None:
             self._metrics.cold_start_done(time.monotonic() - self._cold_start_began)
@@ -519,29 +524,12 @@ class ModelQueue:
 
     # -- status -----------------------------------------------------------------------------
 
-    def sample(self) -> QueueSample:
-        """What the metrics read of this queue at scrape time."""
-        cache = self.cache
-        return QueueSample(
-            model=self.spec.name,
-            version=self.spec.version,
-            queue_depth=self.queue_depth,
-            ready=len(self._workers),
-            starting=len(self._starting),
-            healthy=self.unhealthy_because is None,
-            cold_starts=self.cold_starts,
-            worker_exits=self.worker_exits,
-            rejected=self.rejected,
-            expired=self.expired,
-            cache=(cache.hits, cache.misses) if cache is not None else None,
-        )
-
     @property
     def ready_replicas(self) -> int:
         return len(self._workers)
 
     @property
-    def state(self) -> str:
+    def state(self) -> QueueState:
         if self.unhealthy_because is not None:
             return "unhealthy"
         if self._workers:
@@ -557,64 +545,13 @@ class ModelQueue:
             return False
         return self.spec.pool.min_replicas == 0 or bool(self._workers)
 
-    def describe(self, default_version: str) -> dict[str, Any]:
-        return {
-            "name": self.spec.name,
-            "version": self.spec.version,
-            "default": self.spec.version == default_version,
-            "state": self.state,
-            "replicas": {"ready": len(self._workers), "starting": len(self._starting)},
-            "runtime": self.spec.runtime,
-            "artifact": self.spec.artifact,
-            "options": self.spec.options,
-            "inputs": [t.to_dict() for t in self.spec.inputs],
-            "outputs": [t.to_dict() for t in self.spec.outputs],
-            "runtime_info": self.spec.runtime_info,
-            "max_batch_size": self.spec.max_batch_size,
-            "batch_input": self.spec.batch_input,
-            "batching": {
-                "max_delay_ms": self.spec.max_delay_ms,
-                "slo_ms": self.spec.slo_ms,
-                "max_queue": self.spec.max_queue,
-                "last_batch_size": self.last_batch_size,
-            },
-            "latency_ms": self._latency_ms(),
-            "queue_depth": self.queue_depth,
-            "in_flight": sum(b.size for w in self._workers.values() for b in w.batches.values()),
-            "active_requests": self.active_requests,
-            "rejected": self.rejected,
-            "expired": self.expired,
-            "cache": self.cache.describe() if self.cache is not None else None,
-            "cold_starts": self.cold_starts,
-            "worker_exits": self.worker_exits,
-            "last_error": self.last_error,
-            "pool": asdict(self.spec.pool),
-            "resources": asdict(self.spec.resources),
-            "start": asdict(self.spec.start),
-            "template": self.template,
-            "workers": [
-                {
-                    "pid": w.info.pid,
-                    "host": w.info.host,
-                    "capacity": w.info.capacity,
-                    "batches_in_flight": len(w.batches),
-                    "batch_limit": (
-                        w.sizer.limit if w.sizer is not None else self.spec.max_batch_size
-                    ),
-                }
-                for w in self._workers.values()
-            ],
-        }
+    def worker_slots(self) -> list[WorkerSlot]:
+        """Its workers, with the batches each is computing (for status)."""
+        return list(self._workers.values())
 
-    def _latency_ms(self) -> dict[str, Any]:
-        """Percentiles of the recent requests' latency, in ms (None before any answer)."""
-        if not self._latencies:
-            return {"requests": 0, "p50": None, "p90": None, "p99": None}
-        ms = np.percentile(np.fromiter(self._latencies, float), (50, 90, 99)) * 1000
-        return {
-            "requests": len(self._latencies),
-            **{key: round(float(v), 3) for key, v in zip(("p50", "p90", "p99"), ms, strict=True)},
-        }
+    def latencies(self) -> list[float]:
+        """Seconds from arrival to answer of the last answered requests."""
+        return list(self._latencies)
 
 
 def _wake(waiters: list[asyncio.Future[None]]) -> None:
