@@ -16,6 +16,7 @@ from ketch.http.routes import Gateway
 from ketch.plugin_manager import load_plugins
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import LocalWorkers, ProcessEvents
+from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.zmq_transport.liveness import Heartbeat
 from tests.conftest import KetchServer
@@ -26,10 +27,10 @@ _NO_EVENTS = ProcessEvents(lambda *_: None, lambda *_: None, lambda *_: None, la
 
 def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:
     dispatcher = Dispatcher(lambda event: None)
-    apps = Applications(StateStore(tmp_path), load_plugins(), dispatcher, 60.0)
+    apps = Applications(StateStore(tmp_path), load_plugins(), dispatcher, Deadlines(60.0))
     workers = LocalWorkers("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS)
     admin = Admin(dispatcher, PoolManager(dispatcher, workers), apps, lambda event: None, 60.0)
-    gateway = Gateway(dispatcher, apps, 60.0, admin, Tokens())
+    gateway = Gateway(dispatcher, apps, Deadlines(60.0), admin, Tokens())
     served = set()
     for route in gateway.app().routes:
         assert isinstance(route, Route)

@@ -28,8 +28,9 @@ from starlette.routing import Route
 
 from ketch.applications.runner import Applications
 from ketch.errors import AppError
+from ketch.http.admin_shapes import AddApp, AddModel, AppChange, Link, PoolChange, Roll, given
 from ketch.http.endpoints import Endpoints
-from ketch.http.json_io import json_kind, json_response, parse_body
+from ketch.http.json_io import decode_body, json_response
 from ketch.observability import events
 from ketch.pools.scaling import PoolManager
 from ketch.serving import status
@@ -39,15 +40,6 @@ from ketch.serving.queue import ModelQueue
 from ketch.serving.status import ModelStatus
 from ketch.specs.apps import AppSpec
 from ketch.specs.deployments import deployment_spec
-from ketch.specs.models import DEFAULT_VERSION, PoolSpec
-
-#: Keys of ``POST /admin/models``.
-_MODEL_KEYS = frozenset({"name", "runtime", "path", "version", "settings", "wait"})
-_POOL_KEYS = frozenset(PoolSpec.__struct_fields__)
-#: Keys of ``PATCH /admin/apps/{name}``: an application's spec but its name.
-_APP_CHANGES = frozenset(
-    {"models", "policy", "params", "slo_ms", "default_output", "has_default_output"}
-)
 
 
 class Admin:
@@ -105,15 +97,10 @@ class Admin:
         return json_response({"models": self._dispatcher.describe()})
 
     async def add_model(self, request: Request) -> Response:
-        body = await _body(request, _MODEL_KEYS, required=("name", "runtime"))
-        name = _text(body, "name")
-        runtime = _text(body, "runtime")
-        path = _text(body, "path") if body.get("path") is not None else None
-        version = _version(body.get("version", DEFAULT_VERSION))
-        settings = body.get("settings") or {}
-        if not isinstance(settings, dict):
-            raise PredictionError(400, f"'settings' must be an object, got {settings!r}")
-        wait = _flag(body, "wait")
+        body = decode_body(await request.body(), AddModel)
+        name, runtime, path = _text(body.name, "name"), _text(body.runtime, "runtime"), body.path
+        version = _version(body.version)
+        settings, wait = body.settings, body.wait
         try:
             # Relative artifact paths are the server's: its working folder, like --model's.
             spec = deployment_spec(name, runtime, path, Path.cwd(), version, settings)
@@ -199,9 +186,11 @@ class Admin:
         )
 
     async def set_pool(self, request: Request) -> Response:
-        body = await _body(request, _POOL_KEYS, required=())
+        body = given(decode_body(await request.body(), PoolChange))
         if not body:
-            raise PredictionError(400, f"give at least one of {sorted(_POOL_KEYS)}")
+            raise PredictionError(
+                400, f"give at least one of {sorted(PoolChange.__struct_fields__)}"
+            )
         async with self._model_locks[request.path_params["name"]]:
             queue = self._queue(request)
             current = queue.spec.pool
@@ -218,14 +207,10 @@ class Admin:
         return json_response({"model": self._describe(queue)})
 
     async def roll(self, request: Request) -> Response:
-        body = await _body(request, frozenset({"version", "timeout_s"}), required=("version",))
+        body = decode_body(await request.body(), Roll)
         name = request.path_params["name"]
-        version = _version(body["version"])
-        timeout_s = body.get("timeout_s")
-        if timeout_s is not None and (
-            isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0
-        ):
-            raise PredictionError(400, f"'timeout_s' must be a number > 0, got {timeout_s!r}")
+        version = _version(body.version)
+        timeout_s = body.timeout_s
         async with self._model_locks[name]:
             queue = self._dispatcher.queue_for(name, version)
             # The version gets a ready worker before any request without a version goes to it.
@@ -249,7 +234,9 @@ class Admin:
         return json_response({"apps": self._apps.describe()})
 
     async def add_app(self, request: Request) -> Response:
-        body = await _body(request, _APP_CHANGES | {"name"}, required=("name", "models"))
+        body = given(decode_body(await request.body(), AddApp))
+        if missing := [key for key in ("name", "models") if key not in body]:
+            raise PredictionError(400, f"the request body needs {missing}", keys=sorted(body))
         if "default_output" in body:
             body.setdefault("has_default_output", True)
         spec = _app_spec(body)
@@ -273,19 +260,18 @@ class Admin:
         return json_response({"removed": name})
 
     async def change_app(self, request: Request) -> Response:
-        body = await _body(request, _APP_CHANGES, required=())
+        body = given(decode_body(await request.body(), AppChange))
         if not body:
-            raise PredictionError(400, f"give at least one of {sorted(_APP_CHANGES)}")
+            raise PredictionError(
+                400, f"give at least one of {sorted(AppChange.__struct_fields__)}"
+            )
         if "default_output" in body:
             body.setdefault("has_default_output", True)
         return await self._change(request.path_params["name"], lambda current: body)
 
     async def link(self, request: Request) -> Response:
-        body = await _body(request, frozenset({"model", "position"}), required=("model",))
-        reference = _text(body, "model")
-        position = body.get("position")
-        if position is not None and (isinstance(position, bool) or not isinstance(position, int)):
-            raise PredictionError(400, f"'position' must be an integer, got {position!r}")
+        body = decode_body(await request.body(), Link)
+        reference, position = _text(body.model, "model"), body.position
 
         def linked(current: AppSpec) -> Mapping[str, Any]:
             if position is not None and not 0 <= position <= len(current.models):
@@ -350,27 +336,9 @@ class Admin:
         return json_response(answer)
 
 
-async def _body(
-    request: Request, known: frozenset[str], required: tuple[str, ...]
-) -> dict[str, Any]:
-    body = parse_body(await request.body())
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise PredictionError(
-            400, f"unknown keys {unknown}: this route takes {sorted(known)}", keys=unknown
-        )
-    missing = [key for key in required if key not in body]
-    if missing:
-        raise PredictionError(400, f"the request body needs {missing}", keys=sorted(body))
-    return body
-
-
-def _text(body: Mapping[str, Any], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value:
-        raise PredictionError(
-            400, f"'{key}' must be a non-empty string, got a JSON {json_kind(value)}"
-        )
+def _text(value: str, key: str) -> str:
+    if not value:
+        raise PredictionError(400, f"'{key}' must be a non-empty string")
     return value
 
 
@@ -379,13 +347,6 @@ def _version(value: Any) -> str:
         return str(value)
     if not isinstance(value, str) or not value:
         raise PredictionError(400, f"'version' must be a string, got {value!r}")
-    return value
-
-
-def _flag(body: Mapping[str, Any], key: str) -> bool:
-    value = body.get(key, False)
-    if not isinstance(value, bool):
-        raise PredictionError(400, f"'{key}' must be true or false, got {value!r}")
     return value
 
 

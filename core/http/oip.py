@@ -23,13 +23,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from msgspec import UNSET, UnsetType
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 import ketch
 from ketch.http.endpoints import Endpoints, Reached
-from ketch.http.json_io import TIMEOUT_HEADER, json_response, parse_body, timeout_ms_of
+from ketch.http.json_io import TIMEOUT_HEADER, decode_body, json_response, timeout_ms_of
+from ketch.http.oip_shapes import InferRequest
 from ketch.http.oip_types import (
     V2_TO_NUMPY,
     cast_output,
@@ -102,8 +104,8 @@ class OpenInference:
             "model_version": queue.spec.version,
             "outputs": _output_tensors(queue, list(outputs), _requested(body)),
         }
-        if "id" in body:
-            answer["id"] = body["id"]
+        if body.id is not UNSET:
+            answer["id"] = body.id
         return json_response(answer)
 
     def _queue(self, request: Request) -> ModelQueue:
@@ -120,34 +122,27 @@ def _metadata(tensor: TensorSpec) -> dict[str, Any]:
 
 def _parse_request(
     raw: bytes, headers: Mapping[str, str]
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The request's JSON and its input tensors by name, each with the batch axis first."""
+) -> tuple[InferRequest, dict[str, np.ndarray]]:
+    """The request and its input tensors by name, each with the batch axis first."""
     binary = b""
     if (header_size := headers.get(BINARY_HEADER)) is not None:
         if not header_size.isdigit() or int(header_size) > len(raw):
             raise PredictionError(400, f"bad Inference-Header-Content-Length {header_size!r}")
         raw, binary = raw[: int(header_size)], raw[int(header_size) :]
-    body = parse_body(raw)
-    inputs = body.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
+    body = decode_body(raw, InferRequest)
+    if not body.inputs:
         raise PredictionError(400, "request body needs 'inputs': a non-empty list of tensors")
     tensors: dict[str, np.ndarray] = {}
     offset = 0
-    for index, tensor in enumerate(inputs):
-        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-            raise PredictionError(400, f"input {index} must be an object with a 'name'")
-        name: str = tensor["name"]
-        shape, datatype = tensor.get("shape"), tensor.get("datatype")
-        if not _is_shape(shape) or not shape:
+    for tensor in body.inputs:
+        name, shape, datatype = tensor.name, tensor.shape, tensor.datatype
+        if not shape:
             raise PredictionError(
                 400, f"input {name!r}: 'shape' must be a list of sizes >= 0, the batch first"
             )
-        if not isinstance(datatype, str):
-            raise PredictionError(400, f"input {name!r}: 'datatype' must be a string")
         if name in tensors:
             raise PredictionError(400, f"input {name!r} is given twice")
-        parameters = tensor.get("parameters") or {}
-        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        size = tensor.parameters.get("binary_data_size")
         try:
             if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
                 if offset + size > len(binary):
@@ -155,8 +150,8 @@ def _parse_request(
                 chunk = binary[offset : offset + size]
                 offset += size
                 tensors[name] = tensor_from_binary(datatype, shape, chunk)
-            elif "data" in tensor:
-                tensors[name] = tensor_from_json(datatype, shape, tensor["data"])
+            elif tensor.data is not UNSET:
+                tensors[name] = tensor_from_json(datatype, shape, tensor.data)
             else:
                 raise ValueError("it has no 'data'")
         except ValueError as exc:
@@ -171,11 +166,10 @@ def _parse_request(
     return body, tensors
 
 
-def _client_timeout(body: dict[str, Any]) -> float | None:
+def _client_timeout(body: InferRequest) -> float | None:
     """The request's ``parameters.timeout`` (microseconds, as tritonclient sends it) in ms;
     the X-Ketch-Timeout-Ms header is only read when it is absent."""
-    parameters = body.get("parameters")
-    timeout_us = parameters.get("timeout") if isinstance(parameters, dict) else None
+    timeout_us = body.parameters.get("timeout")
     if isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool):
         if not 0 < timeout_us < 1e12:
             raise PredictionError(
@@ -233,15 +227,10 @@ def _check_names(queue: ModelQueue, declared: set[str], given: set[str]) -> None
         )
 
 
-def _requested(body: dict[str, Any]) -> list[str] | None:
-    outputs = body.get("outputs")
-    if outputs is None:
+def _requested(body: InferRequest) -> list[str] | None:
+    if isinstance(body.outputs, UnsetType):
         return None
-    if not isinstance(outputs, list) or not all(
-        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
-    ):
-        raise PredictionError(400, "'outputs' must be a list of objects with a 'name'")
-    return [o["name"] for o in outputs]
+    return [output.name for output in body.outputs]
 
 
 def _output_tensors(

@@ -1,20 +1,30 @@
 """The OpenAPI document of the gateway, served at ``GET /openapi.json``.
 
-Written out by hand rather than generated from docstrings: each operation says what it takes
-and what it answers, in the words of ``docs/http-api.md``. A test checks that the document and
-the gateway's routes list the same paths and methods, so neither drifts from the other.
-Which routes need which bearer token is read off :mod:`ketch.http.auth`, the guard itself.
+The shapes of every body are generated from the msgspec Structs the routes decode and answer
+(:mod:`ketch.http.shapes`, :mod:`ketch.http.oip_shapes`, :mod:`ketch.http.admin_shapes`,
+:class:`ketch.serving.status.ModelStatus`), so they cannot drift from the code. What is written
+here is what no type says: each operation's summary and its error statuses, in the words of
+``docs/http-api.md``. Tests check that the document lists exactly the gateway's routes, and
+that real answers of every route validate against it. Which routes need which bearer token is
+read off :mod:`ketch.http.auth`, the guard itself.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 import ketch
+from ketch.http import admin_shapes as admin
+from ketch.http import oip_shapes as oip
+from ketch.http import shapes
 from ketch.http.auth import OPEN_PATHS, is_admin_path
 
 _JSON = "application/json"
-_ERROR = {"$ref": "#/components/schemas/Error"}
+_REF = "#/components/schemas/{name}"
+#: Every Struct a reference was made to while the document was built: its components.
+_REFERENCED: dict[str, type[msgspec.Struct]] = {}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
 _MODEL_REFERENCE = {
@@ -32,370 +42,9 @@ _TIMEOUT_HEADER = {
     "description": "The request's deadline in milliseconds (504 past it).",
 }
 
-_SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {"error": {"type": "string", "description": "What was wrong."}},
-        "additionalProperties": True,
-    },
-    "PredictRequest": {
-        "type": "object",
-        "description": "Exactly one of input and inputs.",
-        "properties": {
-            "input": {"description": "One input."},
-            "inputs": {"type": "array", "minItems": 1, "description": "Several inputs."},
-            "version": {
-                "type": "string",
-                "description": "The model version (default: the highest).",
-            },
-            "timeout_ms": {"type": "number", "exclusiveMinimum": 0},
-        },
-    },
-    "PredictResponse": {
-        "type": "object",
-        "required": ["model", "version", "query_id"],
-        "properties": {
-            "output": {"description": "The output, for a request with input."},
-            "outputs": {"type": "array", "description": "One output per input."},
-            "model": {"type": "string"},
-            "version": {"type": "string"},
-            "query_id": {"type": "string"},
-        },
-    },
-    "AppRequest": {
-        "type": "object",
-        "required": ["input"],
-        "properties": {"input": {}, "timeout_ms": {"type": "number", "exclusiveMinimum": 0}},
-    },
-    "AppResponse": {
-        "type": "object",
-        "required": ["output", "query_id", "app", "default", "models", "missing"],
-        "properties": {
-            "output": {},
-            "query_id": {"type": "string"},
-            "app": {"type": "string"},
-            "default": {"type": "boolean", "description": "Whether default_output answered."},
-            "models": {"type": "array", "items": {"type": "string"}},
-            "confidence": {"type": ["number", "null"]},
-            "missing": {"type": "object", "additionalProperties": {"type": "string"}},
-            "explanation": {"type": "string"},
-        },
-    },
-    "Feedback": {
-        "type": "object",
-        "required": ["query_id"],
-        "description": "A reward, a label, or both.",
-        "properties": {
-            "query_id": {"type": "string"},
-            "reward": {"type": "number", "minimum": 0, "maximum": 1},
-            "label": {},
-        },
-    },
-    "Tensor": {
-        "type": "object",
-        "required": ["name", "shape", "datatype"],
-        "properties": {
-            "name": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-            "datatype": {
-                "type": "string",
-                "enum": [
-                    *("BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16"),
-                    *("UINT32", "UINT64", "FP16", "FP32", "FP64", "BYTES"),
-                ],
-            },
-            "data": {"type": "array"},
-            "parameters": {"type": "object"},
-        },
-    },
-    "InferRequest": {
-        "type": "object",
-        "required": ["inputs"],
-        "properties": {
-            "id": {"type": "string"},
-            "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/Tensor"}},
-            "outputs": {
-                "type": "array",
-                "items": {"type": "object", "properties": {"name": {"type": "string"}}},
-            },
-            "parameters": {"type": "object"},
-        },
-    },
-    "InferResponse": {
-        "type": "object",
-        "required": ["model_name", "outputs"],
-        "properties": {
-            "model_name": {"type": "string"},
-            "model_version": {"type": "string"},
-            "id": {"type": "string"},
-            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/Tensor"}},
-        },
-    },
-    "ModelMetadata": {
-        "type": "object",
-        "required": ["name", "versions", "platform", "inputs", "outputs"],
-        "properties": {
-            "name": {"type": "string"},
-            "versions": {"type": "array", "items": {"type": "string"}},
-            "platform": {"type": "string"},
-            "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMeta"}},
-            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMeta"}},
-        },
-    },
-    "TensorMeta": {
-        "type": "object",
-        "required": ["name", "datatype", "shape"],
-        "properties": {
-            "name": {"type": "string"},
-            "datatype": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-        },
-    },
-}
 
-_VERSION_LABEL: dict[str, Any] = {
-    "type": ["string", "integer"],
-    "description": "A version label; an integer is taken as its decimal text.",
-}
-_POOL_PROPERTIES: dict[str, Any] = {
-    "min_replicas": {"type": "integer", "minimum": 0},
-    "max_replicas": {"type": "integer", "minimum": 1},
-    "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
-    "target_inflight": {"type": "integer", "minimum": 1},
-    "cold_start_timeout_s": {"type": "number", "exclusiveMinimum": 0},
-}
-_APP_PROPERTIES: dict[str, Any] = {
-    "models": {
-        "type": "array",
-        "minItems": 1,
-        "items": {"type": "string"},
-        "description": "'name' or 'name:version', in the order the policy sees them.",
-    },
-    "policy": {"type": "string", "description": "A policy's name (default single)."},
-    "params": {"type": "object", "description": "Keyword arguments of the policy."},
-    "slo_ms": {"type": ["number", "null"], "exclusiveMinimum": 0},
-    "default_output": {"description": "Answered when no model answered in time."},
-    "has_default_output": {
-        "type": "boolean",
-        "description": "Whether default_output is set (true whenever default_output is given; "
-        "false drops it).",
-    },
-}
-_ADMIN_SCHEMAS: dict[str, Any] = {
-    "ModelVersion": {
-        "type": "object",
-        "description": "A model version as the gateway serves it.",
-        "required": ["name", "version", "default", "state", "replicas", "pool"],
-        "properties": {
-            "name": {"type": "string"},
-            "version": {"type": "string"},
-            "default": {
-                "type": "boolean",
-                "description": "Whether requests without a version go to this one.",
-            },
-            "state": {
-                "type": "string",
-                "enum": ["ready", "starting", "zero", "unavailable", "unhealthy"],
-            },
-            "replicas": {
-                "type": "object",
-                "properties": {
-                    "ready": {"type": "integer"},
-                    "starting": {"type": "integer"},
-                },
-            },
-            "runtime": {"type": "string"},
-            "artifact": {"type": ["string", "null"]},
-            "queue_depth": {"type": "integer"},
-            "active_requests": {"type": "integer"},
-            "latency_ms": {
-                "type": "object",
-                "description": "Percentiles of arrival-to-answer time over the last 1,000 "
-                "answered requests (null before any).",
-                "properties": {
-                    "requests": {"type": "integer"},
-                    "p50": {"type": ["number", "null"]},
-                    "p90": {"type": ["number", "null"]},
-                    "p99": {"type": ["number", "null"]},
-                },
-            },
-            "last_error": {"type": ["string", "null"]},
-            "pool": {"$ref": "#/components/schemas/Pool"},
-        },
-        "additionalProperties": True,
-    },
-    "Pool": {
-        "type": "object",
-        "properties": _POOL_PROPERTIES,
-    },
-    "AppDescription": {
-        "type": "object",
-        "description": "An application: its spec, its counts and its policy's state.",
-        "required": ["name", "models", "policy"],
-        "properties": {
-            "name": {"type": "string"},
-            **_APP_PROPERTIES,
-            "plugin": {"type": "string"},
-            "queries": {"type": "integer"},
-            "defaults": {"type": "integer"},
-            "errors": {"type": "integer"},
-            "feedback": {"type": "integer"},
-            "policy_state": {"type": "object"},
-        },
-        "additionalProperties": True,
-    },
-    "AddModel": {
-        "type": "object",
-        "required": ["name", "runtime"],
-        "properties": {
-            "name": {"type": "string"},
-            "runtime": {"type": "string", "description": "A runtime's name (ketch plugins)."},
-            "path": {
-                "type": ["string", "null"],
-                "description": "The artifact; a relative path is relative to the server's "
-                "working folder.",
-            },
-            "version": {**_VERSION_LABEL, "description": "The version label (default 1)."},
-            "settings": {
-                "type": "object",
-                "description": "Serving options (max_batch_size, min_replicas, ...) and the "
-                "runtime's own options, as ketch.deploy takes them.",
-            },
-            "wait": {
-                "type": "boolean",
-                "description": "Answer once a worker is ready (503 if none is by the pool's "
-                "cold_start_timeout_s; the model stays added).",
-            },
-        },
-        "additionalProperties": False,
-    },
-    "ModelAdded": {
-        "type": "object",
-        "required": ["model", "default_version"],
-        "properties": {
-            "model": {"$ref": "#/components/schemas/ModelVersion"},
-            "default_version": {
-                "type": "string",
-                "description": "The version requests without one go to (a new version of a "
-                "model already served takes none until it is rolled to).",
-            },
-        },
-    },
-    "ModelChanged": {
-        "type": "object",
-        "required": ["model"],
-        "properties": {"model": {"$ref": "#/components/schemas/ModelVersion"}},
-    },
-    "ModelRemoved": {
-        "type": "object",
-        "required": ["removed", "default", "unfinished_requests"],
-        "properties": {
-            "removed": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "The versions removed, as 'name:version'.",
-            },
-            "default": {
-                "type": ["string", "null"],
-                "description": "Where requests without a version go now (null: nowhere).",
-            },
-            "unfinished_requests": {
-                "type": "integer",
-                "description": "Requests still queued after the server's request timeout.",
-            },
-        },
-    },
-    "PoolChange": {
-        "type": "object",
-        "minProperties": 1,
-        "properties": _POOL_PROPERTIES,
-        "additionalProperties": False,
-    },
-    "Roll": {
-        "type": "object",
-        "required": ["version"],
-        "properties": {
-            "version": _VERSION_LABEL,
-            "timeout_s": {
-                "type": "number",
-                "exclusiveMinimum": 0,
-                "description": "How long to wait for a ready worker of the version (default "
-                "its pool's cold_start_timeout_s).",
-            },
-        },
-        "additionalProperties": False,
-    },
-    "Rolled": {
-        "type": "object",
-        "required": ["model", "default", "previous"],
-        "properties": {
-            "model": {"type": "string"},
-            "default": {"type": "string"},
-            "previous": {"type": "string"},
-        },
-    },
-    "AddApp": {
-        "type": "object",
-        "required": ["name", "models"],
-        "properties": {"name": {"type": "string"}, **_APP_PROPERTIES},
-        "additionalProperties": False,
-    },
-    "AppChange": {
-        "type": "object",
-        "minProperties": 1,
-        "description": "The fields to change; the others keep their values, but params: "
-        "a new policy without params starts with none.",
-        "properties": _APP_PROPERTIES,
-        "additionalProperties": False,
-    },
-    "AppAdded": {
-        "type": "object",
-        "required": ["app"],
-        "properties": {"app": {"$ref": "#/components/schemas/AppDescription"}},
-    },
-    "AppChanged": {
-        "type": "object",
-        "required": ["app", "state"],
-        "properties": {
-            "app": {"$ref": "#/components/schemas/AppDescription"},
-            "state": {
-                "type": "string",
-                "enum": ["kept", "reset"],
-                "description": "Whether the policy kept what it learnt.",
-            },
-            "reset_because": {
-                "type": "string",
-                "description": "With state reset: why the policy starts afresh (another "
-                "policy, or the policy could not take its previous state).",
-            },
-        },
-    },
-    "AppRemoved": {
-        "type": "object",
-        "required": ["removed"],
-        "properties": {"removed": {"type": "string"}},
-    },
-    "Link": {
-        "type": "object",
-        "required": ["model"],
-        "properties": {
-            "model": {"type": "string", "description": "'name' or 'name:version'."},
-            "position": {
-                "type": "integer",
-                "description": "Where in the application's list (default: last).",
-            },
-        },
-        "additionalProperties": False,
-    },
-}
-
-
-def _body(schema: str) -> dict[str, Any]:
-    return {
-        "required": True,
-        "content": {_JSON: {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
-    }
+def _body(shape: type[msgspec.Struct]) -> dict[str, Any]:
+    return {"required": True, "content": {_JSON: {"schema": _ref(shape)}}}
 
 
 _REASONS = {
@@ -425,16 +74,20 @@ def _answers(
     for error in errors:
         answers[str(error)] = {
             "description": reasons[error],
-            "content": {_JSON: {"schema": _ERROR}},
+            "content": {_JSON: {"schema": _ref(shapes.Error)}},
         }
     return answers
 
 
-def _ref(schema: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{schema}"}
+def _ref(shape: type[msgspec.Struct]) -> dict[str, Any]:
+    _REFERENCED[shape.__name__] = shape
+    return {"$ref": _REF.format(name=shape.__name__)}
 
 
-_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+def _components() -> dict[str, Any]:
+    """The JSON Schema of every Struct referenced, and of the Structs they hold."""
+    _, schemas = msgspec.json.schema_components(_REFERENCED.values(), ref_template=_REF)
+    return schemas
 
 
 def _v2_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -445,7 +98,7 @@ def _v2_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str
             "get": {
                 "summary": "A model's metadata: versions, platform, input and output tensors.",
                 "parameters": parameters,
-                "responses": _answers("The model's metadata.", _ref("ModelMetadata"), 404),
+                "responses": _answers("The model's metadata.", _ref(oip.ModelMetadata), 404),
             }
         },
         "/ready": {
@@ -453,7 +106,7 @@ def _v2_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str
                 "summary": "Whether the model can serve (now, or by starting a worker).",
                 "parameters": parameters,
                 "responses": {
-                    **_answers("The model is ready.", _ANY_OBJECT, 404),
+                    **_answers("The model is ready.", _ref(oip.ModelReadiness), 404),
                     "503": {"description": "The model is unhealthy."},
                 },
             }
@@ -463,20 +116,12 @@ def _v2_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str
                 "summary": "Inference on tensors (Open Inference Protocol); the first "
                 "dimension of each input is the batch.",
                 "parameters": parameters,
-                "requestBody": _body("InferRequest"),
+                "requestBody": _body(oip.InferRequest),
                 "responses": _answers(
-                    "The output tensors.", _ref("InferResponse"), 400, 404, 429, 500, 503, 504
+                    "The output tensors.", _ref(oip.InferResponse), 400, 404, 429, 500, 503, 504
                 ),
             }
         },
-    }
-
-
-def _list_of(key: str, schema: str) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": [key],
-        "properties": {key: {"type": "array", "items": _ref(schema)}},
     }
 
 
@@ -492,9 +137,9 @@ def _admin_operations() -> dict[str, dict[str, Any]]:
     pool = {
         "summary": "Change a model version's pool (replica bounds, timings); the pool follows "
         "at its next tick. Without /versions/{version}: the version requests without one get.",
-        "requestBody": _body("PoolChange"),
+        "requestBody": _body(admin.PoolChange),
         "responses": _answers(
-            "The model version with its new pool.", _ref("ModelChanged"), 400, 404
+            "The model version with its new pool.", _ref(admin.ModelChanged), 400, 404
         ),
     }
     app_changed = "The application as it serves from now on."
@@ -502,15 +147,15 @@ def _admin_operations() -> dict[str, dict[str, Any]]:
         "/admin/models": {
             "get": {
                 "summary": "Every model version, as GET /models lists them.",
-                "responses": _answers("The models.", _list_of("models", "ModelVersion")),
+                "responses": _answers("The models.", _ref(admin.ModelsList)),
             },
             "post": {
                 "summary": "Serve a model from a runtime's artifact. A new version of a model "
                 "already served takes no traffic until it is rolled to.",
-                "requestBody": _body("AddModel"),
+                "requestBody": _body(admin.AddModel),
                 "responses": _answers(
                     "The model version added.",
-                    _ref("ModelAdded"),
+                    _ref(admin.ModelAdded),
                     400,
                     409,
                     503,
@@ -529,7 +174,7 @@ def _admin_operations() -> dict[str, dict[str, Any]]:
                 "are waited for (up to the server's request timeout) before its workers go.",
                 "parameters": [_NAME],
                 "responses": _answers(
-                    "The versions removed.", _ref("ModelRemoved"), 404, 409, why=removal
+                    "The versions removed.", _ref(admin.ModelRemoved), 404, 409, why=removal
                 ),
             }
         },
@@ -540,7 +185,7 @@ def _admin_operations() -> dict[str, dict[str, Any]]:
                 "others are served: roll to another first.",
                 "parameters": version,
                 "responses": _answers(
-                    "The version removed.", _ref("ModelRemoved"), 404, 409, why=removal
+                    "The version removed.", _ref(admin.ModelRemoved), 404, 409, why=removal
                 ),
             }
         },
@@ -551,10 +196,10 @@ def _admin_operations() -> dict[str, dict[str, Any]]:
                 "summary": "Send requests without a version to another version, once it has a "
                 "ready worker; requests queued on the previous one finish there.",
                 "parameters": [_NAME],
-                "requestBody": _body("Roll"),
+                "requestBody": _body(admin.Roll),
                 "responses": _answers(
                     "The new and the previous default version.",
-                    _ref("Rolled"),
+                    _ref(admin.Rolled),
                     400,
                     404,
                     503,
@@ -568,15 +213,15 @@ def _admin_operations() -> dict[str, dict[str, Any]]:
         "/admin/apps": {
             "get": {
                 "summary": "Every application, as GET /apps lists them.",
-                "responses": _answers("The applications.", _list_of("apps", "AppDescription")),
+                "responses": _answers("The applications.", _ref(admin.AppsList)),
             },
             "post": {
                 "summary": "Serve an application over models already served; policy state "
                 "saved for the same name, policy and models is restored.",
-                "requestBody": _body("AddApp"),
+                "requestBody": _body(admin.AddApp),
                 "responses": _answers(
                     "The application added.",
-                    _ref("AppAdded"),
+                    _ref(admin.AppAdded),
                     400,
                     409,
                     status=201,
@@ -593,23 +238,23 @@ def _admin_operations() -> dict[str, dict[str, Any]]:
                 "summary": "Change an application's models, policy, params, slo_ms or default "
                 "output; the policy keeps its state when it stays the same and can take it.",
                 "parameters": [_NAME],
-                "requestBody": _body("AppChange"),
-                "responses": _answers(app_changed, _ref("AppChanged"), 400, 404),
+                "requestBody": _body(admin.AppChange),
+                "responses": _answers(app_changed, _ref(admin.AppChanged), 400, 404),
             },
             "delete": {
                 "summary": "Stop serving an application; its policy state is saved first.",
                 "parameters": [_NAME],
-                "responses": _answers("The application removed.", _ref("AppRemoved"), 404),
+                "responses": _answers("The application removed.", _ref(admin.AppRemoved), 404),
             },
         },
         "/admin/apps/{name}/models": {
             "post": {
                 "summary": "Add a model to an application's list (at position, else last).",
                 "parameters": [_NAME],
-                "requestBody": _body("Link"),
+                "requestBody": _body(admin.Link),
                 "responses": _answers(
                     app_changed,
-                    _ref("AppChanged"),
+                    _ref(admin.AppChanged),
                     400,
                     404,
                     409,
@@ -623,7 +268,7 @@ def _admin_operations() -> dict[str, dict[str, Any]]:
                 "parameters": [_NAME, _MODEL_REFERENCE],
                 "responses": _answers(
                     app_changed,
-                    _ref("AppChanged"),
+                    _ref(admin.AppChanged),
                     400,
                     404,
                     why={
@@ -668,7 +313,7 @@ def _secure(paths: dict[str, Any]) -> None:
                     "401": {
                         "description": why,
                         "headers": _UNAUTHORIZED_HEADERS,
-                        "content": {_JSON: {"schema": _ERROR}},
+                        "content": {_JSON: {"schema": _ref(shapes.Error)}},
                     },
                 }
 
@@ -693,23 +338,23 @@ def document() -> dict[str, Any]:
             "get": {
                 "summary": "Every model version: its state, replicas, queue, batching, cache, "
                 "pool, resources, runtime and tensors.",
-                "responses": _answers("The models.", _list_of("models", "ModelVersion")),
+                "responses": _answers("The models.", _ref(admin.ModelsList)),
             }
         },
         "/models/{name}/predict": {
             "post": {
                 "summary": "Predict with a model: one input or a list of inputs.",
                 "parameters": [_NAME, _TIMEOUT_HEADER],
-                "requestBody": _body("PredictRequest"),
+                "requestBody": _body(shapes.PredictRequest),
                 "responses": _answers(
-                    "The outputs.", _ref("PredictResponse"), 400, 404, 429, 500, 503, 504
+                    "The outputs.", _ref(shapes.PredictAnswer), 400, 404, 429, 500, 503, 504
                 ),
             }
         },
         "/apps": {
             "get": {
                 "summary": "Every application: its policy, models, counts and policy state.",
-                "responses": _answers("The applications.", _list_of("apps", "AppDescription")),
+                "responses": _answers("The applications.", _ref(admin.AppsList)),
             }
         },
         "/apps/{name}/predict": {
@@ -717,9 +362,9 @@ def document() -> dict[str, Any]:
                 "summary": "Ask an application: its policy picks the models and combines what "
                 "they answer by its deadline.",
                 "parameters": [_NAME, _TIMEOUT_HEADER],
-                "requestBody": _body("AppRequest"),
+                "requestBody": _body(shapes.AppRequest),
                 "responses": _answers(
-                    "The combined output.", _ref("AppResponse"), 400, 404, 500, 503, 504
+                    "The combined output.", _ref(shapes.AppAnswer), 400, 404, 500, 503, 504
                 ),
             }
         },
@@ -727,28 +372,33 @@ def document() -> dict[str, Any]:
             "post": {
                 "summary": "Teach an application's policy about a query it answered.",
                 "parameters": [_NAME],
-                "requestBody": _body("Feedback"),
-                "responses": _answers("The rewards observed.", _ANY_OBJECT, 400, 404, 409, 500),
+                "requestBody": _body(shapes.FeedbackRequest),
+                "responses": _answers(
+                    "The rewards observed.", _ref(shapes.FeedbackAnswer), 400, 404, 409, 500
+                ),
             }
         },
         "/v2": {
             "get": {
                 "summary": "Server metadata (Open Inference Protocol).",
-                "responses": _answers("Name, version and extensions.", _ANY_OBJECT),
+                "responses": _answers("Name, version and extensions.", _ref(oip.ServerMetadata)),
             }
         },
         "/v2/health/live": {
             "get": {
                 "summary": "Whether the gateway is up.",
-                "responses": _answers("The gateway is live.", _ANY_OBJECT),
+                "responses": _answers("The gateway is live.", _ref(shapes.Live)),
             }
         },
         "/v2/health/ready": {
             "get": {
                 "summary": "Whether every model of the served file can serve.",
                 "responses": {
-                    **_answers("Every model can serve.", _ANY_OBJECT),
-                    "503": {"description": "Some model cannot serve; they are listed."},
+                    **_answers("Every model can serve.", _ref(shapes.Ready)),
+                    "503": {
+                        "description": "Some model cannot serve; they are listed.",
+                        "content": {_JSON: {"schema": _ref(shapes.Ready)}},
+                    },
                 },
             }
         },
@@ -766,7 +416,7 @@ def document() -> dict[str, Any]:
         "/openapi.json": {
             "get": {
                 "summary": "This document.",
-                "responses": _answers("The OpenAPI document.", _ANY_OBJECT),
+                "responses": _answers("The OpenAPI document.", {"type": "object"}),
             }
         },
     }
@@ -789,7 +439,7 @@ def document() -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": {**_SCHEMAS, **_ADMIN_SCHEMAS},
+            "schemas": _components(),
             "securitySchemes": _SECURITY_SCHEMES,
         },
     }
