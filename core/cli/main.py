@@ -243,10 +243,6 @@ def _add_config_option(parser: argparse.ArgumentParser, section: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return _build_parsers()[0]
-
-
 def _config_option(argv: Sequence[str]) -> Path | None:
     """The ``--config`` of a ``ketch serve`` or ``ketch worker`` command line, read before the
     full parse since the file it names provides that parse's defaults."""
@@ -353,7 +349,8 @@ def _list_plugins(extra: Sequence[str]) -> int:
 
 
 def _run_worker(target: str, version: str | None, broker: str, heartbeat: Heartbeat) -> int:
-    from ketch.worker.main import WorkerPlan, run_worker
+    from ketch.worker.plan import WorkerPlan
+    from ketch.worker.run import run_worker
 
     plan = WorkerPlan(
         target, version, broker, heartbeat.interval_s, heartbeat.liveness, managed=False

@@ -39,7 +39,7 @@ from ketch.specs.apps import AppSpec
 from ketch.specs.loader import apps_in, import_source, served_specs
 from ketch.specs.models import ModelSpec
 from ketch.specs.resources import over_memory_cap
-from ketch.worker.main import WorkerPlan
+from ketch.worker.plan import WorkerPlan
 from ketch.zmq_transport.liveness import Heartbeat
 
 log = logging.getLogger("ketch.workers")
