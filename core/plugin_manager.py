@@ -31,7 +31,9 @@ from ketch.plugins import BUILTIN_PLUGINS
 from ketch.policy import Feedback, Policy, Query
 from ketch.runtime import Runtime
 from ketch.runtimes import BUILTIN_RUNTIMES
+from ketch.specs.deployments import Deployment
 from ketch.specs.loader import import_source
+from ketch.specs.models import ModelSpec
 
 log = logging.getLogger("ketch.plugins")
 
@@ -136,6 +138,16 @@ class Plugins:
 
     def runtime_class(self, name: str) -> type[Runtime]:
         return self._runtimes.get(name)
+
+    def check_deployment(self, deployment: Deployment) -> ModelSpec:
+        """A deployment's spec, checked by its runtime (:meth:`Deployment.checked`);
+        ``ValueError`` naming the model and what is wrong (an unknown runtime, a missing
+        artifact, a misspelt option)."""
+        try:
+            runtime = self.runtime_class(deployment.runtime)
+        except PluginError as exc:
+            raise ValueError(f"model {deployment.name!r}: {exc}") from None
+        return deployment.checked(runtime)
 
     def describe(self) -> list[PluginInfo]:
         """Every loaded plugin in load order, for ``ketch plugins``."""

@@ -19,11 +19,12 @@ from ketch.http.auth import Tokens
 from ketch.http.routes import Gateway
 from ketch.http.server import bind_tcp, serve_asgi
 from ketch.observability import events
-from ketch.plugin_manager import load_plugins, share_plugins
+from ketch.plugin_manager import Plugins, load_plugins, share_plugins
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import LocalWorkers, ProcessEvents, Served, discover
 from ketch.serving.dispatcher import Dispatcher
 from ketch.specs.deployments import parse_model_argument
+from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import Broker
 from ketch.zmq_transport.liveness import Heartbeat
 
@@ -126,13 +127,14 @@ async def serve(
         share_plugins(options.plugins)
         plugins = load_plugins()
         served = (
-            await loop.run_in_executor(None, discover, options.source)
+            await loop.run_in_executor(None, discover, options.source, plugins)
             if options.source is not None
             else Served([], [])
         )
+        given = [_model_argument(text, plugins) for text in options.models]
         specs = [
             replace(spec, pool=spec.pool.with_floor(options.workers_per_model))
-            for spec in [*served.models, *map(parse_model_argument, options.models)]
+            for spec in [*served.models, *given]
         ]
         for spec in specs:
             if dispatcher.has_model(spec.key):
@@ -170,6 +172,7 @@ async def serve(
             dispatcher,
             pools,
             apps,
+            plugins,
             report,
             options.request_timeout_s,
             options.workers_per_model,
@@ -192,6 +195,14 @@ async def serve(
         log.info("workers stopped")
         report.is_ready = lambda: False
         report(events.stopped())
+
+
+def _model_argument(text: str, plugins: Plugins) -> ModelSpec:
+    """``--model NAME=RUNTIME:PATH`` as a model spec, checked by its runtime."""
+    try:
+        return plugins.check_deployment(parse_model_argument(text))
+    except ValueError as exc:
+        raise TargetLoadError(f"--model {text!r}: {exc}") from None
 
 
 def _url_host(host: str) -> str:

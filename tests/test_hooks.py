@@ -66,7 +66,7 @@ def low(xs):
     return [0.1 for _ in xs]
 
 
-ketch.app("both", models=["high", "low"], policy="ensemble")
+both = ketch.app("both", models=["high", "low"], policy="ensemble")
 """
 
 

@@ -52,7 +52,7 @@ def plain(xs):
     return [x + 1 for x in xs]
 
 
-ketch.deploy("lookup", runtime="table", path="data/table.json", missing=-1, min_replicas=1)
+lookup = ketch.deploy("lookup", runtime="table", path="data/table.json", missing=-1, min_replicas=1)
 """
 
 
@@ -129,15 +129,15 @@ def test_the_command_line_deploys_with_a_plugin_runtime_and_the_python_runtime(
     ("deployment", "message"),
     [
         (
-            'ketch.deploy("t", runtime="table", path="data/table.json", mising=1)',
+            't = ketch.deploy("t", runtime="table", path="data/table.json", mising=1)',
             "model 't' (runtime 'table'): unknown option(s) mising (this runtime takes: missing)",
         ),
         (
-            'ketch.deploy("t", runtime="table", path="data/nowhere.json")',
+            't = ketch.deploy("t", runtime="table", path="data/nowhere.json")',
             "model 't' (runtime 'table'): no saved model at",
         ),
         (
-            'ketch.deploy("t", runtime="tabel", path="data/table.json")',
+            't = ketch.deploy("t", runtime="tabel", path="data/table.json")',
             "model 't': no runtime named 'tabel'; installed runtimes: ",
         ),
     ],

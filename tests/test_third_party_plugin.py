@@ -30,7 +30,9 @@ def second(xs):
     return ["second" for _ in xs]
 
 
-ketch.app("balanced", models=["first", "second"], policy="round_robin", params={"start": 1})
+balanced = ketch.app(
+    "balanced", models=["first", "second"], policy="round_robin", params={"start": 1}
+)
 """
 
 
