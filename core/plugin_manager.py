@@ -5,11 +5,15 @@
 point in the ``ketch`` group (unless ``KETCH_DISABLE_PLUGIN_AUTOLOAD`` is set), then the
 modules or files named with ``--plugin``, and last ``check_pending()``, so an implementation
 of a hook that does not exist fails loudly. Nothing is built at import time.
+
+A process builds one and passes it where it is needed: ``ketch serve`` builds it once for
+discovery, deployments' checks, applications and observers. A worker process is another
+process: it builds its own once at start, from what its plan carries (the ``--plugin``
+references, as :attr:`Plugins.references`, and :attr:`Plugins.autoload`).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.metadata
 import logging
@@ -39,9 +43,6 @@ log = logging.getLogger("ketch.plugins")
 
 #: Set (to anything but an empty string) to load no plugin from entry points.
 DISABLE_AUTOLOAD_ENV = "KETCH_DISABLE_PLUGIN_AUTOLOAD"
-#: Modules or files to load as plugins besides the installed ones, separated by ``os.pathsep``:
-#: how ``--plugin`` reaches every process of a server (discovery, templates, workers).
-PLUGINS_ENV = "KETCH_PLUGINS"
 _REGISTERED_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 T = TypeVar("T")
 
@@ -109,11 +110,26 @@ class _Registry(Generic[T]):
 
 
 class Plugins:
-    """The loaded plugins and typed calls of their hooks (use :func:`load_plugins`)."""
+    """The loaded plugins and typed calls of their hooks (use :func:`load_plugins`).
 
-    def __init__(self, manager: pluggy.PluginManager, sources: Mapping[str, str]) -> None:
+    :param references: the modules and files loaded besides the installed plugins (files as
+        absolute paths).
+    :param autoload: whether the installed plugins (entry points) were loaded. With
+        ``references``, what another process passes to :func:`load_plugins` to load the same
+        plugins.
+    """
+
+    def __init__(
+        self,
+        manager: pluggy.PluginManager,
+        sources: Mapping[str, str],
+        references: Sequence[str] = (),
+        autoload: bool = True,
+    ) -> None:
         self.manager = manager
         self._sources = dict(sources)
+        self.references = tuple(references)
+        self.autoload = autoload
         self._policies = _Registry("policy", "policies", Policy)
         self._runtimes = _Registry("runtime", "runtimes", Runtime)
         for hook, registry in (
@@ -201,11 +217,12 @@ def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> 
     :param extra: modules (``pkg.policies``) or files (``my_policy.py``) to load as plugins,
         as ``ketch serve --plugin`` names them.
     :param autoload: whether to load the ``ketch`` entry-point group; ``None`` reads
-        ``KETCH_DISABLE_PLUGIN_AUTOLOAD``.
+        ``KETCH_DISABLE_PLUGIN_AUTOLOAD`` (:func:`autoload_wanted`).
     """
     if autoload is None:
-        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
-    extra = list(dict.fromkeys([*extra, *shared_plugins()]))
+        autoload = autoload_wanted()
+    # Files as absolute paths: a worker given these references may run in another folder.
+    references = list(dict.fromkeys(_absolute(reference) for reference in extra))
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(hookspecs)
     sources: dict[str, str] = {}
@@ -214,7 +231,7 @@ def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> 
         sources[module_name] = "built in"
     if autoload:
         _load_entry_points(manager, sources)
-    for reference in extra:
+    for reference in references:
         _register(manager, _import_plugin(reference), reference)
         sources[reference] = f"--plugin {reference}"
     try:
@@ -223,34 +240,18 @@ def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> 
         raise PluginError(
             f"{exc}; the hooks a plugin can implement are in ketch.hookspecs"
         ) from None
-    return Plugins(manager, sources)
+    return Plugins(manager, sources, references, autoload)
 
 
-def installed_plugins() -> Plugins:
-    """The plugins of this process (built-ins, entry points and ``KETCH_PLUGINS``), loaded
-    once: a served file may deploy many models, each looking up its runtime."""
-    return _plugins_for(os.environ.get(PLUGINS_ENV, ""), os.environ.get(DISABLE_AUTOLOAD_ENV, ""))
+def autoload_wanted() -> bool:
+    """Whether installed plugins load: unless ``KETCH_DISABLE_PLUGIN_AUTOLOAD`` is set."""
+    return not os.environ.get(DISABLE_AUTOLOAD_ENV)
 
 
-@functools.lru_cache(maxsize=4)
-def _plugins_for(shared: str, autoload_disabled: str) -> Plugins:
-    return load_plugins()
-
-
-def share_plugins(references: Sequence[str]) -> None:
-    """Make ``references`` load in this process and every process it starts, with files as
-    absolute paths (a worker may run in another folder)."""
-    resolved = [
-        str(Path(r).resolve()) if r.endswith(".py") or Path(r).is_file() else r for r in references
-    ]
-    merged = list(dict.fromkeys([*shared_plugins(), *resolved]))
-    if merged:
-        os.environ[PLUGINS_ENV] = os.pathsep.join(merged)
-
-
-def shared_plugins() -> list[str]:
-    """The plugins :envvar:`KETCH_PLUGINS` names."""
-    return [r for r in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if r]
+def _absolute(reference: str) -> str:
+    if reference.endswith(".py") or Path(reference).is_file():
+        return str(Path(reference).resolve())
+    return reference
 
 
 def _load_entry_points(manager: pluggy.PluginManager, sources: dict[str, str]) -> None:

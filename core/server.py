@@ -19,7 +19,7 @@ from ketch.http.auth import Tokens
 from ketch.http.routes import Gateway
 from ketch.http.server import bind_tcp, serve_asgi
 from ketch.observability import events
-from ketch.plugin_manager import Plugins, load_plugins, share_plugins
+from ketch.plugin_manager import Plugins, load_plugins
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import LocalWorkers, ProcessEvents, Served, discover
 from ketch.serving.dispatcher import Dispatcher
@@ -124,8 +124,7 @@ async def serve(
     try:
         endpoint = broker.start()
         dispatcher.attach(broker)
-        share_plugins(options.plugins)
-        plugins = load_plugins()
+        plugins = load_plugins(options.plugins)
         served = (
             await loop.run_in_executor(None, discover, options.source, plugins)
             if options.source is not None
@@ -160,6 +159,7 @@ async def serve(
                 dispatcher.model_unhealthy,
                 dispatcher.template_changed,
             ),
+            plugins,
         )
         pools = PoolManager(dispatcher, workers)
         for spec in specs:

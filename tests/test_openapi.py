@@ -28,7 +28,7 @@ def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:
     dispatcher = Dispatcher(lambda event: None)
     plugins = load_plugins()
     apps = Applications(StateStore(tmp_path), plugins, dispatcher, 60.0)
-    workers = LocalWorkers("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS)
+    workers = LocalWorkers("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS, plugins)
     pools = PoolManager(dispatcher, workers)
     admin = Admin(dispatcher, pools, apps, plugins, lambda event: None, 60.0)
     gateway = Gateway(dispatcher, apps, 60.0, admin, Tokens())

@@ -125,6 +125,25 @@ def test_the_command_line_deploys_with_a_plugin_runtime_and_the_python_runtime(
         server.stop()
 
 
+def test_workers_in_another_interpreter_load_the_gateways_plugins_from_their_plan(
+    start_server: Start, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh interpreter inherits nothing of the gateway but its environment and its
+    # plan's JSON: the --plugin file named relative to the gateway's folder must reach it.
+    (folder / "elsewhere.py").write_text(
+        "import sys\n\nimport ketch\n\n"
+        "lookup = ketch.deploy('lookup', runtime='table', path='data/table.json', "
+        "python=sys.executable)\n"
+    )
+    monkeypatch.chdir(folder)
+    server = start_server(folder / "elsewhere.py", "--plugin", "table_runtime.py")
+    response = server.predict("lookup", {"input": "a"})
+    assert response.status_code == 200, response.text
+    value, worker_pid = response.json()["output"]
+    assert value == 1
+    assert worker_pid in {w["pid"] for w in server.model_status("lookup")["workers"]}
+
+
 @pytest.mark.parametrize(
     ("deployment", "message"),
     [

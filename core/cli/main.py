@@ -61,9 +61,9 @@ def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
         action=ReplaceDefault,
         default=[],
         metavar="MODULE_OR_FILE",
-        help="load this module or file as a plugin too (repeatable; default none); installed "
-        "plugins (the 'ketch' entry-point group) load unless KETCH_DISABLE_PLUGIN_AUTOLOAD is "
-        "set, and the modules or files in KETCH_PLUGINS always load as well",
+        help="load this module or file as a plugin too (repeatable; default none), in the "
+        "gateway and in every worker; installed plugins (the 'ketch' entry-point group) load "
+        "unless KETCH_DISABLE_PLUGIN_AUTOLOAD is set",
     )
 
 
@@ -333,10 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _list_plugins(extra: Sequence[str]) -> int:
-    from ketch.plugin_manager import load_plugins, share_plugins
+    from ketch.plugin_manager import load_plugins
 
-    share_plugins(extra)
-    plugins = load_plugins()
+    plugins = load_plugins(extra)
     rows = [("PLUGIN", "FROM", "POLICIES", "RUNTIMES")]
     rows += [
         (p.name, p.source, ", ".join(p.policies) or "-", ", ".join(p.runtimes) or "-")
@@ -349,11 +348,18 @@ def _list_plugins(extra: Sequence[str]) -> int:
 
 
 def _run_worker(target: str, version: str | None, broker: str, heartbeat: Heartbeat) -> int:
+    from ketch.plugin_manager import autoload_wanted
     from ketch.worker.plan import WorkerPlan
     from ketch.worker.run import run_worker
 
     plan = WorkerPlan(
-        target, version, broker, heartbeat.interval_s, heartbeat.liveness, managed=False
+        target,
+        version,
+        broker,
+        heartbeat.interval_s,
+        heartbeat.liveness,
+        managed=False,
+        autoload=autoload_wanted(),
     )
     print(f"ketch: worker for {target} joining {broker}", file=sys.stderr, flush=True)
     run_worker(plan)

@@ -29,6 +29,8 @@ from typing import Any, Literal, Protocol
 import multiprocess
 from multiprocess.connection import Connection
 
+from ketch.plugins import BUILTIN_PLUGINS
+from ketch.runtimes import BUILTIN_RUNTIMES
 from ketch.worker.main import forked_main
 from ketch.worker.plan import WorkerPlan
 
@@ -75,7 +77,9 @@ def _main_module_hidden() -> Iterator[None]:
 
 def forkserver_context() -> Any:
     context = multiprocess.get_context("forkserver")
-    context.set_forkserver_preload(["ketch.worker.main"])
+    # Each worker builds its plugin manager at start: with the built-in plugins imported
+    # here once, that costs it the entry points' lookup, not their imports.
+    context.set_forkserver_preload(["ketch.worker.main", *BUILTIN_PLUGINS, *BUILTIN_RUNTIMES])
     return context
 
 

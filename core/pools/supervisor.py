@@ -159,6 +159,7 @@ class LocalWorkers:
     :param broker: endpoint the workers connect to.
     :param heartbeat: heartbeat settings shared with the broker.
     :param events: receives starts, exits and give-ups.
+    :param plugins: the gateway's plugins, which each worker loads too (from its plan).
     """
 
     def __init__(
@@ -167,9 +168,11 @@ class LocalWorkers:
         broker: str,
         heartbeat: Heartbeat,
         events: ProcessEvents,
+        plugins: Plugins,
         restart_policy: RestartPolicy | None = None,
     ) -> None:
         self._source = source
+        self._plugins = plugins
         self._broker = broker
         self._heartbeat = heartbeat
         self._events = events
@@ -245,6 +248,8 @@ class LocalWorkers:
             heartbeat_liveness=self._heartbeat.liveness,
             resources=asdict(spec.resources),
             deployment=spec.to_dict() if spec.deployed else None,
+            plugins=self._plugins.references,
+            autoload=self._plugins.autoload,
         )
 
     def _start_template(self, spec: ModelSpec) -> None:

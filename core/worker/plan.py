@@ -20,7 +20,8 @@ from ketch.zmq_transport.liveness import Heartbeat
 class WorkerPlan:
     """Everything a worker needs to start; plain data, so it crosses into other interpreters.
 
-    :param target: ``FILE_OR_MODULE:name`` of the model.
+    :param target: ``FILE_OR_MODULE:name`` of the model: the ``python`` runtime's artifact
+        when the model is a decorated function.
     :param version: its version (None: the only or highest one).
     :param broker: the broker endpoint to join.
     :param heartbeat_interval_s, heartbeat_liveness: heartbeat settings, as the broker's.
@@ -30,6 +31,10 @@ class WorkerPlan:
         the broker goes away and ignores Ctrl-C); a hand-started worker rejoins instead.
     :param deployment: a deployed model's spec (as a dict): its runtime loads its artifact,
         and ``target`` is not imported.
+    :param plugins: the modules and files the gateway loaded as plugins (``--plugin``), which
+        the worker loads too, to find its runtime.
+    :param autoload: whether the worker loads the installed plugins (entry points), as the
+        gateway did.
     """
 
     target: str
@@ -40,6 +45,12 @@ class WorkerPlan:
     resources: dict[str, Any] | None = None
     managed: bool = True
     deployment: dict[str, Any] | None = None
+    plugins: tuple[str, ...] = ()
+    autoload: bool = True
+
+    def __post_init__(self) -> None:
+        # From JSON, a list.
+        object.__setattr__(self, "plugins", tuple(self.plugins))
 
     def options(self) -> worker.WorkerOptions:
         heartbeat = Heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)

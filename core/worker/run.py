@@ -1,8 +1,10 @@
-"""What a worker process does: load its model, then serve it until told to stop.
+"""What a worker process does: load its model through its runtime, then serve it.
 
 :func:`run_worker` is the body of every worker, however it was started (forked from the
-shared forkserver, forked from its model's template, or another interpreter). It keeps to the
-modules a worker needs (no gateway, no multiprocess).
+shared forkserver, forked from its model's template, or another interpreter). :func:`load`
+builds the worker's plugin manager once, from its plan, and takes the runtime the model's
+spec names from it: ``python`` for a decorated function, a framework's for a deployment. It
+keeps to the modules a worker needs (no gateway, no multiprocess).
 """
 
 from __future__ import annotations
@@ -11,17 +13,16 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import replace
 from typing import Any
 
 from ketch.errors import TargetLoadError
-from ketch.runtimes.python import checked_outputs, make_predict, stack
-from ketch.specs.loader import Target, find_model
+from ketch.plugin_manager import load_plugins
 from ketch.specs.models import ModelSpec
 from ketch.specs.resources import Resources
 from ketch.specs.resources import apply as apply_resources
-from ketch.types import Outputs, Predict
+from ketch.types import Predict
 from ketch.worker.plan import WorkerPlan
+from ketch.worker.predict import batch_predict
 from ketch.zmq_transport import worker
 
 #: Exit code of a worker whose model cannot be loaded (its last line of output says why), the
@@ -40,11 +41,16 @@ def load(plan: WorkerPlan) -> tuple[ModelSpec, Predict]:
     try:
         if plan.resources is not None:
             apply_resources(Resources.from_dict(plan.resources))
-        if plan.deployment is not None:
-            return _load_deployment(ModelSpec.from_dict(plan.deployment))
-        model = find_model(Target.parse(plan.target), plan.version)
-        apply_resources(model.spec.resources)
-        return model.spec, make_predict(model)
+        plugins = load_plugins(plan.plugins, autoload=plan.autoload)
+        declared = None if plan.deployment is None else ModelSpec.from_dict(plan.deployment)
+        runtime_name, artifact, options = _runtime_call(plan, declared)
+        if declared is not None:
+            apply_resources(declared.resources)  # before the runtime imports its framework
+        runtime = plugins.runtime_class(runtime_name)(artifact, options)
+        spec = runtime.announced_spec(declared)
+        if declared is None:
+            apply_resources(spec.resources)  # the function's own, known once it is imported
+        return spec, batch_predict(runtime, spec)
     except Exception as exc:
         if not isinstance(exc, TargetLoadError):
             traceback.print_exc()
@@ -53,21 +59,14 @@ def load(plan: WorkerPlan) -> tuple[ModelSpec, Predict]:
         raise SystemExit(EXIT_LOAD_FAILED) from None
 
 
-def _load_deployment(spec: ModelSpec) -> tuple[ModelSpec, Predict]:
-    from ketch.plugin_manager import installed_plugins
-
-    apply_resources(spec.resources)
-    runtime = installed_plugins().runtime_class(spec.runtime)(spec.artifact, spec.options)
-    spec = replace(
-        spec, inputs=runtime.inputs, outputs=runtime.outputs, runtime_info=runtime.describe()
-    )
-    label = spec.label()
-
-    def predict(inputs: list[Any]) -> Outputs:
-        batch = stack(inputs, label) if spec.batch_input == "numpy" else inputs
-        return checked_outputs(runtime.predict(batch), len(inputs), label)
-
-    return spec, predict
+def _runtime_call(
+    plan: WorkerPlan, declared: ModelSpec | None
+) -> tuple[str, str | None, dict[str, Any]]:
+    """``(runtime, artifact, options)`` that load the plan's model: the deployment's, or the
+    ``python`` runtime's for a decorated function (the target, by version)."""
+    if declared is not None:
+        return declared.runtime, declared.artifact, dict(declared.options)
+    return "python", plan.target, {"version": plan.version}
 
 
 def run_worker(plan: WorkerPlan) -> None:
