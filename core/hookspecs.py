@@ -22,13 +22,12 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import pluggy
 
-if TYPE_CHECKING:
-    from ketch.policy import Feedback, Policy, Query
-    from ketch.runtime import Runtime
+from ketch.policy import Feedback, Policy, Query
+from ketch.runtime import Runtime
 
 #: The project name pluggy uses for markers, and the entry-point group plugins register under.
 PROJECT = "ketch"
@@ -37,10 +36,12 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 #: Marks a plugin's implementation of a hook: ``@ketch.hookimpl``.
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-#: ``register(name, policy_class)``: what ``ketch_register_policies`` receives.
-RegisterPolicy: TypeAlias = "Callable[[str, type[Policy]], None]"
-#: ``register(name, runtime_class)``: what ``ketch_register_runtimes`` receives.
-RegisterRuntime: TypeAlias = "Callable[[str, type[Runtime]], None]"
+#: ``register(name, policy_class)``: what ``ketch_register_policies`` receives
+#: (``ketch.RegisterPolicy``).
+RegisterPolicy: TypeAlias = Callable[[str, type[Policy]], None]
+#: ``register(name, runtime_class)``: what ``ketch_register_runtimes`` receives
+#: (``ketch.RegisterRuntime``).
+RegisterRuntime: TypeAlias = Callable[[str, type[Runtime]], None]
 
 
 @hookspec
