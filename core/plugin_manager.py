@@ -43,6 +43,9 @@ log = logging.getLogger("ketch.plugins")
 
 #: Set (to anything but an empty string) to load no plugin from entry points.
 DISABLE_AUTOLOAD_ENV = "KETCH_DISABLE_PLUGIN_AUTOLOAD"
+#: The server events that tell ``ketch_pool_scaled`` (the kinds of
+#: :mod:`ketch.observability.events`).
+_POOL_EVENTS = ("scaled_to_zero", "pool_changed")
 _REGISTERED_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 T = TypeVar("T")
 
@@ -130,6 +133,11 @@ class Plugins:
         self._sources = dict(sources)
         self.references = tuple(references)
         self.autoload = autoload
+        #: The hooks some plugin implements: an observer hook no plugin implements is not
+        #: called at all, so the batches and requests it would be told of pay nothing.
+        self._implemented = frozenset(
+            name for name in hookspecs.hook_specs() if getattr(manager.hook, name).get_hookimpls()
+        )
         self._policies = _Registry("policy", "policies", Policy)
         self._runtimes = _Registry("runtime", "runtimes", Runtime)
         for hook, registry in (
@@ -203,12 +211,71 @@ class Plugins:
     def feedback_observed(self, app: str, query: Query, feedback: Feedback) -> None:
         self._observe("ketch_feedback_observed", app=app, query=query, feedback=feedback)
 
+    def state_changed(self, kind: str, fields: Mapping[str, Any]) -> None:
+        """Tell the observers of a server event, by the ``kind`` and ``fields`` of its
+        :class:`ketch.observability.events.Event`: a worker ready (``ketch_worker_started``)
+        or lost (``ketch_worker_exited``), a pool scaled (``ketch_pool_scaled``)."""
+        if kind == "model_ready":
+            self._observe(
+                "ketch_worker_started",
+                model=fields["model"],
+                version=fields["version"],
+                pid=fields["pid"],
+                host=fields["host"],
+            )
+        elif kind == "worker_lost":
+            self._observe(
+                "ketch_worker_exited",
+                model=fields["model"],
+                version=fields["version"],
+                pid=fields["pid"],
+                host=fields["host"],
+                reason=fields["reason"],
+            )
+        elif kind in _POOL_EVENTS:
+            details = {k: v for k, v in fields.items() if k not in ("model", "version")}
+            self._observe(
+                "ketch_pool_scaled",
+                model=fields["model"],
+                version=fields["version"],
+                change=kind,
+                details=details,
+            )
+
+    def batch_done(
+        self, model: str, version: str, size: int, compute_s: float | None, pid: int
+    ) -> None:
+        if "ketch_batch_done" in self._implemented:
+            self._observe(
+                "ketch_batch_done",
+                model=model,
+                version=version,
+                size=size,
+                compute_s=compute_s,
+                pid=pid,
+            )
+
+    def request_done(
+        self, model: str, version: str, inputs: int, latency_s: float, status: int
+    ) -> None:
+        if "ketch_request_done" in self._implemented:
+            self._observe(
+                "ketch_request_done",
+                model=model,
+                version=version,
+                inputs=inputs,
+                latency_s=latency_s,
+                status=status,
+            )
+
     def _observe(self, hook: str, **kwargs: Any) -> None:
-        # Observers are told, not asked: one that fails is logged and the request goes on.
+        if hook not in self._implemented:
+            return
+        # Observers are told, not asked: one that fails is logged and ketch carries on.
         try:
             getattr(self.manager.hook, hook)(**kwargs)
         except Exception:
-            log.exception("a plugin's %s raised; the request is not affected", hook)
+            log.exception("a plugin's %s raised; nothing else is affected", hook)
 
 
 def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> Plugins:

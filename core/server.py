@@ -86,15 +86,20 @@ class ServeOptions:
 class _Reporter:
     """Prints state changes as ``ketch: ...`` lines (or JSON objects), and the ``ready``
     event once every worker started with the server has joined (tests and scripts wait for
-    that line)."""
+    that line); the one place the server's events reach the plugins' observer hooks."""
 
     def __init__(self, out: TextIO, log_format: events.LogFormat = "text") -> None:
         self._out = out
         self._format: events.LogFormat = log_format
         self.is_ready: Callable[[], bool] = lambda: False
         self._announced = False
+        #: The plugins whose observer hooks hear of each event (workers, pools), once loaded.
+        self.observers: Plugins | None = None
 
     def __call__(self, event: events.Event) -> None:
+        # The observers first: whoever sees the line knows they have been told.
+        if self.observers is not None:
+            self.observers.state_changed(event.kind, event.fields)
         events.write_event(event, self._out, self._format)
         self.announce_if_ready()
 
@@ -123,8 +128,9 @@ async def serve(
     apps: Applications | None = None
     try:
         endpoint = broker.start()
-        dispatcher.attach(broker)
         plugins = load_plugins(options.plugins)
+        dispatcher.attach(broker, plugins)
+        report.observers = plugins
         served = (
             await loop.run_in_executor(None, discover, options.source, plugins)
             if options.source is not None

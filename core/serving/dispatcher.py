@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import re
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ketch.observability import events
 from ketch.observability.metrics import Metrics
@@ -16,6 +16,9 @@ from ketch.serving.queue import ModelQueue
 from ketch.specs.models import ModelSpec
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import Broker, RemoteError, WorkerInfo
+
+if TYPE_CHECKING:
+    from ketch.plugin_manager import Plugins
 
 
 def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -46,20 +49,24 @@ class Dispatcher:
         self._removed: set[tuple[str, str]] = set()
         self._batch_ids = itertools.count(1).__next__
         self._broker: Broker | None = None
+        self._observers: Plugins | None = None
         self._hostname = socket.gethostname()
         #: This server's Prometheus metrics; the gauges read the queues at scrape time.
         self.metrics = Metrics()
         self.metrics.watch_queues(self.queues)
 
-    def attach(self, broker: Broker) -> None:
+    def attach(self, broker: Broker, observers: Plugins | None = None) -> None:
+        """Route batches through ``broker``; ``observers`` are told of each batch and request
+        done by the queues."""
         self._broker = broker
+        self._observers = observers
 
     def add_model(self, spec: ModelSpec, *, served_from_file: bool = True) -> ModelQueue:
         queue = self._queue_of(spec.key)
         if queue is None:
             assert self._broker is not None, "attach a broker before adding models"
             model_metrics = self.metrics.for_model(spec.name, spec.version)
-            queue = ModelQueue(spec, self._broker, self._batch_ids, model_metrics)
+            queue = ModelQueue(spec, self._broker, self._batch_ids, model_metrics, self._observers)
             self._queues[spec.key] = queue
             self._removed.discard(spec.key)
             self._choose_default(spec.name)
