@@ -154,6 +154,10 @@ class Plugins:
     def policy_names(self) -> list[str]:
         return sorted(self._policies.classes)
 
+    def policies(self) -> dict[str, type[Policy]]:
+        """Every registered policy class by name, in the order they were registered."""
+        return dict(self._policies.classes)
+
     def policy_class(self, name: str) -> type[Policy]:
         return self._policies.get(name)
 

@@ -193,6 +193,12 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         action="store_true",
         help="print the hooks a plugin can implement, with their documentation (Markdown)",
     )
+    plugins_cmd.add_argument(
+        "--params",
+        action="store_true",
+        help="print the params of the policies that declare them as a Params struct (the "
+        "built-in ones), as a Markdown table",
+    )
 
     worker_cmd = commands.add_parser(
         "worker",
@@ -299,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 print(reference(), end="")
                 return 0
+            if args.params:
+                return _print_policy_params(args.plugin)
             return _list_plugins(args.plugin)
         heartbeat = Heartbeat(args.heartbeat_interval, args.heartbeat_liveness)
         if args.command == "serve":
@@ -344,6 +352,14 @@ def _list_plugins(extra: Sequence[str]) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for name, source, policies, runtimes in rows:
         print(f"{name:<{widths[0]}}  {source:<{widths[1]}}  {policies:<{widths[2]}}  {runtimes}")
+    return 0
+
+
+def _print_policy_params(extra: Sequence[str]) -> int:
+    from ketch.plugin_manager import load_plugins
+    from ketch.plugins.params import reference
+
+    print(reference(load_plugins(extra).policies()), end="")
     return 0
 
 
