@@ -63,9 +63,12 @@ def ketch_register_runtimes(register: RegisterRuntime) -> None:
     """Contribute runtimes, the adapters that load saved models in workers.
     *Registration hook: every plugin's implementation runs.*
 
-    Runtimes are looked up where a model is deployed (``ketch.deploy(runtime=...)``,
-    ``ketch serve --model NAME=RUNTIME:PATH``) and again inside each worker, so a runtime's
-    plugin must be installed wherever its workers run.
+    Runtimes are looked up in the gateway, which checks each deployment with its runtime
+    (``ketch.deploy(runtime=...)``, ``ketch serve --model NAME=RUNTIME:PATH``, the management
+    API), and again inside each worker, which loads the plugins its gateway loaded (the
+    ``--plugin`` ones by the same reference, the installed ones from its own environment): a
+    runtime's package must be installed wherever its workers run. Decorated functions are
+    served by the built-in ``python`` runtime, the same way.
 
     :param register: call ``register(name, runtime_class)`` once per runtime. ``name`` is
         what ``runtime=`` names; ``runtime_class`` is a subclass of :class:`ketch.Runtime`,
