@@ -121,7 +121,7 @@ HEAVY_MODELS_SOURCE = """
 #: Run in a fresh interpreter: import what the forkserver holds, then time the heavy imports.
 IMPORT_TIMER = """
 import importlib, sys, time
-import numpy, zmq, ketch.pools.templates
+import numpy, zmq, ketch.worker.main
 started = time.perf_counter()
 for name in sys.argv[1:]:
     importlib.import_module(name)

@@ -40,7 +40,7 @@ from report import percentile, report_framework_run
 SERVED = """
 import ketch
 
-ketch.deploy("mlp", runtime="{framework}", path="{artifact}", max_batch_size=64,
+mlp = ketch.deploy("mlp", runtime="{framework}", path="{artifact}", max_batch_size=64,
              max_delay_ms=1, min_replicas=1, max_replicas=1, threads=1)
 """
 

@@ -57,7 +57,7 @@ OUTPUTS = ("prediction", "probability")
 MODELS_SOURCE = """
 import ketch
 
-ketch.deploy(
+churn = ketch.deploy(
     "churn",
     runtime="spark",
     path={path!r},

@@ -49,9 +49,9 @@ AFFINE_MAX_BATCH = 64
 SERVED = """
 import ketch
 
-ketch.deploy("affine", runtime="triton", url="{url}", model="affine", protocol="{protocol}",
-             max_batch_size=64, max_delay_ms=1, min_replicas={replicas},
-             max_replicas={replicas})
+affine = ketch.deploy("affine", runtime="triton", url="{url}", model="affine",
+                      protocol="{protocol}", max_batch_size=64, max_delay_ms=1,
+                      min_replicas={replicas}, max_replicas={replicas})
 """
 
 

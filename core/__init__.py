@@ -1,16 +1,17 @@
 """ketch: serve models over HTTP, batched, in worker processes that ZeroMQ connects.
 
 The public API is what ``__all__`` lists; every other module is internal. Plugin authors
-implement the hooks of ``ketch.hookspecs`` with ``@ketch.hookimpl``.
+implement the hooks of ``ketch.hookspecs`` with ``@ketch.hookimpl``, and annotate a
+registration hook's callback with ``ketch.RegisterPolicy`` or ``ketch.RegisterRuntime``.
 """
 
 from __future__ import annotations
 
-from ketch.hookspecs import hookimpl
+from ketch.hookspecs import RegisterPolicy, RegisterRuntime, hookimpl
 from ketch.policy import Combined, Feedback, Policy, Query
 from ketch.runtime import Runtime
 from ketch.specs.apps import AppSpec, app
-from ketch.specs.deployments import deploy
+from ketch.specs.deployments import Deployment, deploy
 from ketch.specs.models import Model, ModelSpec, model
 from ketch.specs.signature import TensorSpec
 
@@ -19,11 +20,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AppSpec",
     "Combined",
+    "Deployment",
     "Feedback",
     "Model",
     "ModelSpec",
     "Policy",
     "Query",
+    "RegisterPolicy",
+    "RegisterRuntime",
     "Runtime",
     "TensorSpec",
     "__version__",

@@ -5,11 +5,15 @@
 point in the ``ketch`` group (unless ``KETCH_DISABLE_PLUGIN_AUTOLOAD`` is set), then the
 modules or files named with ``--plugin``, and last ``check_pending()``, so an implementation
 of a hook that does not exist fails loudly. Nothing is built at import time.
+
+A process builds one and passes it where it is needed: ``ketch serve`` builds it once for
+discovery, deployments' checks, applications and observers. A worker process is another
+process: it builds its own once at start, from what its plan carries (the ``--plugin``
+references, as :attr:`Plugins.references`, and :attr:`Plugins.autoload`).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.metadata
 import logging
@@ -31,15 +35,17 @@ from ketch.plugins import BUILTIN_PLUGINS
 from ketch.policy import Feedback, Policy, Query
 from ketch.runtime import Runtime
 from ketch.runtimes import BUILTIN_RUNTIMES
+from ketch.specs.deployments import Deployment
 from ketch.specs.loader import import_source
+from ketch.specs.models import ModelSpec
 
 log = logging.getLogger("ketch.plugins")
 
 #: Set (to anything but an empty string) to load no plugin from entry points.
 DISABLE_AUTOLOAD_ENV = "KETCH_DISABLE_PLUGIN_AUTOLOAD"
-#: Modules or files to load as plugins besides the installed ones, separated by ``os.pathsep``:
-#: how ``--plugin`` reaches every process of a server (discovery, templates, workers).
-PLUGINS_ENV = "KETCH_PLUGINS"
+#: The server events that tell ``ketch_pool_scaled`` (the kinds of
+#: :mod:`ketch.observability.events`).
+_POOL_EVENTS = ("scaled_to_zero", "pool_changed")
 _REGISTERED_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 T = TypeVar("T")
 
@@ -107,11 +113,31 @@ class _Registry(Generic[T]):
 
 
 class Plugins:
-    """The loaded plugins and typed calls of their hooks (use :func:`load_plugins`)."""
+    """The loaded plugins and typed calls of their hooks (use :func:`load_plugins`).
 
-    def __init__(self, manager: pluggy.PluginManager, sources: Mapping[str, str]) -> None:
+    :param references: the modules and files loaded besides the installed plugins (files as
+        absolute paths).
+    :param autoload: whether the installed plugins (entry points) were loaded. With
+        ``references``, what another process passes to :func:`load_plugins` to load the same
+        plugins.
+    """
+
+    def __init__(
+        self,
+        manager: pluggy.PluginManager,
+        sources: Mapping[str, str],
+        references: Sequence[str] = (),
+        autoload: bool = True,
+    ) -> None:
         self.manager = manager
         self._sources = dict(sources)
+        self.references = tuple(references)
+        self.autoload = autoload
+        #: The hooks some plugin implements: an observer hook no plugin implements is not
+        #: called at all, so the batches and requests it would be told of pay nothing.
+        self._implemented = frozenset(
+            name for name in hookspecs.hook_specs() if getattr(manager.hook, name).get_hookimpls()
+        )
         self._policies = _Registry("policy", "policies", Policy)
         self._runtimes = _Registry("runtime", "runtimes", Runtime)
         for hook, registry in (
@@ -128,6 +154,10 @@ class Plugins:
     def policy_names(self) -> list[str]:
         return sorted(self._policies.classes)
 
+    def policies(self) -> dict[str, type[Policy]]:
+        """Every registered policy class by name, in the order they were registered."""
+        return dict(self._policies.classes)
+
     def policy_class(self, name: str) -> type[Policy]:
         return self._policies.get(name)
 
@@ -136,6 +166,16 @@ class Plugins:
 
     def runtime_class(self, name: str) -> type[Runtime]:
         return self._runtimes.get(name)
+
+    def check_deployment(self, deployment: Deployment) -> ModelSpec:
+        """A deployment's spec, checked by its runtime (:meth:`Deployment.checked`);
+        ``ValueError`` naming the model and what is wrong (an unknown runtime, a missing
+        artifact, a misspelt option)."""
+        try:
+            runtime = self.runtime_class(deployment.runtime)
+        except PluginError as exc:
+            raise ValueError(f"model {deployment.name!r}: {exc}") from None
+        return deployment.checked(runtime)
 
     def describe(self) -> list[PluginInfo]:
         """Every loaded plugin in load order, for ``ketch plugins``."""
@@ -175,12 +215,71 @@ class Plugins:
     def feedback_observed(self, app: str, query: Query, feedback: Feedback) -> None:
         self._observe("ketch_feedback_observed", app=app, query=query, feedback=feedback)
 
+    def state_changed(self, kind: str, fields: Mapping[str, Any]) -> None:
+        """Tell the observers of a server event, by the ``kind`` and ``fields`` of its
+        :class:`ketch.observability.events.Event`: a worker ready (``ketch_worker_started``)
+        or lost (``ketch_worker_exited``), a pool scaled (``ketch_pool_scaled``)."""
+        if kind == "model_ready":
+            self._observe(
+                "ketch_worker_started",
+                model=fields["model"],
+                version=fields["version"],
+                pid=fields["pid"],
+                host=fields["host"],
+            )
+        elif kind == "worker_lost":
+            self._observe(
+                "ketch_worker_exited",
+                model=fields["model"],
+                version=fields["version"],
+                pid=fields["pid"],
+                host=fields["host"],
+                reason=fields["reason"],
+            )
+        elif kind in _POOL_EVENTS:
+            details = {k: v for k, v in fields.items() if k not in ("model", "version")}
+            self._observe(
+                "ketch_pool_scaled",
+                model=fields["model"],
+                version=fields["version"],
+                change=kind,
+                details=details,
+            )
+
+    def batch_done(
+        self, model: str, version: str, size: int, compute_s: float | None, pid: int
+    ) -> None:
+        if "ketch_batch_done" in self._implemented:
+            self._observe(
+                "ketch_batch_done",
+                model=model,
+                version=version,
+                size=size,
+                compute_s=compute_s,
+                pid=pid,
+            )
+
+    def request_done(
+        self, model: str, version: str, inputs: int, latency_s: float, status: int
+    ) -> None:
+        if "ketch_request_done" in self._implemented:
+            self._observe(
+                "ketch_request_done",
+                model=model,
+                version=version,
+                inputs=inputs,
+                latency_s=latency_s,
+                status=status,
+            )
+
     def _observe(self, hook: str, **kwargs: Any) -> None:
-        # Observers are told, not asked: one that fails is logged and the request goes on.
+        if hook not in self._implemented:
+            return
+        # Observers are told, not asked: one that fails is logged and ketch carries on.
         try:
             getattr(self.manager.hook, hook)(**kwargs)
         except Exception:
-            log.exception("a plugin's %s raised; the request is not affected", hook)
+            log.exception("a plugin's %s raised; nothing else is affected", hook)
 
 
 def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> Plugins:
@@ -189,11 +288,12 @@ def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> 
     :param extra: modules (``pkg.policies``) or files (``my_policy.py``) to load as plugins,
         as ``ketch serve --plugin`` names them.
     :param autoload: whether to load the ``ketch`` entry-point group; ``None`` reads
-        ``KETCH_DISABLE_PLUGIN_AUTOLOAD``.
+        ``KETCH_DISABLE_PLUGIN_AUTOLOAD`` (:func:`autoload_wanted`).
     """
     if autoload is None:
-        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
-    extra = list(dict.fromkeys([*extra, *shared_plugins()]))
+        autoload = autoload_wanted()
+    # Files as absolute paths: a worker given these references may run in another folder.
+    references = list(dict.fromkeys(_absolute(reference) for reference in extra))
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(hookspecs)
     sources: dict[str, str] = {}
@@ -202,7 +302,7 @@ def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> 
         sources[module_name] = "built in"
     if autoload:
         _load_entry_points(manager, sources)
-    for reference in extra:
+    for reference in references:
         _register(manager, _import_plugin(reference), reference)
         sources[reference] = f"--plugin {reference}"
     try:
@@ -211,34 +311,18 @@ def load_plugins(extra: Sequence[str] = (), *, autoload: bool | None = None) -> 
         raise PluginError(
             f"{exc}; the hooks a plugin can implement are in ketch.hookspecs"
         ) from None
-    return Plugins(manager, sources)
+    return Plugins(manager, sources, references, autoload)
 
 
-def installed_plugins() -> Plugins:
-    """The plugins of this process (built-ins, entry points and ``KETCH_PLUGINS``), loaded
-    once: a served file may deploy many models, each looking up its runtime."""
-    return _plugins_for(os.environ.get(PLUGINS_ENV, ""), os.environ.get(DISABLE_AUTOLOAD_ENV, ""))
+def autoload_wanted() -> bool:
+    """Whether installed plugins load: unless ``KETCH_DISABLE_PLUGIN_AUTOLOAD`` is set."""
+    return not os.environ.get(DISABLE_AUTOLOAD_ENV)
 
 
-@functools.lru_cache(maxsize=4)
-def _plugins_for(shared: str, autoload_disabled: str) -> Plugins:
-    return load_plugins()
-
-
-def share_plugins(references: Sequence[str]) -> None:
-    """Make ``references`` load in this process and every process it starts, with files as
-    absolute paths (a worker may run in another folder)."""
-    resolved = [
-        str(Path(r).resolve()) if r.endswith(".py") or Path(r).is_file() else r for r in references
-    ]
-    merged = list(dict.fromkeys([*shared_plugins(), *resolved]))
-    if merged:
-        os.environ[PLUGINS_ENV] = os.pathsep.join(merged)
-
-
-def shared_plugins() -> list[str]:
-    """The plugins :envvar:`KETCH_PLUGINS` names."""
-    return [r for r in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if r]
+def _absolute(reference: str) -> str:
+    if reference.endswith(".py") or Path(reference).is_file():
+        return str(Path(reference).resolve())
+    return reference
 
 
 def _load_entry_points(manager: pluggy.PluginManager, sources: dict[str, str]) -> None:

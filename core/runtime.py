@@ -3,13 +3,18 @@
 A runtime is a class registered under a name through the ``ketch_register_runtimes`` hook (the
 built-in ones live in ``ketch.runtimes``). It is used in two places:
 
-- where the model is declared (``ketch.deploy``, ``ketch serve --model``), which may be the
-  gateway: :meth:`Runtime.check` validates the artifact and the options *without importing the
-  framework*, so a missing file or a misspelt option fails before any worker starts;
+- in the gateway, for the models deployed (``ketch.deploy``, ``ketch serve --model``, the
+  management API): :meth:`Runtime.check` validates the artifact and the options *without
+  importing the framework*, so a missing file or a misspelt option fails before any worker
+  starts;
 - inside each worker process: the constructor imports the framework and loads the artifact,
   :meth:`Runtime.predict` runs one batch, and :attr:`Runtime.inputs` / :attr:`Runtime.outputs`
-  describe the tensors, which the worker announces to the gateway so that a request of the
-  wrong shape is answered 400 before it reaches a batch.
+  describe the tensors, which the worker announces to the gateway
+  (:meth:`Runtime.announced_spec`) so that a request of the wrong shape is answered 400
+  before it reaches a batch. The worker wraps ``predict`` the same way for every runtime: it
+  stacks the inputs for ``batch_input = "numpy"`` and checks one output came back per input.
+
+Decorated ``@ketch.model`` functions are served through the ``python`` runtime, the same way.
 
 The class attribute :attr:`Runtime.batch_input` says how the gateway hands a batch over:
 ``"numpy"`` stacks the requests' inputs into one array (tensors), ``"list"`` passes the list of
@@ -22,7 +27,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ketch.specs.models import BatchInput
+from msgspec.structs import replace
+
+from ketch.errors import TargetLoadError
+from ketch.specs.models import BatchInput, ModelSpec
 from ketch.specs.signature import TensorSpec
 from ketch.types import Outputs
 
@@ -79,3 +87,18 @@ class Runtime:
         """What ``GET /models`` shows about this runtime once a worker loaded it (e.g. which
         path a pipeline takes)."""
         return {}
+
+    def announced_spec(self, declared: ModelSpec | None) -> ModelSpec:
+        """The spec the worker announces to the gateway once this runtime has loaded the
+        model: ``declared`` (the deployment's) with the tensors the runtime found and what
+        :meth:`describe` says. ``declared`` is None when the worker was given only the
+        artifact (``ketch worker app.py:name``): a runtime whose artifacts declare their own
+        spec (``python``'s decorated functions) returns that one; the default cannot."""
+        if declared is None:
+            raise TargetLoadError(
+                f"runtime {type(self).__name__} serves deployments only: its artifact "
+                f"{self.artifact!r} declares no model spec"
+            )
+        return replace(
+            declared, inputs=self.inputs, outputs=self.outputs, runtime_info=self.describe()
+        )

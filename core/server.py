@@ -21,7 +21,7 @@ from ketch.http.auth import Tokens
 from ketch.http.routes import Gateway
 from ketch.http.server import bind_tcp, serve_asgi
 from ketch.observability import events
-from ketch.plugin_manager import load_plugins, share_plugins
+from ketch.plugin_manager import Plugins, load_plugins
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import LocalWorkers, ProcessEvents, Served, discover
 from ketch.serving.admission import Deadlines
@@ -89,15 +89,20 @@ class ServeOptions:
 class _Reporter:
     """Prints state changes as ``ketch: ...`` lines (or JSON objects), and the ``ready``
     event once every worker started with the server has joined (tests and scripts wait for
-    that line)."""
+    that line); the one place the server's events reach the plugins' observer hooks."""
 
     def __init__(self, out: TextIO, log_format: events.LogFormat = "text") -> None:
         self._out = out
         self._format: events.LogFormat = log_format
         self.is_ready: Callable[[], bool] = lambda: False
         self._announced = False
+        #: The plugins whose observer hooks hear of each event (workers, pools), once loaded.
+        self.observers: Plugins | None = None
 
     def __call__(self, event: events.Event) -> None:
+        # The observers first: whoever sees the line knows they have been told.
+        if self.observers is not None:
+            self.observers.state_changed(event.kind, event.fields)
         events.write_event(event, self._out, self._format)
         self.announce_if_ready()
 
@@ -126,17 +131,18 @@ async def serve(
     apps: Applications | None = None
     try:
         endpoint = broker.start()
-        dispatcher.attach(broker)
-        share_plugins(options.plugins)
-        plugins = load_plugins()
+        plugins = load_plugins(options.plugins)
+        dispatcher.attach(broker, plugins)
+        report.observers = plugins
         served = (
-            await loop.run_in_executor(None, discover, options.source)
+            await loop.run_in_executor(None, discover, options.source, plugins)
             if options.source is not None
             else Served([], [])
         )
+        given = [_model_argument(text, plugins) for text in options.models]
         specs = [
             msgspec.structs.replace(spec, pool=spec.pool.with_floor(options.workers_per_model))
-            for spec in [*served.models, *map(parse_model_argument, options.models)]
+            for spec in [*served.models, *given]
         ]
         for spec in specs:
             if dispatcher.has_model(spec.key):
@@ -162,6 +168,7 @@ async def serve(
                 dispatcher.model_unhealthy,
                 dispatcher.template_changed,
             ),
+            plugins,
         )
         pools = PoolManager(dispatcher, workers)
         for spec in specs:
@@ -174,6 +181,7 @@ async def serve(
             dispatcher,
             pools,
             apps,
+            plugins,
             report,
             options.request_timeout_s,
             options.workers_per_model,
@@ -197,6 +205,14 @@ async def serve(
         log.info("workers stopped")
         report.is_ready = lambda: False
         report(events.stopped())
+
+
+def _model_argument(text: str, plugins: Plugins) -> ModelSpec:
+    """``--model NAME=RUNTIME:PATH`` as a model spec, checked by its runtime."""
+    try:
+        return plugins.check_deployment(parse_model_argument(text))
+    except ValueError as exc:
+        raise TargetLoadError(f"--model {text!r}: {exc}") from None
 
 
 def _url_host(host: str) -> str:

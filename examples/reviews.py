@@ -31,7 +31,7 @@ def sentiment_large(texts: list[str]) -> list[float]:
     return scores
 
 
-ketch.app(
+reviews = ketch.app(
     "reviews",
     models=["sentiment_small", "sentiment_large"],
     policy="exp3",

@@ -1,5 +1,6 @@
-"""Helpers the built-in policies share: parameter checks, rewards, weighted combining and state
-restoring. Internal to :mod:`ketch.plugins`; plugin authors should not import it.
+"""Helpers the built-in policies share: number and weight checks, rewards, weighted combining
+and state restoring (their parameters' declarations are :mod:`ketch.plugins.params`). Internal
+to :mod:`ketch.plugins`; plugin authors should not import it.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -16,14 +17,6 @@ from ketch.policy import Combined
 
 #: How an ensemble turns several predictions into one output.
 Method = Literal["auto", "mean", "vote"]
-METHODS: tuple[str, ...] = ("auto", "mean", "vote")
-
-
-def check_method(method: Any) -> Method:
-    """The ``method`` parameter of policies that combine several models' answers."""
-    if isinstance(method, str) and method in METHODS:
-        return cast(Method, method)
-    raise ValueError(f"method must be one of {list(METHODS)!r}, not {method!r}")
 
 
 def is_real(value: Any) -> bool:
@@ -84,13 +77,6 @@ def _interval(minimum: float | None, maximum: float | None, min_open: bool, max_
     if maximum is not None:
         return f"a finite number {'<' if max_open else '<='} {maximum:g}"
     return "a finite number"
-
-
-def check_seed(seed: Any) -> int | None:
-    """The ``seed`` parameter: an integer, or ``None`` for a seed from the operating system."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an integer or None, not {seed!r}")
-    return seed
 
 
 def check_weights(models: Sequence[str], weights: Any, name: str = "weights") -> dict[str, float]:

@@ -18,17 +18,47 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+import msgspec
 
 from ketch.hookspecs import RegisterPolicy, hookimpl
-from ketch.plugins._common import (
-    check_number,
-    check_seed,
-    clean_reward,
-    read_log_weights,
-    read_numbers,
-)
+from ketch.plugins._common import clean_reward, read_log_weights, read_numbers
+from ketch.plugins.params import PolicyParams, Seed, parsed
 from ketch.policy import Feedback, Policy, Query
+
+
+class EpsilonGreedyParams(PolicyParams, frozen=True):
+    """``epsilon_greedy``'s parameters."""
+
+    epsilon: Annotated[
+        float, msgspec.Meta(ge=0, le=1, description="the share of queries sent to a random model")
+    ] = 0.1
+    seed: Seed = None
+
+
+class UCB1Params(PolicyParams, frozen=True):
+    """``ucb1`` takes no parameter: it is deterministic."""
+
+
+class ThompsonParams(PolicyParams, frozen=True):
+    """``thompson``'s parameters."""
+
+    seed: Seed = None
+
+
+class Exp3Params(PolicyParams, frozen=True):
+    """``exp3``'s parameters."""
+
+    gamma: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            le=1,
+            description="exploration rate: every model keeps at least gamma / K of the traffic",
+        ),
+    ] = 0.1
+    seed: Seed = None
 
 
 class _MeanRewardPolicy(Policy):
@@ -68,17 +98,16 @@ class EpsilonGreedyPolicy(_MeanRewardPolicy):
     drawn at random.
 
     :param models: the models to choose from.
-    :param epsilon: the share of queries sent to a random model, in ``[0, 1]``; ``0.1`` by
-        default.
-    :param seed: seed of the policy's random draws; ``None`` seeds from the operating system.
+    :param params: :class:`EpsilonGreedyParams`.
     """
 
-    def __init__(
-        self, models: Sequence[str], *, epsilon: float = 0.1, seed: int | None = None
-    ) -> None:
+    Params: ClassVar[type[PolicyParams]] = EpsilonGreedyParams
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
         super().__init__(models)
-        self.epsilon = check_number("epsilon", epsilon, minimum=0.0, maximum=1.0)
-        self._rng = random.Random(check_seed(seed))
+        given = parsed(EpsilonGreedyParams, params)
+        self.epsilon = given.epsilon
+        self._rng = random.Random(given.seed)
 
     def select(self, query: Query) -> Sequence[str]:
         if self._rng.random() < self.epsilon:
@@ -100,7 +129,14 @@ class UCB1Policy(_MeanRewardPolicy):
     the first models get bursts of traffic.
 
     :param models: the models to choose from.
+    :param params: :class:`UCB1Params` (none).
     """
+
+    Params: ClassVar[type[PolicyParams]] = UCB1Params
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
+        super().__init__(models)
+        parsed(UCB1Params, params)
 
     def select(self, query: Query) -> Sequence[str]:
         for model in self.models:
@@ -121,12 +157,14 @@ class ThompsonPolicy(Policy):
     rewards count partially.
 
     :param models: the models to choose from.
-    :param seed: seed of the policy's random draws; ``None`` seeds from the operating system.
+    :param params: :class:`ThompsonParams`.
     """
 
-    def __init__(self, models: Sequence[str], *, seed: int | None = None) -> None:
+    Params: ClassVar[type[PolicyParams]] = ThompsonParams
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
         super().__init__(models)
-        self._rng = random.Random(check_seed(seed))
+        self._rng = random.Random(parsed(ThompsonParams, params).seed)
         self._successes = dict.fromkeys(self.models, 0.0)
         self._failures = dict.fromkeys(self.models, 0.0)
 
@@ -168,16 +206,16 @@ class Exp3Policy(Policy):
     0.4, while the worse one keeps about 5% of the traffic.
 
     :param models: the models to choose from.
-    :param gamma: exploration rate, in ``(0, 1]``; ``0.1`` by default.
-    :param seed: seed of the policy's random draws; ``None`` seeds from the operating system.
+    :param params: :class:`Exp3Params`.
     """
 
-    def __init__(
-        self, models: Sequence[str], *, gamma: float = 0.1, seed: int | None = None
-    ) -> None:
+    Params: ClassVar[type[PolicyParams]] = Exp3Params
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
         super().__init__(models)
-        self.gamma = check_number("gamma", gamma, minimum=0.0, maximum=1.0, min_open=True)
-        self._rng = random.Random(check_seed(seed))
+        given = parsed(Exp3Params, params)
+        self.gamma = given.gamma
+        self._rng = random.Random(given.seed)
         self._log_weights = dict.fromkeys(self.models, 0.0)
         self._probabilities = self._compute_probabilities()
 

@@ -10,15 +10,27 @@ probability, class probabilities, or a mapping with a ``"confidence"``) for it t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+import msgspec
 
 from ketch.hookspecs import RegisterPolicy, hookimpl
 from ketch.plugins._common import check_number, read_numbers
+from ketch.plugins.params import PolicyParams, parsed
 from ketch.policy import Combined, Policy, Query, confidence_of
 
 #: Query note: the index of the last stage asked, so a stage that gave no answer is not
 #: asked again.
 _ASKED = "cascade_asked"
+
+
+class CascadeParams(PolicyParams, frozen=True):
+    """``cascade``'s parameters."""
+
+    threshold: Annotated[
+        float,
+        msgspec.Meta(gt=0, le=1, description="the confidence at which a stage's answer is final"),
+    ] = 0.9
 
 
 class CascadePolicy(Policy):
@@ -28,15 +40,14 @@ class CascadePolicy(Policy):
     deadline leaves time. The answer is the prediction of the costliest stage that answered.
 
     :param models: the models, cheapest first.
-    :param threshold: the confidence, in ``(0, 1]``, at which a stage's answer is final;
-        ``0.9`` by default.
+    :param params: :class:`CascadeParams`.
     """
 
-    def __init__(self, models: Sequence[str], *, threshold: float = 0.9) -> None:
+    Params: ClassVar[type[PolicyParams]] = CascadeParams
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
         super().__init__(models)
-        self.threshold = check_number(
-            "threshold", threshold, minimum=0.0, maximum=1.0, min_open=True
-        )
+        self.threshold = parsed(CascadeParams, params).threshold
         self._index = {m: i for i, m in enumerate(self.models)}
         self._answered_by = dict.fromkeys(self.models, 0)
         self._escalations = 0

@@ -10,18 +10,27 @@ costs accuracy, not the answer.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+import msgspec
 
 from ketch.hookspecs import RegisterPolicy, hookimpl
-from ketch.plugins._common import (
-    Method,
-    check_method,
-    check_number,
-    check_weights,
-    read_numbers,
-    weighted_combine,
-)
+from ketch.plugins._common import check_number, check_weights, read_numbers, weighted_combine
+from ketch.plugins.params import MethodParam, PolicyParams, Weights, parsed
 from ketch.policy import Combined, Policy, Query
+
+
+class EnsembleParams(PolicyParams, frozen=True):
+    """``ensemble``'s parameters."""
+
+    method: MethodParam = "auto"
+    weights: Annotated[
+        Weights,
+        msgspec.Meta(
+            description="each model's weight, with a positive total; models it does not list "
+            "are not asked. None weighs every model equally"
+        ),
+    ] = None
 
 
 class EnsemblePolicy(Policy):
@@ -35,26 +44,20 @@ class EnsemblePolicy(Policy):
       confidence is the winner's share of the weight of the models that answered. A tie goes
       to the answer of the model listed first by the application.
 
+    With ``method="mean"``, predictions that are not numeric are voted on rather than failing
+    the query.
+
     :param models: the models to ask.
-    :param method: ``"mean"``, ``"vote"`` or ``"auto"`` (the default): the mean when every
-        prediction is a finite real number, or every one a list of them of one length, else
-        the vote. With ``"mean"``, predictions that are not numeric that way are voted on
-        rather than failing the query.
-    :param weights: ``{model: weight}``, finite and >= 0 with a positive total, as for the
-        ``split`` policy; models it does not list are not asked. ``None`` (the default) weighs
-        every model equally.
+    :param params: :class:`EnsembleParams`.
     """
 
-    def __init__(
-        self,
-        models: Sequence[str],
-        *,
-        method: Method = "auto",
-        weights: Mapping[str, float] | None = None,
-    ) -> None:
+    Params: ClassVar[type[PolicyParams]] = EnsembleParams
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
         super().__init__(models)
-        self.method = check_method(method)
-        self.weights = check_weights(self.models, weights)
+        given = parsed(EnsembleParams, params)
+        self.method = given.method
+        self.weights = check_weights(self.models, given.weights)
         self._asked = tuple(m for m in self.models if self.weights[m] > 0)
         self._answered = dict.fromkeys(self.models, 0)
         self._combined = 0

@@ -11,18 +11,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+import msgspec
 
 from ketch.hookspecs import RegisterPolicy, hookimpl
-from ketch.plugins._common import (
-    Method,
-    check_method,
-    check_number,
-    clean_reward,
-    read_log_weights,
-    weighted_combine,
-)
+from ketch.plugins._common import clean_reward, read_log_weights, weighted_combine
+from ketch.plugins.params import MethodParam, PolicyParams, parsed
 from ketch.policy import Combined, Feedback, Policy, Query
+
+
+class Exp4Params(PolicyParams, frozen=True):
+    """``exp4``'s parameters."""
+
+    eta: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="learning rate: how far a reward of 1 moves a model's log-weight; "
+            "larger settles on the best models sooner, but lets a run of luck sway them more",
+        ),
+    ] = 0.5
+    method: MethodParam = "auto"
 
 
 class Exp4Policy(Policy):
@@ -32,16 +42,16 @@ class Exp4Policy(Policy):
     answered; the combination and its confidence are as in the ``ensemble`` policy.
 
     :param models: the models to ask.
-    :param eta: learning rate, > 0: how far a reward of 1 moves a model's log-weight; ``0.5``
-        by default. Larger settles on the best models sooner, but lets a run of luck sway
-        the weights more.
-    :param method: ``"mean"``, ``"vote"`` or ``"auto"`` (the default), as for ``ensemble``.
+    :param params: :class:`Exp4Params`.
     """
 
-    def __init__(self, models: Sequence[str], *, eta: float = 0.5, method: Method = "auto") -> None:
+    Params: ClassVar[type[PolicyParams]] = Exp4Params
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
         super().__init__(models)
-        self.eta = check_number("eta", eta, minimum=0.0, min_open=True)
-        self.method = check_method(method)
+        given = parsed(Exp4Params, params)
+        self.eta = given.eta
+        self.method = given.method
         self._log_weights = dict.fromkeys(self.models, 0.0)
 
     def select(self, query: Query) -> Sequence[str]:

@@ -11,30 +11,46 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+import msgspec
 
 from ketch.hookspecs import RegisterPolicy, hookimpl
 from ketch.plugins._common import check_number, is_finite_real, is_real, section
+from ketch.plugins.params import PolicyParams, parsed
 from ketch.policy import Combined, Policy, Query, confidence_of
+
+
+class ShadowParams(PolicyParams, frozen=True):
+    """``shadow``'s parameters."""
+
+    primary: Annotated[
+        str | None,
+        msgspec.Meta(description="the model that answers; None: the first model listed"),
+    ] = None
+    tolerance: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            description="the largest absolute difference at which two numbers (or two lists "
+            "of numbers, element by element) still agree; other answers agree when equal",
+        ),
+    ] = 1e-9
 
 
 class ShadowPolicy(Policy):
     """Answers with the primary model; the other models are mirrored and compared with it.
 
     :param models: the primary and the shadow models.
-    :param primary: the model that answers; the first model when ``None`` (the default).
-    :param tolerance: the largest absolute difference at which two numbers (or two lists of
-        numbers, element by element) still agree; other answers agree when they are equal.
+    :param params: :class:`ShadowParams`.
     """
 
-    def __init__(
-        self,
-        models: Sequence[str],
-        *,
-        primary: str | None = None,
-        tolerance: float = 1e-9,
-    ) -> None:
+    Params: ClassVar[type[PolicyParams]] = ShadowParams
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
         super().__init__(models)
+        given = parsed(ShadowParams, params)
+        primary = given.primary
         if primary is None:
             primary = self.models[0]
         if primary not in self.models:
@@ -42,7 +58,7 @@ class ShadowPolicy(Policy):
                 f"primary must be one of the models {list(self.models)!r}, not {primary!r}"
             )
         self.primary: str = primary
-        self.tolerance = check_number("tolerance", tolerance, minimum=0.0)
+        self.tolerance = given.tolerance
         self.shadows = tuple(m for m in self.models if m != primary)
         self._compared = dict.fromkeys(self.shadows, 0)
         self._agreed = dict.fromkeys(self.shadows, 0)

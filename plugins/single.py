@@ -7,10 +7,15 @@ the answer carries the model's own confidence (see :func:`ketch.policy.confidenc
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from ketch.hookspecs import RegisterPolicy, hookimpl
+from ketch.plugins.params import PolicyParams, parsed
 from ketch.policy import Combined, Policy, Query, confidence_of
+
+
+class SingleParams(PolicyParams, frozen=True):
+    """``single`` takes no parameter."""
 
 
 class SinglePolicy(Policy):
@@ -19,8 +24,11 @@ class SinglePolicy(Policy):
     :param models: exactly one model name.
     """
 
-    def __init__(self, models: Sequence[str]) -> None:
+    Params: ClassVar[type[PolicyParams]] = SingleParams
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
         super().__init__(models)
+        parsed(SingleParams, params)
         if len(self.models) != 1:
             raise ValueError(
                 f"the single policy serves exactly one model, not {len(self.models)} "

@@ -10,33 +10,43 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+import msgspec
 
 from ketch.hookspecs import RegisterPolicy, hookimpl
-from ketch.plugins._common import check_seed, check_weights, read_numbers
+from ketch.plugins._common import check_weights, read_numbers
+from ketch.plugins.params import PolicyParams, Seed, Weights, parsed
 from ketch.policy import Policy, Query
+
+
+class SplitParams(PolicyParams, frozen=True):
+    """``split``'s parameters."""
+
+    weights: Annotated[
+        Weights,
+        msgspec.Meta(
+            description="each model's share of the traffic, with a positive total; models it "
+            "does not list get none. None splits equally"
+        ),
+    ] = None
+    seed: Seed = None
 
 
 class SplitPolicy(Policy):
     """Sends each query to one model, drawn at random by weight.
 
     :param models: the models to split traffic between.
-    :param weights: ``{model: weight}``, finite and >= 0 with a positive total; models it does
-        not list get no traffic. ``None`` (the default) splits equally.
-    :param seed: seed of the policy's random draws, for reproducible splits; ``None`` seeds
-        from the operating system.
+    :param params: :class:`SplitParams`.
     """
 
-    def __init__(
-        self,
-        models: Sequence[str],
-        *,
-        weights: Mapping[str, float] | None = None,
-        seed: int | None = None,
-    ) -> None:
+    Params: ClassVar[type[PolicyParams]] = SplitParams
+
+    def __init__(self, models: Sequence[str], **params: Any) -> None:
         super().__init__(models)
-        self.weights = check_weights(self.models, weights)
-        self._rng = random.Random(check_seed(seed))
+        given = parsed(SplitParams, params)
+        self.weights = check_weights(self.models, given.weights)
+        self._rng = random.Random(given.seed)
         # Models with no weight are left out so that a draw never lands on them.
         self._choices = [m for m in self.models if self.weights[m] > 0]
         self._cum_weights = list(itertools.accumulate(self.weights[m] for m in self._choices))

@@ -5,8 +5,8 @@ This is how ketch serves GPU models: Triton runs them (TensorRT, ONNX, PyTorch, 
 backends, ...), and ketch puts its gateway, batching, caching and applications in front. A
 deployment names the server and the model; there is no file:
 
-    ketch.deploy("resnet", runtime="triton", url="gpu-box:8001", model="resnet50",
-                 protocol="grpc", max_batch_size=64)
+    resnet = ketch.deploy("resnet", runtime="triton", url="gpu-box:8001", model="resnet50",
+                          protocol="grpc", max_batch_size=64)
 
 On the command line the artifact is ``[http://|grpc://]HOST:PORT/MODEL[/VERSION]`` (HTTP
 unless the scheme says ``grpc``); it may also be ``path=`` in place of ``url`` and ``model``:

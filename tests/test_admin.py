@@ -445,7 +445,8 @@ def test_what_a_changed_application_learnt_survives_a_restart(
     start_server: Callable[..., KetchServer], write_models: Callable[..., Path], tmp_path: Path
 ) -> None:
     source = write_models(
-        SERVED + '\nketch.app("learner", models=["plus_one", "plus_two"], policy="thompson")\n'
+        SERVED
+        + '\nlearner = ketch.app("learner", models=["plus_one", "plus_two"], policy="thompson")\n'
     )
     state_dir = str(tmp_path / "state")
     first = start_server(source, "--admin-token", TOKEN, "--state-dir", state_dir)

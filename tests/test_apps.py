@@ -69,23 +69,23 @@ def versioned_v2(xs):
     return ["v2" for _ in xs]
 
 
-ketch.app("one", models=["good"])
-ketch.app("pinned", models=["versioned:1", "versioned"], policy="ensemble")
-ketch.app("ab", models=["good", "bad"], policy="split",
+one = ketch.app("one", models=["good"])
+pinned = ketch.app("pinned", models=["versioned:1", "versioned"], policy="ensemble")
+ab = ketch.app("ab", models=["good", "bad"], policy="split",
           params={"weights": {"good": 3, "bad": 1}, "seed": 7})
-ketch.app("shadowed", models=["good", "bad"], policy="shadow")
-ketch.app("ens", models=["good", "bad", "slow"], policy="ensemble", slo_ms=500,
+shadowed = ketch.app("shadowed", models=["good", "bad"], policy="shadow")
+ens = ketch.app("ens", models=["good", "bad", "slow"], policy="ensemble", slo_ms=500,
           default_output=0.5)
-ketch.app("casc", models=["cheap", "large"], policy="cascade", params={"threshold": 0.8})
-ketch.app("thompson", models=["bad", "good"], policy="thompson", params={"seed": 3})
-ketch.app("exp3", models=["bad", "good"], policy="exp3", params={"seed": 5})
-ketch.app("epsilon_greedy", models=["bad", "good"], policy="epsilon_greedy",
+casc = ketch.app("casc", models=["cheap", "large"], policy="cascade", params={"threshold": 0.8})
+thompson = ketch.app("thompson", models=["bad", "good"], policy="thompson", params={"seed": 3})
+exp3 = ketch.app("exp3", models=["bad", "good"], policy="exp3", params={"seed": 5})
+epsilon_greedy = ketch.app("epsilon_greedy", models=["bad", "good"], policy="epsilon_greedy",
           params={"seed": 9})
-ketch.app("exp4", models=["bad", "good"], policy="exp4")
-ketch.app("late", models=["slow"], slo_ms=100, default_output=-1)
-ketch.app("late_no_default", models=["slow"], slo_ms=100)
-ketch.app("fails", models=["broken"])
-ketch.app("fails_over", models=["broken", "good"], policy="ensemble")
+exp4 = ketch.app("exp4", models=["bad", "good"], policy="exp4")
+late = ketch.app("late", models=["slow"], slo_ms=100, default_output=-1)
+late_no_default = ketch.app("late_no_default", models=["slow"], slo_ms=100)
+fails = ketch.app("fails", models=["broken"])
+fails_over = ketch.app("fails_over", models=["broken", "good"], policy="ensemble")
 """
 
 
@@ -312,11 +312,11 @@ def good(xs):
     return [0.9 for _ in xs]
 
 
-ketch.app("raises", models=["good"], policy="raises")
-ketch.app("unknown_model", models=["good"], policy="unknown_model")
-ketch.app("not_json", models=["good"], policy="not_json")
-ketch.app("bad_observe", models=["good"], policy="bad_observe")
-ketch.app("fine", models=["good"])
+raises = ketch.app("raises", models=["good"], policy="raises")
+unknown_model = ketch.app("unknown_model", models=["good"], policy="unknown_model")
+not_json = ketch.app("not_json", models=["good"], policy="not_json")
+bad_observe = ketch.app("bad_observe", models=["good"], policy="bad_observe")
+fine = ketch.app("fine", models=["good"])
 """
 
 
@@ -356,7 +356,7 @@ def test_policy_state_is_kept_across_a_gateway_restart(start_server: Start, tmp_
         "def good(xs):\n    return [0.9 for _ in xs]\n"
         "@ketch.model(min_replicas=1)\n"
         "def bad(xs):\n    return [0.2 for _ in xs]\n"
-        "ketch.app('learner', models=['good', 'bad'], policy='ucb1')\n"
+        "learner = ketch.app('learner', models=['good', 'bad'], policy='ucb1')\n"
     )
     state_dir = str(tmp_path / "state")
     first = start_server(source, "--state-dir", state_dir)
@@ -374,10 +374,10 @@ def test_policy_state_is_kept_across_a_gateway_restart(start_server: Start, tmp_
 @pytest.mark.parametrize(
     ("declaration", "message"),
     [
-        ("ketch.app('a', models=['good'], policy='nope')", "no policy named 'nope'"),
-        ("ketch.app('a', models=['missing'])", "lists 'missing': unknown model 'missing'"),
+        ("a = ketch.app('a', models=['good'], policy='nope')", "no policy named 'nope'"),
+        ("a = ketch.app('a', models=['missing'])", "lists 'missing': unknown model 'missing'"),
         (
-            "ketch.app('a', models=['good'], policy='exp3', params={'gama': 1})",
+            "a = ketch.app('a', models=['good'], policy='exp3', params={'gama': 1})",
             "policy 'exp3' rejects its models ['good'] or params {'gama': 1}",
         ),
     ],

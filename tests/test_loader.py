@@ -8,11 +8,20 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ketch.errors import TargetLoadError
-from ketch.specs.loader import Target, find_model, import_source, load_models, models_in
+from ketch.specs.deployments import Deployment
+from ketch.specs.loader import (
+    Target,
+    find_model,
+    import_source,
+    load_models,
+    models_in,
+    served_declarations,
+)
 from ketch.specs.models import Model
 
 #: Every module a test writes has this prefix, so teardown can forget exactly those.
@@ -395,3 +404,115 @@ def test_find_model_unknown_name(tmp_path: Path) -> None:
     path = write_module(tmp_path, MODELS_SOURCE)
     with pytest.raises(TargetLoadError, match="no model named 'missing'"):
         find_model(Target(str(path), "missing"), "1")
+
+
+# --- what a served module declares -------------------------------------------------------------
+
+DECLARATIONS_SOURCE = """
+import ketch
+
+@ketch.model
+def plain(batch):
+    return batch
+
+table = ketch.deploy("table", runtime="torch", path="data/table.pt2", max_batch_size=8)
+also_table = table
+absolute = ketch.deploy("absolute", runtime="torch", path="/models/absolute.pt2")
+reviews = ketch.app("reviews", models=["plain", "table"], policy="split")
+ketch.app("forgotten", models=["plain"])
+ketch.deploy("unassigned", runtime="torch", path="x.pt2")
+"""
+
+
+def test_the_loader_collects_models_deployments_and_apps_from_the_globals(
+    tmp_path: Path,
+) -> None:
+    served = served_declarations(
+        import_source(str(write(tmp_path, "served.py", DECLARATIONS_SOURCE)))
+    )
+    assert names(served.models) == ["plain:1"]
+    # Each once, in declaration order; one not assigned to a name is not the module's.
+    assert [d.name for d in served.deployments] == ["table", "absolute"]
+    assert [a.name for a in served.apps] == ["reviews"]
+    # A relative path is the declaring file's folder's, wherever the server runs.
+    table = served.deployments[0]
+    assert table.folder == str(tmp_path.resolve())
+    assert table.declared.artifact == "data/table.pt2"
+    assert table.declared.max_batch_size == 8
+
+
+def test_a_deployment_path_is_resolved_against_its_folder_when_checked(tmp_path: Path) -> None:
+    class PathRuntime:
+        batch_input = "numpy"
+        artifact_is_path = True
+
+        @staticmethod
+        def check(artifact: str | None, options: Any) -> dict[str, Any]:
+            return {"seen": artifact}
+
+    served = served_declarations(
+        import_source(str(write(tmp_path, "served.py", DECLARATIONS_SOURCE)))
+    )
+    table, absolute = (d.checked(PathRuntime) for d in served.deployments)
+    assert table.artifact == str(tmp_path.resolve() / "data" / "table.pt2")
+    assert table.options == {"seen": table.artifact}
+    assert absolute.artifact == "/models/absolute.pt2"
+
+
+def test_a_deployment_round_trips_through_a_dict(tmp_path: Path) -> None:
+    served = served_declarations(
+        import_source(str(write(tmp_path, "served.py", DECLARATIONS_SOURCE)))
+    )
+    table = served.deployments[0]
+    assert Deployment.from_dict(table.to_dict()) == table
+
+
+def test_a_model_both_decorated_and_deployed_is_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "twice.py",
+        """
+        import ketch
+
+        @ketch.model
+        def same(batch):
+            return batch
+
+        other = ketch.deploy("same", runtime="torch", path="same.pt2")
+        """,
+    )
+    with pytest.raises(TargetLoadError, match="'same:1' is both a decorated function and a"):
+        served_declarations(import_source(str(path)))
+
+
+def test_two_apps_of_one_name_are_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "apps.py",
+        """
+        import ketch
+
+        @ketch.model
+        def m(batch):
+            return batch
+
+        first = ketch.app("a", models=["m"])
+        second = ketch.app("a", models=["m"], policy="shadow")
+        """,
+    )
+    with pytest.raises(TargetLoadError, match="application 'a' is declared twice"):
+        served_declarations(import_source(str(path)))
+
+
+def test_a_module_with_only_unassigned_declarations_serves_nothing(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "unassigned.py",
+        """
+        import ketch
+
+        ketch.deploy("lost", runtime="torch", path="lost.pt2")
+        """,
+    )
+    with pytest.raises(TargetLoadError, match=r"defines no model.*resnet = ketch\.deploy"):
+        served_declarations(import_source(str(path)))

@@ -51,7 +51,7 @@ MODELS = """
     def lazy(xs):
         return xs
 
-    ketch.app("a", models=["slow"], slo_ms=300, default_output=-1)
+    a = ketch.app("a", models=["slow"], slo_ms=300, default_output=-1)
 """
 
 Labels = dict[str, str]

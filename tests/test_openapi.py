@@ -27,9 +27,11 @@ _NO_EVENTS = ProcessEvents(lambda *_: None, lambda *_: None, lambda *_: None, la
 
 def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:
     dispatcher = Dispatcher(lambda event: None)
-    apps = Applications(StateStore(tmp_path), load_plugins(), dispatcher, Deadlines(60.0))
-    workers = LocalWorkers("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS)
-    admin = Admin(dispatcher, PoolManager(dispatcher, workers), apps, lambda event: None, 60.0)
+    plugins = load_plugins()
+    apps = Applications(StateStore(tmp_path), plugins, dispatcher, Deadlines(60.0))
+    workers = LocalWorkers("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS, plugins)
+    pools = PoolManager(dispatcher, workers)
+    admin = Admin(dispatcher, pools, apps, plugins, lambda event: None, 60.0)
     gateway = Gateway(dispatcher, apps, Deadlines(60.0), admin, Tokens())
     served = set()
     for route in gateway.app().routes:

@@ -167,3 +167,50 @@ def test_hookimpl_is_public_and_marks_ketch_hooks() -> None:
     def ketch_register_policies(register: object) -> None: ...
 
     assert hasattr(ketch_register_policies, "ketch_impl")
+
+
+def test_a_plugin_file_is_loaded_by_its_absolute_path_for_the_workers(
+    plugin_file: WritePlugin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = plugin_file("import ketch\n", name="relative_plugin.py")
+    plugin_file("import ketch\n", name="dotted_plugin.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = load_plugins(["relative_plugin.py", "dotted_plugin"], autoload=False)
+    # What a worker's plan carries, to load the same plugins in whatever folder it runs.
+    assert plugins.references == (str(Path(path).resolve()), "dotted_plugin")
+    assert plugins.autoload is False
+
+
+def test_an_observer_hook_no_plugin_implements_is_not_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plugins = load_plugins(autoload=False)
+
+    def must_not_run(**kwargs: object) -> None:
+        raise AssertionError(f"called with {kwargs}")
+
+    for hook in ("ketch_batch_done", "ketch_request_done", "ketch_worker_started"):
+        monkeypatch.setattr(plugins.manager.hook, hook, must_not_run)
+    plugins.batch_done("m", "1", 3, 0.01, 42)
+    plugins.request_done("m", "1", 3, 0.02, 200)
+    plugins.state_changed("model_ready", {"model": "m", "version": "1", "pid": 42, "host": "h"})
+
+
+def test_an_observer_that_raises_is_logged_and_the_caller_goes_on(
+    plugin_file: WritePlugin, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = plugin_file(
+        """
+        import ketch
+
+        @ketch.hookimpl
+        def ketch_batch_done(model, version, size, compute_s, pid):
+            raise RuntimeError("observer broke")
+        """,
+        name="raising_observer.py",
+    )
+    plugins = load_plugins([path], autoload=False)
+    plugins.batch_done("m", "1", 3, 0.01, 42)
+    assert "a plugin's ketch_batch_done raised" in caplog.text
+    assert "observer broke" in caplog.text

@@ -132,25 +132,27 @@ def test_builtin_reward_of_an_array_prediction() -> None:
     [
         (SinglePolicy, ["a", "b"], {}, ValueError, "policy"),
         (SplitPolicy, ["a", "b"], {"weights": {"a": 1, "c": 1}}, ValueError, "weights names"),
-        (SplitPolicy, ["a", "b"], {"weights": {"a": -1, "b": 2}}, ValueError, "weights['a']"),
+        (SplitPolicy, ["a", "b"], {"weights": {"a": -1, "b": 2}}, ValueError, "weights={'a': -1"),
         (SplitPolicy, ["a", "b"], {"weights": {"a": math.inf}}, ValueError, "weights['a']"),
         (SplitPolicy, ["a", "b"], {"weights": {"a": 0, "b": 0}}, ValueError, "weights"),
-        (SplitPolicy, ["a", "b"], {"weights": {"a": "1"}}, TypeError, "weights['a']"),
-        (SplitPolicy, ["a", "b"], {"weights": [1, 2]}, TypeError, "weights"),
-        (SplitPolicy, ["a", "b"], {"seed": "x"}, TypeError, "seed"),
+        (SplitPolicy, ["a", "b"], {"weights": {"a": "1"}}, TypeError, "weights={'a': '1'}"),
+        (SplitPolicy, ["a", "b"], {"weights": [1, 2]}, TypeError, "weights=[1, 2]"),
+        (SplitPolicy, ["a", "b"], {"seed": "x"}, TypeError, "seed='x'"),
         (ShadowPolicy, ["a", "b"], {"primary": "c"}, ValueError, "primary"),
-        (ShadowPolicy, ["a", "b"], {"tolerance": -1}, ValueError, "tolerance"),
-        (EnsemblePolicy, ["a", "b"], {"method": "median"}, ValueError, "method"),
+        (ShadowPolicy, ["a", "b"], {"tolerance": -1}, ValueError, "tolerance=-1"),
+        (EnsemblePolicy, ["a", "b"], {"method": "median"}, ValueError, "method='median'"),
         (EnsemblePolicy, ["a", "b"], {"weights": {"z": 1}}, ValueError, "weights names"),
-        (CascadePolicy, ["a", "b"], {"threshold": 0}, ValueError, "threshold"),
-        (CascadePolicy, ["a", "b"], {"threshold": 1.5}, ValueError, "threshold"),
-        (CascadePolicy, ["a", "b"], {"threshold": True}, TypeError, "threshold"),
-        (EpsilonGreedyPolicy, ["a", "b"], {"epsilon": 1.1}, ValueError, "epsilon"),
-        (EpsilonGreedyPolicy, ["a", "b"], {"epsilon": math.nan}, ValueError, "epsilon"),
-        (ThompsonPolicy, ["a", "b"], {"seed": 1.5}, TypeError, "seed"),
-        (Exp3Policy, ["a", "b"], {"gamma": 0}, ValueError, "gamma"),
-        (Exp4Policy, ["a", "b"], {"eta": 0}, ValueError, "eta"),
-        (Exp4Policy, ["a", "b"], {"method": 3}, ValueError, "method"),
+        (CascadePolicy, ["a", "b"], {"threshold": 0}, ValueError, "threshold=0"),
+        (CascadePolicy, ["a", "b"], {"threshold": 1.5}, ValueError, "threshold=1.5"),
+        (CascadePolicy, ["a", "b"], {"threshold": True}, TypeError, "threshold=True"),
+        (EpsilonGreedyPolicy, ["a", "b"], {"epsilon": 1.1}, ValueError, "epsilon=1.1"),
+        (EpsilonGreedyPolicy, ["a", "b"], {"epsilon": math.nan}, ValueError, "epsilon=nan"),
+        (ThompsonPolicy, ["a", "b"], {"seed": 1.5}, TypeError, "seed=1.5"),
+        (Exp3Policy, ["a", "b"], {"gamma": 0}, ValueError, "gamma=0"),
+        (Exp4Policy, ["a", "b"], {"eta": 0}, ValueError, "eta=0"),
+        (Exp4Policy, ["a", "b"], {"eta": math.inf}, ValueError, "eta=inf"),
+        (Exp4Policy, ["a", "b"], {"method": 3}, TypeError, "method=3"),
+        (UCB1Policy, ["a", "b"], {"seed": 1}, TypeError, "seed=1"),
     ],
 )
 def test_invalid_params_name_the_parameter(
@@ -165,9 +167,9 @@ def test_invalid_params_name_the_parameter(
     assert named in str(info.value)
 
 
-def test_unknown_param_is_a_type_error_naming_it() -> None:
-    with pytest.raises(TypeError, match="gama"):
-        Exp3Policy(["a", "b"], gama=0.1)  # type: ignore[call-arg]
+def test_unknown_param_is_a_type_error_naming_it_and_what_the_policy_takes() -> None:
+    with pytest.raises(TypeError, match=r"gama=0\.1 \(this policy takes: gamma, seed\)"):
+        Exp3Policy(["a", "b"], gama=0.1)
 
 
 # --- single, split, shadow --------------------------------------------------------------------

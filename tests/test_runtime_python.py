@@ -1,4 +1,5 @@
-"""Unit tests for ``ketch.runtimes.python``: running a ``@ketch.model`` function on a batch."""
+"""Unit tests for ``ketch.runtimes.python`` and the worker's wrapping of it
+(``ketch.worker.predict``): running a ``@ketch.model`` function on a batch as a worker does."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import pytest
 
 import ketch
 from ketch.errors import BatchInputError, BatchOutputError
-from ketch.runtimes.python import checked_outputs, make_predict
+from ketch.runtimes.python import PythonRuntime
+from ketch.specs.models import Model
+from ketch.types import Predict
+from ketch.worker.predict import batch_predict, checked_outputs
+
+
+def worker_predict(model: Model[..., Any]) -> Predict:
+    """What a worker serving ``model`` calls on each batch: its python runtime, wrapped."""
+    runtime = PythonRuntime.of(model)
+    return batch_predict(runtime, runtime.announced_spec(None))
 
 
 @pytest.fixture
@@ -34,7 +44,7 @@ def test_list_model_receives_the_inputs_as_a_list() -> None:
         received.append(texts)
         return [len(t) for t in texts]
 
-    predict = make_predict(lengths)
+    predict = worker_predict(lengths)
     assert predict(["a", "bcd", ""]) == [1, 3, 0]
     assert received == [["a", "bcd", ""]]
     assert type(received[0]) is list
@@ -47,7 +57,7 @@ def test_list_model_gets_heterogeneous_inputs_unchanged() -> None:
     def identity(batch: list[Any]) -> list[Any]:
         return batch
 
-    assert make_predict(identity)(inputs) == inputs
+    assert worker_predict(identity)(inputs) == inputs
 
 
 def test_tuple_outputs_become_lists() -> None:
@@ -55,7 +65,7 @@ def test_tuple_outputs_become_lists() -> None:
     def as_tuple(batch: list[int]) -> tuple[int, ...]:
         return tuple(x * 2 for x in batch)
 
-    outputs = make_predict(as_tuple)([1, 2])
+    outputs = worker_predict(as_tuple)([1, 2])
     assert outputs == [2, 4]
     assert type(outputs) is list
 
@@ -65,7 +75,7 @@ def test_single_input_batch() -> None:
     def negate(batch: list[int]) -> list[int]:
         return [-x for x in batch]
 
-    assert make_predict(negate)([5]) == [-5]
+    assert worker_predict(negate)([5]) == [-5]
 
 
 # --- numpy models ----------------------------------------------------------------------------
@@ -79,7 +89,7 @@ def test_numpy_model_receives_one_stacked_array() -> None:
         received.append(batch)
         return batch.sum(axis=1)
 
-    outputs = make_predict(total)([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    outputs = worker_predict(total)([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     (batch,) = received
     assert isinstance(batch, np.ndarray)
     assert batch.shape == (3, 2)
@@ -97,7 +107,7 @@ def test_numpy_model_stacks_array_inputs_along_a_new_first_axis() -> None:
         return [float(image[0, 0]) for image in images]
 
     inputs = [np.full((2, 2), i, dtype=np.float32) for i in range(4)]
-    assert make_predict(first_pixel)(inputs) == [0.0, 1.0, 2.0, 3.0]
+    assert worker_predict(first_pixel)(inputs) == [0.0, 1.0, 2.0, 3.0]
     assert received[0].shape == (4, 2, 2)
     assert received[0].dtype == np.float32
 
@@ -107,7 +117,7 @@ def test_numpy_model_may_return_a_list() -> None:
     def labels(batch: np.ndarray) -> list[str]:
         return ["big" if x > 1 else "small" for x in batch]
 
-    assert make_predict(labels)([0.5, 2.0]) == ["small", "big"]
+    assert worker_predict(labels)([0.5, 2.0]) == ["small", "big"]
 
 
 def test_ragged_numpy_inputs_raise_batch_input_error() -> None:
@@ -119,7 +129,7 @@ def test_ragged_numpy_inputs_raise_batch_input_error() -> None:
         return batch.sum(axis=1)
 
     with pytest.raises(BatchInputError, match=r"inputs for model 'total:1' cannot be stacked"):
-        make_predict(total)([[1, 2], [3]])
+        worker_predict(total)([[1, 2], [3]])
     assert calls == []  # the model never saw a malformed batch
 
 
@@ -129,7 +139,7 @@ def test_inputs_of_different_array_shapes_raise_batch_input_error() -> None:
         return batch
 
     with pytest.raises(BatchInputError, match="'images:1'"):
-        make_predict(images)([np.zeros((2, 2)), np.zeros((3, 2))])
+        worker_predict(images)([np.zeros((2, 2)), np.zeros((3, 2))])
 
 
 def test_ragged_inputs_are_fine_for_a_list_model() -> None:
@@ -137,7 +147,7 @@ def test_ragged_inputs_are_fine_for_a_list_model() -> None:
     def sizes(batch: list[list[int]]) -> list[int]:
         return [len(x) for x in batch]
 
-    assert make_predict(sizes)([[1, 2], [3]]) == [2, 1]
+    assert worker_predict(sizes)([[1, 2], [3]]) == [2, 1]
 
 
 # --- async models ----------------------------------------------------------------------------
@@ -150,7 +160,7 @@ def test_async_model_is_awaited(loops: list[asyncio.AbstractEventLoop]) -> None:
         await asyncio.sleep(0)
         return [t.upper() for t in texts]
 
-    assert make_predict(shout)(["hi", "there"]) == ["HI", "THERE"]
+    assert worker_predict(shout)(["hi", "there"]) == ["HI", "THERE"]
 
 
 def test_async_model_keeps_one_event_loop_across_batches(
@@ -161,7 +171,7 @@ def test_async_model_keeps_one_event_loop_across_batches(
         loops.append(asyncio.get_running_loop())
         return batch
 
-    predict = make_predict(remember)
+    predict = worker_predict(remember)
     predict([1])
     predict([2])
     predict([3])
@@ -176,7 +186,7 @@ def test_async_numpy_model(loops: list[asyncio.AbstractEventLoop]) -> None:
         loops.append(asyncio.get_running_loop())
         return batch * 2
 
-    outputs = make_predict(double)([1, 2, 3])
+    outputs = worker_predict(double)([1, 2, 3])
     np.testing.assert_array_equal(outputs, [2, 4, 6])
 
 
@@ -189,7 +199,7 @@ def test_async_model_wrong_output_count_is_checked(
         return batch[:1]
 
     with pytest.raises(BatchOutputError, match="returned 1 outputs for a batch of 2 inputs"):
-        make_predict(short)([1, 2])
+        worker_predict(short)([1, 2])
 
 
 def test_async_model_exception_propagates(loops: list[asyncio.AbstractEventLoop]) -> None:
@@ -198,7 +208,7 @@ def test_async_model_exception_propagates(loops: list[asyncio.AbstractEventLoop]
         loops.append(asyncio.get_running_loop())
         raise LookupError("no such user")
 
-    predict = make_predict(failing)
+    predict = worker_predict(failing)
     with pytest.raises(LookupError, match="no such user"):
         predict([1])
     with pytest.raises(LookupError, match="no such user"):  # the loop survives a failure
@@ -215,7 +225,7 @@ def test_model_exception_propagates_unchanged() -> None:
         raise ZeroDivisionError("division by zero in the model")
 
     with pytest.raises(ZeroDivisionError, match="division by zero in the model"):
-        make_predict(broken)([1])
+        worker_predict(broken)([1])
 
 
 @pytest.mark.parametrize(("returned", "batch_size"), [(0, 3), (2, 3), (4, 3), (1, 2), (0, 1)])
@@ -225,7 +235,7 @@ def test_wrong_output_count_names_both_counts(returned: int, batch_size: int) ->
         return [0] * returned
 
     with pytest.raises(BatchOutputError) as info:
-        make_predict(counter)(list(range(batch_size)))
+        worker_predict(counter)(list(range(batch_size)))
     message = str(info.value)
     assert f"returned {returned} outputs for a batch of {batch_size} inputs" in message
     assert "'counter:1'" in message
@@ -237,7 +247,7 @@ def test_wrong_length_array_output_names_both_counts() -> None:
         return batch.reshape(-1)
 
     with pytest.raises(BatchOutputError, match="returned 4 outputs for a batch of 2 inputs"):
-        make_predict(flattened)([[1, 2], [3, 4]])
+        worker_predict(flattened)([[1, 2], [3, 4]])
 
 
 @pytest.mark.parametrize(
@@ -250,7 +260,7 @@ def test_non_sequence_output_is_refused_naming_its_type(value: Any, type_name: s
         return value
 
     with pytest.raises(BatchOutputError, match=rf"'scalar:1' returned {type_name};"):
-        make_predict(scalar)([1, 2])
+        worker_predict(scalar)([1, 2])
 
 
 def test_generator_output_is_refused() -> None:
@@ -259,7 +269,7 @@ def test_generator_output_is_refused() -> None:
         return (x for x in batch)
 
     with pytest.raises(BatchOutputError, match="returned generator; return a list or array"):
-        make_predict(lazy)([1, 2])
+        worker_predict(lazy)([1, 2])
 
 
 def test_zero_dimensional_array_output_is_refused() -> None:
@@ -268,7 +278,7 @@ def test_zero_dimensional_array_output_is_refused() -> None:
         return np.array(batch.sum())
 
     with pytest.raises(BatchOutputError, match="0-d array"):
-        make_predict(summed)([1, 2])
+        worker_predict(summed)([1, 2])
 
 
 def test_checked_outputs_keeps_arrays_as_arrays() -> None:

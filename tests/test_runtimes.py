@@ -52,7 +52,7 @@ def plain(xs):
     return [x + 1 for x in xs]
 
 
-ketch.deploy("lookup", runtime="table", path="data/table.json", missing=-1, min_replicas=1)
+lookup = ketch.deploy("lookup", runtime="table", path="data/table.json", missing=-1, min_replicas=1)
 """
 
 
@@ -125,19 +125,38 @@ def test_the_command_line_deploys_with_a_plugin_runtime_and_the_python_runtime(
         server.stop()
 
 
+def test_workers_in_another_interpreter_load_the_gateways_plugins_from_their_plan(
+    start_server: Start, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh interpreter inherits nothing of the gateway but its environment and its
+    # plan's JSON: the --plugin file named relative to the gateway's folder must reach it.
+    (folder / "elsewhere.py").write_text(
+        "import sys\n\nimport ketch\n\n"
+        "lookup = ketch.deploy('lookup', runtime='table', path='data/table.json', "
+        "python=sys.executable)\n"
+    )
+    monkeypatch.chdir(folder)
+    server = start_server(folder / "elsewhere.py", "--plugin", "table_runtime.py")
+    response = server.predict("lookup", {"input": "a"})
+    assert response.status_code == 200, response.text
+    value, worker_pid = response.json()["output"]
+    assert value == 1
+    assert worker_pid in {w["pid"] for w in server.model_status("lookup")["workers"]}
+
+
 @pytest.mark.parametrize(
     ("deployment", "message"),
     [
         (
-            'ketch.deploy("t", runtime="table", path="data/table.json", mising=1)',
+            't = ketch.deploy("t", runtime="table", path="data/table.json", mising=1)',
             "model 't' (runtime 'table'): unknown option(s) mising (this runtime takes: missing)",
         ),
         (
-            'ketch.deploy("t", runtime="table", path="data/nowhere.json")',
+            't = ketch.deploy("t", runtime="table", path="data/nowhere.json")',
             "model 't' (runtime 'table'): no saved model at",
         ),
         (
-            'ketch.deploy("t", runtime="tabel", path="data/table.json")',
+            't = ketch.deploy("t", runtime="tabel", path="data/table.json")',
             "model 't': no runtime named 'tabel'; installed runtimes: ",
         ),
     ],

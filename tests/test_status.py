@@ -28,7 +28,7 @@ def double(xs):
 def triple(xs):
     return [3 * x for x in xs]
 
-ketch.app("both", models=["double", "triple"], policy="split")
+both = ketch.app("both", models=["double", "triple"], policy="split")
 """
 
 

@@ -3,6 +3,7 @@ would, found through its entry point and used end to end over HTTP."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -30,7 +31,9 @@ def second(xs):
     return ["second" for _ in xs]
 
 
-ketch.app("balanced", models=["first", "second"], policy="round_robin", params={"start": 1})
+balanced = ketch.app(
+    "balanced", models=["first", "second"], policy="round_robin", params={"start": 1}
+)
 """
 
 
@@ -124,3 +127,21 @@ def test_autoload_can_be_turned_off(
     # Named explicitly, the module loads even with autoload off.
     explicit = ketch_plugins("--plugin", "ketch_roundrobin")
     assert "--plugin ketch_roundrobin" in explicit.stdout
+
+
+def test_the_example_annotates_its_hook_with_the_public_register_type(installed: Path) -> None:
+    # Resolved in a fresh interpreter, as a type checker or a docs tool would resolve it.
+    check = (
+        "import typing, ketch, ketch_roundrobin\n"
+        "hints = typing.get_type_hints(ketch_roundrobin.ketch_register_policies)\n"
+        "assert hints['register'] == ketch.RegisterPolicy, hints\n"
+        "assert {'RegisterPolicy', 'RegisterRuntime'} <= set(ketch.__all__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        env={**os.environ, "PYTHONPATH": str(installed)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr

@@ -10,8 +10,9 @@ import pytest
 
 import ketch
 from ketch.errors import BatchInputError, BatchOutputError
-from ketch.runtimes.python import make_predict
+from ketch.runtimes.python import PythonRuntime
 from ketch.types import Outputs
+from ketch.worker.predict import batch_predict
 from ketch.zmq_transport.protocol import EMPTY, Command, Frame, Message, decode, encode
 from ketch.zmq_transport.worker import run_batch
 
@@ -29,6 +30,12 @@ def request(batch_id: int, inputs: Any) -> list[bytes]:
 def reply_of(frames: Sequence[Frame]) -> Message:
     assert frames[0] == EMPTY  # the DEALER envelope the broker expects
     return decode([bytes(frame) for frame in frames[1:]])
+
+
+def worker_predict(model: Any) -> Any:
+    """The batch predict function a worker builds for a decorated ``model``."""
+    runtime = PythonRuntime.of(model)
+    return batch_predict(runtime, runtime.announced_spec(None))
 
 
 def run(predict: Any, inputs: Any, batch_id: int = 7) -> Message:
@@ -72,7 +79,7 @@ def test_array_inputs_reach_a_numpy_model_stacked() -> None:
         return batch.sum(axis=1)
 
     inputs = [np.array([1, 2], dtype=np.int32), np.array([3, 4], dtype=np.int32)]
-    message = run(make_predict(row_sums), inputs)
+    message = run(worker_predict(row_sums), inputs)
     assert message.command is Command.REPLY
     np.testing.assert_array_equal(message.header["outputs"], [3, 7])
 
@@ -131,7 +138,7 @@ def test_ragged_inputs_to_a_numpy_model_become_bad_input() -> None:
     def arrays(batch: np.ndarray) -> np.ndarray:
         return batch
 
-    message = run(make_predict(arrays), [[1, 2], [3]])
+    message = run(worker_predict(arrays), [[1, 2], [3]])
     assert message.command is Command.ERROR
     assert message.header["kind"] == "bad_input"
     assert message.header["type"] == "BatchInputError"
@@ -154,7 +161,7 @@ def test_wrong_output_count_from_a_real_model_becomes_bad_output() -> None:
     def short(batch: list[int]) -> list[int]:
         return batch[:1]
 
-    message = run(make_predict(short), [1, 2, 3])
+    message = run(worker_predict(short), [1, 2, 3])
     assert message.header["kind"] == "bad_output"
     assert "returned 1 outputs for a batch of 3 inputs" in message.header["message"]
 

@@ -61,9 +61,9 @@ def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
         action=ReplaceDefault,
         default=[],
         metavar="MODULE_OR_FILE",
-        help="load this module or file as a plugin too (repeatable; default none); installed "
-        "plugins (the 'ketch' entry-point group) load unless KETCH_DISABLE_PLUGIN_AUTOLOAD is "
-        "set, and the modules or files in KETCH_PLUGINS always load as well",
+        help="load this module or file as a plugin too (repeatable; default none), in the "
+        "gateway and in every worker; installed plugins (the 'ketch' entry-point group) load "
+        "unless KETCH_DISABLE_PLUGIN_AUTOLOAD is set",
     )
 
 
@@ -193,6 +193,12 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         action="store_true",
         help="print the hooks a plugin can implement, with their documentation (Markdown)",
     )
+    plugins_cmd.add_argument(
+        "--params",
+        action="store_true",
+        help="print the params of the policies that declare them as a Params struct (the "
+        "built-in ones), as a Markdown table",
+    )
 
     worker_cmd = commands.add_parser(
         "worker",
@@ -241,10 +247,6 @@ def _add_config_option(parser: argparse.ArgumentParser, section: str) -> None:
         help=f"read defaults for these options from the [{section}] table of this TOML file "
         "(default $KETCH_CONFIG, else ./ketch.toml if it exists)",
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return _build_parsers()[0]
 
 
 def _config_option(argv: Sequence[str]) -> Path | None:
@@ -303,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 print(reference(), end="")
                 return 0
+            if args.params:
+                return _print_policy_params(args.plugin)
             return _list_plugins(args.plugin)
         heartbeat = Heartbeat(args.heartbeat_interval, args.heartbeat_liveness)
         if args.command == "serve":
@@ -337,10 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _list_plugins(extra: Sequence[str]) -> int:
-    from ketch.plugin_manager import load_plugins, share_plugins
+    from ketch.plugin_manager import load_plugins
 
-    share_plugins(extra)
-    plugins = load_plugins()
+    plugins = load_plugins(extra)
     rows = [("PLUGIN", "FROM", "POLICIES", "RUNTIMES")]
     rows += [
         (p.name, p.source, ", ".join(p.policies) or "-", ", ".join(p.runtimes) or "-")
@@ -352,11 +355,27 @@ def _list_plugins(extra: Sequence[str]) -> int:
     return 0
 
 
+def _print_policy_params(extra: Sequence[str]) -> int:
+    from ketch.plugin_manager import load_plugins
+    from ketch.plugins.params import reference
+
+    print(reference(load_plugins(extra).policies()), end="")
+    return 0
+
+
 def _run_worker(target: str, version: str | None, broker: str, heartbeat: Heartbeat) -> int:
-    from ketch.worker.main import WorkerPlan, run_worker
+    from ketch.plugin_manager import autoload_wanted
+    from ketch.worker.plan import WorkerPlan
+    from ketch.worker.run import run_worker
 
     plan = WorkerPlan(
-        target, version, broker, heartbeat.interval_s, heartbeat.liveness, managed=False
+        target,
+        version,
+        broker,
+        heartbeat.interval_s,
+        heartbeat.liveness,
+        managed=False,
+        autoload=autoload_wanted(),
     )
     print(f"ketch: worker for {target} joining {broker}", file=sys.stderr, flush=True)
     run_worker(plan)

@@ -32,6 +32,7 @@ from ketch.http.admin_shapes import AddApp, AddModel, AppChange, Link, PoolChang
 from ketch.http.endpoints import Endpoints
 from ketch.http.json_io import decode_body, json_response
 from ketch.observability import events
+from ketch.plugin_manager import Plugins
 from ketch.pools.scaling import PoolManager
 from ketch.serving import status
 from ketch.serving.dispatcher import Dispatcher
@@ -39,12 +40,13 @@ from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.serving.status import ModelStatus
 from ketch.specs.apps import AppSpec
-from ketch.specs.deployments import deployment_spec
+from ketch.specs.deployments import declared_deployment
 
 
 class Admin:
     """The ``/admin`` routes over a server's dispatcher, pools and applications.
 
+    :param plugins: the server's plugins, whose runtimes check the models added.
     :param request_timeout_s: the server's request timeout: the longest a removed model's
         queued requests can take to finish.
     :param workers_per_model: ``ketch serve --workers-per-model``, applied to added models
@@ -56,11 +58,13 @@ class Admin:
         dispatcher: Dispatcher,
         pools: PoolManager,
         apps: Applications,
+        plugins: Plugins,
         report: events.Report,
         request_timeout_s: float,
         workers_per_model: int = 0,
     ) -> None:
         self._dispatcher = dispatcher
+        self._plugins = plugins
         self._pools = pools
         self._apps = apps
         self._report = report
@@ -103,7 +107,8 @@ class Admin:
         settings, wait = body.settings, body.wait
         try:
             # Relative artifact paths are the server's: its working folder, like --model's.
-            spec = deployment_spec(name, runtime, path, Path.cwd(), version, settings)
+            deployment = declared_deployment(name, runtime, path, version, settings, Path.cwd())
+            spec = self._plugins.check_deployment(deployment)
         except (TypeError, ValueError) as exc:
             raise PredictionError(400, str(exc), model=name) from None
         spec = msgspec.structs.replace(spec, pool=spec.pool.with_floor(self._workers_per_model))

@@ -5,7 +5,7 @@ A process starts one of three ways:
 - forked from the shared forkserver, whose server has ketch, numpy and pyzmq imported once
   (``multiprocess``'s forkserver): the default, a cold start of about 15 ms, and no copy of
   the gateway's event loop, threads or sockets (which a plain fork would inherit);
-- forked from the model's own template (:mod:`ketch.pools.templates`, ``preload=True``);
+- forked from the model's own template (:mod:`ketch.worker.template`, ``preload=True``);
 - as a fresh interpreter (``python=``), running :mod:`ketch.worker.main`.
 
 Each gives a :class:`WorkerProcess`: a pid, a sentinel file descriptor that becomes readable
@@ -29,7 +29,10 @@ from typing import Any, Literal, Protocol
 import multiprocess
 from multiprocess.connection import Connection
 
-from ketch.worker.main import WorkerPlan, forked_main
+from ketch.plugins import BUILTIN_PLUGINS
+from ketch.runtimes import BUILTIN_RUNTIMES
+from ketch.worker.main import forked_main
+from ketch.worker.plan import WorkerPlan
 
 Kind = Literal["worker", "template"]
 
@@ -74,7 +77,9 @@ def _main_module_hidden() -> Iterator[None]:
 
 def forkserver_context() -> Any:
     context = multiprocess.get_context("forkserver")
-    context.set_forkserver_preload(["ketch.pools.templates"])
+    # Each worker builds its plugin manager at start: with the built-in plugins imported
+    # here once, that costs it the entry points' lookup, not their imports.
+    context.set_forkserver_preload(["ketch.worker.main", *BUILTIN_PLUGINS, *BUILTIN_RUNTIMES])
     return context
 
 

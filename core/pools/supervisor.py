@@ -23,6 +23,7 @@ import psutil
 
 from ketch import __version__
 from ketch.errors import TargetLoadError
+from ketch.plugin_manager import Plugins
 from ketch.pools.processes import (
     Kind,
     LaunchError,
@@ -37,10 +38,11 @@ from ketch.pools.restarts import CrashHistory, RestartPolicy
 from ketch.pools.templates import control_pair, fork_worker, read_ready
 from ketch.pools.worker_output import OutputTail
 from ketch.specs.apps import AppSpec
-from ketch.specs.loader import apps_in, import_source, served_specs
+from ketch.specs.deployments import Deployment
+from ketch.specs.loader import import_source, served_declarations
 from ketch.specs.models import ModelSpec
 from ketch.specs.resources import over_memory_cap
-from ketch.worker.main import WorkerPlan
+from ketch.worker.plan import WorkerPlan
 from ketch.zmq_transport.liveness import Heartbeat
 
 log = logging.getLogger("ketch.workers")
@@ -52,10 +54,13 @@ def _discover_in_child(source: str, conn: Any) -> None:
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
-        module = import_source(source)
-        models = [spec.to_dict() for spec in served_specs(module)]
-        apps = [a.to_dict() for a in apps_in(module)]
-        conn.send(("ok", {"models": models, "apps": apps}))
+        declared = served_declarations(import_source(source))
+        payload = {
+            "models": [m.spec.to_dict() for m in declared.models],
+            "deployments": [d.to_dict() for d in declared.deployments],
+            "apps": [a.to_dict() for a in declared.apps],
+        }
+        conn.send(("ok", payload))
     except BaseException as exc:
         detail = str(exc) if isinstance(exc, TargetLoadError) else traceback.format_exc()
         conn.send(("error", detail))
@@ -65,15 +70,17 @@ def _discover_in_child(source: str, conn: Any) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """What a served file declares: its models and its applications."""
+    """What a served file declares: its models (deployments checked by their runtimes) and
+    its applications."""
 
     models: list[ModelSpec]
     apps: list[AppSpec]
 
 
-def discover(source: str, timeout_s: float = 120.0) -> Served:
+def discover(source: str, plugins: Plugins, timeout_s: float = 120.0) -> Served:
     """The models and applications ``source`` declares, read by importing it in a throw-away
-    process (the gateway never imports user code)."""
+    process (the gateway never imports user code); its deployments are checked here by
+    their runtimes from ``plugins`` (which import no framework to do so)."""
     context = forkserver_context()
     receiver, sender = context.Pipe(duplex=False)
     process = start_process(context, _discover_in_child, (source, sender), "ketch-discover")
@@ -96,10 +103,13 @@ def discover(source: str, timeout_s: float = 120.0) -> Served:
             process.join()
     if status != "ok":
         raise TargetLoadError(f"cannot load {source!r}:\n{payload}")
-    return Served(
-        [ModelSpec.from_dict(spec) for spec in payload["models"]],
-        [AppSpec.from_dict(spec) for spec in payload["apps"]],
-    )
+    models = [ModelSpec.from_dict(spec) for spec in payload["models"]]
+    for data in payload["deployments"]:
+        try:
+            models.append(plugins.check_deployment(Deployment.from_dict(data)))
+        except ValueError as exc:
+            raise TargetLoadError(f"cannot load {source!r}: {exc}") from None
+    return Served(models, [AppSpec.from_dict(spec) for spec in payload["apps"]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +160,7 @@ class LocalWorkers:
     :param broker: endpoint the workers connect to.
     :param heartbeat: heartbeat settings shared with the broker.
     :param events: receives starts, exits and give-ups.
+    :param plugins: the gateway's plugins, which each worker loads too (from its plan).
     """
 
     def __init__(
@@ -158,9 +169,11 @@ class LocalWorkers:
         broker: str,
         heartbeat: Heartbeat,
         events: ProcessEvents,
+        plugins: Plugins,
         restart_policy: RestartPolicy | None = None,
     ) -> None:
         self._source = source
+        self._plugins = plugins
         self._broker = broker
         self._heartbeat = heartbeat
         self._events = events
@@ -242,6 +255,8 @@ class LocalWorkers:
             heartbeat_liveness=self._heartbeat.liveness,
             resources=msgspec.to_builtins(spec.resources),
             deployment=spec.to_dict() if spec.deployed else None,
+            plugins=self._plugins.references,
+            autoload=self._plugins.autoload,
         )
 
     def _start_template(self, spec: ModelSpec) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import re
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ketch.observability import events
 from ketch.observability.metrics import Metrics
@@ -18,6 +18,9 @@ from ketch.serving.sink import Worker, WorkerLink
 from ketch.specs.models import ModelSpec
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import RemoteError
+
+if TYPE_CHECKING:
+    from ketch.plugin_manager import Plugins
 
 
 def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -48,20 +51,24 @@ class Dispatcher:
         self._removed: set[tuple[str, str]] = set()
         self._batch_ids = itertools.count(1).__next__
         self._broker: WorkerLink | None = None
+        self._observers: Plugins | None = None
         self._hostname = socket.gethostname()
         #: This server's Prometheus metrics; the gauges read the queues at scrape time.
         self.metrics = Metrics()
         self.metrics.watch_queues(lambda: [status.sample(queue) for queue in self.queues()])
 
-    def attach(self, broker: WorkerLink) -> None:
+    def attach(self, broker: WorkerLink, observers: Plugins | None = None) -> None:
+        """Route batches through ``broker``; ``observers`` are told of each batch and request
+        done by the queues."""
         self._broker = broker
+        self._observers = observers
 
     def add_model(self, spec: ModelSpec, *, served_from_file: bool = True) -> ModelQueue:
         queue = self._queue_of(spec.key)
         if queue is None:
             assert self._broker is not None, "attach a broker before adding models"
             model_metrics = self.metrics.for_model(spec.name, spec.version)
-            queue = ModelQueue(spec, self._broker, self._batch_ids, model_metrics)
+            queue = ModelQueue(spec, self._broker, self._batch_ids, model_metrics, self._observers)
             self._queues[spec.key] = queue
             self._removed.discard(spec.key)
             self._choose_default(spec.name)

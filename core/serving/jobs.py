@@ -85,6 +85,16 @@ class Job:
         if not self.future.done():
             self.future.set_exception(error)
 
+    def status(self) -> int:
+        """The HTTP status of the answer, once the future is done: 200 with outputs, the
+        error's, or 499 (a client gone before its answer) when the request was cancelled."""
+        if self.future.cancelled():
+            return 499
+        error = self.future.exception()
+        if error is None:
+            return 200
+        return error.status if isinstance(error, PredictionError) else 500
+
 
 def _join_chunks(chunks: list[tuple[int, Outputs]]) -> Outputs:
     ordered = [outputs for _, outputs in sorted(chunks, key=lambda chunk: chunk[0])]

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from msgspec.structs import replace
@@ -37,6 +37,9 @@ from ketch.serving.sink import BatchSink, Worker
 from ketch.specs.models import ModelSpec, PoolSpec, cache_limit
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import RemoteError
+
+if TYPE_CHECKING:
+    from ketch.plugin_manager import Plugins
 
 #: A batch is sent at most this many times: once, and once more if its worker dies.
 MAX_ATTEMPTS = 2
@@ -92,9 +95,12 @@ class ModelQueue:
         sink: BatchSink,
         batch_ids: Callable[[], int],
         metrics: ModelMetrics,
+        observers: Plugins | None = None,
     ) -> None:
         self.spec = spec
         self._metrics = metrics
+        #: The plugins told of each batch and request done (ketch_batch_done, ...).
+        self._observers = observers
         self._sink = sink
         self._next_batch_id = batch_ids
         self._pending: deque[Part] = deque()
@@ -214,8 +220,15 @@ class ModelQueue:
         job.queued = 0
         if job.timer is not None:
             job.timer.cancel()
-        if not job.future.cancelled() and job.future.exception() is None:
-            self._latencies.append(time.monotonic() - job.arrived)
+        latency_s = time.monotonic() - job.arrived
+        status = job.status()
+        if status == 200:
+            self._latencies.append(latency_s)
+        if self._observers is not None:
+            spec = self.spec
+            self._observers.request_done(
+                spec.name, spec.version, len(job.inputs), latency_s, status
+            )
         if not self.active_requests:
             _wake(self._drain_waiters)
 
@@ -481,6 +494,9 @@ class ModelQueue:
         batch = self._finish(info, batch_id)
         if batch is None:
             return
+        if self._observers is not None:
+            spec = self.spec
+            self._observers.batch_done(spec.name, spec.version, batch.size, compute_s, info.pid)
         now = time.monotonic()
         if compute_s is not None:
             self._metrics.batch_computed(compute_s)

@@ -3,13 +3,13 @@
 An application is declared in the served file, next to its models, and lives in the gateway:
 ``POST /apps/{name}/predict`` asks the models its policy selects and combines their answers,
 ``POST /apps/{name}/feedback`` teaches the policy. The declaration is plain data, checked when
-it is made; the gateway checks the policy and the models exist when it starts.
+it is made and assigned to a name at the served file's top level, where the loader finds it;
+the gateway checks the policy and the models exist when it starts.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +17,6 @@ from typing import Any
 import orjson
 
 from ketch.specs.models import NAME_PATTERN
-
-#: Where ``ketch.app`` keeps the applications a module declares, in that module's globals.
-APPS_ATTRIBUTE = "__ketch_apps__"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +84,15 @@ def app(
     slo_ms: float | None = None,
     default_output: Any = _NO_DEFAULT,
 ) -> AppSpec:
-    """Declare an application in the served file: ``ketch.app("reviews", models=[...],
-    policy="exp3", slo_ms=50, default_output=0.5)``.
+    """Declare an application in the served file: ``reviews = ketch.app("reviews",
+    models=[...], policy="exp3", slo_ms=50, default_output=0.5)``.
 
-    See :class:`AppSpec` for the parameters. Returns the spec, and records it in the calling
-    module so ``ketch serve`` finds it; declaring one name twice in a module is an error.
+    See :class:`AppSpec` for the parameters. Returns the spec; assign it at the module's top
+    level, where ``ketch serve`` finds it. Two applications of one name in a module are an
+    error.
     """
     has_default = default_output is not _NO_DEFAULT
-    spec = validated_app(
+    return validated_app(
         name,
         models,
         policy,
@@ -103,12 +101,6 @@ def app(
         default_output if has_default else None,
         has_default,
     )
-    caller = sys._getframe(1).f_globals
-    declared: dict[str, AppSpec] = caller.setdefault(APPS_ATTRIBUTE, {})
-    if name in declared and declared[name] != spec:
-        raise ValueError(f"application {name!r} is declared twice in {caller.get('__name__')}")
-    declared[name] = spec
-    return spec
 
 
 def validated_app(

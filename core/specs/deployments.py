@@ -1,32 +1,34 @@
 """``ketch.deploy(...)`` and ``ketch serve --model``: serve a saved model without writing code.
 
 A deployment names a runtime (``"torch"``, ``"tensorflow"``, ...) and its artifact. It takes the
-same serving options as ``@ketch.model`` (batching, pool, resources); every other keyword is an
-option of the runtime (``device="cpu"``), checked by the runtime where the deployment is
-declared, without importing its framework, so a missing file or a misspelt option fails at
-once with the path and the reason.
+same serving options as ``@ketch.model`` (batching, pool, resources), validated when it is
+declared; every other keyword is an option of the runtime. A :class:`Deployment` is what was
+declared; its runtime checks it where the plugins are loaded (the gateway, at start or when the
+management API adds it): :meth:`Deployment.checked` resolves a relative path, checks the
+artifact and the options without importing the framework, and gives the model's spec, so a
+missing file or a misspelt option fails at once with the path and the reason.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import msgspec
 
 from ketch.errors import TargetLoadError
 from ketch.specs.models import (
     DEFAULT_VERSION,
+    BatchInput,
     ModelSpec,
     PoolSpec,
     WorkerStart,
     validated_spec,
 )
 from ketch.specs.resources import Resources
-
-#: Where ``ketch.deploy`` keeps a module's deployments, in that module's globals.
-DEPLOYMENTS_ATTRIBUTE = "__ketch_deployments__"
 
 _SPEC_OPTIONS = ("max_batch_size", "max_delay_ms", "slo_ms", "max_queue", "cache_size")
 _POOL_OPTIONS = PoolSpec.__struct_fields__
@@ -36,6 +38,67 @@ _START_OPTIONS = WorkerStart.__struct_fields__
 MODEL_ARGUMENT = re.compile(r"^(?P<name>[^=:]+)=(?P<runtime>[A-Za-z][A-Za-z0-9_]*):(?P<path>.+)$")
 
 
+class RuntimeCheck(Protocol):
+    """What a deployment needs of its runtime's class; every :class:`ketch.Runtime` has it."""
+
+    @property
+    def batch_input(self) -> BatchInput: ...
+
+    @property
+    def artifact_is_path(self) -> bool: ...
+
+    def check(self, artifact: str | None, options: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A saved model as declared, before its runtime checked it.
+
+    :param declared: its spec with the serving options validated, ``artifact`` as written and
+        ``options`` as given.
+    :param folder: what a relative artifact path is relative to: the declaring file's folder
+        (the loader sets it when it collects the deployment), the server's working folder for
+        ``--model`` and the management API; None: the current folder.
+    """
+
+    declared: ModelSpec
+    folder: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.declared.name
+
+    @property
+    def runtime(self) -> str:
+        return self.declared.runtime
+
+    def in_folder(self, folder: str | Path) -> Deployment:
+        return replace(self, folder=str(folder))
+
+    def checked(self, runtime: RuntimeCheck) -> ModelSpec:
+        """The model's spec, its artifact resolved and its options checked by ``runtime``;
+        ``ValueError`` naming the model, the runtime and what is wrong."""
+        spec = self.declared
+        artifact = spec.artifact
+        if artifact is not None and runtime.artifact_is_path:
+            folder = Path(self.folder) if self.folder is not None else Path.cwd()
+            artifact = str((folder / Path(artifact).expanduser()).resolve())
+        try:
+            options = runtime.check(artifact, spec.options)
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            raise ValueError(f"model {spec.name!r} (runtime {spec.runtime!r}): {exc}") from None
+        return msgspec.structs.replace(
+            spec, batch_input=runtime.batch_input, artifact=artifact, options=options
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"declared": self.declared.to_dict(), "folder": self.folder}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Deployment:
+        return cls(ModelSpec.from_dict(data["declared"]), data.get("folder"))
+
+
 def deploy(
     name: str,
     *,
@@ -43,9 +106,12 @@ def deploy(
     path: str | Path | None = None,
     version: str | int = DEFAULT_VERSION,
     **settings: Any,
-) -> ModelSpec:
-    """Declare a saved model in the served file: ``ketch.deploy("resnet", runtime="torch",
-    path="model.pt2", device="cpu", max_batch_size=32)``.
+) -> Deployment:
+    """Declare a saved model in the served file: ``resnet = ketch.deploy("resnet",
+    runtime="torch", path="model.pt2", device="cpu", max_batch_size=32)``.
+
+    Assign it at the module's top level, as a decorated function is: ``ketch serve`` serves
+    what the served file's globals hold.
 
     :param runtime: the name a runtime plugin registered (``ketch plugins`` lists them).
     :param path: the artifact, relative to the declaring file's folder (or absolute).
@@ -53,18 +119,12 @@ def deploy(
     :param settings: ``@ketch.model``'s serving options (``max_batch_size``, ``min_replicas``,
         ``memory_mb``, ...) and, apart from those, the runtime's own options.
     """
-    caller = sys._getframe(1).f_globals
-    folder = Path(caller.get("__file__") or "./.").resolve().parent
-    artifact = None if path is None else str(path)
-    spec = deployment_spec(name, runtime, artifact, folder, version, settings)
-    declared: dict[tuple[str, str], ModelSpec] = caller.setdefault(DEPLOYMENTS_ATTRIBUTE, {})
-    if spec.key in declared:
-        raise ValueError(f"model {spec.label()!r} is deployed twice in {caller.get('__name__')}")
-    declared[spec.key] = spec
-    return spec
+    return declared_deployment(
+        name, runtime, None if path is None else str(path), version, settings
+    )
 
 
-def parse_model_argument(text: str) -> ModelSpec:
+def parse_model_argument(text: str) -> Deployment:
     """``ketch serve --model NAME=RUNTIME:PATH`` as a deployment (the path relative to the
     current folder)."""
     match = MODEL_ARGUMENT.match(text)
@@ -73,55 +133,44 @@ def parse_model_argument(text: str) -> ModelSpec:
             f"--model {text!r} is not NAME=RUNTIME:PATH (for example resnet=torch:model.pt2)"
         )
     try:
-        return deployment_spec(
-            match["name"], match["runtime"], match["path"], Path.cwd(), DEFAULT_VERSION, {}
+        deployment = declared_deployment(
+            match["name"], match["runtime"], match["path"], DEFAULT_VERSION, {}
         )
     except (TypeError, ValueError) as exc:
         raise TargetLoadError(f"--model {text!r}: {exc}") from None
+    return deployment.in_folder(Path.cwd())
 
 
-def deployment_spec(
+def declared_deployment(
     name: str,
     runtime: str,
     artifact: str | None,
-    folder: Path,
     version: str | int,
     settings: Mapping[str, Any],
-) -> ModelSpec:
-    """A deployed model's spec, its runtime options checked by the runtime.
-
-    :param folder: what a relative artifact path is relative to.
-    """
-    from ketch.plugin_manager import PluginError, installed_plugins
-
+    folder: Path | None = None,
+) -> Deployment:
+    """A deployment with its serving options validated (``ValueError``/``TypeError`` naming
+    the bad value); the options that are none of them are the runtime's."""
     serving = {k: v for k, v in settings.items() if k in _SPEC_OPTIONS}
     pool = {k: v for k, v in settings.items() if k in _POOL_OPTIONS}
     resources = {k: v for k, v in settings.items() if k in _RESOURCE_OPTIONS}
     start = {k: v for k, v in settings.items() if k in _START_OPTIONS}
     taken = {*serving, *pool, *resources, *start}
     runtime_options = {k: v for k, v in settings.items() if k not in taken}
-    try:
-        runtime_class = installed_plugins().runtime_class(runtime)
-    except PluginError as exc:
-        raise ValueError(f"model {name!r}: {exc}") from None
-    if artifact is not None and runtime_class.artifact_is_path:
-        artifact = str((folder / Path(artifact).expanduser()).resolve())
-    try:
-        checked = runtime_class.check(artifact, runtime_options)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        raise ValueError(f"model {name!r} (runtime {runtime!r}): {exc}") from None
+    if not isinstance(runtime, str) or not runtime:
+        raise TypeError(f"runtime of model {name!r} must be a runtime's name, got {runtime!r}")
     for key in ("cpus", "gpus"):
         if resources.get(key) is not None:
             resources[key] = tuple(resources[key])
-    return validated_spec(
+    spec = validated_spec(
         name=name,
         version=version,
-        batch_input=runtime_class.batch_input,
         pool=PoolSpec(**pool),
         resources=Resources(**resources),
         start=WorkerStart(**start),
         runtime=runtime,
         artifact=artifact,
-        options=checked,
+        options=runtime_options,
         **serving,
     )
+    return Deployment(spec, None if folder is None else str(folder))

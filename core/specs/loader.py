@@ -1,7 +1,13 @@
-"""Import the user's file or module and find the models it defines.
+"""Import the user's file or module and collect what it declares.
 
-Only worker processes (and the short-lived discovery process) call this: the gateway never
-imports user code, so a heavy or crashing import cannot take it down.
+A served module declares at top level: ``@ketch.model`` functions (:class:`Model`),
+``ketch.deploy(...)`` deployments (:class:`Deployment`) and ``ketch.app(...)`` applications
+(:class:`AppSpec`), each assigned to a name. The loader collects them all the same way, by
+scanning the module's globals once it is imported: nothing is registered behind the user's
+back, and a declaration is served because the module holds it.
+
+Only worker processes (and the short-lived discovery process) import user code: the gateway
+never does, so a heavy or crashing import cannot take it down.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ from types import ModuleType
 from typing import Any
 
 from ketch.errors import TargetLoadError
-from ketch.specs.apps import APPS_ATTRIBUTE, AppSpec
-from ketch.specs.deployments import DEPLOYMENTS_ATTRIBUTE
-from ketch.specs.models import Model, ModelSpec
+from ketch.specs.apps import AppSpec
+from ketch.specs.deployments import Deployment
+from ketch.specs.models import Model
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,30 +104,75 @@ def models_in(module: ModuleType) -> list[Model[..., Any]]:
     return list(found.values())
 
 
-def apps_in(module: ModuleType) -> list[AppSpec]:
-    """The applications a module declares with ``ketch.app``, in declaration order."""
-    declared: dict[str, AppSpec] = vars(module).get(APPS_ATTRIBUTE, {})
-    return list(declared.values())
-
-
-def served_specs(module: ModuleType) -> list[ModelSpec]:
-    """Every model a served module declares: decorated functions, then ``ketch.deploy``s."""
-    specs = [m.spec for m in models_in(module)]
-    seen = {spec.key for spec in specs}
-    deployed: dict[tuple[str, str], ModelSpec] = vars(module).get(DEPLOYMENTS_ATTRIBUTE, {})
-    for spec in deployed.values():
-        if spec.key in seen:
+def deployments_in(module: ModuleType) -> list[Deployment]:
+    """The deployments a module declares at top level, in declaration order, each once, with
+    a relative path taken as relative to the module's folder."""
+    folder = _folder_of(module)
+    found: dict[tuple[str, str], Deployment] = {}
+    for value in vars(module).values():
+        if not isinstance(value, Deployment):
+            continue
+        key = value.declared.key
+        other = found.get(key)
+        if other is not None and other is not value:
             raise TargetLoadError(
-                f"model {spec.label()!r} is both a decorated function and a deployment in "
-                f"{module.__name__}; give one another name or version"
+                f"model {value.declared.label()!r} is deployed twice in {module.__name__}; "
+                "give one another name or version"
             )
-        specs.append(spec)
-    if not specs:
+        found[key] = value
+    return [deployment.in_folder(folder) for deployment in found.values()]
+
+
+def apps_in(module: ModuleType) -> list[AppSpec]:
+    """The applications a module declares at top level with ``ketch.app``, in declaration
+    order, each once."""
+    found: dict[str, AppSpec] = {}
+    for value in vars(module).values():
+        if not isinstance(value, AppSpec):
+            continue
+        other = found.get(value.name)
+        if other is not None and other != value:
+            raise TargetLoadError(
+                f"application {value.name!r} is declared twice in {module.__name__}"
+            )
+        found[value.name] = value
+    return list(found.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Declarations:
+    """Everything a served module declares: decorated functions, deployments (not yet
+    checked by their runtimes) and applications."""
+
+    models: list[Model[..., Any]]
+    deployments: list[Deployment]
+    apps: list[AppSpec]
+
+
+def served_declarations(module: ModuleType) -> Declarations:
+    """What a served module declares; :class:`TargetLoadError` when a model is both a
+    decorated function and a deployment, or when it declares no model at all."""
+    models = models_in(module)
+    deployments = deployments_in(module)
+    decorated = {m.spec.key for m in models}
+    for deployment in deployments:
+        if deployment.declared.key in decorated:
+            raise TargetLoadError(
+                f"model {deployment.declared.label()!r} is both a decorated function and a "
+                f"deployment in {module.__name__}; give one another name or version"
+            )
+    if not models and not deployments:
         raise TargetLoadError(
             f"{module.__name__!r} defines no model: decorate a function with @ketch.model or "
-            "deploy a saved one with ketch.deploy"
+            "assign a deployment, resnet = ketch.deploy(...), at its top level"
         )
-    return specs
+    return Declarations(models, deployments, apps_in(module))
+
+
+def _folder_of(module: ModuleType) -> Path:
+    """The folder of a module's file (the current folder for one without a file)."""
+    file = getattr(module, "__file__", None)
+    return Path(file or "./.").resolve().parent
 
 
 def load_models(target: Target) -> list[Model[..., Any]]:

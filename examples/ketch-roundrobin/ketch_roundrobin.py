@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ketch
-from ketch.hookspecs import RegisterPolicy
 
 
 class RoundRobinPolicy(ketch.Policy):
@@ -65,5 +64,5 @@ class RoundRobinPolicy(ketch.Policy):
 
 
 @ketch.hookimpl
-def ketch_register_policies(register: RegisterPolicy) -> None:
+def ketch_register_policies(register: ketch.RegisterPolicy) -> None:
     register("round_robin", RoundRobinPolicy)

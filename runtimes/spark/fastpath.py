@@ -4,8 +4,8 @@ as numpy operations.
 :data:`BUILDERS` maps each Spark stage class the fast path runs to its numpy implementation
 (:mod:`~ketch.runtimes.spark.features`, :mod:`~ketch.runtimes.spark.linear`,
 :mod:`~ketch.runtimes.spark.trees`). :func:`convert` builds one stage per pipeline stage
-(read with :mod:`~ketch.runtimes.spark.saved`), or raises :class:`NoFastPath` naming the first
-it cannot take. :class:`FastPipeline` checks the request rows (:func:`as_objects`,
+(read with :mod:`~ketch.runtimes.spark.saved`), or raises :class:`PartlyConverted` naming the
+first it cannot take. :class:`FastPipeline` checks the request rows (:func:`as_objects`,
 :func:`column_values`, which the Spark path uses too) and runs them through the stages.
 """
 
@@ -42,6 +42,15 @@ class InputColumn:
     kind: Kind
     #: the vector's length (``-1`` when any length goes); 0 for numbers and strings.
     size: int = 0
+
+
+class PartlyConverted(NoFastPath):
+    """:func:`convert`'s :class:`NoFastPath`, with the stages converted before the one it could
+    not take (the Spark path checks their inputs as the fast path would)."""
+
+    def __init__(self, reason: str, converted: list[Stage]) -> None:
+        super().__init__(reason)
+        self.converted = converted
 
 
 # -- the pipeline -----------------------------------------------------------------------------
@@ -109,8 +118,8 @@ class FastPipeline:
 
 
 def convert(stages: Sequence[StageMeta]) -> FastPipeline:
-    """The fast path for these stages, or :class:`NoFastPath` naming the first it cannot take
-    (its ``converted`` attribute holds the stages converted before it)."""
+    """The fast path for these stages, or :class:`PartlyConverted` naming the first it cannot
+    take."""
     converted: list[Stage] = []
     for meta in stages:
         builder = BUILDERS.get(meta.class_name)
@@ -127,8 +136,7 @@ def convert(stages: Sequence[StageMeta]) -> FastPipeline:
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
         except NoFastPath as exc:
-            exc.converted = converted
-            raise
+            raise PartlyConverted(str(exc), converted) from exc
     return FastPipeline(converted)
 
 

@@ -45,6 +45,7 @@ from ketch.runtimes.spark.fastpath import (
     BUILDERS,
     FastPipeline,
     InputColumn,
+    PartlyConverted,
     as_objects,
     column_values,
     convert,
@@ -58,6 +59,7 @@ from ketch.runtimes.spark.saved import (
     read_pipeline,
     short_name,
 )
+from ketch.runtimes.spark.stage import Stage
 from ketch.specs.models import BatchInput
 from ketch.specs.signature import TensorSpec
 from ketch.types import Outputs
@@ -131,7 +133,7 @@ class SparkRuntime(Runtime):
         known: tuple[InputColumn, ...] = ()
         try:
             self.fast = convert(self.stages)
-        except NoFastPath as exc:
+        except PartlyConverted as exc:
             self.reason = str(exc)
             known = _known_inputs(exc.converted)
         wanted = self.options["output"]
@@ -200,7 +202,7 @@ def _refused(reason: str) -> str:
     return f"{reason}, and fallback='never' forbids running it through Spark (fast path: {fast})"
 
 
-def _known_inputs(converted: list[Any]) -> tuple[InputColumn, ...]:
+def _known_inputs(converted: list[Stage]) -> tuple[InputColumn, ...]:
     """The input columns of the stages before the first one the fast path cannot take: the
     Spark path checks those as the fast path would (later stages' inputs are unknown)."""
     try:

@@ -20,12 +20,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from ketch.runtimes.spark.stage import Stage
 
 PIPELINE_CLASS = "org.apache.spark.ml.PipelineModel"
 
@@ -36,10 +33,6 @@ _ESTIMATOR_SUFFIXED = ("DecisionTree", "RandomForest", "GBT", "FM", "MultilayerP
 
 class NoFastPath(Exception):
     """A stage the fast path cannot run; the message names the stage and why."""
-
-    #: The stages converted before the one that could not be (set by
-    #: :func:`~ketch.runtimes.spark.fastpath.convert`).
-    converted: list[Stage] = []  # noqa: RUF012 (replaced per instance, never mutated)
 
 
 @dataclass(frozen=True)

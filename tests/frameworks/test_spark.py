@@ -34,19 +34,19 @@ SERVED = """
 import ketch
 
 both = ["prediction", "probability"]
-ketch.deploy("churn", runtime="spark", path="churn", output=both, min_replicas=1)
-ketch.deploy("multi", runtime="spark", path="multi", output=both, min_replicas=1)
-ketch.deploy(
+churn = ketch.deploy("churn", runtime="spark", path="churn", output=both, min_replicas=1)
+multi = ketch.deploy("multi", runtime="spark", path="multi", output=both, min_replicas=1)
+forest = ketch.deploy(
     "forest", runtime="spark", path="forest", output=[*both, "rawPrediction"], min_replicas=1
 )
-ketch.deploy("boosted", runtime="spark", path="boosted", min_replicas=1, max_batch_size=8)
-ketch.deploy("sql", runtime="spark", path="sql", min_replicas=1)
+boosted = ketch.deploy("boosted", runtime="spark", path="boosted", min_replicas=1, max_batch_size=8)
+sql = ketch.deploy("sql", runtime="spark", path="sql", min_replicas=1)
 """
 
 STRICT = """
 import ketch
 
-ketch.deploy("strict", runtime="spark", path="sql", fallback="never")
+strict = ketch.deploy("strict", runtime="spark", path="sql", fallback="never")
 """
 
 #: What each served model answers with: all of these columns, or the prediction alone.

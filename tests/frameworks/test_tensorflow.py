@@ -26,20 +26,20 @@ TEXTS = ["héllo", "", "TensorFlow"]
 SERVED = """
 import ketch
 
-ketch.deploy("dense", runtime="tensorflow", path="dense", max_batch_size=16, min_replicas=1)
-ketch.deploy(
+dense = ketch.deploy("dense", runtime="tensorflow", path="dense", max_batch_size=16, min_replicas=1)
+pair = ketch.deploy(
     "pair", runtime="tensorflow", path="pair", signature="score", min_replicas=1, max_delay_ms=20
 )
-ketch.deploy("text", runtime="tensorflow", path="text", min_replicas=1)
+text = ketch.deploy("text", runtime="tensorflow", path="text", min_replicas=1)
 # Loaded by a template (preload): it fails once, where failing workers would be restarted
 # five times, each importing TensorFlow again.
-ketch.deploy("incomplete", runtime="tensorflow", path="incomplete", preload=True)
+incomplete = ketch.deploy("incomplete", runtime="tensorflow", path="incomplete", preload=True)
 """
 
 UNKNOWN_SIGNATURE = """
 import ketch
 
-ketch.deploy("pair", runtime="tensorflow", path="pair", signature="scores")
+pair = ketch.deploy("pair", runtime="tensorflow", path="pair", signature="scores")
 """
 
 

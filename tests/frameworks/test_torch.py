@@ -42,9 +42,11 @@ def build():
 SERVED = """
 import ketch
 
-ketch.deploy("exported", runtime="torch", path="tiny.pt2", max_batch_size=16, min_replicas=1)
-ketch.deploy("scripted", runtime="torch", path="tiny.pt", input_shape=[3])
-ketch.deploy("heads", runtime="torch", path="heads.py:build", device="cpu")
+exported = ketch.deploy(
+    "exported", runtime="torch", path="tiny.pt2", max_batch_size=16, min_replicas=1
+)
+scripted = ketch.deploy("scripted", runtime="torch", path="tiny.pt", input_shape=[3])
+heads = ketch.deploy("heads", runtime="torch", path="heads.py:build", device="cpu")
 """
 
 

@@ -54,13 +54,14 @@ AFFINE_MAX_BATCH = 8
 SERVED = """
 import ketch
 
-ketch.deploy("affine", runtime="triton", url="{http}", model="affine", max_delay_ms=2,
-             min_replicas=1)
-ketch.deploy("affine_grpc", runtime="triton", url="{grpc}", model="affine", protocol="grpc",
-             preload=True, min_replicas=1)
-ketch.deploy("two_io", runtime="triton", url="{http}", model="two_io", min_replicas=1)
-ketch.deploy("ghost", runtime="triton", url="{http}", model="ghost", ready_timeout_s=0.2)
-ketch.deploy("offline", runtime="triton", url="{offline}", model="affine", ready_timeout_s=0.2)
+affine = ketch.deploy("affine", runtime="triton", url="{http}", model="affine", max_delay_ms=2,
+                      min_replicas=1)
+affine_grpc = ketch.deploy("affine_grpc", runtime="triton", url="{grpc}", model="affine",
+                           protocol="grpc", preload=True, min_replicas=1)
+two_io = ketch.deploy("two_io", runtime="triton", url="{http}", model="two_io", min_replicas=1)
+ghost = ketch.deploy("ghost", runtime="triton", url="{http}", model="ghost", ready_timeout_s=0.2)
+offline = ketch.deploy("offline", runtime="triton", url="{offline}", model="affine",
+                       ready_timeout_s=0.2)
 """
 
 
@@ -375,7 +376,7 @@ def test_bad_options_stop_the_start_with_exit_code_2(
     tmp_path: Path, options: str, message: str
 ) -> None:
     (tmp_path / "served.py").write_text(
-        f'import ketch\n\nketch.deploy("bad", runtime="triton", {options})\n'
+        f'import ketch\n\nbad = ketch.deploy("bad", runtime="triton", {options})\n'
     )
     server = KetchServer(tmp_path / "served.py")
     try:
