@@ -18,7 +18,7 @@ from typing import Any, ParamSpec
 from ketch.observability.metrics import Metrics
 from ketch.serving.jobs import Inputs
 from ketch.serving.sink import Worker
-from ketch.specs.models import ModelSpec, PoolSpec, validated_spec
+from ketch.specs.models import ModelSpec, PoolSpec, WorkerStart, validated_spec
 from ketch.zmq_transport.broker import BrokerEvents, WorkerInfo
 from ketch.zmq_transport.liveness import Heartbeat
 
@@ -30,15 +30,19 @@ TEST_BOUND_S = 5.0
 HOST = socket.gethostname()
 
 _POOL_OPTIONS = frozenset(PoolSpec.__dataclass_fields__)
+_START_OPTIONS = frozenset(WorkerStart.__dataclass_fields__)
 _worker_numbers = itertools.count(1)
 
 
 def make_spec(**overrides: Any) -> ModelSpec:
     """A model spec (``m:1`` unless ``name``/``version`` say otherwise) with the options
-    ``@ketch.model`` takes, pool options included (``max_replicas=3``, ``idle_timeout_s=...``)."""
+    ``@ketch.model`` takes, flat as it takes them (``max_replicas=3``, ``preload=True``)."""
     pool = {key: overrides.pop(key) for key in list(overrides) if key in _POOL_OPTIONS}
+    start = {key: overrides.pop(key) for key in list(overrides) if key in _START_OPTIONS}
     if pool:
         overrides["pool"] = PoolSpec(**pool)
+    if start:
+        overrides["start"] = WorkerStart(**start)
     return validated_spec(**{"name": "m", **overrides})
 
 
