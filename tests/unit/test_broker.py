@@ -251,6 +251,22 @@ async def test_a_worker_silent_past_its_liveness_is_dropped_and_told_why() -> No
 
 
 @in_loop
+async def test_a_worker_that_keeps_answering_stays_registered_past_its_liveness() -> None:
+    announced = Heartbeat(0.03, 5)
+    async with running(Heartbeat(interval_s=0.03, liveness=5)) as harness:
+        peer, _ = await harness.joined(heartbeat_ms=announced.interval_s * 1000)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3 * announced.timeout_s
+        while (left := end - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                message = await peer.receive(timeout_s=left)
+                assert message.command is Command.HEARTBEAT
+                await peer.send(Command.HEARTBEAT)  # any message is a sign of life
+        assert len(harness.events.seen) == 1  # its READY, and no loss
+        assert len(list(harness.broker.workers())) == 1
+
+
+@in_loop
 async def test_a_failed_send_answers_false_and_the_loss_is_reported_from_the_loop() -> None:
     async with running(QUIET) as harness:
         peer, worker = await harness.joined()

@@ -43,6 +43,7 @@ class FakeProcesses:
         self.spawned: list[tuple[int, float]] = []
         self.refused = 0
         self.retired: list[int] = []
+        self.retired_at: list[float] = []
         self.not_before = 0.0
         self.loading = False
         self._waiters: list[asyncio.Future[None]] = []
@@ -70,6 +71,7 @@ class FakeProcesses:
 
     def retire(self, pid: int) -> None:
         self.retired.append(pid)
+        self.retired_at.append(time.monotonic())
         self._changed()
 
     def release(self, spec: ModelSpec, still_starting: set[int]) -> None:
@@ -194,24 +196,26 @@ async def test_an_idle_pool_goes_back_to_zero_through_its_timer() -> None:
 
 
 @in_loop
-async def test_under_lighter_load_the_pool_stops_an_idle_worker_after_the_idle_period() -> None:
+async def test_under_lighter_load_the_pool_stops_one_idle_worker_per_idle_period() -> None:
     async with pools() as harness:
+        idle_s = 0.05
         queue = harness.manage(
-            max_batch_size=1, target_inflight=1, max_replicas=2, idle_timeout_s=0.05
+            max_batch_size=1, target_inflight=1, max_replicas=3, idle_timeout_s=idle_s
         )
-        long_one = queue.submit([1], within())
-        short_one = queue.submit([2], within())
-        busy, idle = (harness.ready(queue, pid) for pid in harness.started())
-        assert [batch.worker for batch in harness.sink.sent] == [busy, idle]
-        done = harness.sink.sent[1]
-        harness.dispatcher.batch_replied(idle, done.batch_id, [2], None)
-        await short_one
-        await harness.processes.wait_until(lambda: bool(harness.processes.retired))
-        assert harness.processes.retired == [idle.pid]  # never the one computing
-        assert list(harness.sink.workers()) == [busy]
+        answers = [queue.submit([n], within()) for n in range(3)]
+        busy, *idle = (harness.ready(queue, pid) for pid in harness.started())
+        assert [batch.worker for batch in harness.sink.sent] == [busy, *idle]
+        for batch in harness.sink.sent[1:]:
+            harness.dispatcher.batch_replied(batch.worker, batch.batch_id, batch.inputs, None)
+        await asyncio.gather(*answers[1:])
+        processes = harness.processes
+        await processes.wait_until(lambda: len(processes.retired) == 2)
+        assert sorted(processes.retired) == sorted(worker.pid for worker in idle)
+        assert processes.retired_at[1] - processes.retired_at[0] >= idle_s  # one per period
+        assert list(harness.sink.workers()) == [busy]  # never the one computing
         assert "scaled_to_zero" not in [e.kind for e in harness.events]
         harness.reply_all()
-        assert await long_one == [1]
+        assert await answers[0] == [0]
 
 
 @in_loop

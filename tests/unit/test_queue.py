@@ -16,7 +16,7 @@ import ketch.serving.queue as queue_module
 from ketch.observability.metrics import Metrics
 from ketch.serving.admission import Deadlines
 from ketch.serving.jobs import Deadline, PredictionError
-from ketch.serving.queue import MAX_ATTEMPTS, ModelQueue
+from ketch.serving.queue import ModelQueue
 from ketch.serving.refusals import queue_full
 from ketch.zmq_transport.broker import RemoteError
 from ketch.zmq_transport.protocol import ErrorKind
@@ -165,6 +165,7 @@ async def test_max_delay_does_not_hold_a_full_batch() -> None:
 def test_retry_after_is_how_long_the_queue_takes_to_drain_within_a_minute() -> None:
     spec = make_spec(max_queue=10)
     assert queue_full(spec, queued=50, drain_rate=10.0).headers == {"Retry-After": "5"}
+    assert queue_full(spec, queued=41, drain_rate=10.0).headers == {"Retry-After": "5"}
     assert queue_full(spec, queued=1, drain_rate=1000.0).headers == {"Retry-After": "1"}
     assert queue_full(spec, queued=10_000, drain_rate=1.0).headers == {"Retry-After": "60"}
     assert queue_full(spec, queued=10, drain_rate=0.0).headers == {"Retry-After": "1"}
@@ -263,21 +264,36 @@ async def test_a_batch_of_a_lost_worker_is_retried_on_another_and_answered() -> 
 
 
 @in_loop
-async def test_a_batch_lost_on_every_attempt_fails_with_503_naming_the_worker() -> None:
+async def test_a_retried_batch_goes_before_requests_that_came_after_it() -> None:
+    queue, sink, _ = new_queue(max_batch_size=1)
+    lost, busy = make_worker(queue.spec), make_worker(queue.spec)
+    queue.add_worker(lost)
+    queue.add_worker(busy)
+    queue.submit(["first"], within())
+    queue.submit(["second"], within())
+    queue.submit(["third"], within())  # waits: both workers are busy
+    queue.remove_worker(lost, "connection lost")
+    replacement = make_worker(queue.spec)
+    queue.add_worker(replacement)
+    assert [batch.inputs for batch in sink.sent_to(replacement)] == [["first"]]
+
+
+@in_loop
+async def test_a_batch_is_retried_once_then_fails_with_503_naming_the_worker() -> None:
     queue, sink, _ = new_queue()
-    workers = [make_worker(queue.spec) for _ in range(MAX_ATTEMPTS + 1)]
+    workers = [make_worker(queue.spec) for _ in range(3)]
     for worker in workers:
         queue.add_worker(worker)
     answer = queue.submit([1], within())
-    for worker in workers[:MAX_ATTEMPTS]:
-        queue.remove_worker(worker, "killed by SIGKILL")
+    queue.remove_worker(workers[0], "killed by SIGKILL")
+    queue.remove_worker(workers[1], "killed by SIGKILL")
     error = await refusal(answer)
     assert error.status == 503
     assert error.body["error"] == (
-        f"{workers[MAX_ATTEMPTS - 1].describe()} was lost while computing this request "
-        f"(killed by SIGKILL), after {MAX_ATTEMPTS} attempts"
+        f"{workers[1].describe()} was lost while computing this request (killed by SIGKILL), "
+        "after 2 attempts"
     )
-    assert sink.sent_to(workers[-1]) == []  # not sent a third time
+    assert sink.sent_to(workers[2]) == []  # not sent a third time
 
 
 @in_loop
