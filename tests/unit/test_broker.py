@@ -78,7 +78,9 @@ class Peer:
 
 
 class Harness:
-    def __init__(self, broker: Broker[ModelSpec], events: Recorder, context: Any) -> None:
+    def __init__(
+        self, broker: Broker[ModelSpec], events: Recorder, context: zmq.asyncio.Context
+    ) -> None:
         self.broker = broker
         self.events = events
         self._context = context
@@ -252,8 +254,8 @@ async def test_a_worker_silent_past_its_liveness_is_dropped_and_told_why() -> No
 
 @in_loop
 async def test_a_worker_that_keeps_answering_stays_registered_past_its_liveness() -> None:
-    announced = Heartbeat(0.03, 5)
-    async with running(Heartbeat(interval_s=0.03, liveness=5)) as harness:
+    announced = Heartbeat(0.02, 5)
+    async with running(Heartbeat(interval_s=0.02, liveness=5)) as harness:
         peer, _ = await harness.joined(heartbeat_ms=announced.interval_s * 1000)
         loop = asyncio.get_running_loop()
         end = loop.time() + 3 * announced.timeout_s

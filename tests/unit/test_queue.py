@@ -146,7 +146,7 @@ async def test_max_delay_holds_a_small_batch_for_more_requests() -> None:
     (batch,) = await sink.wait_for_batches(1)
     assert batch.inputs == [1, 2]
     queue.complete(worker, batch.batch_id, [10, 20])
-    assert await asyncio.gather(first, second) == [[10], [20]]
+    assert [await first, await second] == [[10], [20]]
 
 
 @in_loop
