@@ -141,6 +141,10 @@ class Broker(Generic[M]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
         self._heartbeat_task: asyncio.Task[None] | None = None
+        #: The heartbeat loop's current period, and what cuts it short when a worker with a
+        #: faster heartbeat joins (it must hear from the broker within its own liveness).
+        self._tick_now = heartbeat.interval_s / 2
+        self._faster_worker = asyncio.Event()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -316,6 +320,8 @@ class Broker(Generic[M]):
         if old is not None:
             self._events.worker_lost(old, "the worker registered again")
         self._workers[identity] = worker
+        if worker.heartbeat.interval_s / 2 < self._tick_now:
+            self._faster_worker.set()
         log.info("%s is ready", worker.describe())
         self._events.worker_ready(worker)
 
@@ -330,7 +336,11 @@ class Broker(Generic[M]):
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._tick_s())  # a timer, not a wait for a peer
+            self._tick_now = self._tick_s()
+            # A timer, not a wait for a peer: cut short when a faster worker joins.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._faster_worker.wait(), self._tick_now)
+            self._faster_worker.clear()
             now = time.monotonic()
             for worker in list(self._workers.values()):
                 if peer_expired(worker.last_heard, now, worker.heartbeat):

@@ -208,8 +208,13 @@ class Dispatcher:
 
     # -- local processes (from the supervisor) ----------------------------------------------
 
+    # A process event of a version no longer served (removed, or removed and forgotten) must
+    # not bring it back: these look its queue up, never add one.
+
     def process_started(self, spec: ModelSpec, pid: int) -> None:
-        self.add_model(spec).process_started(pid)
+        queue = self._queue_of(spec.key)
+        if queue is not None:
+            queue.process_started(pid)
 
     def process_exited(self, spec: ModelSpec, pid: int, how: str, expected: bool) -> None:
         assert self._broker is not None
@@ -225,7 +230,10 @@ class Dispatcher:
         return [w for w in self._broker.workers() if w.pid == pid and w.host == self._hostname]
 
     def template_changed(self, spec: ModelSpec, template: dict[str, Any] | None) -> None:
-        self.add_model(spec).template_changed(template)
+        queue = self._queue_of(spec.key)
+        if queue is None:
+            return
+        queue.template_changed(template)
         if template is None:
             return
         if template["state"] == "ready":
@@ -234,7 +242,10 @@ class Dispatcher:
             self._report(events.template_starting(spec, template["pid"]))
 
     def model_unhealthy(self, spec: ModelSpec, cause: str) -> None:
-        self.add_model(spec).mark_unhealthy(cause)
+        queue = self._queue_of(spec.key)
+        if queue is None:
+            return
+        queue.mark_unhealthy(cause)
         self._report(events.model_unhealthy(spec, cause))
 
     # -- broker events ----------------------------------------------------------------------

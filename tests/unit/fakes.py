@@ -15,8 +15,12 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec
 
+import msgspec
+
 from ketch.observability.metrics import Metrics
+from ketch.serving import status
 from ketch.serving.jobs import Inputs
+from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import Worker
 from ketch.specs.models import ModelSpec, PoolSpec, WorkerStart, validated_spec
 from ketch.zmq_transport.broker import BrokerEvents, WorkerInfo
@@ -29,8 +33,8 @@ TEST_BOUND_S = 5.0
 #: This machine, where a dispatcher's local workers run.
 HOST = socket.gethostname()
 
-_POOL_OPTIONS = frozenset(PoolSpec.__dataclass_fields__)
-_START_OPTIONS = frozenset(WorkerStart.__dataclass_fields__)
+_POOL_OPTIONS = frozenset(PoolSpec.__struct_fields__)
+_START_OPTIONS = frozenset(WorkerStart.__struct_fields__)
 _worker_numbers = itertools.count(1)
 
 
@@ -184,3 +188,10 @@ def in_loop(
         asyncio.run(bounded())
 
     return run
+
+
+def described(queue: ModelQueue, default_version: str = "1") -> dict[str, Any]:
+    """The queue as ``GET /models`` shows it, as plain JSON data."""
+    encoded = msgspec.json.encode(status.describe(queue, default_version))
+    data: dict[str, Any] = msgspec.json.decode(encoded)
+    return data

@@ -16,7 +16,7 @@ from ketch.serving.admission import Deadlines, predict
 from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.specs.signature import TensorSpec
-from tests.unit.fakes import FakeSink, Sent, in_loop, make_spec, make_worker
+from tests.unit.fakes import FakeSink, Sent, described, in_loop, make_spec, make_worker
 
 DEADLINES = Deadlines(request_timeout_s=30.0)
 
@@ -65,7 +65,7 @@ async def test_cached_inputs_are_answered_without_asking_the_model() -> None:
     assert model.asked() == [[1, 2], [3]]  # only what was not cached yet
     assert await model.predict([3, 3]) == [6, 6]
     assert len(model.asked()) == 2  # every input a hit: nothing queued
-    cache = model.queue.describe("1")["cache"]
+    cache = described(model.queue)["cache"]
     assert (cache["hits"], cache["misses"]) == (4, 3)
 
 

@@ -216,14 +216,6 @@ async def test_the_broker_heartbeats_each_worker_at_the_interval_it_announced() 
         assert harness.events.seen[1:] == []  # and it was never dropped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="Broker._heartbeat_loop sleeps a _tick_s() computed before the worker joined (half "
-    "the broker's own interval), so a worker announcing a shorter heartbeat hears nothing "
-    "until that sleep ends: a worker at 50 ms x 3 beside a 1 s broker declares it silent "
-    "and rejoins (registered twice)",
-)
 @in_loop
 async def test_a_worker_with_a_shorter_heartbeat_hears_from_the_broker_within_its_liveness() -> (
     None

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ketch.observability.events import Event
+from ketch.serving import status
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher, version_order
 from ketch.serving.jobs import Deadline, PredictionError
@@ -21,7 +22,7 @@ from ketch.specs.models import ModelSpec
 from ketch.specs.signature import TensorSpec
 from ketch.zmq_transport.broker import RemoteError
 from ketch.zmq_transport.protocol import ErrorKind
-from tests.unit.fakes import FakeSink, batches_counted, in_loop, make_spec, make_worker
+from tests.unit.fakes import FakeSink, batches_counted, described, in_loop, make_spec, make_worker
 
 
 def within(ms: float | None = None) -> Deadline:
@@ -130,7 +131,7 @@ def test_requests_without_a_version_go_to_the_highest_until_one_is_pinned() -> N
     assert dispatcher.set_default("m", "2") == "10"
     gateway.serve(make_spec(version="11"))  # a higher version added later takes no traffic
     assert dispatcher.queue_for("m", None).spec.version == "2"
-    assert [m["version"] for m in dispatcher.describe() if m["default"]] == ["2"]
+    assert [m.version for m in dispatcher.describe() if m.default] == ["2"]
     assert dispatcher.versions("m") == ["1", "2", "10", "11"]
 
 
@@ -240,7 +241,7 @@ def test_a_worker_teaches_its_queue_the_tensors_its_runtime_found() -> None:
     gateway.ready(make_spec(inputs=[x], runtime_info={"framework": "torch"}))
     queue = gateway.dispatcher.queue_for("m", None)
     assert queue.spec.inputs == (x,)
-    assert queue.describe("1")["inputs"] == [{"name": "x", "datatype": "float32", "shape": [3]}]
+    assert described(queue)["inputs"] == [{"name": "x", "datatype": "float32", "shape": [3]}]
     assert queue.spec.runtime_info == {"framework": "torch"}
 
 
@@ -248,9 +249,10 @@ def test_a_worker_teaches_its_queue_the_tensors_its_runtime_found() -> None:
 async def test_a_local_process_is_starting_until_its_worker_is_ready() -> None:
     gateway = Gateway()
     dispatcher = gateway.dispatcher
+    dispatcher.add_model(V1)  # as the pool manager does before it starts a process
     dispatcher.process_started(V1, 501)
     queue = dispatcher.queue_for("m", None)
-    assert (queue.state, queue.sample().starting) == ("starting", 1)
+    assert (queue.state, status.sample(queue).starting) == ("starting", 1)
     assert not dispatcher.settled()
     gateway.ready(V1, pid=501, host="elsewhere")  # the same pid on another machine
     assert queue.starting == {501}
@@ -313,7 +315,7 @@ async def test_a_failed_send_drops_the_worker_from_the_loop_and_another_answers(
     gateway.reply(0, ["from the other"])
     assert gateway.sink.sent[0].worker is other
     assert await answer == ["from the other"]
-    assert gateway.dispatcher.queue_for("m", None).sample().ready == 1
+    assert status.sample(gateway.dispatcher.queue_for("m", None)).ready == 1
 
 
 def test_retire_all_tells_every_worker_of_a_version_to_leave() -> None:
@@ -327,13 +329,6 @@ def test_retire_all_tells_every_worker_of_a_version_to_leave() -> None:
     assert gateway.dispatcher.queue_for("m", "1").ready_replicas == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Dispatcher.template_changed (and model_unhealthy, process_started) call add_model, "
-    "which re-adds a removed, forgotten model version: the template that PoolManager.release "
-    "terminates reports its exit as template_changed(spec, None) and the model is served again",
-)
 def test_a_removed_models_template_exiting_does_not_bring_the_model_back() -> None:
     gateway = Gateway()
     dispatcher = gateway.dispatcher

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+import msgspec
+
 from ketch.observability.events import Event
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import LocalWorkers
+from ketch.serving import status
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import Deadline
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import Worker
 from ketch.specs.models import ModelSpec
-from tests.unit.fakes import FakeSink, in_loop, make_spec, make_worker
+from tests.unit.fakes import FakeSink, described, in_loop, make_spec, make_worker
 
 
 def within() -> Deadline:
@@ -166,7 +168,7 @@ async def test_load_above_target_inflight_starts_more_workers_up_to_max_replicas
         assert counts == [1, 2, 2, 3, 3, 3, 3, 3, 3]
         for pid in harness.started()[1:]:
             harness.ready(queue, pid)
-        assert queue.sample().ready == 3
+        assert status.sample(queue).ready == 3
         harness.reply_all()
         outputs = await asyncio.wait_for(asyncio.gather(*answers), 1)
         assert outputs == [[n] for n in range(10)]
@@ -251,11 +253,11 @@ async def test_a_spawn_refused_while_the_template_loads_happens_once_it_is_ready
 async def test_raising_min_replicas_starts_workers_at_once_without_traffic() -> None:
     async with pools() as harness:
         queue = harness.manage()
-        queue.set_pool(dataclasses.replace(queue.spec.pool, min_replicas=2, max_replicas=2))
+        queue.set_pool(msgspec.structs.replace(queue.spec.pool, min_replicas=2, max_replicas=2))
         assert len(harness.started()) == 2
         for pid in harness.started():
             harness.ready(queue, pid)
-        assert queue.describe("1")["replicas"] == {"ready": 2, "starting": 0}
+        assert described(queue)["replicas"] == {"ready": 2, "starting": 0}
 
 
 @in_loop

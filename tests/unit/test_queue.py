@@ -14,13 +14,14 @@ import pytest
 
 import ketch.serving.queue as queue_module
 from ketch.observability.metrics import Metrics
+from ketch.serving import status
 from ketch.serving.admission import Deadlines
 from ketch.serving.jobs import Deadline, PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.serving.refusals import queue_full
 from ketch.zmq_transport.broker import RemoteError
 from ketch.zmq_transport.protocol import ErrorKind
-from tests.unit.fakes import FakeSink, batches_counted, in_loop, make_spec, make_worker
+from tests.unit.fakes import FakeSink, batches_counted, described, in_loop, make_spec, make_worker
 
 #: The server's request timeout in these tests: long enough never to matter unless a test
 #: sets its own, short one.
@@ -71,13 +72,13 @@ async def test_a_lone_request_is_sent_at_once_and_answered() -> None:
     queue.add_worker(worker)
     answer = queue.submit([1, 2, 3], within())
     assert sink.sizes() == [3]  # sent before the caller even awaits
-    assert queue.describe("1")["in_flight"] == 3
+    assert described(queue)["in_flight"] == 3
     queue.complete(worker, sink.sent[0].batch_id, [2, 4, 6])
     assert await asyncio.wait_for(answer, 1) == [2, 4, 6]
     assert batches_counted(metrics, queue.spec) == (1, 3)
-    described = queue.describe("1")
-    assert (described["in_flight"], described["active_requests"]) == (0, 0)
-    assert described["latency_ms"]["requests"] == 1
+    now = described(queue)
+    assert (now["in_flight"], now["active_requests"]) == (0, 0)
+    assert now["latency_ms"]["requests"] == 1
 
 
 @in_loop
@@ -88,8 +89,8 @@ async def test_requests_waiting_for_a_busy_worker_share_batches_up_to_max_batch_
     first = queue.submit(["a"], within())
     waiting = [queue.submit(inputs, within()) for inputs in (["b", "c"], ["d", "e"], ["f"])]
     assert sink.sizes() == [1]
-    assert queue.describe("1")["queue_depth"] == 5
-    assert queue.sample().queue_depth == 5
+    assert described(queue)["queue_depth"] == 5
+    assert status.sample(queue).queue_depth == 5
     queue.complete(worker, sink.sent[0].batch_id, ["A"])
     assert sink.sent[1].inputs == ["b", "c", "d", "e"]  # full: "f" waits for the next one
     queue.complete(worker, sink.sent[1].batch_id, ["B", "C", "D", "E"])
@@ -97,7 +98,7 @@ async def test_requests_waiting_for_a_busy_worker_share_batches_up_to_max_batch_
     queue.complete(worker, sink.sent[2].batch_id, ["F"])
     assert await first == ["A"]
     assert await asyncio.gather(*waiting) == [["B", "C"], ["D", "E"], ["F"]]
-    assert queue.describe("1")["batching"]["last_batch_size"] == 1
+    assert described(queue)["batching"]["last_batch_size"] == 1
 
 
 @in_loop
@@ -196,7 +197,11 @@ async def test_a_full_queue_answers_429_with_a_retry_after_from_its_drain_rate(
         "model": "m",
         "version": "1",
     }
-    assert (queue.rejected, queue.sample().rejected, queue.describe("1")["rejected"]) == (1, 1, 1)
+    assert (queue.rejected, status.sample(queue).rejected, described(queue)["rejected"]) == (
+        1,
+        1,
+        1,
+    )
     assert not waiting.done()  # what was admitted stays queued
 
 
@@ -224,7 +229,7 @@ async def test_a_request_that_never_reached_a_worker_gets_504_at_its_deadline() 
         "model 'm:1' did not answer within 20 ms: the request's deadline passed before a "
         "worker was free, so it was never computed"
     )
-    assert (queue.expired, queue.sample().expired, queue.queue_depth) == (1, 1, 0)
+    assert (queue.expired, status.sample(queue).expired, queue.queue_depth) == (1, 1, 0)
     queue.complete(worker, sink.sent[0].batch_id, [1])
     assert sink.sizes() == [1]  # the late request is not computed once it is too late
 
@@ -238,7 +243,7 @@ async def test_a_request_whose_batch_is_computing_gets_504_at_its_deadline() -> 
     assert error.status == 504
     assert "deadline passed while its batch was computing" in error.body["error"]
     queue.complete(worker, sink.sent[0].batch_id, [1])  # the late reply is ignored
-    assert queue.describe("1")["expired"] == 1
+    assert described(queue)["expired"] == 1
 
 
 # -- workers lost, sends that fail ----------------------------------------------------------
@@ -260,7 +265,7 @@ async def test_a_batch_of_a_lost_worker_is_retried_on_another_and_answered() -> 
     queue.complete(other, retry.batch_id, [10, 20])
     assert await asyncio.wait_for(answer, 1) == [10, 20]
     assert batches_counted(metrics, queue.spec) == (2, 4)
-    assert queue.sample().ready == 1
+    assert status.sample(queue).ready == 1
 
 
 @in_loop
@@ -326,7 +331,7 @@ async def test_a_worker_whose_send_failed_takes_nothing_until_reported_lost() ->
     answers = [queue.submit([n], within()) for n in range(3)]
     assert len(sink.refused) == 1  # one try; the later requests are not offered to it
     assert queue.queue_depth == 3
-    assert queue.describe("1")["workers"][0]["batches_in_flight"] == 0
+    assert described(queue)["workers"][0]["batches_in_flight"] == 0
     assert batches_counted(metrics, queue.spec) == (0, 0)
     queue.remove_worker(unreachable, "cannot deliver to it")
     assert not any(answer.done() for answer in answers)  # a served model: they wait
@@ -352,7 +357,7 @@ async def test_inputs_the_sink_cannot_encode_get_400() -> None:
         "version": "1",
     }
     assert batches_counted(metrics, queue.spec) == (0, 0)
-    assert queue.describe("1")["active_requests"] == 0
+    assert described(queue)["active_requests"] == 0
 
 
 @pytest.mark.parametrize(
@@ -407,9 +412,9 @@ async def test_a_request_to_a_pool_at_zero_starts_a_cold_start_and_waits_for_it(
     queue.managed_by(pool)
     answer = queue.submit([1], within())
     assert pool.told == [1]  # told at once that a request found no worker
-    assert (queue.cold_starts, queue.sample().cold_starts) == (1, 1)
+    assert (queue.cold_starts, status.sample(queue).cold_starts) == (1, 1)
     queue.process_started(4242)
-    assert queue.describe("1")["state"] == "starting"
+    assert described(queue)["state"] == "starting"
     queue.submit([2], within())
     assert queue.cold_starts == 1  # one already starting: not another cold start
     worker = make_worker(queue.spec, pid=4242)
@@ -420,7 +425,7 @@ async def test_a_request_to_a_pool_at_zero_starts_a_cold_start_and_waits_for_it(
     labels = {"model": "m", "version": "1"}
     cold = metrics.registry.get_sample_value("ketch_cold_start_duration_seconds_count", labels)
     assert cold == 1
-    assert queue.describe("1")["state"] == "ready"
+    assert described(queue)["state"] == "ready"
 
 
 @pytest.mark.parametrize(
@@ -492,8 +497,8 @@ async def test_an_unhealthy_model_answers_what_waits_and_what_comes_503() -> Non
         error = await refusal(answer)
         assert error.status == 503
         assert "is unhealthy and no longer served: 3 workers in a row exited early" in str(error)
-    assert queue.sample().healthy is False
-    assert queue.describe("1")["state"] == "unhealthy"
+    assert status.sample(queue).healthy is False
+    assert described(queue)["state"] == "unhealthy"
 
 
 @in_loop
