@@ -3,6 +3,7 @@ runtime artifacts, replica bounds, rolling versions under load, applications cha
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -134,7 +135,8 @@ def test_a_model_added_from_an_artifact_serves_and_goes_away_when_removed(
     assert removed.json()["removed"] == ["echo:2"]
     assert removed.json()["default"] == "1"
     server.wait_for(r"model echo:2 removed")
-    psutil.Process(pid).wait(timeout=30)  # its worker is gone
+    with contextlib.suppress(psutil.NoSuchProcess):  # already gone before we looked
+        psutil.Process(pid).wait(timeout=30)  # its worker is gone
     gone = server.predict("echo", {"input": 5, "version": "2"})
     assert gone.status_code == 404
     assert gone.json()["versions"] == ["1"]
