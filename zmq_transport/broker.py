@@ -84,6 +84,9 @@ class WorkerInfo(Generic[M]):
     last_heard: float = field(default_factory=time.monotonic)
     #: When the broker last sent it a HEARTBEAT.
     last_beat: float = field(default_factory=time.monotonic)
+    #: Who gets this worker's REPLY and ERROR messages (the queue of its model, once the
+    #: dispatcher has placed it); until then, the broker's :class:`BrokerEvents`.
+    receiver: BatchReceiver[Any] | None = None
 
     def describe(self) -> str:
         return f"worker pid {self.pid} on {self.host} ({self.spec.label()})"
@@ -98,18 +101,23 @@ class RemoteError:
     message: str
 
 
-class BrokerEvents(Protocol[M]):
-    """What the broker reports; implemented by the gateway's dispatcher."""
-
-    def worker_ready(self, worker: WorkerInfo[M]) -> None: ...
-
-    def worker_lost(self, worker: WorkerInfo[M], reason: str) -> None: ...
+class BatchReceiver(Protocol[M]):
+    """Who is told what became of the batches sent to a worker."""
 
     def batch_replied(
         self, worker: WorkerInfo[M], batch_id: int, outputs: Outputs, compute_s: float | None
     ) -> None: ...
 
     def batch_failed(self, worker: WorkerInfo[M], batch_id: int, error: RemoteError) -> None: ...
+
+
+class BrokerEvents(BatchReceiver[M], Protocol[M]):
+    """What the broker reports; implemented by the gateway's dispatcher, which may hand a
+    worker's replies straight to a receiver of its own (:attr:`WorkerInfo.receiver`)."""
+
+    def worker_ready(self, worker: WorkerInfo[M]) -> None: ...
+
+    def worker_lost(self, worker: WorkerInfo[M], reason: str) -> None: ...
 
 
 class Broker(Generic[M]):
@@ -286,9 +294,10 @@ class Broker(Generic[M]):
             return
         worker.last_heard = time.monotonic()
         header = message.header
+        receiver = worker.receiver or self._events
         if message.command is Command.REPLY:
             compute_s = header.get("compute_s")
-            self._events.batch_replied(
+            receiver.batch_replied(
                 worker,
                 header["id"],
                 header["outputs"],
@@ -296,7 +305,7 @@ class Broker(Generic[M]):
             )
         elif message.command is Command.ERROR:
             error = RemoteError(ErrorKind(header["kind"]), header["type"], header["message"])
-            self._events.batch_failed(worker, header["id"], error)
+            receiver.batch_failed(worker, header["id"], error)
         elif message.command is Command.DISCONNECT:
             self._workers.pop(identity, None)
             self._events.worker_lost(worker, "the worker disconnected")

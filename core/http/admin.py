@@ -29,8 +29,7 @@ from starlette.routing import Route
 from ketch.applications.runner import Applications
 from ketch.errors import AppError
 from ketch.http.admin_shapes import AddApp, AddModel, AppChange, Link, PoolChange, Roll, given
-from ketch.http.endpoints import Endpoints
-from ketch.http.json_io import decode_body, json_response
+from ketch.http.endpoints import Endpoints, decode_body, json_response
 from ketch.observability import events
 from ketch.plugin_manager import Plugins
 from ketch.pools.scaling import PoolManager

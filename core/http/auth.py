@@ -17,10 +17,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from starlette.responses import Response
 from starlette.types import Scope
-
-from ketch.http.json_io import json_response
 
 ADMIN_PREFIX = "/admin"
 #: Routes that stay open even with a predict token: probes, metrics, the API's description.
@@ -45,21 +42,21 @@ def is_admin_path(path: str) -> bool:
 
 
 class TokenGuard:
-    """Refuses requests without the token their route needs; every route of the gateway asks
-    it first (:mod:`ketch.http.endpoints`)."""
+    """Refuses requests without the token their route needs; every route that may need one
+    asks it first (:mod:`ketch.http.endpoints`, which answers the 401)."""
 
     def __init__(self, tokens: Tokens) -> None:
         self._admin = _encoded(tokens.admin)
         self._predict = _encoded(tokens.predict)
 
-    def refusal(self, scope: Scope) -> Response | None:
-        """The 401 for a request that may not go on, or None when it may."""
-        why = self._why_refused(scope)
-        if why is None:
-            return None
-        return json_response({"error": why}, 401, {"WWW-Authenticate": 'Bearer realm="ketch"'})
+    def guards(self, path: str) -> bool:
+        """Whether requests to ``path`` (a route's template) may need a token at all: the admin
+        routes always, the others only once a predict token is configured."""
+        if is_admin_path(path):
+            return True
+        return self._predict is not None and path not in OPEN_PATHS
 
-    def _why_refused(self, scope: Scope) -> str | None:
+    def refusal(self, scope: Scope) -> str | None:
         """Why the request may not go on, or None when it may."""
         path = scope["path"]
         if is_admin_path(path):

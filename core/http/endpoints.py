@@ -1,5 +1,6 @@
 """How each route of the gateway is served: the token its path needs, its body read before any
-answer, and for model and application routes, request metrics labelled from the route itself.
+answer and decoded into its shape, JSON answers, and for model and application routes, request
+metrics labelled from the route itself.
 
 Reading the body first keeps keep-alive connections usable: an HTTP/1.1 server reads the next
 request on a connection only once this one's body is read, so an answer given from the path or
@@ -16,9 +17,13 @@ names cannot grow the metrics without bound).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import msgspec
+import numpy as np
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,7 +31,7 @@ from starlette.routing import Route
 from starlette.types import Scope
 
 from ketch.http.auth import TokenGuard
-from ketch.http.json_io import json_response
+from ketch.http.body_errors import explain
 from ketch.observability.metrics import Metrics
 from ketch.serving.jobs import PredictionError
 
@@ -69,7 +74,8 @@ class Endpoints:
         self._known_app = known_app
 
     def route(self, path: str, handler: Handler, methods: Sequence[str]) -> Route:
-        return Route(path, self._guarded(handler), methods=list(methods))
+        guarded = self._guard.guards(path)
+        return Route(path, self._served(handler, guarded=guarded), methods=list(methods))
 
     def model_route(self, path: str, handler: ModelHandler, methods: Sequence[str]) -> Route:
         """A route that predicts with one model version: counted and timed under it."""
@@ -115,15 +121,14 @@ class Endpoints:
 
         return self.route(path, handle, methods)
 
-    def _guarded(self, handler: Handler) -> Handler:
+    def _served(self, handler: Handler, *, guarded: bool) -> Handler:
         guard = self._guard
 
         async def endpoint(request: Request) -> Response:
             if has_body(request.scope):
                 await request.body()  # read once; the handler gets it from the request
-            refusal = guard.refusal(request.scope)
-            if refusal is not None:
-                return refusal
+            if guarded and (why := guard.refusal(request.scope)) is not None:
+                return _unauthorized(why)
             return await handler(request)
 
         return endpoint
@@ -133,10 +138,13 @@ class Endpoints:
         others, after the token check the path's route would have made."""
         if exc.status_code in (404, 405) and has_body(request.scope):
             await request.body()  # no route read it
-        refusal = self._guard.refusal(request.scope)
-        if refusal is not None:
-            return refusal
+        if (why := self._guard.refusal(request.scope)) is not None:
+            return _unauthorized(why)
         return json_response({"error": exc.detail}, exc.status_code, exc.headers)
+
+
+def _unauthorized(why: str) -> Response:
+    return json_response({"error": why}, 401, {"WWW-Authenticate": 'Bearer realm="ketch"'})
 
 
 def has_body(scope: Scope) -> bool:
@@ -147,3 +155,68 @@ def has_body(scope: Scope) -> bool:
         if name == b"transfer-encoding":
             return True
     return False
+
+
+# -- JSON bodies and answers ----------------------------------------------------------------
+
+T = TypeVar("T")
+
+TIMEOUT_HEADER = "x-ketch-timeout-ms"
+
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _to_json_value(value: Any) -> Any:
+    """orjson's fallback: answers that are Structs, and numpy values it does not take natively
+    (float16, strided views)."""
+    if isinstance(value, msgspec.Struct):
+        return msgspec.to_builtins(value)
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"cannot serialize {type(value).__qualname__} as JSON")
+
+
+def decode_body(raw: bytes, shape: type[T]) -> T:
+    """A request body as its Struct; a 400 naming the field and the value when it is not."""
+    try:
+        body: T = _decoder(shape).decode(raw)
+    except msgspec.ValidationError as exc:
+        raise PredictionError(400, explain(exc, raw, shape)) from None
+    except msgspec.DecodeError as exc:
+        raise PredictionError(400, f"request body is not valid JSON: {exc}") from None
+    return body
+
+
+def _decoder(shape: type[T]) -> msgspec.json.Decoder[T]:
+    decoder = _DECODERS.get(shape)
+    if decoder is None:
+        decoder = _DECODERS[shape] = msgspec.json.Decoder(shape)
+    return decoder
+
+
+#: One decoder per body shape, built at its first request.
+_DECODERS: dict[Any, Any] = {}
+
+
+def json_response(
+    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    content = orjson.dumps(body, default=_to_json_value, option=_JSON_OPTIONS)
+    return Response(content, status, headers, media_type="application/json")
+
+
+def timeout_ms_of(field: float | None, header: str | None) -> float | None:
+    """The request's own timeout in ms: its body's ``timeout_ms`` (checked by its shape), else
+    the ``X-Ketch-Timeout-Ms`` header."""
+    if field is not None or header is None:
+        return field
+    try:
+        value = float(header)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 1e9:
+        raise PredictionError(
+            400,
+            f"the X-Ketch-Timeout-Ms header must be a number of milliseconds > 0, got {header!r}",
+        )
+    return value

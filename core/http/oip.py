@@ -29,8 +29,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import ketch
-from ketch.http.endpoints import Endpoints, Reached
-from ketch.http.json_io import TIMEOUT_HEADER, decode_body, json_response, timeout_ms_of
+from ketch.http.endpoints import (
+    TIMEOUT_HEADER,
+    Endpoints,
+    Reached,
+    decode_body,
+    json_response,
+    timeout_ms_of,
+)
 from ketch.http.oip_shapes import InferRequest
 from ketch.http.oip_types import (
     V2_TO_NUMPY,

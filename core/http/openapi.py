@@ -136,7 +136,7 @@ def _admin_operations() -> dict[str, dict[str, Any]]:
     }
     pool = {
         "summary": "Change a model version's pool (replica bounds, timings); the pool follows "
-        "at its next tick. Without /versions/{version}: the version requests without one get.",
+        "at once. Without /versions/{version}: the version requests without one get.",
         "requestBody": _body(admin.PoolChange),
         "responses": _answers(
             "The model version with its new pool.", _ref(admin.ModelChanged), 400, 404

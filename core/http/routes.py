@@ -41,8 +41,14 @@ from ketch.applications.runner import Applications
 from ketch.http import openapi
 from ketch.http.admin import Admin
 from ketch.http.auth import TokenGuard, Tokens
-from ketch.http.endpoints import Endpoints, Reached
-from ketch.http.json_io import TIMEOUT_HEADER, decode_body, json_response, timeout_ms_of
+from ketch.http.endpoints import (
+    TIMEOUT_HEADER,
+    Endpoints,
+    Reached,
+    decode_body,
+    json_response,
+    timeout_ms_of,
+)
 from ketch.http.oip import OpenInference
 from ketch.http.shapes import AppRequest, FeedbackRequest, PredictRequest
 from ketch.serving.admission import Deadlines, predict

@@ -1,5 +1,5 @@
 """The bodies of ketch's own routes, as msgspec Structs: what requests send and what answers
-hold. Request bodies are decoded into them (:func:`ketch.http.json_io.decode_body`: a 400 that
+hold. Request bodies are decoded into them (:func:`ketch.http.endpoints.decode_body`: a 400 that
 names the field and the value), and the OpenAPI document is generated from them
 (:mod:`ketch.http.openapi`), so the document cannot drift from the code.
 

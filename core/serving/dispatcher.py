@@ -276,9 +276,9 @@ class Dispatcher:
     ) -> None:
         queue = self._queue_of(worker.spec.key)
         if queue is not None:
-            queue.complete(worker, batch_id, outputs, compute_s)
+            queue.batch_replied(worker, batch_id, outputs, compute_s)
 
     def batch_failed(self, worker: Worker, batch_id: int, error: RemoteError) -> None:
         queue = self._queue_of(worker.spec.key)
         if queue is not None:
-            queue.fail_batch(worker, batch_id, error)
+            queue.batch_failed(worker, batch_id, error)

@@ -441,6 +441,9 @@ class ModelQueue:
             )
 
     def add_worker(self, info: Worker) -> None:
+        """A worker of this version said READY: it gets batches from now on, and the broker
+        hands its replies straight to this queue."""
+        info.receiver = self
         sizer = None
         if self.spec.slo_ms is not None:
             target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
@@ -485,7 +488,7 @@ class ModelQueue:
             self._fail(batch.parts, error)
         worker.batches.clear()
 
-    def complete(
+    def batch_replied(
         self, info: Worker, batch_id: int, outputs: Outputs, compute_s: float | None = None
     ) -> None:
         """A batch came back: deliver its outputs; ``compute_s`` is the model's time on it as
@@ -519,7 +522,7 @@ class ModelQueue:
                 offset += part.size
         self.pump()
 
-    def fail_batch(self, info: Worker, batch_id: int, remote: RemoteError) -> None:
+    def batch_failed(self, info: Worker, batch_id: int, remote: RemoteError) -> None:
         batch = self._finish(info, batch_id)
         if batch is None:
             return

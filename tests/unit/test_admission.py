@@ -37,7 +37,7 @@ class DoublingModel:
         inputs = batch.inputs
         outputs = inputs * 2 if isinstance(inputs, np.ndarray) else [2 * x for x in inputs]
         asyncio.get_running_loop().call_soon(
-            self.queue.complete, self.worker, batch.batch_id, outputs, None
+            self.queue.batch_replied, self.worker, batch.batch_id, outputs, None
         )
 
     async def predict(self, inputs: list[Any]) -> Any:

@@ -73,7 +73,7 @@ async def test_a_lone_request_is_sent_at_once_and_answered() -> None:
     answer = queue.submit([1, 2, 3], within())
     assert sink.sizes() == [3]  # sent before the caller even awaits
     assert described(queue)["in_flight"] == 3
-    queue.complete(worker, sink.sent[0].batch_id, [2, 4, 6])
+    queue.batch_replied(worker, sink.sent[0].batch_id, [2, 4, 6])
     assert await asyncio.wait_for(answer, 1) == [2, 4, 6]
     assert batches_counted(metrics, queue.spec) == (1, 3)
     now = described(queue)
@@ -91,11 +91,11 @@ async def test_requests_waiting_for_a_busy_worker_share_batches_up_to_max_batch_
     assert sink.sizes() == [1]
     assert described(queue)["queue_depth"] == 5
     assert status.sample(queue).queue_depth == 5
-    queue.complete(worker, sink.sent[0].batch_id, ["A"])
+    queue.batch_replied(worker, sink.sent[0].batch_id, ["A"])
     assert sink.sent[1].inputs == ["b", "c", "d", "e"]  # full: "f" waits for the next one
-    queue.complete(worker, sink.sent[1].batch_id, ["B", "C", "D", "E"])
+    queue.batch_replied(worker, sink.sent[1].batch_id, ["B", "C", "D", "E"])
     assert sink.sent[2].inputs == ["f"]
-    queue.complete(worker, sink.sent[2].batch_id, ["F"])
+    queue.batch_replied(worker, sink.sent[2].batch_id, ["F"])
     assert await first == ["A"]
     assert await asyncio.gather(*waiting) == [["B", "C"], ["D", "E"], ["F"]]
     assert described(queue)["batching"]["last_batch_size"] == 1
@@ -109,7 +109,7 @@ async def test_a_request_larger_than_max_batch_size_is_split_and_answered_in_ord
     answer = queue.submit([0, 1, 2, 3, 4], within())
     assert [batch.inputs for batch in sink.sent] == [[0, 1], [2, 3], [4]]
     for batch in reversed(sink.sent):  # the last part comes back first
-        queue.complete(worker, batch.batch_id, [10 * x for x in batch.inputs])
+        queue.batch_replied(worker, batch.batch_id, [10 * x for x in batch.inputs])
     assert await asyncio.wait_for(answer, 1) == [0, 10, 20, 30, 40]
     assert batches_counted(metrics, queue.spec) == (3, 5)
 
@@ -123,13 +123,13 @@ async def test_numpy_requests_are_concatenated_by_shape_and_split_back() -> None
     pairs = queue.submit(np.array([[1, 2], [3, 4]]), within())
     triple = queue.submit(np.array([[5, 6, 7]]), within())
     pair = queue.submit(np.array([[8, 9]]), within())
-    queue.complete(worker, sink.sent[0].batch_id, np.zeros(1))
+    queue.batch_replied(worker, sink.sent[0].batch_id, np.zeros(1))
     batch = sink.sent[1].inputs
     assert isinstance(batch, np.ndarray)
     np.testing.assert_array_equal(batch, [[1, 2], [3, 4], [8, 9]])  # the [5, 6, 7] waits
-    queue.complete(worker, sink.sent[1].batch_id, batch.sum(axis=1))
+    queue.batch_replied(worker, sink.sent[1].batch_id, batch.sum(axis=1))
     np.testing.assert_array_equal(sink.sent[2].inputs, [[5, 6, 7]])
-    queue.complete(worker, sink.sent[2].batch_id, np.array([18]))
+    queue.batch_replied(worker, sink.sent[2].batch_id, np.array([18]))
     await busy
     np.testing.assert_array_equal(await pairs, [3, 7])
     np.testing.assert_array_equal(await pair, [17])
@@ -146,7 +146,7 @@ async def test_max_delay_holds_a_small_batch_for_more_requests() -> None:
     assert sink.sent == []  # the worker is free, yet the batch waits for more inputs
     (batch,) = await sink.wait_for_batches(1)
     assert batch.inputs == [1, 2]
-    queue.complete(worker, batch.batch_id, [10, 20])
+    queue.batch_replied(worker, batch.batch_id, [10, 20])
     assert [await first, await second] == [[10], [20]]
 
 
@@ -184,7 +184,7 @@ async def test_a_full_queue_answers_429_with_a_retry_after_from_its_drain_rate(
     for _ in range(2):  # two batches of 10 answered one second apart: 10 inputs/s
         queue.submit(list(range(10)), within())
         clock.advance(1.0)
-        queue.complete(worker, sink.sent[-1].batch_id, list(range(10)))
+        queue.batch_replied(worker, sink.sent[-1].batch_id, list(range(10)))
     queue.submit(list(range(10)), within())  # computing
     waiting = queue.submit(list(range(9)), within())
     error = await refusal(queue.submit([1, 2], within()))
@@ -230,7 +230,7 @@ async def test_a_request_that_never_reached_a_worker_gets_504_at_its_deadline() 
         "worker was free, so it was never computed"
     )
     assert (queue.expired, status.sample(queue).expired, queue.queue_depth) == (1, 1, 0)
-    queue.complete(worker, sink.sent[0].batch_id, [1])
+    queue.batch_replied(worker, sink.sent[0].batch_id, [1])
     assert sink.sizes() == [1]  # the late request is not computed once it is too late
 
 
@@ -242,7 +242,7 @@ async def test_a_request_whose_batch_is_computing_gets_504_at_its_deadline() -> 
     error = await refusal(queue.submit([1], within(ms=20)))
     assert error.status == 504
     assert "deadline passed while its batch was computing" in error.body["error"]
-    queue.complete(worker, sink.sent[0].batch_id, [1])  # the late reply is ignored
+    queue.batch_replied(worker, sink.sent[0].batch_id, [1])  # the late reply is ignored
     assert described(queue)["expired"] == 1
 
 
@@ -261,8 +261,8 @@ async def test_a_batch_of_a_lost_worker_is_retried_on_another_and_answered() -> 
     retry = sink.sent[1]
     assert (retry.worker, retry.inputs) == (other, [1, 2])
     assert retry.batch_id != sink.sent[0].batch_id
-    queue.complete(lost, sink.sent[0].batch_id, [0, 0])  # a reply from the dead is ignored
-    queue.complete(other, retry.batch_id, [10, 20])
+    queue.batch_replied(lost, sink.sent[0].batch_id, [0, 0])  # a reply from the dead is ignored
+    queue.batch_replied(other, retry.batch_id, [10, 20])
     assert await asyncio.wait_for(answer, 1) == [10, 20]
     assert batches_counted(metrics, queue.spec) == (2, 4)
     assert status.sample(queue).ready == 1
@@ -317,7 +317,7 @@ async def test_a_failed_send_is_not_an_attempt_nor_counted_and_another_worker_an
     replacement = make_worker(queue.spec)
     queue.add_worker(replacement)
     (retry,) = sink.sent_to(replacement)
-    queue.complete(replacement, retry.batch_id, [10])
+    queue.batch_replied(replacement, retry.batch_id, [10])
     assert await asyncio.wait_for(answer, 1) == [10]
     assert batches_counted(metrics, queue.spec) == (2, 2)
 
@@ -339,7 +339,7 @@ async def test_a_worker_whose_send_failed_takes_nothing_until_reported_lost() ->
     queue.add_worker(replacement)
     (batch,) = sink.sent
     assert batch.inputs == [0, 1, 2]  # in their order of arrival
-    queue.complete(replacement, batch.batch_id, [0, 10, 20])
+    queue.batch_replied(replacement, batch.batch_id, [0, 10, 20])
     assert await asyncio.gather(*answers) == [[0], [10], [20]]
 
 
@@ -377,7 +377,7 @@ async def test_a_batch_the_worker_could_not_compute_fails_its_requests(
     queue.add_worker(worker)
     failing = queue.submit([0, 0], within())
     fine = queue.submit([1], within())
-    queue.fail_batch(
+    queue.batch_failed(
         worker, sink.sent[0].batch_id, RemoteError(kind, "ZeroDivisionError", "division by zero")
     )
     error = await refusal(failing)
@@ -386,7 +386,7 @@ async def test_a_batch_the_worker_could_not_compute_fails_its_requests(
         message,
         "ZeroDivisionError",
     )
-    queue.complete(worker, sink.sent[1].batch_id, [1])
+    queue.batch_replied(worker, sink.sent[1].batch_id, [1])
     assert await fine == [1]
 
 
@@ -396,7 +396,7 @@ async def test_a_reply_with_the_wrong_number_of_outputs_is_a_500() -> None:
     worker = make_worker(queue.spec)
     queue.add_worker(worker)
     answer = queue.submit([1, 2], within())
-    queue.complete(worker, sink.sent[0].batch_id, [1])
+    queue.batch_replied(worker, sink.sent[0].batch_id, [1])
     error = await refusal(answer)
     assert error.status == 500
     assert error.body["error"] == f"{worker.describe()} returned 1 outputs for a batch of 2"
@@ -420,7 +420,7 @@ async def test_a_request_to_a_pool_at_zero_starts_a_cold_start_and_waits_for_it(
     worker = make_worker(queue.spec, pid=4242)
     queue.process_ready(4242)
     queue.add_worker(worker)
-    queue.complete(worker, sink.sent[0].batch_id, [10, 20])
+    queue.batch_replied(worker, sink.sent[0].batch_id, [10, 20])
     assert await answer == [10]
     labels = {"model": "m", "version": "1"}
     cold = metrics.registry.get_sample_value("ketch_cold_start_duration_seconds_count", labels)
@@ -481,7 +481,7 @@ async def test_the_pool_hears_of_load_only_when_its_level_changes() -> None:
     answers = [queue.submit([n], within()) for n in range(3)]
     assert pool.told == [0, 1, 3]  # 1 request needs 1 worker, 3 need 2; 2 changed nothing
     for batch in sink.sent:
-        queue.complete(worker, batch.batch_id, [0])
+        queue.batch_replied(worker, batch.batch_id, [0])
     await asyncio.gather(*answers)
     assert pool.told == [0, 1, 3, 2, 0]
     queue.remove_worker(worker, "scaled down")
