@@ -84,21 +84,16 @@ class Endpoints:
         async def handle(request: Request) -> Response:
             reached = Reached()
             started = time.perf_counter()
-            status = 500  # unless it answers: Starlette then answers 500
-            try:
-                response = await handler(request, reached)
-                status = response.status_code
-                return response
-            except PredictionError as exc:
-                status = exc.status
-                raise
-            finally:
+
+            def done(status: int) -> None:
                 seconds = time.perf_counter() - started
                 if reached.model is not None and reached.version is not None:
                     metrics.request_done(reached.model, reached.version, status, seconds)
                 else:
                     name = request.path_params["name"]
                     metrics.request_done(name if known(name) else "", "", status, seconds)
+
+            return await _answered(handler(request, reached), done)
 
         return self.route(path, handle, methods)
 
@@ -107,17 +102,11 @@ class Endpoints:
         metrics, known = self._metrics, self._known_app
 
         async def handle(request: Request) -> Response:
-            status = 500
-            try:
-                response = await handler(request)
-                status = response.status_code
-                return response
-            except PredictionError as exc:
-                status = exc.status
-                raise
-            finally:
+            def done(status: int) -> None:
                 name = request.path_params["name"]
                 metrics.app_request_done(name if known(name) else "", status)
+
+            return await _answered(handler(request), done)
 
         return self.route(path, handle, methods)
 
@@ -141,6 +130,21 @@ class Endpoints:
         if (why := self._guard.refusal(request.scope)) is not None:
             return _unauthorized(why)
         return json_response({"error": exc.detail}, exc.status_code, exc.headers)
+
+
+async def _answered(answer: Awaitable[Response], done: Callable[[int], None]) -> Response:
+    """The handler's answer, telling ``done`` its status: the error's for a PredictionError
+    (answered by the gateway's exception handler), 500 for anything else it raises."""
+    status = 500
+    try:
+        response = await answer
+        status = response.status_code
+        return response
+    except PredictionError as exc:
+        status = exc.status
+        raise
+    finally:
+        done(status)
 
 
 def _unauthorized(why: str) -> Response:
