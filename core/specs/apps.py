@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 
 from ketch.specs.models import NAME_PATTERN
 
 
-@dataclass(frozen=True, slots=True)
-class AppSpec:
+class AppSpec(msgspec.Struct, frozen=True, kw_only=True):
     """An application as declared.
 
     :param name: URL name (``/apps/{name}/predict``).
@@ -38,24 +37,19 @@ class AppSpec:
     name: str
     models: tuple[str, ...]
     policy: str = "single"
-    params: Mapping[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
     slo_ms: float | None = None
     default_output: Any = None
     has_default_output: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "models": list(self.models),
-            "policy": self.policy,
-            "params": dict(self.params),
-            "slo_ms": self.slo_ms,
-            "default_output": self.default_output,
-            "has_default_output": self.has_default_output,
-        }
+        """The spec as plain JSON data (what the state file and the management API hold)."""
+        data: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(self))
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AppSpec:
+        """Rebuild a spec from its plain form, with the same checks as ``ketch.app``."""
         return validated_app(
             data["name"],
             data["models"],
@@ -142,13 +136,13 @@ def validated_app(
     if has_default_output:
         _require_json(name, "default_output", default_output)
     return AppSpec(
-        name,
-        tuple(models),
-        policy,
-        dict(params),
-        float(slo_ms) if slo_ms is not None else None,
-        default_output,
-        has_default_output,
+        name=name,
+        models=tuple(models),
+        policy=policy,
+        params=dict(params),
+        slo_ms=float(slo_ms) if slo_ms is not None else None,
+        default_output=default_output,
+        has_default_output=has_default_output,
     )
 
 
