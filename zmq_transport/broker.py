@@ -38,11 +38,15 @@ from ketch.zmq_transport.protocol import (
     EMPTY,
     Command,
     ErrorKind,
+    Failure,
     Message,
     Outputs,
     ProtocolError,
+    Ready,
+    Reply,
     decode,
     encode,
+    read,
     split_envelope,
 )
 
@@ -293,34 +297,34 @@ class Broker(Generic[M]):
                 self._send(identity, Command.DISCONNECT, {"reason": "unknown worker"})
             return
         worker.last_heard = time.monotonic()
-        header = message.header
         receiver = worker.receiver or self._events
-        if message.command is Command.REPLY:
-            compute_s = header.get("compute_s")
-            receiver.batch_replied(
-                worker,
-                header["id"],
-                header["outputs"],
-                float(compute_s) if isinstance(compute_s, int | float) else None,
-            )
-        elif message.command is Command.ERROR:
-            error = RemoteError(ErrorKind(header["kind"]), header["type"], header["message"])
-            receiver.batch_failed(worker, header["id"], error)
-        elif message.command is Command.DISCONNECT:
+        try:
+            if message.command is Command.REPLY:
+                reply = read(message, Reply)
+                receiver.batch_replied(worker, reply.id, reply.outputs, reply.compute_s)
+            elif message.command is Command.ERROR:
+                failure = read(message, Failure)
+                error = RemoteError(failure.kind, failure.type, failure.message)
+                receiver.batch_failed(worker, failure.id, error)
+        except ProtocolError as exc:
+            log.warning("bad message from %s: %s", worker.describe(), exc)
+            self.drop(worker, f"protocol error: {exc}")
+            return
+        if message.command is Command.DISCONNECT:
             self._workers.pop(identity, None)
             self._events.worker_lost(worker, "the worker disconnected")
 
     def _register(self, identity: bytes, message: Message) -> None:
-        header = message.header
         try:
-            spec = self._read_model(header["model"])
+            ready = read(message, Ready)
+            spec = self._read_model(ready.model)
             worker = WorkerInfo(
                 identity,
                 spec,
-                int(header["pid"]),
-                str(header["host"]),
-                int(header["capacity"]),
-                self._worker_heartbeat(header.get("heartbeat_ms")),
+                ready.pid,
+                ready.host,
+                ready.capacity,
+                self._worker_heartbeat(ready.heartbeat_ms),
             )
         except (KeyError, TypeError, ValueError) as exc:
             self._send(identity, Command.DISCONNECT, {"reason": f"invalid READY: {exc}"})
@@ -334,13 +338,11 @@ class Broker(Generic[M]):
         log.info("%s is ready", worker.describe())
         self._events.worker_ready(worker)
 
-    def _worker_heartbeat(self, heartbeat_ms: Any) -> Heartbeat:
+    def _worker_heartbeat(self, heartbeat_ms: float | None) -> Heartbeat:
         """The heartbeat a READY announces (``heartbeat_ms``), with the broker's liveness; the
         broker's own interval for a worker that announces none."""
         if heartbeat_ms is None:
             return self.heartbeat
-        if isinstance(heartbeat_ms, bool) or not isinstance(heartbeat_ms, int | float):
-            raise TypeError(f"heartbeat_ms must be a number, got {heartbeat_ms!r}")
         return Heartbeat(heartbeat_ms / 1000, self.heartbeat.liveness)
 
     async def _heartbeat_loop(self) -> None:

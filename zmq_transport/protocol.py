@@ -18,7 +18,8 @@ Frames
       bytes travel raw as ``buffers[index]``, one frame each, so no array is copied into the
       header and nothing is pickled. Numpy scalars travel as plain numbers.
 
-Commands and their header fields
+Commands and their header fields (each command's header is a Struct below, :data:`HEADERS`;
+:func:`read` checks a received header against it)
     ``READY`` (worker -> broker), once after the model is loaded:
         ``model`` (the model's spec as a map: the transport carries it, the core decodes it),
         ``pid``, ``host``, ``capacity`` (batches the worker accepts at once), ``heartbeat_ms``
@@ -46,11 +47,12 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
+from typing import Annotated, Any, ClassVar, TypeAlias, TypeVar
 
 import msgpack
+import msgspec
 import numpy as np
 
 PROTOCOL = b"KETCH/1"
@@ -108,17 +110,84 @@ class ProtocolError(ValueError):
     """A message that does not follow this protocol."""
 
 
+# -- the header of each command, as msgspec Structs: what :func:`read` checks a header against.
+
+
+class Ready(msgspec.Struct, frozen=True, kw_only=True):
+    model: dict[str, Any]
+    pid: int
+    host: str
+    capacity: Annotated[int, msgspec.Meta(ge=1)]
+    heartbeat_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    #: One entry per input of the batch: a list, or an array whose first axis is the batch.
+    inputs: Any
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    outputs: Any
+    compute_s: float | None = None
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True):
+    """The header of ERROR."""
+
+    id: int
+    kind: ErrorKind
+    type: str
+    message: str
+
+
+class Beat(msgspec.Struct, frozen=True, kw_only=True):
+    """The (empty) header of HEARTBEAT."""
+
+
+class Disconnect(msgspec.Struct, frozen=True, kw_only=True):
+    reason: str = ""
+
+
+#: The header shape of each command.
+HEADERS: dict[Command, type[msgspec.Struct]] = {
+    Command.READY: Ready,
+    Command.REQUEST: Request,
+    Command.REPLY: Reply,
+    Command.ERROR: Failure,
+    Command.HEARTBEAT: Beat,
+    Command.DISCONNECT: Disconnect,
+}
+H = TypeVar("H", bound=msgspec.Struct)
+
+
+def read(message: Message, shape: type[H]) -> H:
+    """The header of ``message`` as its command's Struct; :class:`ProtocolError` naming the
+    field when it does not fit."""
+    if HEADERS[message.command] is not shape:
+        raise ProtocolError(f"a {message.command.name} has no {shape.__name__} header")
+    try:
+        return msgspec.convert(message.header, shape)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"header of {message.command.name}: {exc}") from None
+
+
 @dataclass(slots=True)
 class Message:
     command: Command
     header: dict[str, Any] = field(default_factory=dict)
 
 
-def encode(command: Command, header: dict[str, Any] | None = None) -> list[Frame]:
-    """Frames for one message, without envelope: ``[PROTOCOL, command, header, *buffers]``."""
+def encode(
+    command: Command, header: msgspec.Struct | Mapping[str, Any] | None = None
+) -> list[Frame]:
+    """Frames for one message, without envelope: ``[PROTOCOL, command, header, *buffers]``;
+    the header is the command's Struct (or, for tests of malformed peers, a plain map)."""
     buffers: list[Frame] = []
+    fields = msgspec.structs.asdict(header) if isinstance(header, msgspec.Struct) else header
     packed = msgpack.packb(
-        header or {}, default=functools.partial(_pack_extension, buffers), use_bin_type=True
+        fields or {}, default=functools.partial(_pack_extension, buffers), use_bin_type=True
     )
     return [PROTOCOL, command.value, packed, *buffers]
 

@@ -30,12 +30,18 @@ from ketch.zmq_transport.protocol import (
     BatchError,
     BatchOutputError,
     Command,
+    Disconnect,
     ErrorKind,
+    Failure,
     Frame,
     Predict,
     ProtocolError,
+    Ready,
+    Reply,
+    Request,
     decode,
     encode,
+    read,
 )
 
 log = logging.getLogger("ketch.worker")
@@ -89,11 +95,11 @@ def serve(model: Mapping[str, Any], label: str, predict: Predict, options: Worke
 
 def run_batch(frames: Sequence[bytes], predict: Predict, label: str) -> list[Frame]:
     """Decode one REQUEST, run it, and return the encoded REPLY or ERROR (with envelope)."""
-    message = decode(frames[1:])
-    batch_id = message.header["id"]
+    request = read(decode(frames[1:]), Request)
+    batch_id = request.id
     started = time.perf_counter()
     try:
-        outputs = predict(message.header["inputs"])
+        outputs = predict(request.inputs)
     except BatchError as exc:
         return _error(batch_id, exc.kind, exc)
     except Exception as exc:
@@ -101,25 +107,25 @@ def run_batch(frames: Sequence[bytes], predict: Predict, label: str) -> list[Fra
         return _error(batch_id, ErrorKind.MODEL, exc)
     try:
         compute_s = time.perf_counter() - started
-        reply = {"id": batch_id, "outputs": outputs, "compute_s": compute_s}
+        reply = Reply(id=batch_id, outputs=outputs, compute_s=compute_s)
         return [EMPTY, *encode(Command.REPLY, reply)]
     except (TypeError, ValueError) as exc:
         return _error(batch_id, ErrorKind.BAD_OUTPUT, BatchOutputError(f"model {label!r}: {exc}"))
 
 
 def _error(batch_id: int, kind: ErrorKind, exc: BaseException) -> list[Frame]:
-    header = {"id": batch_id, "kind": kind.value, "type": type(exc).__name__, "message": str(exc)}
-    return [EMPTY, *encode(Command.ERROR, header)]
+    failure = Failure(id=batch_id, kind=kind, type=type(exc).__name__, message=str(exc))
+    return [EMPTY, *encode(Command.ERROR, failure)]
 
 
-def _ready_header(model: Mapping[str, Any], options: WorkerOptions) -> dict[str, Any]:
-    return {
-        "model": dict(model),
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "capacity": options.capacity,
-        "heartbeat_ms": int(options.heartbeat.interval_s * 1000),
-    }
+def _ready_header(model: Mapping[str, Any], options: WorkerOptions) -> Ready:
+    return Ready(
+        model=dict(model),
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        capacity=options.capacity,
+        heartbeat_ms=options.heartbeat.interval_s * 1000,
+    )
 
 
 class _Link:
@@ -129,7 +135,7 @@ class _Link:
         self,
         context: zmq.Context[zmq.Socket[bytes]],
         options: WorkerOptions,
-        ready: dict[str, Any],
+        ready: Ready,
     ) -> None:
         self._context = context
         self._options = options
@@ -231,7 +237,7 @@ class _Link:
             return False
         if frames[2] == Command.DISCONNECT.value:
             try:
-                reason = decode(frames[1:]).header.get("reason", "")
+                reason = read(decode(frames[1:]), Disconnect).reason
             except ProtocolError:
                 reason = ""
             log.info("broker disconnected this worker: %s", reason)
