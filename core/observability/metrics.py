@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -140,6 +141,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StateCollector(self))
+        self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     # -- what is read at scrape time --------------------------------------------------------
 
@@ -163,8 +165,18 @@ class Metrics:
         return ModelMetrics(self, model, version)
 
     def request_done(self, model: str, version: str, status: int, seconds: float) -> None:
-        self.requests.labels(model, version, str(status)).inc()
-        self.request_duration.labels(model, version).observe(seconds)
+        # The labelled children are looked up once per (model, version, status): Prometheus'
+        # own lookup costs a lock and a tuple per call, on every request.
+        key = (model, version, status)
+        bound = self._request_series.get(key)
+        if bound is None:
+            bound = self._request_series[key] = (
+                self.requests.labels(model, version, str(status)),
+                self.request_duration.labels(model, version),
+            )
+        count, duration = bound
+        count.inc()
+        duration.observe(seconds)
 
     def app_request_done(self, app: str, status: int) -> None:
         self.app_requests.labels(app, str(status)).inc()
