@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -189,6 +190,9 @@ async def serve(
         tokens = Tokens(options.admin_token, options.predict_token)
         deadlines = Deadlines(options.request_timeout_s)
         app = Gateway(dispatcher, apps, deadlines, admin, tokens).app()
+        # What was built at start lives as long as the server: out of the collector's
+        # generations, the collections requests cause walk only what requests allocate.
+        gc.freeze()
         await serve_asgi(app, sock, shutdown.wait)
     finally:
         sock.close()  # a no-op once serve_asgi has handed the socket to Hypercorn

@@ -9,6 +9,7 @@ keeps to the modules a worker needs (no gateway, no multiprocess).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -76,6 +77,9 @@ def run_worker(plan: WorkerPlan) -> None:
         # workers stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec, predict = load(plan)
+    # The loaded model lives as long as the worker: out of the collector's generations, the
+    # collections its batches cause walk only what the batches allocate (no long pauses).
+    gc.freeze()
     worker.serve(spec.to_dict(), spec.label(), predict, plan.options())
 
 

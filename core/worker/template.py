@@ -16,6 +16,7 @@ of file instead. The gateway's side is :mod:`ketch.pools.templates`.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import selectors
@@ -48,6 +49,9 @@ def run_template(plan: WorkerPlan, control_fd: int) -> NoReturn:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=control_fd)
     spec, predict = load(plan)
+    # Frozen before any fork: the children's collections never walk (nor touch, and so copy)
+    # the model the template loaded.
+    gc.freeze()
     send_message(control, {"ready": True, "pid": os.getpid()})
     _Zygote(control, spec, predict).serve()
 
