@@ -2,8 +2,9 @@
 
 The broker knows workers, not requests: it registers a worker on READY, keeps heartbeats going
 both ways (at the interval each worker announced), drops a worker that goes silent, says
-DISCONNECT or is reported dead, and hands replies to the :class:`BrokerEvents` it was given (the
-gateway's dispatcher), which owns the queues, the batches and the retries.
+DISCONNECT or is reported dead, and reports comings and goings to the :class:`BrokerEvents` it
+was given (the gateway's dispatcher). Replies go to each worker's :attr:`WorkerInfo.receiver`
+(the queue that placed it), which owns the batches and the retries.
 
 It knows nothing of what a model is: the spec a worker announces in READY is decoded by the
 ``read_model`` function the broker is given, so every :class:`WorkerInfo` carries the core's own
@@ -88,8 +89,8 @@ class WorkerInfo(Generic[M]):
     last_heard: float = field(default_factory=time.monotonic)
     #: When the broker last sent it a HEARTBEAT.
     last_beat: float = field(default_factory=time.monotonic)
-    #: Who gets this worker's REPLY and ERROR messages (the queue of its model, once the
-    #: dispatcher has placed it); until then, the broker's :class:`BrokerEvents`.
+    #: Who gets this worker's REPLY and ERROR messages: the queue of its model, set when the
+    #: dispatcher places the worker. A worker not placed has sent no batch to reply to.
     receiver: BatchReceiver[Any] | None = None
 
     def describe(self) -> str:
@@ -115,9 +116,9 @@ class BatchReceiver(Protocol[M]):
     def batch_failed(self, worker: WorkerInfo[M], batch_id: int, error: RemoteError) -> None: ...
 
 
-class BrokerEvents(BatchReceiver[M], Protocol[M]):
-    """What the broker reports; implemented by the gateway's dispatcher, which may hand a
-    worker's replies straight to a receiver of its own (:attr:`WorkerInfo.receiver`)."""
+class BrokerEvents(Protocol[M]):
+    """What the broker reports; implemented by the gateway's dispatcher, which sets each
+    placed worker's :attr:`WorkerInfo.receiver`."""
 
     def worker_ready(self, worker: WorkerInfo[M]) -> None: ...
 
@@ -297,15 +298,16 @@ class Broker(Generic[M]):
                 self._send(identity, Command.DISCONNECT, {"reason": "unknown worker"})
             return
         worker.last_heard = time.monotonic()
-        receiver = worker.receiver or self._events
         try:
             if message.command is Command.REPLY:
                 reply = read(message, Reply)
-                receiver.batch_replied(worker, reply.id, reply.outputs, reply.compute_s)
+                if worker.receiver is not None:
+                    worker.receiver.batch_replied(worker, reply.id, reply.outputs, reply.compute_s)
             elif message.command is Command.ERROR:
                 failure = read(message, Failure)
                 error = RemoteError(failure.kind, failure.type, failure.message)
-                receiver.batch_failed(worker, failure.id, error)
+                if worker.receiver is not None:
+                    worker.receiver.batch_failed(worker, failure.id, error)
         except ProtocolError as exc:
             log.warning("bad message from %s: %s", worker.describe(), exc)
             self.drop(worker, f"protocol error: {exc}")

@@ -18,6 +18,7 @@ import orjson
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
 _EXPECTED = re.compile(r"^Expected `(?P<types>[^`]+)`(?P<bound>.*?)(?:, got `(?P<got>\w+)`)?$")
 _STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
+_TOP_FIELD = re.compile(r"\.(\w+)")
 _FIELD = re.compile(r"^Object (?P<how>missing required|contains unknown) field `(?P<name>\w+)`$")
 _TYPE_WORDS = {
     "str": "a string",
@@ -43,9 +44,10 @@ def explain(error: msgspec.ValidationError, raw: bytes, shape: type[Any]) -> str
         expected = _EXPECTED.match(what)
         got = expected["got"] if expected and expected["got"] else "value"
         return f"request body must be a JSON object, got a JSON {got}"
-    name = path.lstrip(".")
-    must = _declared_must(shape, _first_field(path)) if _is_field(path) else None
-    return f"'{name}' must be {must or _in_words(what)}, got {_value_at(raw, path)!r}"
+    # What a field of the body itself (``.timeout_ms``, not deeper) must be may be declared.
+    top = _TOP_FIELD.fullmatch(path)
+    must = _declared_must(shape, top[1]) if top else None
+    return f"'{path.lstrip('.')}' must be {must or _in_words(what)}, got {_value_at(raw, path)!r}"
 
 
 def _in_words(what: str) -> str:
@@ -55,15 +57,6 @@ def _in_words(what: str) -> str:
     words = [_TYPE_WORDS.get(t.strip(), t.strip()) for t in expected["types"].split("|")]
     kinds = ", ".join(words[:-1]) + (" or " if len(words) > 1 else "") + words[-1]
     return f"{kinds}{expected['bound']}"
-
-
-def _is_field(path: str) -> bool:
-    """Whether the path names a field of the body itself (``.timeout_ms``), not deeper."""
-    return _STEP.fullmatch(path) is not None and path.startswith(".")
-
-
-def _first_field(path: str) -> str:
-    return path.lstrip(".").split(".")[0].split("[")[0]
 
 
 def _declared_must(shape: type[Any], field: str) -> str | None:

@@ -16,8 +16,6 @@ from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import Worker, WorkerLink
 from ketch.specs.models import ModelSpec
-from ketch.types import Outputs
-from ketch.zmq_transport.broker import RemoteError
 
 if TYPE_CHECKING:
     from ketch.plugin_manager import Plugins
@@ -270,15 +268,3 @@ class Dispatcher:
         if queue is not None:
             queue.remove_worker(worker, reason)
         self._report(events.worker_lost(worker, reason))
-
-    def batch_replied(
-        self, worker: Worker, batch_id: int, outputs: Outputs, compute_s: float | None
-    ) -> None:
-        queue = self._queue_of(worker.spec.key)
-        if queue is not None:
-            queue.batch_replied(worker, batch_id, outputs, compute_s)
-
-    def batch_failed(self, worker: Worker, batch_id: int, error: RemoteError) -> None:
-        queue = self._queue_of(worker.spec.key)
-        if queue is not None:
-            queue.batch_failed(worker, batch_id, error)

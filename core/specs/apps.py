@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from ketch.specs.models import NAME_PATTERN
+from ketch.specs.models import NAME_PATTERN, plain_data
 
 
 class AppSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,8 +44,7 @@ class AppSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain JSON data (what the state file and the management API hold)."""
-        data: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(self))
-        return data
+        return plain_data(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AppSpec:

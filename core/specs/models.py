@@ -105,6 +105,12 @@ class WorkerStart(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"python must name an interpreter, got {self.python!r}")
 
 
+def plain_data(shape: msgspec.Struct) -> dict[str, Any]:
+    """A Struct as plain JSON data: maps, lists (no tuples), strings, numbers, booleans."""
+    data: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(shape))
+    return data
+
+
 _TENSOR_FIELDS = ("inputs", "outputs", "hinted_inputs", "hinted_outputs")
 
 
@@ -176,8 +182,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data (maps, lists, strings, numbers) for JSON or msgpack."""
-        data: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(self))
-        return data
+        return plain_data(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:

@@ -15,15 +15,13 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec
 
-import msgspec
-
 from ketch.observability.metrics import Metrics
 from ketch.serving import status
 from ketch.serving.jobs import Inputs
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import Worker
-from ketch.specs.models import ModelSpec, PoolSpec, WorkerStart, validated_spec
-from ketch.zmq_transport.broker import BrokerEvents, WorkerInfo
+from ketch.specs.models import ModelSpec, PoolSpec, WorkerStart, plain_data, validated_spec
+from ketch.zmq_transport.broker import BatchReceiver, BrokerEvents, WorkerInfo
 from ketch.zmq_transport.liveness import Heartbeat
 
 P = ParamSpec("P")
@@ -192,6 +190,11 @@ def in_loop(
 
 def described(queue: ModelQueue, default_version: str = "1") -> dict[str, Any]:
     """The queue as ``GET /models`` shows it, as plain JSON data."""
-    encoded = msgspec.json.encode(status.describe(queue, default_version))
-    data: dict[str, Any] = msgspec.json.decode(encoded)
-    return data
+    return plain_data(status.describe(queue, default_version))
+
+
+def receiver_of(worker: Worker) -> BatchReceiver[ModelSpec]:
+    """Where the broker hands this worker's REPLY and ERROR: the queue that placed it."""
+    assert worker.receiver is not None, f"{worker.describe()} was never placed in a queue"
+    receiver: BatchReceiver[ModelSpec] = worker.receiver
+    return receiver

@@ -22,7 +22,7 @@ from ketch.serving.jobs import PredictionError
 from ketch.specs.apps import AppSpec
 from ketch.zmq_transport.broker import RemoteError
 from ketch.zmq_transport.protocol import ErrorKind
-from tests.unit.fakes import FakeSink, Sent, in_loop, make_spec, make_worker
+from tests.unit.fakes import FakeSink, Sent, in_loop, make_spec, make_worker, receiver_of
 
 #: What a model computes for one input; None: its worker never answers.
 Answer = Callable[[Any], Any] | None
@@ -70,10 +70,16 @@ class Gateway:
             outputs = [answer(x) for x in batch.inputs]
         except Exception as exc:
             error = RemoteError(ErrorKind.MODEL, type(exc).__name__, str(exc))
-            loop.call_soon(self.dispatcher.batch_failed, batch.worker, batch.batch_id, error)
+            loop.call_soon(
+                receiver_of(batch.worker).batch_failed, batch.worker, batch.batch_id, error
+            )
         else:
             loop.call_soon(
-                self.dispatcher.batch_replied, batch.worker, batch.batch_id, outputs, 0.001
+                receiver_of(batch.worker).batch_replied,
+                batch.worker,
+                batch.batch_id,
+                outputs,
+                0.001,
             )
 
 

@@ -40,6 +40,7 @@ class Recorder:
         return await asyncio.wait_for(self._new.get(), WAIT_S)
 
     def worker_ready(self, worker: Worker) -> None:
+        worker.receiver = self  # as the dispatcher places a worker in its queue
         self._record("ready", worker)
 
     def worker_lost(self, worker: Worker, reason: str) -> None:

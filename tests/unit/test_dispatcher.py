@@ -22,7 +22,15 @@ from ketch.specs.models import ModelSpec
 from ketch.specs.signature import TensorSpec
 from ketch.zmq_transport.broker import RemoteError
 from ketch.zmq_transport.protocol import ErrorKind
-from tests.unit.fakes import FakeSink, batches_counted, described, in_loop, make_spec, make_worker
+from tests.unit.fakes import (
+    FakeSink,
+    batches_counted,
+    described,
+    in_loop,
+    make_spec,
+    make_worker,
+    receiver_of,
+)
 
 
 def within(ms: float | None = None) -> Deadline:
@@ -51,7 +59,7 @@ class Gateway:
     def reply(self, index: int, outputs: list[Any]) -> None:
         """The worker of the ``index``-th batch sent answers it."""
         batch = self.sink.sent[index]
-        self.dispatcher.batch_replied(batch.worker, batch.batch_id, outputs, 0.001)
+        receiver_of(batch.worker).batch_replied(batch.worker, batch.batch_id, outputs, 0.001)
 
     def kinds(self) -> list[str]:
         return [event.kind for event in self.events]
@@ -98,7 +106,7 @@ async def test_an_error_reaches_the_requests_of_its_batch_only() -> None:
     fine = gateway.ask("m", [1])
     failed = gateway.sink.sent[0]
     error = RemoteError(ErrorKind.MODEL, "KeyError", "'x'")
-    gateway.dispatcher.batch_failed(worker, failed.batch_id, error)
+    receiver_of(worker).batch_failed(worker, failed.batch_id, error)
     gateway.reply(1, [2])
     with pytest.raises(PredictionError) as caught:
         await failing

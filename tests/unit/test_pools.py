@@ -26,7 +26,7 @@ from ketch.serving.jobs import Deadline
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import Worker
 from ketch.specs.models import ModelSpec
-from tests.unit.fakes import FakeSink, described, in_loop, make_spec, make_worker
+from tests.unit.fakes import FakeSink, described, in_loop, make_spec, make_worker, receiver_of
 
 
 def within() -> Deadline:
@@ -127,7 +127,9 @@ class Pools:
     def reply_all(self) -> None:
         """Every batch sent so far is answered (with its inputs)."""
         for batch in self.sink.sent:
-            self.dispatcher.batch_replied(batch.worker, batch.batch_id, batch.inputs, None)
+            receiver_of(batch.worker).batch_replied(
+                batch.worker, batch.batch_id, batch.inputs, None
+            )
 
 
 @contextlib.asynccontextmanager
@@ -208,7 +210,9 @@ async def test_under_lighter_load_the_pool_stops_one_idle_worker_per_idle_period
         busy, *idle = (harness.ready(queue, pid) for pid in harness.started())
         assert [batch.worker for batch in harness.sink.sent] == [busy, *idle]
         for batch in harness.sink.sent[1:]:
-            harness.dispatcher.batch_replied(batch.worker, batch.batch_id, batch.inputs, None)
+            receiver_of(batch.worker).batch_replied(
+                batch.worker, batch.batch_id, batch.inputs, None
+            )
         await asyncio.gather(*answers[1:])
         processes = harness.processes
         await processes.wait_until(lambda: len(processes.retired) == 2)
