@@ -76,7 +76,8 @@ class PoolManager:
         self._dispatcher = dispatcher
         self._workers = workers
         self._states: dict[tuple[str, str], ScaleState] = {}
-        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        #: Each pool's pending look-again: when (``time.monotonic()``) and its timer.
+        self._timers: dict[tuple[str, str], tuple[float, asyncio.TimerHandle]] = {}
         self._memory_task: asyncio.Task[None] | None = None
 
     def manage(self, spec: ModelSpec) -> None:
@@ -162,13 +163,23 @@ class PoolManager:
             # Without a back-off to wait out, a template still loading says when it is ready.
             if retry_at is not None:
                 moments.append(retry_at)
+        if not moments:
+            return  # a timer still pending only looks again, and finds nothing to do
+        at = min(moments) + _TIMER_SLACK_S
+        pending = self._timers.get(spec.key)
+        if pending is not None and pending[0] <= at:
+            # It fires no later and looks again then. Kept, since each request that ends a
+            # pool's load moves its idle moment a little later: no timer churn per request.
+            return
         self._cancel_timer(spec.key)
-        if moments:
-            delay_s = max(min(moments) - now, 0.0) + _TIMER_SLACK_S
-            loop = asyncio.get_running_loop()
-            self._timers[spec.key] = loop.call_later(delay_s, self.pool_changed, queue)
+        timer = asyncio.get_running_loop().call_later(max(at - now, 0.0), self._look_again, queue)
+        self._timers[spec.key] = (at, timer)
+
+    def _look_again(self, queue: ModelQueue) -> None:
+        self._timers.pop(queue.spec.key, None)
+        self.pool_changed(queue)
 
     def _cancel_timer(self, key: tuple[str, str]) -> None:
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
+        pending = self._timers.pop(key, None)
+        if pending is not None:
+            pending[1].cancel()
