@@ -1,6 +1,7 @@
-"""The dispatcher: routes requests to model queues and the broker's events to the queue of the
-worker's model, and tracks local worker processes from their start to their READY, so
-``GET /models`` can say ``starting`` and a process exit becomes an immediate drop."""
+"""The dispatcher: routes requests to model queues, places each worker that says READY in the
+queue of its model (which then receives its replies straight from the broker), and tracks
+local worker processes from their start to their READY, so ``GET /models`` can say
+``starting`` and a process exit becomes an immediate drop."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ when all its parts are back.
 Batches go to a :class:`~ketch.serving.sink.BatchSink` (the broker). The queue tells its
 :class:`PoolListener` (the pool manager) whenever what its pool needs may have changed: a
 request found no worker, its load crossed a multiple of ``target_inflight``, or a worker or
-process came or went. :class:`~ketch.serving.dispatcher.Dispatcher` routes the broker's events
-to the right queue.
+process came or went. :class:`~ketch.serving.dispatcher.Dispatcher` places each worker in its
+queue, and the broker hands that worker's replies to the queue itself.
 """
 
 from __future__ import annotations
