@@ -161,7 +161,7 @@ async def serve(
             report(events.app_started(app_spec.name, app_spec.policy, list(app_spec.models)))
         workers = LocalWorkers(
             options.source or "",
-            endpoint,
+            broker.local_endpoint,
             options.heartbeat,
             ProcessEvents(
                 dispatcher.process_started,

@@ -18,6 +18,12 @@ The socket is a plain (blocking-API) ZeroMQ socket read from ``loop.add_reader``
 non-blocking calls: it saves a future per message over ``zmq.asyncio``, which matters on the
 request path. ZeroMQ's file descriptor is edge-triggered, so the socket is drained completely
 on every wake-up and re-checked after every send (a send can consume the edge).
+
+Besides its configured endpoint the socket binds a private ``ipc://`` one,
+:attr:`Broker.local_endpoint`, for the workers this machine starts: a Unix socket in a
+directory only this user can enter. The worker link is the largest cost of a lone request, and
+over ``ipc`` a round trip took ~20 µs less than over loopback TCP (p50 132 µs against 154 µs;
+``ketch serve`` measured at one connection).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import asyncio
 import contextlib
 import errno
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +57,7 @@ from ketch.zmq_transport.protocol import (
     encode,
     read,
     split_envelope,
+    worth_zero_copy,
 )
 
 log = logging.getLogger("ketch.broker")
@@ -135,6 +144,10 @@ class Broker(Generic[M]):
         and the liveness for every worker.
     :param read_model: decodes the model map of a READY into the caller's spec type; raises
         ``ValueError``, ``TypeError`` or ``KeyError`` for one it refuses.
+
+    After :meth:`start`, :attr:`endpoint` is the bound endpoint and :attr:`local_endpoint` the
+    one for workers on this machine (the same one where ZeroMQ has no ``ipc``, or where the
+    configured endpoint is ``ipc`` already).
     """
 
     def __init__(
@@ -145,6 +158,8 @@ class Broker(Generic[M]):
         read_model: Callable[[Mapping[str, Any]], M],
     ) -> None:
         self.endpoint = endpoint
+        self.local_endpoint = endpoint
+        self._local_dir: str | None = None
         self.heartbeat = heartbeat
         self._events = events
         self._read_model = read_model
@@ -174,11 +189,30 @@ class Broker(Generic[M]):
             sock.close()
             raise OSError(f"cannot bind the broker to {self.endpoint}: {exc.strerror}") from exc
         self._socket = sock
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = self.local_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if zmq.has("ipc") and not self.endpoint.startswith("ipc://"):
+            self._bind_local(sock)
         self._loop.add_reader(_fd_of(sock), self._drain)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="ketch-heartbeat")
         self._schedule_drain()
         return self.endpoint
+
+    def _bind_local(self, sock: zmq.Socket[bytes]) -> None:
+        # mkdtemp makes the directory 0700: no other user can reach the socket inside.
+        self._local_dir = tempfile.mkdtemp(prefix="ketch-broker-")
+        try:
+            sock.bind(f"ipc://{self._local_dir}/workers")
+        except zmq.ZMQError as exc:
+            # Workers then join on the configured endpoint, as remote ones do.
+            log.warning("no local ipc endpoint for workers (%s); they use %s", exc, self.endpoint)
+            self._remove_local_dir()
+            return
+        self.local_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _remove_local_dir(self) -> None:
+        if self._local_dir is not None:
+            shutil.rmtree(self._local_dir, ignore_errors=True)
+            self._local_dir = None
 
     async def close(self) -> None:
         """Tell every worker DISCONNECT and close the socket."""
@@ -196,6 +230,7 @@ class Broker(Generic[M]):
         self._loop.remove_reader(_fd_of(sock))
         self._socket = None
         sock.close(linger=_CLOSE_LINGER_MS)
+        self._remove_local_dir()
 
     # -- used by the dispatcher -------------------------------------------------------------
 
@@ -234,7 +269,9 @@ class Broker(Generic[M]):
         if sock is None:
             return False
         try:
-            sock.send_multipart([identity, EMPTY, *frames], flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(
+                [identity, EMPTY, *frames], flags=zmq.NOBLOCK, copy=not worth_zero_copy(frames)
+            )
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
                 raise

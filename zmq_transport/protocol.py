@@ -60,6 +60,8 @@ NDARRAY_EXT = 1
 EMPTY = b""
 
 Frame = bytes | memoryview
+#: Frames from this size on (an array's bytes, as a flat uint8 buffer) travel without a copy.
+ZERO_COPY_MIN_BYTES = 64 * 1024
 
 #: One output per input of a batch: a list, or an array whose first axis is the batch.
 Outputs: TypeAlias = "list[Any] | tuple[Any, ...] | np.ndarray[Any, Any]"
@@ -190,6 +192,14 @@ def encode(
         fields or {}, default=functools.partial(_pack_extension, buffers), use_bin_type=True
     )
     return [PROTOCOL, command.value, packed, *buffers]
+
+
+def worth_zero_copy(frames: Sequence[Frame]) -> bool:
+    """Whether to hand ``frames`` to ZeroMQ without copying: only when one is large. Lending a
+    buffer costs bookkeeping (pyzmq tracks when ZeroMQ is done with it), which for the small
+    frames of a typical batch is dearer than the copy: a 60-byte round trip spent ~40 µs more
+    CPU on each side lent than copied."""
+    return any(len(frame) >= ZERO_COPY_MIN_BYTES for frame in frames)
 
 
 def decode(frames: Sequence[bytes]) -> Message:

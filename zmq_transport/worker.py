@@ -42,6 +42,7 @@ from ketch.zmq_transport.protocol import (
     decode,
     encode,
     read,
+    worth_zero_copy,
 )
 
 log = logging.getLogger("ketch.worker")
@@ -180,7 +181,7 @@ class _Link:
                 self._send_heartbeat()
 
     def send(self, frames: list[Frame]) -> None:
-        self._dealer.send_multipart(frames, copy=False)
+        self._dealer.send_multipart(frames, copy=not worth_zero_copy(frames))
         self._last_sent = time.monotonic()
 
     @contextlib.contextmanager

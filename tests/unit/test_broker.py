@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import stat
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,8 +88,9 @@ class Harness:
         self.events = events
         self._context = context
 
-    def peer(self) -> Peer:
-        return Peer(self._context, self.broker.endpoint)
+    def peer(self, endpoint: str | None = None) -> Peer:
+        """A peer on ``endpoint`` (the broker's configured one by default)."""
+        return Peer(self._context, endpoint or self.broker.endpoint)
 
     async def joined(self, **ready: Any) -> tuple[Peer, Worker]:
         """A peer that said READY, and the worker the broker registered for it."""
@@ -333,3 +336,21 @@ async def test_closing_the_broker_tells_every_worker_it_is_shutting_down() -> No
                 {"reason": "gateway shutting down"},
             )
         assert list(harness.broker.workers()) == []
+
+
+@in_loop
+async def test_local_workers_join_on_a_private_ipc_endpoint_removed_at_close() -> None:
+    async with running(QUIET) as harness:
+        local = harness.broker.local_endpoint
+        assert local.startswith("ipc://") and harness.broker.endpoint.startswith("tcp://")
+        directory = Path(local.removeprefix("ipc://")).parent
+        # Only this user may enter the directory, so only this user's processes may join.
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        peer = harness.peer(local)
+        await peer.ready()
+        kind, worker = await harness.events.next()
+        assert kind == "ready"
+        assert harness.broker.send_batch(worker, 5, [1.0])
+        message = await peer.receive()
+        assert (message.command, message.header["id"]) == (Command.REQUEST, 5)
+    assert not directory.exists()
