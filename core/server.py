@@ -31,6 +31,7 @@ from ketch.specs.deployments import parse_model_argument
 from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import Broker
 from ketch.zmq_transport.liveness import Heartbeat
+from ketch.zmq_transport.security import BrokerKeys
 
 log = logging.getLogger("ketch.server")
 
@@ -61,6 +62,10 @@ class ServeOptions:
     :param admin_token: the bearer token of the management API (``/admin``); None turns it off.
     :param predict_token: the bearer token every other route but the health probes,
         ``/metrics`` and ``/openapi.json`` needs; None leaves them open.
+    :param broker_keys: a folder :func:`~ketch.zmq_transport.security.keygen` wrote: the
+        broker's pair and ``authorized/`` worker keys; None makes a pair at start, so only the
+        workers this server starts can join.
+    :param insecure_broker: turn CURVE off: any peer that reaches the broker is a worker.
     """
 
     source: str | None
@@ -76,6 +81,8 @@ class ServeOptions:
     log_format: events.LogFormat = "text"
     admin_token: str | None = field(default=None, repr=False)
     predict_token: str | None = field(default=None, repr=False)
+    broker_keys: Path | None = None
+    insecure_broker: bool = False
 
     def __post_init__(self) -> None:
         if self.source is None and not self.models:
@@ -85,6 +92,8 @@ class ServeOptions:
         if self.request_timeout_s <= 0:
             raise ValueError(f"request timeout must be > 0 s, got {self.request_timeout_s}")
         Tokens(self.admin_token, self.predict_token)  # refuses an empty or padded token
+        if self.insecure_broker and self.broker_keys is not None:
+            raise ValueError("--broker-keys and --insecure-broker contradict each other")
 
 
 class _Reporter:
@@ -124,7 +133,8 @@ async def serve(
             loop.add_signal_handler(signum, shutdown.set)
     report = _Reporter(out, options.log_format)
     dispatcher = Dispatcher(report)
-    broker = Broker(options.broker, dispatcher, options.heartbeat, ModelSpec.from_dict)
+    keys = None if options.insecure_broker else BrokerKeys.create(options.broker_keys)
+    broker = Broker(options.broker, dispatcher, options.heartbeat, ModelSpec.from_dict, keys)
     # Both ports first: a port in use fails at once, before any import of user code.
     sock = bind_tcp(options.host, options.port)
     workers: LocalWorkers | None = None
@@ -170,6 +180,7 @@ async def serve(
                 dispatcher.template_changed,
             ),
             plugins,
+            broker_keys=keys.local_worker_keys() if keys is not None else None,
         )
         pools = PoolManager(dispatcher, workers)
         for spec in specs:

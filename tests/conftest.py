@@ -187,6 +187,21 @@ class KetchServer(KetchProcess):
         return super().stop()
 
 
+@pytest.fixture(scope="session")
+def broker_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of CURVE keys written by `ketch keygen`, for gateways and the workers started
+    by hand that join them (``--broker-keys``)."""
+    folder = tmp_path_factory.mktemp("keys") / "broker"
+    done = subprocess.run(
+        [sys.executable, "-m", "ketch.cli.main", "keygen", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Servers keep their applications' state in a folder of the test's, never the user's."""

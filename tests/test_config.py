@@ -119,6 +119,7 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "log_level",
         "heartbeat_interval",
         "heartbeat_liveness",
+        "broker_keys",
     }
 
 
@@ -165,16 +166,20 @@ def test_serve_help_documents_every_option_and_the_precedence() -> None:
 
 
 def test_ketch_worker_reads_its_table_of_ketch_toml(
-    tmp_path: Path, write_models: Callable[..., Path], start_server: Callable[..., KetchServer]
+    tmp_path: Path,
+    write_models: Callable[..., Path],
+    start_server: Callable[..., KetchServer],
+    broker_keys: Path,
 ) -> None:
     source = write_models(MODELS)
-    server = start_server(source)
+    server = start_server(source, "--broker-keys", str(broker_keys))
     heartbeat = dict(zip(TEST_HEARTBEAT[::2], TEST_HEARTBEAT[1::2], strict=True))
     (tmp_path / "ketch.toml").write_text(
         "[serve]\nport = 1\n"  # another command's table: read by ketch serve only
         f'[worker]\ntarget = "{source}:double"\nconnect = "{server.broker}"\n'
         f"heartbeat_interval = {heartbeat['--heartbeat-interval']}\n"
         f"heartbeat_liveness = {heartbeat['--heartbeat-liveness']}\n"
+        f'broker_keys = "{broker_keys}"\n'
     )
     worker = KetchProcess(["worker"], cwd=tmp_path)
     try:

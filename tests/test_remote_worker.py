@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import KetchProcess, KetchServer
 
 StartServer = Callable[..., KetchServer]
@@ -31,6 +33,13 @@ ELSEWHERE = """
     def other(xs):
         return xs
 """
+
+
+@pytest.fixture(autouse=True)
+def shared_keys(broker_keys: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every gateway and hand-started worker here uses the keys `ketch keygen` wrote, through
+    the variable both commands read for --broker-keys."""
+    monkeypatch.setenv("KETCH_BROKER_KEYS", str(broker_keys))
 
 
 def test_hand_started_worker_joins_the_pool_of_a_served_model(

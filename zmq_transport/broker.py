@@ -42,6 +42,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 import numpy as np
 import zmq
 
+from ketch.zmq_transport.gatekeeper import Gatekeeper
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (
     EMPTY,
@@ -59,6 +60,7 @@ from ketch.zmq_transport.protocol import (
     split_envelope,
     worth_zero_copy,
 )
+from ketch.zmq_transport.security import BrokerKeys
 
 log = logging.getLogger("ketch.broker")
 
@@ -133,6 +135,10 @@ class BrokerEvents(Protocol[M]):
 
     def worker_lost(self, worker: WorkerInfo[M], reason: str) -> None: ...
 
+    def peer_refused(self, peer: str, reason: str, first: bool) -> None:
+        """A peer failed the CURVE handshake; ``first``: the first time for this peer and
+        reason."""
+
 
 class Broker(Generic[M]):
     """ROUTER socket plus worker registry; see the module docstring.
@@ -144,6 +150,8 @@ class Broker(Generic[M]):
         and the liveness for every worker.
     :param read_model: decodes the model map of a READY into the caller's spec type; raises
         ``ValueError``, ``TypeError`` or ``KeyError`` for one it refuses.
+    :param keys: the broker's CURVE keys and the workers it admits; None admits any peer
+        (``--insecure-broker``).
 
     After :meth:`start`, :attr:`endpoint` is the bound endpoint and :attr:`local_endpoint` the
     one for workers on this machine (the same one where ZeroMQ has no ``ipc``, or where the
@@ -156,6 +164,7 @@ class Broker(Generic[M]):
         events: BrokerEvents[M],
         heartbeat: Heartbeat,
         read_model: Callable[[Mapping[str, Any]], M],
+        keys: BrokerKeys | None,
     ) -> None:
         self.endpoint = endpoint
         self.local_endpoint = endpoint
@@ -163,7 +172,9 @@ class Broker(Generic[M]):
         self.heartbeat = heartbeat
         self._events = events
         self._read_model = read_model
-        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        # A context of its own: ZeroMQ's authentication handler is one per context.
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._gatekeeper = Gatekeeper(self._context, keys) if keys is not None else None
         self._socket: zmq.Socket[bytes] | None = None
         self._workers: dict[bytes, WorkerInfo[M]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,15 +194,24 @@ class Broker(Generic[M]):
         # Raise instead of silently dropping a message to a worker that is gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._gatekeeper is not None:
+            self._gatekeeper.open(sock, self._events.peer_refused)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close()
+            self._close_gate()
             raise OSError(f"cannot bind the broker to {self.endpoint}: {exc.strerror}") from exc
         self._socket = sock
         self.endpoint = self.local_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if zmq.has("ipc") and not self.endpoint.startswith("ipc://"):
             self._bind_local(sock)
+        if self._gatekeeper is None:
+            log.warning(
+                "INSECURE BROKER: any peer that reaches %s joins as a worker, sees the inputs "
+                "of the requests it is sent and answers them (--insecure-broker)",
+                self.endpoint,
+            )
         self._loop.add_reader(_fd_of(sock), self._drain)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="ketch-heartbeat")
         self._schedule_drain()
@@ -231,6 +251,12 @@ class Broker(Generic[M]):
         self._socket = None
         sock.close(linger=_CLOSE_LINGER_MS)
         self._remove_local_dir()
+        self._close_gate()
+
+    def _close_gate(self) -> None:
+        if self._gatekeeper is not None:
+            self._gatekeeper.close()
+        self._context.term()
 
     # -- used by the dispatcher -------------------------------------------------------------
 

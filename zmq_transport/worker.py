@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (
@@ -44,6 +45,7 @@ from ketch.zmq_transport.protocol import (
     read,
     worth_zero_copy,
 )
+from ketch.zmq_transport.security import WorkerKeys
 
 log = logging.getLogger("ketch.worker")
 
@@ -61,12 +63,15 @@ class WorkerOptions:
     :param rejoin: on losing the broker, reconnect and send READY again (workers started by
         hand) instead of exiting (workers that ``ketch serve`` started and will replace).
     :param capacity: batches the broker may send before getting their replies.
+    :param keys: the broker's public key and this worker's CURVE pair; None for a broker
+        started with ``--insecure-broker``.
     """
 
     broker: str
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     rejoin: bool = False
     capacity: int = 1
+    keys: WorkerKeys | None = None
 
 
 def serve(model: Mapping[str, Any], label: str, predict: Predict, options: WorkerOptions) -> None:
@@ -142,6 +147,8 @@ class _Link:
         self._options = options
         self._ready = ready
         self._backoff = 1.0
+        self._refusals = 0
+        self._handshake: zmq.Socket[bytes] | None = None
         self._lock = threading.Lock()
         self._lock.acquire()  # the main thread holds the socket unless it lends it
         self._closed = threading.Event()
@@ -157,8 +164,15 @@ class _Link:
         heartbeat = self._options.heartbeat
         while True:
             now = time.monotonic()
-            wait_s = max(0.0, self._last_sent + heartbeat.interval_s - now)
-            if self._dealer.poll(int(wait_s * 1000) + 1, zmq.POLLIN):
+            wait_ms = int(max(0.0, self._last_sent + heartbeat.interval_s - now) * 1000) + 1
+            if self._handshake is not None:
+                if self._handshake_refused(wait_ms):
+                    if not self._options.rejoin:
+                        return None
+                    self._rejoin(delay_s=self._refusal_backoff())
+                    continue
+                wait_ms = 0  # waited already, for the handshake and the DEALER at once
+            if self._dealer.poll(wait_ms, zmq.POLLIN):
                 self._last_heard = time.monotonic()
                 self._backoff = 1.0
                 frames = self._dealer.recv_multipart()
@@ -181,7 +195,13 @@ class _Link:
                 self._send_heartbeat()
 
     def send(self, frames: list[Frame]) -> None:
-        self._dealer.send_multipart(frames, copy=not worth_zero_copy(frames))
+        try:
+            self._dealer.send_multipart(frames, zmq.NOBLOCK, copy=not worth_zero_copy(frames))
+        except zmq.Again:
+            # No way to the broker right now; it retries the batch elsewhere when this worker
+            # goes silent, so a reply is never worth blocking the worker for.
+            log.warning("dropped a reply: the broker at %s is unreachable", self._options.broker)
+            return
         self._last_sent = time.monotonic()
 
     @contextlib.contextmanager
@@ -201,7 +221,7 @@ class _Link:
             self._dealer.send_multipart([EMPTY, *encode(Command.DISCONNECT, {})], zmq.NOBLOCK)
         self._lock.release()
         self._heartbeats.join()
-        self._dealer.close(linger=0)
+        self._close_dealer()
 
     def _beat_while_lent(self) -> None:
         interval = self._options.heartbeat.interval_s
@@ -214,22 +234,74 @@ class _Link:
                     self._send_heartbeat()
 
     def _send_heartbeat(self) -> None:
-        self._dealer.send_multipart([EMPTY, *encode(Command.HEARTBEAT)])
+        # A heartbeat that cannot be queued is not worth waiting for: silence says the same.
+        with contextlib.suppress(zmq.Again):
+            self._dealer.send_multipart([EMPTY, *encode(Command.HEARTBEAT)], zmq.NOBLOCK)
         self._last_sent = time.monotonic()
 
     def _join(self) -> zmq.Socket[bytes]:
         dealer = self._context.socket(zmq.DEALER)
+        if self._options.keys is not None:
+            self._options.keys.apply(dealer)
+        # Watched until the handshake ends: a broker that refuses this worker's keys closes
+        # the connection for good, which from here would otherwise look like a silent broker.
+        self._handshake = dealer.get_monitor_socket(HANDSHAKE_EVENTS)
         dealer.connect(self._options.broker)
-        dealer.send_multipart([EMPTY, *encode(Command.READY, self._ready)])
+        # Queued at once: a connecting socket holds messages until the handshake is done.
+        dealer.send_multipart([EMPTY, *encode(Command.READY, self._ready)], zmq.NOBLOCK)
         return dealer
 
-    def _rejoin(self) -> None:
+    def _rejoin(self, delay_s: float = 0.0) -> None:
         """Reconnect with a new identity and send READY again; back off while it fails."""
-        self._dealer.close(linger=0)
+        self._close_dealer()
+        if delay_s > 0:
+            # Back-off, not a wait for the broker: nothing can arrive while disconnected.
+            self._closed.wait(delay_s)
         self._dealer = self._join()
         self._last_heard = self._last_sent = time.monotonic()
         timeout_s = self._options.heartbeat.timeout_s
         self._backoff = min(self._backoff * 2, MAX_REJOIN_BACKOFF_S / timeout_s)
+
+    def _close_dealer(self) -> None:
+        self._stop_watching_handshake()
+        self._dealer.close(linger=0)
+
+    def _stop_watching_handshake(self) -> None:
+        if self._handshake is not None:
+            self._dealer.disable_monitor()
+            self._handshake.close(linger=0)
+            self._handshake = None
+
+    def _handshake_refused(self, timeout_ms: int) -> bool:
+        """Wait up to ``timeout_ms`` for the handshake's outcome; True when the broker refused.
+
+        Also returns (False) as soon as the DEALER has something to read."""
+        assert self._handshake is not None
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._handshake, zmq.POLLIN)
+        if self._handshake not in dict(poller.poll(timeout_ms)):
+            return False
+        while self._handshake.poll(0, zmq.POLLIN):
+            event = recv_monitor_message(self._handshake)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._stop_watching_handshake()
+                self._refusals = 0
+                return False
+            log.warning(
+                "the broker at %s refused this worker: %s",
+                self._options.broker,
+                _refusal_reason(event, self._options.keys),
+            )
+            return True
+        return False
+
+    def _refusal_backoff(self) -> float:
+        """Seconds before trying again after a refusal: 1, 2, 4 ... up to the rejoin cap."""
+        self._refusals += 1
+        delay_s = min(2.0 ** (self._refusals - 1), MAX_REJOIN_BACKOFF_S)
+        log.info("trying to join again in %g s", delay_s)
+        return delay_s
 
     def _handle_broker(self, frames: list[bytes]) -> bool:
         """Act on one non-REQUEST broker message; True when the broker has let this worker go."""
@@ -244,6 +316,25 @@ class _Link:
             log.info("broker disconnected this worker: %s", reason)
             return True
         return False
+
+
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+def _refusal_reason(event: int, keys: WorkerKeys | None) -> str:
+    if keys is None:
+        return "it speaks CURVE and this worker has no keys (give it --broker-keys DIR)"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            "this worker's public key is not among its authorized keys (the operator adds "
+            "worker.key to the broker's authorized/ folder)"
+        )
+    return "the CURVE handshake failed: the server key this worker has is not the broker's"
 
 
 def _is_request(frames: list[bytes]) -> bool:

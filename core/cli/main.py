@@ -23,11 +23,19 @@ from ketch.cli.admin import (
 from ketch.cli.arg_types import non_negative_int, port_number, positive_float, positive_int
 from ketch.cli.config import ConfigError, ReplaceDefault, load_defaults
 from ketch.cli.http_client import ServerError
+from ketch.cli.keys import (
+    add_keygen_command,
+    add_serve_key_options,
+    add_worker_key_options,
+    run_keygen,
+    worker_keys,
+)
 from ketch.errors import KetchError
 from ketch.http.server import run_event_loop
 from ketch.observability.events import LOG_FORMATS, JsonLogFormatter
 from ketch.server import DEFAULT_BROKER, ServeOptions, serve
 from ketch.zmq_transport.liveness import DEFAULT_INTERVAL_S, DEFAULT_LIVENESS, Heartbeat
+from ketch.zmq_transport.security import WorkerKeys
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +189,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "probes, /metrics and /openapi.json (default none: they are open); prefer "
         "KETCH_PREDICT_TOKEN",
     )
+    add_serve_key_options(serve_cmd)
     _add_plugin_option(serve_cmd)
     _add_common_options(serve_cmd)
 
@@ -222,7 +231,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         help="the gateway's broker endpoint (default %(default)s)",
     )
     worker_cmd.add_argument("--model-version", default=None, help="which version to serve")
+    add_worker_key_options(worker_cmd)
     _add_common_options(worker_cmd)
+    add_keygen_command(commands)
 
     status_cmd = commands.add_parser(
         "status", help="print the models and applications of a running server"
@@ -291,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     _setup_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     try:
+        if args.command == "keygen":
+            return run_keygen(args.directory)
         if args.command == "status":
             from ketch.cli.status import print_status
 
@@ -324,10 +337,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_format=args.log_format,
                 admin_token=args.admin_token,
                 predict_token=args.predict_token,
+                broker_keys=args.broker_keys,
+                insecure_broker=args.insecure_broker,
             )
             run_event_loop(serve(options))
         else:
-            return _run_worker(args.target, args.model_version, args.connect, heartbeat)
+            keys = worker_keys(args)
+            return _run_worker(args.target, args.model_version, args.connect, heartbeat, keys)
     except ServerError as exc:
         # The server refused: the request was understood and answered, unlike those below.
         print(f"ketch: error: {exc}", file=sys.stderr)
@@ -363,7 +379,9 @@ def _print_policy_params(extra: Sequence[str]) -> int:
     return 0
 
 
-def _run_worker(target: str, version: str | None, broker: str, heartbeat: Heartbeat) -> int:
+def _run_worker(
+    target: str, version: str | None, broker: str, heartbeat: Heartbeat, keys: WorkerKeys | None
+) -> int:
     from ketch.plugin_manager import autoload_wanted
     from ketch.worker.plan import WorkerPlan
     from ketch.worker.run import run_worker
@@ -376,6 +394,7 @@ def _run_worker(target: str, version: str | None, broker: str, heartbeat: Heartb
         heartbeat.liveness,
         managed=False,
         autoload=autoload_wanted(),
+        broker_keys=keys.to_dict() if keys is not None else None,
     )
     print(f"ketch: worker for {target} joining {broker}", file=sys.stderr, flush=True)
     run_worker(plan)

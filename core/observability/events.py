@@ -64,6 +64,16 @@ def broker_listening(endpoint: str) -> Event:
     return Event("broker_listening", f"broker listening on {endpoint}", {"endpoint": endpoint})
 
 
+def worker_refused(peer: str, reason: str) -> Event:
+    """A peer failed the broker's CURVE handshake; said once per peer and reason (each one is
+    counted in ``ketch_broker_refused_total``)."""
+    return Event(
+        "worker_refused",
+        f"refused a worker connection from {peer}: {reason}",
+        {"peer": peer, "reason": reason},
+    )
+
+
 def listening(url: str) -> Event:
     return Event("listening", f"listening on {url}", {"url": url})
 

@@ -140,6 +140,12 @@ class Metrics:
             buckets=COLD_START_BUCKETS,
             registry=self.registry,
         )
+        self.broker_refused = Counter(
+            "ketch_broker_refused",
+            "Connections the broker refused in the CURVE handshake (an unknown key, no CURVE, "
+            "a wrong server key).",
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(self))
         self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 

@@ -155,7 +155,7 @@ def launch(
             output.close()
         return _ForkserverChild(process)
     executable = resolve_python(python)
-    argv = [executable, "-m", "ketch.worker.main", kind, plan.to_json()]
+    argv = [executable, "-m", "ketch.worker.main", kind]
     pass_fds: tuple[int, ...] = ()
     if control is not None:
         argv.append(str(control.fileno()))
@@ -163,7 +163,7 @@ def launch(
     try:
         popen = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=output_fd,
             stderr=output_fd,
             pass_fds=pass_fds,
@@ -171,7 +171,19 @@ def launch(
         )
     except OSError as exc:
         raise LaunchError(f"cannot start {executable}: {exc}") from None
+    _hand_plan(popen, plan)
     return _InterpreterChild(popen)
+
+
+def _hand_plan(popen: subprocess.Popen[bytes], plan: WorkerPlan) -> None:
+    """Write the plan to the child's stdin and close it: a few kilobytes, well under a pipe's
+    buffer, so this does not wait for the child to read."""
+    assert popen.stdin is not None
+    try:
+        popen.stdin.write(plan.to_json().encode())
+        popen.stdin.close()
+    except BrokenPipeError:
+        pass  # it died at once; its exit is reported like any other
 
 
 def resolve_python(python: str) -> str:

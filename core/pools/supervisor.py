@@ -44,6 +44,7 @@ from ketch.specs.models import ModelSpec
 from ketch.specs.resources import over_memory_cap
 from ketch.worker.plan import WorkerPlan
 from ketch.zmq_transport.liveness import Heartbeat
+from ketch.zmq_transport.security import WorkerKeys
 
 log = logging.getLogger("ketch.workers")
 
@@ -161,6 +162,7 @@ class LocalWorkers:
     :param heartbeat: heartbeat settings shared with the broker.
     :param events: receives starts, exits and give-ups.
     :param plugins: the gateway's plugins, which each worker loads too (from its plan).
+    :param broker_keys: the CURVE keys the workers join with; None for an insecure broker.
     """
 
     def __init__(
@@ -171,8 +173,10 @@ class LocalWorkers:
         events: ProcessEvents,
         plugins: Plugins,
         restart_policy: RestartPolicy | None = None,
+        broker_keys: WorkerKeys | None = None,
     ) -> None:
         self._source = source
+        self._broker_keys = broker_keys.to_dict() if broker_keys is not None else None
         self._plugins = plugins
         self._broker = broker
         self._heartbeat = heartbeat
@@ -257,6 +261,7 @@ class LocalWorkers:
             deployment=spec.to_dict() if spec.deployed else None,
             plugins=self._plugins.references,
             autoload=self._plugins.autoload,
+            broker_keys=self._broker_keys,
         )
 
     def _start_template(self, spec: ModelSpec) -> None:

@@ -264,6 +264,11 @@ class Dispatcher:
         queue.add_worker(worker)
         self._report(events.model_ready(worker))
 
+    def peer_refused(self, peer: str, reason: str, first: bool) -> None:
+        self.metrics.broker_refused.inc()
+        if first:
+            self._report(events.worker_refused(peer, reason))
+
     def worker_lost(self, worker: Worker, reason: str) -> None:
         queue = self._queue_of(worker.spec.key)
         if queue is not None:

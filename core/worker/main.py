@@ -35,15 +35,16 @@ def forked_main(kind: str, plan: WorkerPlan, output: Any, control: Any = None) -
 
 
 def main(argv: list[str]) -> None:
-    """``python -m ketch.worker.main worker PLAN_JSON`` or ``... template PLAN_JSON FD``: the
-    entry point of workers and templates started in another interpreter (``python=``)."""
-    if len(argv) < 2 or argv[0] not in ("worker", "template"):
-        raise SystemExit("usage: python -m ketch.worker.main worker|template PLAN_JSON [FD]")
-    plan = WorkerPlan.from_json(argv[1])
+    """``python -m ketch.worker.main worker`` or ``... template FD``, the plan as JSON on
+    stdin: the entry point of workers and templates started in another interpreter
+    (``python=``)."""
+    if not argv or argv[0] not in ("worker", "template"):
+        raise SystemExit("usage: python -m ketch.worker.main worker|template [FD] < PLAN_JSON")
+    plan = WorkerPlan.from_json(sys.stdin.read())
     if argv[0] == "worker":
         run_worker(plan)
         return
-    run_template(plan, int(argv[2]))
+    run_template(plan, int(argv[1]))
 
 
 if __name__ == "__main__":

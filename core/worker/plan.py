@@ -2,18 +2,20 @@
 
 The gateway's supervisor writes one per worker (:mod:`ketch.pools.supervisor`), ``ketch worker``
 writes one for a hand-started worker, and the worker reads it in whatever process it runs:
-forked, or another interpreter that gets it as JSON on its command line.
+forked, or another interpreter that reads it as JSON on its standard input (never on its
+command line, which other users can read: the plan holds the worker's secret key).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ketch.zmq_transport import worker
 from ketch.zmq_transport.liveness import Heartbeat
+from ketch.zmq_transport.security import WorkerKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,9 @@ class WorkerPlan:
         the worker loads too, to find its runtime.
     :param autoload: whether the worker loads the installed plugins (entry points), as the
         gateway did.
+    :param broker_keys: the broker's public key and this worker's CURVE pair
+        (:meth:`WorkerKeys.to_dict`); None for a broker started with ``--insecure-broker``.
+        A secret, so a plan never travels on a command line.
     """
 
     target: str
@@ -47,6 +52,7 @@ class WorkerPlan:
     deployment: dict[str, Any] | None = None
     plugins: tuple[str, ...] = ()
     autoload: bool = True
+    broker_keys: dict[str, str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # From JSON, a list.
@@ -54,7 +60,8 @@ class WorkerPlan:
 
     def options(self) -> worker.WorkerOptions:
         heartbeat = Heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
-        return worker.WorkerOptions(self.broker, heartbeat, rejoin=not self.managed)
+        keys = WorkerKeys.from_dict(self.broker_keys) if self.broker_keys is not None else None
+        return worker.WorkerOptions(self.broker, heartbeat, rejoin=not self.managed, keys=keys)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,7 @@ import contextlib
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -21,6 +21,7 @@ from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import Broker, RemoteError
 from ketch.zmq_transport.liveness import Heartbeat
 from ketch.zmq_transport.protocol import EMPTY, Command, ErrorKind, Message, decode, encode
+from ketch.zmq_transport.security import BrokerKeys, KeyPair, WorkerKeys
 from tests.unit.fakes import in_loop, make_spec
 
 #: How long a test waits for a message or an event before it fails.
@@ -56,13 +57,20 @@ class Recorder:
     def batch_failed(self, worker: Worker, batch_id: int, error: RemoteError) -> None:
         self._record("failed", worker, batch_id, error)
 
+    def peer_refused(self, host: str, reason: str, first: bool) -> None:
+        self._record("refused", host, reason, first)
+
 
 class Peer:
     """A worker's DEALER socket, driven by hand."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str) -> None:
+    def __init__(
+        self, context: zmq.asyncio.Context, endpoint: str, keys: WorkerKeys | None
+    ) -> None:
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self.socket)
         self.socket.connect(endpoint)
 
     async def send(self, command: Command, header: dict[str, Any] | None = None) -> None:
@@ -82,15 +90,25 @@ class Peer:
 
 class Harness:
     def __init__(
-        self, broker: Broker[ModelSpec], events: Recorder, context: zmq.asyncio.Context
+        self,
+        broker: Broker[ModelSpec],
+        keys: BrokerKeys,
+        events: Recorder,
+        context: zmq.asyncio.Context,
     ) -> None:
         self.broker = broker
+        self.keys = keys
         self.events = events
         self._context = context
 
-    def peer(self, endpoint: str | None = None) -> Peer:
-        """A peer on ``endpoint`` (the broker's configured one by default)."""
-        return Peer(self._context, endpoint or self.broker.endpoint)
+    def peer(
+        self, endpoint: str | None = None, keys: WorkerKeys | Literal["trusted"] | None = "trusted"
+    ) -> Peer:
+        """A peer on ``endpoint`` (the broker's configured one by default) with ``keys`` (by
+        default the ones the broker gives the workers it starts)."""
+        if keys == "trusted":
+            keys = self.keys.local_worker_keys()
+        return Peer(self._context, endpoint or self.broker.endpoint, keys)
 
     async def joined(self, **ready: Any) -> tuple[Peer, Worker]:
         """A peer that said READY, and the worker the broker registered for it."""
@@ -104,11 +122,12 @@ class Harness:
 @contextlib.asynccontextmanager
 async def running(heartbeat: Heartbeat) -> AsyncIterator[Harness]:
     events = Recorder()
-    broker = Broker("tcp://127.0.0.1:*", events, heartbeat, ModelSpec.from_dict)
+    keys = BrokerKeys.create()
+    broker = Broker("tcp://127.0.0.1:*", events, heartbeat, ModelSpec.from_dict, keys)
     broker.start()
     context = zmq.asyncio.Context()
     try:
-        yield Harness(broker, events, context)
+        yield Harness(broker, keys, events, context)
     finally:
         await broker.close()
         context.destroy(linger=0)
@@ -354,3 +373,37 @@ async def test_local_workers_join_on_a_private_ipc_endpoint_removed_at_close() -
         message = await peer.receive()
         assert (message.command, message.header["id"]) == (Command.REQUEST, 5)
     assert not directory.exists()
+
+
+@in_loop
+async def test_a_peer_without_curve_is_refused_reported_once_and_never_registered() -> None:
+    async with running(QUIET) as harness:
+        for _ in range(2):
+            rogue = harness.peer(keys=None)
+            await rogue.ready()
+            kind, _, reason, _ = await harness.events.next()
+            assert kind == "refused" and "does not speak CURVE" in reason
+            rogue.socket.close(linger=0)
+        # Both counted; only the first is new (the one logged).
+        refusals = [event for event in harness.events.seen if event[0] == "refused"]
+        assert [event[3] for event in refusals] == [True, False]
+        assert list(harness.broker.workers()) == []
+
+
+@in_loop
+async def test_a_curve_peer_with_a_key_not_authorized_is_refused() -> None:
+    async with running(QUIET) as harness:
+        stranger = WorkerKeys(harness.keys.server.public, KeyPair.generate())
+        rogue = harness.peer(keys=stranger)
+        await rogue.ready()
+        kind, peer, reason, _ = await harness.events.next()
+        assert kind == "refused" and "not among the authorized worker keys" in reason
+        assert peer == f"127.0.0.1 with key {stranger.own.public.decode()}"
+        # A peer that does not know the broker's public key fails its handshake too.
+        impostor = harness.peer(keys=WorkerKeys(KeyPair.generate().public, KeyPair.generate()))
+        await impostor.ready()
+        kind, _, reason, _ = await harness.events.next()
+        assert kind == "refused" and "handshake" in reason
+        # And the trusted key still joins.
+        _, worker = await harness.joined()
+        assert list(harness.broker.workers()) == [worker]
