@@ -12,7 +12,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,13 @@ KILLED_REASON = r"(killed by SIGKILL|cannot deliver to it)"
 class KetchProcess:
     """A `ketch` subprocess in its own process group, with its stdout read line by line."""
 
-    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path | None = None, prefix: Sequence[str] = ()
+    ) -> None:
+        """:param prefix: a command that runs the process, e.g. ``ip netns exec NAME``."""
         self.args = args
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ketch.cli.main", *args],
+            [*prefix, sys.executable, "-m", "ketch.cli.main", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -243,8 +246,10 @@ def start_worker() -> Iterator[Callable[..., KetchProcess]]:
     """Start `ketch worker` processes by hand, as on another machine; all stopped afterwards."""
     started: list[KetchProcess] = []
 
-    def start(target: str, broker: str, *extra: str) -> KetchProcess:
-        process = KetchProcess(["worker", target, "--connect", broker, *TEST_HEARTBEAT, *extra])
+    def start(target: str, broker: str, *extra: str, prefix: Sequence[str] = ()) -> KetchProcess:
+        process = KetchProcess(
+            ["worker", target, "--connect", broker, *TEST_HEARTBEAT, *extra], prefix=prefix
+        )
         started.append(process)
         return process
 

@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import KetchProcess, KetchServer
 
@@ -145,3 +150,101 @@ def test_an_insecure_broker_says_so_and_admits_a_worker_without_keys(
     start_worker(f"{write_models(ROGUE, 'rogue.py')}:triple", server.broker, "--insecure-broker")
     server.wait_for(r"model triple:3 ready")
     assert server.predict("triple", {"input": 3}).json()["output"] == 9
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A network namespace joined to this one by a veth pair: ``host`` is this side's
+    address, ``peer`` the namespace's; ``run`` prefixes a command to run it inside."""
+
+    name: str
+    host: str
+    peer: str
+
+    @property
+    def run(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def network_namespace() -> Iterator[Namespace]:
+    """A namespace with its own network stack, reachable only over a veth pair made here;
+    removed afterwards (removing it removes the pair). Skipped, saying why, where the
+    machine does not let this process make one (not root, no iproute2, no CAP_NET_ADMIN)."""
+    if shutil.which("ip") is None:
+        pytest.skip("network namespaces: the `ip` command (iproute2) is not installed")
+    tag = f"{os.getpid() % 10000}{secrets.token_hex(2)}"
+    name, outside, inside = f"ketch-{tag}", f"kh{tag}", f"kp{tag}"
+    subnet = f"10.{secrets.randbelow(200) + 20}.{secrets.randbelow(250)}"
+    made = _ip("netns", "add", name)
+    if made.returncode != 0:
+        pytest.skip(f"network namespaces cannot be made here: {made.stderr.strip()}")
+    try:
+        for step in (
+            ["link", "add", outside, "type", "veth", "peer", "name", inside],
+            ["link", "set", inside, "netns", name],
+            ["addr", "add", f"{subnet}.1/30", "dev", outside],
+            ["link", "set", outside, "up"],
+            ["-n", name, "addr", "add", f"{subnet}.2/30", "dev", inside],
+            ["-n", name, "link", "set", inside, "up"],
+            ["-n", name, "link", "set", "lo", "up"],
+        ):
+            done = _ip(*step)
+            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
+        yield Namespace(name, f"{subnet}.1", f"{subnet}.2")
+    finally:
+        _ip("link", "del", outside)
+        _ip("netns", "del", name)
+
+
+def test_across_a_veth_pair_only_the_authorized_worker_joins(
+    start_server: StartServer,
+    start_worker: StartWorker,
+    write_models: WriteModels,
+    broker_keys: Path,
+    tmp_path: Path,
+    network_namespace: Namespace,
+) -> None:
+    """Another host, as far as the network goes: the worker's traffic leaves its own stack
+    and reaches the broker on the veth address, never on loopback."""
+    other = tmp_path / "other"
+    assert keygen(other).returncode == 0
+    server = start_server(
+        write_models(SERVED),
+        "--broker",
+        f"tcp://{network_namespace.host}:*",
+        "--broker-keys",
+        str(broker_keys),
+    )
+    assert server.broker.startswith(f"tcp://{network_namespace.host}:")
+    rogue = write_models(ROGUE, "rogue.py")
+    stranger = start_worker(
+        f"{rogue}:triple",
+        server.broker,
+        "--server-key",
+        str(broker_keys / "server.key"),
+        "--key",
+        str(other / "worker.key_secret"),
+        prefix=network_namespace.run,
+    )
+    server.wait_for(
+        rf"refused a worker connection from {re.escape(network_namespace.peer)} with key .*: "
+        "its key is not among the authorized worker keys"
+    )
+    stranger.wait_for_stderr(r"refused this worker")
+    assert server.predict("triple", {"input": 1}).status_code == 404
+
+    trusted = start_worker(
+        f"{rogue}:triple",
+        server.broker,
+        "--broker-keys",
+        str(broker_keys),
+        prefix=network_namespace.run,
+    )
+    server.wait_for(rf"model triple:3 ready: worker pid {trusted.process.pid} ")
+    assert server.predict("triple", {"input": 5}).json()["output"] == 15
+    assert server.predict("double", {"input": 5}).json()["output"] == 10
