@@ -62,6 +62,7 @@ def test_keygen_writes_private_secrets_and_authorizes_its_worker_key(tmp_path: P
     assert [path.name for path in (folder / "authorized").iterdir()] == ["worker.key"]
     for secret in ("server.key_secret", "worker.key_secret"):
         assert stat.S_IMODE((folder / secret).stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     # Keys already there are never overwritten.
     again = keygen(folder)
     assert again.returncode == 2 and "not overwriting keys" in again.stderr

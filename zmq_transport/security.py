@@ -199,18 +199,18 @@ class BrokerKeys:
 def keygen(folder: Path) -> list[Path]:
     """Write a server pair, a worker pair and ``authorized/worker.key`` into ``folder``
     (created if missing); refuses to overwrite keys already there. Secret files are readable
-    by their owner only. Returns the files written."""
-    folder.mkdir(parents=True, exist_ok=True)
+    by their owner only, and so are the folders it creates. Returns the files written."""
     names = [f"{name}{suffix}" for name in (SERVER, WORKER) for suffix in (".key", ".key_secret")]
     present = [name for name in names if (folder / name).exists()]
     if present:
         raise KeyFileError(f"{folder} already has {', '.join(present)}; not overwriting keys")
+    authorized = folder / AUTHORIZED
     with _private_files():
+        folder.mkdir(parents=True, exist_ok=True)
         for name in (SERVER, WORKER):
             zmq.auth.create_certificates(folder, name)
-    authorized = folder / AUTHORIZED
-    authorized.mkdir(exist_ok=True)
-    shutil.copyfile(folder / f"{WORKER}.key", authorized / f"{WORKER}.key")
+        authorized.mkdir(exist_ok=True)
+        shutil.copyfile(folder / f"{WORKER}.key", authorized / f"{WORKER}.key")
     return [*(folder / name for name in names), authorized / f"{WORKER}.key"]
 
 
