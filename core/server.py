@@ -29,7 +29,7 @@ from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.specs.deployments import parse_model_argument
 from ketch.specs.models import ModelSpec
-from ketch.zmq_transport.broker import Broker
+from ketch.zmq_transport.broker import DEFAULT_MAX_MESSAGE_BYTES, Broker
 from ketch.zmq_transport.liveness import Heartbeat
 from ketch.zmq_transport.security import BrokerKeys
 
@@ -66,6 +66,9 @@ class ServeOptions:
         broker's pair and ``authorized/`` worker keys; None makes a pair at start, so only the
         workers this server starts can join.
     :param insecure_broker: turn CURVE off: any peer that reaches the broker is a worker.
+    :param allow_worker_models: let a worker started by hand add a model version this server
+        does not serve (by default its READY is refused).
+    :param broker_max_message_bytes: the largest frame a worker may send the broker.
     """
 
     source: str | None
@@ -83,6 +86,8 @@ class ServeOptions:
     predict_token: str | None = field(default=None, repr=False)
     broker_keys: Path | None = None
     insecure_broker: bool = False
+    allow_worker_models: bool = False
+    broker_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     def __post_init__(self) -> None:
         if self.source is None and not self.models:
@@ -92,6 +97,10 @@ class ServeOptions:
         if self.request_timeout_s <= 0:
             raise ValueError(f"request timeout must be > 0 s, got {self.request_timeout_s}")
         Tokens(self.admin_token, self.predict_token)  # refuses an empty or padded token
+        if self.broker_max_message_bytes < 1:
+            raise ValueError(
+                f"the broker's message limit must be > 0, got {self.broker_max_message_bytes}"
+            )
         if self.insecure_broker and self.broker_keys is not None:
             raise ValueError("--broker-keys and --insecure-broker contradict each other")
 
@@ -132,16 +141,23 @@ async def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, shutdown.set)
     report = _Reporter(out, options.log_format)
-    dispatcher = Dispatcher(report)
+    dispatcher = Dispatcher(report, allow_worker_models=options.allow_worker_models)
     keys = None if options.insecure_broker else BrokerKeys.create(options.broker_keys)
-    broker = Broker(options.broker, dispatcher, options.heartbeat, ModelSpec.from_dict, keys)
+    broker = Broker(
+        options.broker,
+        dispatcher,
+        options.heartbeat,
+        ModelSpec.from_dict,
+        keys,
+        options.broker_max_message_bytes,
+    )
     # Both ports first: a port in use fails at once, before any import of user code.
     sock = bind_tcp(options.host, options.port)
     workers: LocalWorkers | None = None
     pools: PoolManager | None = None
     apps: Applications | None = None
     try:
-        endpoint = broker.start()
+        endpoint = broker.bind()
         plugins = load_plugins(options.plugins)
         dispatcher.attach(broker, plugins)
         report.observers = plugins
@@ -159,6 +175,9 @@ async def serve(
             if dispatcher.has_model(spec.key):
                 raise TargetLoadError(f"model {spec.label()!r} is declared twice")
             dispatcher.add_model(spec)
+        # Only now: a worker that joins knows which model it serves (and one that rejoins
+        # after a restart cannot claim a name the served file declares).
+        broker.start()
         store = StateStore(options.state_dir or default_state_dir())
         apps = build_applications(
             served.apps, plugins, dispatcher, store, Deadlines(options.request_timeout_s)

@@ -120,6 +120,7 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "heartbeat_interval",
         "heartbeat_liveness",
         "broker_keys",
+        "broker_max_message_mb",
     }
 
 

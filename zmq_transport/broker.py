@@ -46,6 +46,7 @@ from ketch.zmq_transport.gatekeeper import Gatekeeper
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (
     EMPTY,
+    MAX_READY_BYTES,
     Command,
     ErrorKind,
     Failure,
@@ -64,6 +65,9 @@ from ketch.zmq_transport.security import BrokerKeys
 
 log = logging.getLogger("ketch.broker")
 
+#: The largest frame a worker may send, unless the broker is told otherwise: large enough for
+#: a batch of big outputs, small enough that a peer cannot fill the gateway's memory at once.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 #: Messages handled per wake-up before yielding to the event loop (fairness under load).
 _DRAIN_LIMIT = 512
 #: How long DISCONNECT messages may take to leave when the broker closes.
@@ -131,6 +135,13 @@ class BrokerEvents(Protocol[M]):
     """What the broker reports; implemented by the gateway's dispatcher, which sets each
     placed worker's :attr:`WorkerInfo.receiver`."""
 
+    def admit(self, worker: WorkerInfo[M]) -> str | None:
+        """Whether a worker that said READY may join: None to admit it, else why not (it is
+        then told DISCONNECT, refused, and never registered)."""
+
+    def ready_invalid(self, reason: str) -> None:
+        """A READY that does not decode (or is too large) was refused."""
+
     def worker_ready(self, worker: WorkerInfo[M]) -> None: ...
 
     def worker_lost(self, worker: WorkerInfo[M], reason: str) -> None: ...
@@ -152,10 +163,14 @@ class Broker(Generic[M]):
         ``ValueError``, ``TypeError`` or ``KeyError`` for one it refuses.
     :param keys: the broker's CURVE keys and the workers it admits; None admits any peer
         (``--insecure-broker``).
+    :param max_message_bytes: the largest frame a worker may send (``ZMQ_MAXMSGSIZE``): a
+        peer that sends a larger one is disconnected before the frame is read into memory.
 
-    After :meth:`start`, :attr:`endpoint` is the bound endpoint and :attr:`local_endpoint` the
-    one for workers on this machine (the same one where ZeroMQ has no ``ipc``, or where the
-    configured endpoint is ``ipc`` already).
+    :meth:`bind` takes the endpoints (so a port in use fails before anything else starts);
+    :meth:`start` begins reading, once the caller knows what it serves: nothing a worker sends
+    is read before. After :meth:`bind`, :attr:`endpoint` is the bound endpoint and
+    :attr:`local_endpoint` the one for workers on this machine (the same one where ZeroMQ has
+    no ``ipc``, or where the configured endpoint is ``ipc`` already).
     """
 
     def __init__(
@@ -165,6 +180,7 @@ class Broker(Generic[M]):
         heartbeat: Heartbeat,
         read_model: Callable[[Mapping[str, Any]], M],
         keys: BrokerKeys | None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.endpoint = endpoint
         self.local_endpoint = endpoint
@@ -172,6 +188,7 @@ class Broker(Generic[M]):
         self.heartbeat = heartbeat
         self._events = events
         self._read_model = read_model
+        self._max_message_bytes = max_message_bytes
         # A context of its own: ZeroMQ's authentication handler is one per context.
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._gatekeeper = Gatekeeper(self._context, keys) if keys is not None else None
@@ -187,13 +204,17 @@ class Broker(Generic[M]):
 
     # -- life cycle -------------------------------------------------------------------------
 
-    def start(self) -> str:
-        """Bind, start reading and heartbeating on the running loop; return the endpoint."""
+    def bind(self) -> str:
+        """Bind the endpoints on the running loop's behalf; return the configured one, bound.
+
+        Workers may connect and pass the handshake from now on, but what they send waits
+        in ZeroMQ until :meth:`start`."""
         self._loop = asyncio.get_running_loop()
         sock = self._context.socket(zmq.ROUTER)
         # Raise instead of silently dropping a message to a worker that is gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
         if self._gatekeeper is not None:
             self._gatekeeper.open(sock, self._events.peer_refused)
         try:
@@ -212,10 +233,14 @@ class Broker(Generic[M]):
                 "of the requests it is sent and answers them (--insecure-broker)",
                 self.endpoint,
             )
-        self._loop.add_reader(_fd_of(sock), self._drain)
+        return self.endpoint
+
+    def start(self) -> None:
+        """Start reading and heartbeating: READYs are admitted from now on."""
+        assert self._loop is not None and self._socket is not None, "bind() first"
+        self._loop.add_reader(_fd_of(self._socket), self._drain)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="ketch-heartbeat")
         self._schedule_drain()
-        return self.endpoint
 
     def _bind_local(self, sock: zmq.Socket[bytes]) -> None:
         # mkdtemp makes the directory 0700: no other user can reach the socket inside.
@@ -247,7 +272,7 @@ class Broker(Generic[M]):
             self._send(worker.identity, Command.DISCONNECT, {"reason": "gateway shutting down"})
         self._workers.clear()
         assert self._loop is not None
-        self._loop.remove_reader(_fd_of(sock))
+        self._loop.remove_reader(_fd_of(sock))  # a no-op if start() never ran
         self._socket = None
         sock.close(linger=_CLOSE_LINGER_MS)
         self._remove_local_dir()
@@ -342,6 +367,14 @@ class Broker(Generic[M]):
             log.warning("ignoring a malformed message: %s", exc)
             return
         worker = self._workers.get(identity)
+        if len(body) > 1 and body[1] == Command.READY.value:
+            size = sum(len(frame) for frame in body)
+            if size > MAX_READY_BYTES:
+                # Refused unread: decoding is what a huge READY would make expensive.
+                reason = f"invalid READY: {size} bytes, more than the {MAX_READY_BYTES} allowed"
+                self._refuse(identity, reason, None)
+                self._events.ready_invalid(reason)
+                return
         try:
             message = decode(body)
         except ProtocolError as exc:
@@ -392,7 +425,12 @@ class Broker(Generic[M]):
                 self._worker_heartbeat(ready.heartbeat_ms),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            self._send(identity, Command.DISCONNECT, {"reason": f"invalid READY: {exc}"})
+            self._refuse(identity, f"invalid READY: {exc}", None)
+            self._events.ready_invalid(f"invalid READY: {exc}")
+            return
+        refusal = self._events.admit(worker)
+        if refusal is not None:
+            self._refuse(identity, refusal, worker)
             return
         old = self._workers.pop(identity, None)
         if old is not None:
@@ -402,6 +440,15 @@ class Broker(Generic[M]):
             self._faster_worker.set()
         log.info("%s is ready", worker.describe())
         self._events.worker_ready(worker)
+
+    def _refuse(self, identity: bytes, reason: str, worker: WorkerInfo[M] | None) -> None:
+        self._send(identity, Command.DISCONNECT, {"reason": reason, "refused": True})
+        log.info("refused %s: %s", worker.describe() if worker else "a READY", reason)
+        # A worker that was registered under this identity and now says something refused
+        # is gone as far as the gateway knows.
+        old = self._workers.pop(identity, None)
+        if old is not None:
+            self._events.worker_lost(old, f"its READY was refused: {reason}")
 
     def _worker_heartbeat(self, heartbeat_ms: float | None) -> Heartbeat:
         """The heartbeat a READY announces (``heartbeat_ms``), with the broker's liveness; the

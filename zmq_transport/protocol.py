@@ -22,8 +22,9 @@ Commands and their header fields (each command's header is a Struct below, :data
 :func:`read` checks a received header against it)
     ``READY`` (worker -> broker), once after the model is loaded:
         ``model`` (the model's spec as a map: the transport carries it, the core decodes it),
-        ``pid``, ``host``, ``capacity`` (batches the worker accepts at once), ``heartbeat_ms``
-        (the worker's heartbeat interval, which the broker keeps to with this worker).
+        ``pid``, ``host``, ``capacity`` (batches the worker accepts at once, at most
+        :data:`MAX_CAPACITY`), ``heartbeat_ms`` (the worker's heartbeat interval, which the
+        broker keeps to with this worker). At most :data:`MAX_READY_BYTES` in all.
     ``REQUEST`` (broker -> worker): ``id`` (batch id, unique per broker), ``inputs`` (list, one
         entry per input in the batch).
     ``REPLY`` (worker -> broker): ``id``, ``outputs`` (list or array, one entry per input),
@@ -33,9 +34,10 @@ Commands and their header fields (each command's header is a Struct below, :data
     ``HEARTBEAT`` (both ways): empty map. Each side sends one every ``heartbeat_ms``; any
         message counts as a sign of life. A peer silent for ``liveness`` intervals is dead (see
         :mod:`ketch.zmq_transport.liveness`).
-    ``DISCONNECT`` (both ways): ``reason``. From the broker: stop sending to this broker (a
-        worker started by ``ketch serve`` exits; one started by hand reconnects with backoff and
-        sends READY again). From a worker: it is leaving; the broker retries its batches elsewhere.
+    ``DISCONNECT`` (both ways): ``reason``, ``refused``. From the broker: stop sending to this
+        broker (a worker started by ``ketch serve`` exits; one started by hand reconnects with
+        backoff and sends READY again); ``refused`` when its READY was not admitted. From a
+        worker: it is leaving; the broker retries its batches elsewhere.
 
 Flow control
     The broker sends a worker at most ``capacity`` REQUESTs before their REPLY or ERROR. A
@@ -115,12 +117,24 @@ class ProtocolError(ValueError):
 # -- the header of each command, as msgspec Structs: what :func:`read` checks a header against.
 
 
+#: Most batches a worker may ask to hold at once.
+MAX_CAPACITY = 1024
+#: Bounds of the heartbeat interval a worker may announce: faster would flood the broker,
+#: slower would let a dead worker hold batches for minutes.
+MIN_HEARTBEAT_MS = 10.0
+MAX_HEARTBEAT_MS = 60_000.0
+#: Most bytes of one READY (the model's spec with its tensors and what its runtime says).
+MAX_READY_BYTES = 1024 * 1024
+
+
 class Ready(msgspec.Struct, frozen=True, kw_only=True):
     model: dict[str, Any]
-    pid: int
-    host: str
-    capacity: Annotated[int, msgspec.Meta(ge=1)]
-    heartbeat_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    pid: Annotated[int, msgspec.Meta(ge=0, le=2**31)]
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=MAX_CAPACITY)]
+    heartbeat_ms: (
+        Annotated[float, msgspec.Meta(ge=MIN_HEARTBEAT_MS, le=MAX_HEARTBEAT_MS)] | None
+    ) = None
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
@@ -150,6 +164,9 @@ class Beat(msgspec.Struct, frozen=True, kw_only=True):
 
 class Disconnect(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
+    #: From the broker: the worker's READY was refused (a model this gateway does not serve,
+    #: tensors other than the declared ones): joining again as it is would be refused again.
+    refused: bool = False
 
 
 #: The header shape of each command.

@@ -12,6 +12,7 @@ Models run in the main thread because frameworks expect it and signals land ther
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import socket
@@ -174,11 +175,18 @@ class _Link:
                 wait_ms = 0  # waited already, for the handshake and the DEALER at once
             if self._dealer.poll(wait_ms, zmq.POLLIN):
                 self._last_heard = time.monotonic()
-                self._backoff = 1.0
                 frames = self._dealer.recv_multipart()
                 if _is_request(frames):
+                    self._heard_as_admitted()
                     return frames
-                if not self._handle_broker(frames):
+                verdict = self._handle_broker(frames)
+                if verdict is _Verdict.STAY:
+                    self._heard_as_admitted()
+                    continue
+                if verdict is _Verdict.REFUSED:
+                    if not self._options.rejoin:
+                        return None
+                    self._rejoin(delay_s=self._refusal_backoff())
                     continue
                 lost = True
             else:
@@ -193,6 +201,11 @@ class _Link:
                 self._rejoin()
             elif time.monotonic() - self._last_sent >= heartbeat.interval_s:
                 self._send_heartbeat()
+
+    def _heard_as_admitted(self) -> None:
+        # Admitted and heard from: the next loss or refusal starts its back-off afresh.
+        self._backoff = 1.0
+        self._refusals = 0
 
     def send(self, frames: list[Frame]) -> None:
         try:
@@ -286,7 +299,6 @@ class _Link:
             event = recv_monitor_message(self._handshake)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._stop_watching_handshake()
-                self._refusals = 0
                 return False
             log.warning(
                 "the broker at %s refused this worker: %s",
@@ -303,19 +315,36 @@ class _Link:
         log.info("trying to join again in %g s", delay_s)
         return delay_s
 
-    def _handle_broker(self, frames: list[bytes]) -> bool:
-        """Act on one non-REQUEST broker message; True when the broker has let this worker go."""
+    def _handle_broker(self, frames: list[bytes]) -> _Verdict:
+        """Act on one non-REQUEST broker message: whether the broker let this worker go."""
         if len(frames) < 3 or frames[0] != EMPTY or frames[1] != PROTOCOL:
             log.warning("ignoring a malformed message from the broker")
-            return False
-        if frames[2] == Command.DISCONNECT.value:
-            try:
-                reason = read(decode(frames[1:]), Disconnect).reason
-            except ProtocolError:
-                reason = ""
-            log.info("broker disconnected this worker: %s", reason)
-            return True
-        return False
+            return _Verdict.STAY
+        if frames[2] != Command.DISCONNECT.value:
+            return _Verdict.STAY
+        try:
+            disconnect = read(decode(frames[1:]), Disconnect)
+        except ProtocolError:
+            disconnect = Disconnect()
+        if disconnect.refused:
+            log.warning(
+                "the gateway at %s refused this worker: %s",
+                self._options.broker,
+                disconnect.reason,
+            )
+            return _Verdict.REFUSED
+        log.info("broker disconnected this worker: %s", disconnect.reason)
+        return _Verdict.LEFT
+
+
+class _Verdict(enum.Enum):
+    """What a message from the broker means for this worker's link."""
+
+    STAY = "stay"
+    #: Disconnected: a started worker exits, one started by hand joins again.
+    LEFT = "left"
+    #: Its READY was refused: joining again at once would be refused again.
+    REFUSED = "refused"
 
 
 HANDSHAKE_EVENTS = (

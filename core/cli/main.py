@@ -34,6 +34,7 @@ from ketch.errors import KetchError
 from ketch.http.server import run_event_loop
 from ketch.observability.events import LOG_FORMATS, JsonLogFormatter
 from ketch.server import DEFAULT_BROKER, ServeOptions, serve
+from ketch.zmq_transport.broker import DEFAULT_MAX_MESSAGE_BYTES
 from ketch.zmq_transport.liveness import DEFAULT_INTERVAL_S, DEFAULT_LIVENESS, Heartbeat
 from ketch.zmq_transport.security import WorkerKeys
 
@@ -141,6 +142,21 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         metavar="ENDPOINT",
         help="ZeroMQ endpoint workers connect to; tcp://0.0.0.0:7070 admits remote workers "
         "(default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--allow-worker-models",
+        action="store_true",
+        default=False,
+        help="let a worker started by hand add a model version this server does not serve, "
+        "for as long as such workers stay (default: off, such a worker is refused)",
+    )
+    serve_cmd.add_argument(
+        "--broker-max-message-mb",
+        type=positive_int,
+        default=DEFAULT_MAX_MESSAGE_BYTES // 2**20,
+        metavar="MIB",
+        help="the largest frame a worker may send the broker, in MiB; a larger one "
+        "disconnects it (default %(default)s)",
     )
     serve_cmd.add_argument(
         "--workers-per-model",
@@ -339,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 predict_token=args.predict_token,
                 broker_keys=args.broker_keys,
                 insecure_broker=args.insecure_broker,
+                allow_worker_models=args.allow_worker_models,
+                broker_max_message_bytes=args.broker_max_message_mb * 2**20,
             )
             run_event_loop(serve(options))
         else:

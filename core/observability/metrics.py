@@ -142,8 +142,10 @@ class Metrics:
         )
         self.broker_refused = Counter(
             "ketch_broker_refused",
-            "Connections the broker refused in the CURVE handshake (an unknown key, no CURVE, "
-            "a wrong server key).",
+            "Workers the broker refused: stage=handshake in the CURVE handshake (an unknown "
+            "key, no CURVE, a wrong server key), stage=admission at READY (a model not "
+            "served, tensors other than the declared ones).",
+            ["stage"],
             registry=self.registry,
         )
         self.registry.register(_StateCollector(self))

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from ketch.plugin_manager import Plugins
 
 
+#: Distinct refusals said before the memory of them starts afresh (a bound, not a cache).
+_MAX_REFUSALS_REMEMBERED = 10_000
+
+
 def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key for versions: numeric parts compare as numbers, so "10" is above "9"."""
     return tuple(
@@ -34,10 +38,16 @@ class Dispatcher:
 
     :param report: receives one :class:`~ketch.observability.events.Event` per state change
         (worker ready or lost, template started, model unhealthy, pool back to zero).
+    :param allow_worker_models: admit a worker for a model version this server does not
+        serve, adding the model for as long as such workers stay (``--allow-worker-models``);
+        otherwise its READY is refused.
     """
 
-    def __init__(self, report: events.Report) -> None:
+    def __init__(self, report: events.Report, *, allow_worker_models: bool = False) -> None:
         self._report = report
+        self._allow_worker_models = allow_worker_models
+        #: Refusals already reported, so a worker that keeps trying is said once.
+        self._refusals_said: set[tuple[str, str, str]] = set()
         self._queues: dict[tuple[str, str], ModelQueue] = {}
         self._defaults: dict[str, str] = {}
         #: Versions an operator made the default (rolled to); other models default to
@@ -249,14 +259,46 @@ class Dispatcher:
 
     # -- broker events ----------------------------------------------------------------------
 
+    def admit(self, worker: Worker) -> str | None:
+        refusal = self._refusal(worker)
+        if refusal is not None:
+            self._ready_refused(worker.describe(), (worker.host, worker.spec.label()), refusal)
+        return refusal
+
+    def ready_invalid(self, reason: str) -> None:
+        self._ready_refused("a peer", ("", ""), reason)
+
+    def _ready_refused(self, peer: str, who: tuple[str, str], reason: str) -> None:
+        """Count a refused READY; report it once per host, model and reason."""
+        self.metrics.broker_refused.labels(stage="admission").inc()
+        said = (*who, reason)
+        if said not in self._refusals_said:
+            if len(self._refusals_said) >= _MAX_REFUSALS_REMEMBERED:
+                self._refusals_said.clear()
+            self._refusals_said.add(said)
+            self._report(events.worker_refused(peer, reason))
+
+    def _refusal(self, worker: Worker) -> str | None:
+        """Why ``worker`` may not join, or None."""
+        label = worker.spec.label()
+        if worker.spec.key in self._removed:
+            return f"model {label!r} was removed"
+        queue = self._queues.get(worker.spec.key)
+        if queue is None:
+            if self._allow_worker_models:
+                return None
+            served = ", ".join(sorted(q.spec.label() for q in self._queues.values())) or "none"
+            return (
+                f"this gateway does not serve model {label!r} (it serves: {served}); "
+                "`ketch serve --allow-worker-models` lets workers add models"
+            )
+        return queue.announced_mismatch(worker.spec)
+
     def worker_ready(self, worker: Worker) -> None:
         queue = self._queues.get(worker.spec.key)
-        if queue is None and worker.spec.key in self._removed:
-            assert self._broker is not None
-            self._broker.drop(worker, f"model {worker.spec.label()!r} was removed")
-            return
         if queue is None:
-            # A worker started by hand for a model the served file does not define.
+            # A worker started by hand for a model the served file does not define, admitted
+            # with --allow-worker-models: the model lasts as long as such workers do.
             queue = self.add_model(worker.spec, served_from_file=False)
         if worker.host == self._hostname:
             queue.process_ready(worker.pid)
@@ -265,7 +307,7 @@ class Dispatcher:
         self._report(events.model_ready(worker))
 
     def peer_refused(self, peer: str, reason: str, first: bool) -> None:
-        self.metrics.broker_refused.inc()
+        self.metrics.broker_refused.labels(stage="handshake").inc()
         if first:
             self._report(events.worker_refused(peer, reason))
 
@@ -274,3 +316,9 @@ class Dispatcher:
         if queue is not None:
             queue.remove_worker(worker, reason)
         self._report(events.worker_lost(worker, reason))
+        if queue is not None and queue.abandoned and self._queues.get(queue.spec.key) is queue:
+            # Only workers defined it, and the last one left: the model goes with them.
+            self.remove_model(queue.spec.key, "its last worker left")
+            self._removed.discard(queue.spec.key)  # its workers may come back
+            self.forget(queue.spec.key)
+            self._report(events.model_removed(queue.spec))

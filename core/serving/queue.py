@@ -35,6 +35,7 @@ from ketch.serving.cache import PredictionCache
 from ketch.serving.jobs import Deadline, Inputs, Job, Part, PredictionError
 from ketch.serving.sink import BatchSink, Worker
 from ketch.specs.models import ModelSpec, PoolSpec, cache_limit
+from ketch.specs.signature import TensorSpec
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import RemoteError
 
@@ -52,8 +53,9 @@ LATENCIES_KEPT = 1000
 
 
 #: What a model version can do now: serve (ready), soon (starting), after a cold start (zero),
-#: not until a hand-started worker joins (unavailable), or no more (unhealthy).
-QueueState = Literal["ready", "starting", "zero", "unavailable", "unhealthy"]
+#: or no more (unhealthy). A model only hand-started workers defined is never at zero: it is
+#: removed when its last worker leaves.
+QueueState = Literal["ready", "starting", "zero", "unhealthy"]
 
 
 class PoolListener(Protocol):
@@ -160,7 +162,7 @@ class ModelQueue:
         if self.unhealthy_because is not None:
             job.fail(refusals.unhealthy(self.spec, self.unhealthy_because))
             return future
-        if self._abandoned():
+        if self.abandoned:
             job.fail(refusals.no_worker(self.spec))
             return future
         if self._queued_items and self._queued_items + len(inputs) > self.spec.max_queue:
@@ -296,7 +298,8 @@ class ModelQueue:
         ]
         return idle[:count]
 
-    def _abandoned(self) -> bool:
+    @property
+    def abandoned(self) -> bool:
         """No worker serves this model and none will come by itself: it joined by hand only."""
         return not self.served_from_file and not self._workers and not self._starting
 
@@ -428,17 +431,31 @@ class ModelQueue:
 
     # -- worker events ----------------------------------------------------------------------
 
+    def announced_mismatch(self, announced: ModelSpec) -> str | None:
+        """Why a worker announcing ``announced`` may not serve this version: tensors other
+        than the ones declared (or learnt from its first worker); None when they agree.
+
+        A worker that announces no tensors (its runtime cannot tell) agrees with any."""
+        for kind in ("inputs", "outputs"):
+            known: tuple[TensorSpec, ...] = getattr(self.spec, kind)
+            said: tuple[TensorSpec, ...] = getattr(announced, kind)
+            if known and said and said != known:
+                return (
+                    f"its {kind} ({_tensor_list(said)}) are not the {kind} of model "
+                    f"{self.spec.label()!r} ({_tensor_list(known)})"
+                )
+        return None
+
     def learn_loaded(self, announced: ModelSpec) -> None:
-        """Take what a worker's runtime found (the tensors, so requests are checked against
-        them, and what it says of the model)."""
-        learnt = (announced.inputs, announced.outputs, announced.runtime_info)
-        if learnt != (self.spec.inputs, self.spec.outputs, self.spec.runtime_info):
-            self.spec = replace(
-                self.spec,
-                inputs=announced.inputs,
-                outputs=announced.outputs,
-                runtime_info=announced.runtime_info,
-            )
+        """Take what the first worker's runtime found where nothing was declared (the tensors,
+        so requests are checked against them, and what it says of the model). Once known,
+        they never change: a worker that disagrees is refused (:meth:`announced_mismatch`)."""
+        self.spec = replace(
+            self.spec,
+            inputs=self.spec.inputs or announced.inputs,
+            outputs=self.spec.outputs or announced.outputs,
+            runtime_info=self.spec.runtime_info or announced.runtime_info,
+        )
 
     def add_worker(self, info: Worker) -> None:
         """A worker of this version said READY: it gets batches from now on, and the broker
@@ -473,7 +490,7 @@ class ModelQueue:
         # Retries go first: they have waited longest.
         for part in reversed(retry):
             self._enqueue(part, first=True)
-        if self._abandoned():
+        if self.abandoned:
             error = refusals.no_worker(self.spec)
             while self._pending:
                 self._pending.popleft().job.fail(error)
@@ -555,7 +572,7 @@ class ModelQueue:
             return "ready"
         if self._starting:
             return "starting"
-        return "zero" if self.served_from_file else "unavailable"
+        return "zero"
 
     @property
     def ready_to_serve(self) -> bool:
@@ -571,6 +588,10 @@ class ModelQueue:
     def latencies(self) -> list[float]:
         """Seconds from arrival to answer of the last answered requests."""
         return list(self._latencies)
+
+
+def _tensor_list(tensors: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(tensor.describe() for tensor in tensors)
 
 
 def _wake(waiters: list[asyncio.Future[None]]) -> None:

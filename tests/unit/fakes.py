@@ -92,6 +92,7 @@ class FakeSink:
         self.sent: list[Sent] = []
         self.refused: list[Sent] = []
         self.dropped: list[tuple[Worker, str]] = []
+        self.refused_ready: list[tuple[Worker, str]] = []
         self._workers: dict[bytes, Worker] = {}
         self._refusing: set[bytes] = set()
         self._unencodable: dict[bytes, str] = {}
@@ -100,7 +101,13 @@ class FakeSink:
     # -- what a test tells it ----------------------------------------------------------------
 
     def join(self, worker: Worker) -> Worker:
-        """``worker`` says READY."""
+        """``worker`` says READY: registered unless ``events`` refuses it (then recorded in
+        :attr:`refused_ready` with the reason)."""
+        if self.events is not None:
+            refusal = self.events.admit(worker)
+            if refusal is not None:
+                self.refused_ready.append((worker, refusal))
+                return worker
         self._workers[worker.identity] = worker
         if self.events is not None:
             self.events.worker_ready(worker)

@@ -40,9 +40,9 @@ def within(ms: float | None = None) -> Deadline:
 class Gateway:
     """A dispatcher attached to a fake broker, with the events it reported."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, allow_worker_models: bool = False) -> None:
         self.events: list[Event] = []
-        self.dispatcher = Dispatcher(self.events.append)
+        self.dispatcher = Dispatcher(self.events.append, allow_worker_models=allow_worker_models)
         self.sink = FakeSink(self.dispatcher)
         self.dispatcher.attach(self.sink)
 
@@ -201,10 +201,11 @@ async def test_a_worker_of_a_removed_model_is_sent_away_when_it_joins() -> None:
     gateway.dispatcher.remove_model(("m", "2"), "removed")
     gateway.dispatcher.forget(("m", "2"))
     late = gateway.ready(V2)
-    assert gateway.sink.dropped == [(late, "model 'm:2' was removed")]
+    assert gateway.sink.refused_ready == [(late, "model 'm:2' was removed")]
     assert list(gateway.sink.workers()) == []
     assert not gateway.dispatcher.has_model(("m", "2"))
     assert "model_ready" not in gateway.kinds()
+    assert gateway.kinds()[-1] == "worker_refused"
 
 
 def test_removing_every_version_forgets_the_model_and_its_pinned_default() -> None:
@@ -223,9 +224,51 @@ def test_removing_every_version_forgets_the_model_and_its_pinned_default() -> No
     assert dispatcher.knows_model("m") and dispatcher.default_version("m") == "1"
 
 
-@in_loop
-async def test_a_worker_of_an_unknown_model_serves_it_until_it_leaves() -> None:
+def test_a_worker_of_a_model_not_served_is_refused_once_said() -> None:
     gateway = Gateway()
+    gateway.serve(V1)
+    first = gateway.ready(make_spec(name="by-hand"), host="elsewhere")
+    for _ in range(2):
+        gateway.ready(make_spec(name="by-hand"), host="elsewhere")
+    reason = gateway.sink.refused_ready[0][1]
+    assert reason.startswith("this gateway does not serve model 'by-hand:1' (it serves: m:1)")
+    assert [refused for _, refused in gateway.sink.refused_ready] == [reason] * 3
+    assert not gateway.dispatcher.knows_model("by-hand")
+    # Said once per host, model and reason; counted every time.
+    assert gateway.kinds() == ["worker_refused"]
+    assert gateway.events[0].fields == {"peer": first.describe(), "reason": reason}
+    refused = gateway.dispatcher.metrics.registry.get_sample_value(
+        "ketch_broker_refused_total", {"stage": "admission"}
+    )
+    assert refused == 3
+
+
+def test_a_worker_whose_tensors_differ_from_the_declared_ones_is_refused() -> None:
+    gateway = Gateway()
+    x3, x5 = TensorSpec("x", "float32", (3,)), TensorSpec("x", "float32", (5,))
+    gateway.serve(make_spec(inputs=[x3]))
+    gateway.ready(make_spec(inputs=[x5]))
+    assert gateway.sink.refused_ready[0][1] == (
+        "its inputs (x: float32[5]) are not the inputs of model 'm:1' (x: float32[3])"
+    )
+    gateway.ready(make_spec())  # a runtime that cannot tell agrees with any tensors
+    assert gateway.dispatcher.queue_for("m", None).spec.inputs == (x3,)
+    assert gateway.dispatcher.queue_for("m", None).ready_replicas == 1
+
+
+def test_tensors_learnt_from_the_first_worker_are_the_ones_later_workers_must_have() -> None:
+    gateway = Gateway()
+    gateway.serve(V1)
+    y2, y4 = TensorSpec("y", "float32", (2,)), TensorSpec("y", "float32", (4,))
+    gateway.ready(make_spec(outputs=[y2]))
+    gateway.ready(make_spec(outputs=[y4]))
+    assert gateway.sink.refused_ready[0][1].startswith("its outputs (y: float32[4]) are not")
+    assert gateway.dispatcher.queue_for("m", None).spec.outputs == (y2,)
+
+
+@in_loop
+async def test_with_allow_worker_models_a_worker_serves_its_model_until_it_leaves() -> None:
+    gateway = Gateway(allow_worker_models=True)
     dispatcher = gateway.dispatcher
     hand_started = make_spec(name="by-hand")
     assert not dispatcher.knows_model("by-hand")
@@ -236,10 +279,13 @@ async def test_a_worker_of_an_unknown_model_serves_it_until_it_leaves() -> None:
     assert await answer == [2]
     assert dispatcher.not_ready() == []  # not from the served file: not waited for
     gateway.sink.drop(worker, "the worker disconnected")
-    with pytest.raises(PredictionError) as none_left:
-        await gateway.ask("by-hand", [1])
-    assert none_left.value.status == 503
-    assert gateway.kinds() == ["model_ready", "worker_lost"]
+    assert not dispatcher.knows_model("by-hand")
+    with pytest.raises(PredictionError) as gone:
+        gateway.ask("by-hand", [1])
+    assert gone.value.status == 404
+    assert gateway.kinds() == ["model_ready", "worker_lost", "model_removed"]
+    gateway.ready(hand_started, host="elsewhere")  # it may come back
+    assert dispatcher.knows_model("by-hand")
 
 
 def test_a_worker_teaches_its_queue_the_tensors_its_runtime_found() -> None:
