@@ -141,7 +141,7 @@ def single_input_latencies(url: str, model: str, inputs: list[Any], count: int) 
     """Seconds each of ``count`` sequential one-input predictions of ``model`` took, on one
     keep-alive connection, cycling through ``inputs``; raises on any answer but 200."""
     parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
     path = f"/models/{model}/predict"
     latencies = []
     try:

@@ -196,6 +196,7 @@ async def serve(
                 dispatcher.process_started,
                 dispatcher.process_exited,
                 dispatcher.model_unhealthy,
+                dispatcher.model_crash_looping,
                 dispatcher.template_changed,
             ),
             plugins,

@@ -125,14 +125,18 @@ def test_silent_worker_is_dropped_by_heartbeat_and_its_requests_retried(
 
 
 CRASH_LOOP = """
+    import os
     import multiprocess
 
     import ketch
 
     # Only the worker of gpu_only dies (discovery and other workers import this file too),
-    # as it would on a machine without the GPU or native library it needs.
+    # as it would on a machine without the GPU or native library it needs, while the fault
+    # (a file here) lasts.
+    FAULT = os.path.join(os.path.dirname(__file__), "no-gpu")
     if multiprocess.current_process().name.startswith("ketch-worker-gpu_only"):
-        raise RuntimeError("no GPU here")
+        if os.path.exists(FAULT):
+            raise RuntimeError("no GPU here")
 
     @ketch.model
     def gpu_only(xs):
@@ -144,25 +148,64 @@ CRASH_LOOP = """
 """
 
 
-def test_model_whose_workers_crash_loop_is_marked_unhealthy(
+def test_a_crash_looping_model_backs_off_answers_503_and_heals_once_the_fault_is_gone(
     start_server: Start, write_models: Callable[..., Path]
 ) -> None:
-    server = start_server(write_models(CRASH_LOOP), "--workers-per-model", "1")
-    cause = server.wait_for(r"model gpu_only:1 unhealthy: (.*)", seen_too=True).group(1)
-    assert re.search(r"5 workers in a row exited early; the last: worker pid \d+ exited", cause)
+    source = write_models(CRASH_LOOP)
+    fault = source.parent / "no-gpu"
+    fault.touch()
+    server = start_server(source, "--workers-per-model", "1")
+    looping = r"model gpu_only:1 crash-looping: (\d+) workers in a row exited early; the last: "
+    looping += r"worker pid \d+ exited with code 2"
+    # Each quick exit in a row doubles the wait: 1.6 s after the fifth, 3.2 s after the sixth.
+    server.wait_for(r"; next attempt in 3\.2 s$", seen_too=True)
+    counts = [m.group(1) for line in server.seen if (m := re.search(looping, line))]
+    delays = [
+        m.group(1) for line in server.seen if (m := re.search(r"next attempt in (.+) s$", line))
+    ]
+    assert (counts, delays) == (["5", "6"], ["1.6", "3.2"])
 
     response = server.predict("gpu_only", {"input": 1})
     assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) >= 1
     error = response.json()["error"]
-    assert "is unhealthy" in error
+    assert "is crash-looping" in error and "the next worker starts in" in error
     # The tail of what the worker printed: the traceback, then the line naming the model.
     assert "its last output:" in error
     assert 'raise RuntimeError("no GPU here")' in error
     assert "cannot load" in error and "gpu_only: RuntimeError: no GPU here" in error
     status = server.model_status("gpu_only")
     assert status["state"] == "unhealthy"
-    assert status["worker_exits"] == 5
+    assert status["worker_exits"] >= 6
     assert "no GPU here" in status["last_error"]
+    backoff = status["backoff"]
+    assert backoff["quick_exits"] >= 6 and "no GPU here" in backoff["reason"]
+    assert 0 < backoff["next_attempt_in_s"] <= backoff["delay_s"]
     assert server.client.get("/v2/health/ready").status_code == 503
     # The healthy model is untouched.
     assert server.predict("double", {"input": 2}).json()["output"] == 4
+
+    # Never given up on: once the fault is gone, the next attempt serves.
+    fault.unlink()
+    server.wait_for(r"model gpu_only:1 ready: worker pid")
+    assert server.predict("gpu_only", {"input": 7}).json()["output"] == 7
+    status = server.model_status("gpu_only")
+    assert (status["state"], status["backoff"]) == ("ready", None)
+    assert server.client.get("/v2/health/ready").status_code == 200
+
+
+def test_workers_killed_from_outside_after_joining_never_make_a_crash_loop(
+    start_server: Start, write_models: Callable[..., Path]
+) -> None:
+    """An OOM killer or an operator, not a fault of the model: each kill is replaced at once,
+    however many come in a row."""
+    server = start_server(write_models(CRASH_LOOP), "--workers-per-model", "1")
+    pid = int(server.wait_for(r"model double:1 ready: worker pid (\d+)", seen_too=True).group(1))
+    for _ in range(7):
+        os.kill(pid, signal.SIGKILL)
+        server.wait_for(rf"lost worker pid {pid} ")
+        pid = int(server.wait_for(r"model double:1 ready: worker pid (\d+)").group(1))
+    assert not any("crash-looping" in line for line in server.seen)
+    status = server.model_status("double")
+    assert (status["state"], status["backoff"]) == ("ready", None)
+    assert server.predict("double", {"input": 4}).json()["output"] == 8

@@ -116,14 +116,46 @@ def test_worker_killed_under_a_template_is_noticed_and_replaced(
     assert output["pid"] != victim and output["x"] == 4
 
 
-def test_template_that_cannot_load_the_model_marks_it_unhealthy_with_its_output(
+def test_template_that_cannot_load_the_model_crash_loops_with_its_output(
     start_server: Start, write_models: WriteModels
 ) -> None:
     server = start_server(write_models(BROKEN_TEMPLATE))
-    server.wait_for(r"model broken:1 unhealthy: its template could not load the model")
+    looping = r"model broken:1 crash-looping: (\d+) templates in a row exited early; the last: "
+    looping += "its template could not load the model"
+    server.wait_for(looping, seen_too=True)
+    # A wait of 3.2 s follows the sixth: a request meanwhile is answered at once.
+    assert server.wait_for(looping).group(1) == "6"
     response = server.predict("broken", {"input": 1})
     assert response.status_code == 503
     error = response.json()["error"]
     assert "template pid" in error and "exited with code 2" in error
     assert "ImportError: libheavy.so: cannot open shared object file" in error
     assert server.model_status("broken")["template"] is None
+
+
+SLOW_TEMPLATE = """
+    import time
+
+    import ketch
+    import multiprocess
+
+    # The template's imports take a while (a framework, weights): only in the template.
+    if multiprocess.current_process().name.startswith("ketch-template-"):
+        time.sleep(1.5)
+
+    @ketch.model(preload=True)
+    def slow(xs):
+        return xs
+"""
+
+
+def test_ready_waits_for_the_template_so_the_first_request_pays_no_import(
+    start_server: Start, write_models: WriteModels
+) -> None:
+    server = start_server(write_models(SLOW_TEMPLATE))  # returns once "ketch: ready" is out
+    lines = server.seen
+    template_ready = next(i for i, line in enumerate(lines) if "template ready" in line)
+    assert template_ready < lines.index("ketch: ready")
+    assert server.client.get("/v2/health/ready").status_code == 200
+    assert server.client.get("/v2/models/slow/ready").status_code == 200
+    assert server.predict("slow", {"input": 1}).json()["output"] == 1

@@ -119,6 +119,14 @@ def model_unhealthy(spec: ModelSpec, cause: str) -> Event:
     )
 
 
+def model_crash_looping(spec: ModelSpec, cause: str, delay_s: float) -> Event:
+    return Event(
+        "model_crash_looping",
+        f"model {spec.label()} crash-looping: {cause}; next attempt in {delay_s:.1f} s",
+        {**_model(spec), "reason": cause, "next_attempt_in_s": round(delay_s, 3)},
+    )
+
+
 def model_ready(worker: WorkerInfo[ModelSpec]) -> Event:
     return Event(
         "model_ready", f"model {worker.spec.label()} ready: {worker.describe()}", _worker(worker)

@@ -117,6 +117,9 @@ class PoolManager:
             for spec, pid, why in self._workers.over_memory():
                 self._dispatcher.recycle(spec, pid, why)
 
+    def process_joined(self, pid: int) -> None:
+        self._workers.joined(pid)
+
     def pool_changed(self, queue: ModelQueue) -> None:
         """Start or stop workers as ``queue``'s load asks, and set the timer for the next
         change that time alone brings."""

@@ -34,7 +34,7 @@ from ketch.pools.processes import (
     resolve_python,
     start_process,
 )
-from ketch.pools.restarts import CrashHistory, RestartPolicy
+from ketch.pools.restarts import KILLED_FROM_OUTSIDE, CrashHistory, RestartPolicy
 from ketch.pools.templates import control_pair, fork_worker, read_ready
 from ketch.pools.worker_output import OutputTail
 from ketch.specs.apps import AppSpec
@@ -119,13 +119,17 @@ class ProcessEvents:
 
     ``exited`` gets the exit described for people (exit code or signal, and the last lines the
     worker printed) and whether it was expected (scaled down, shutting down); ``unhealthy`` is
-    called once the model's workers have crashed too often in a row, or cannot start at all;
-    ``template`` gets a ``preload=True`` model's template as it changes (None: it is gone).
+    called when the model cannot start at all (no such interpreter); ``crash_looping`` after
+    each of its quick exits in a row once there are enough of them
+    (:attr:`RestartPolicy.crash_loop_after`), with the cause, the count and the seconds until
+    the next attempt; ``template`` gets a ``preload=True`` model's template as it changes
+    (None: it is gone).
     """
 
     started: Callable[[ModelSpec, int], None]
     exited: Callable[[ModelSpec, int, str, bool], None]
     unhealthy: Callable[[ModelSpec, str], None]
+    crash_looping: Callable[[ModelSpec, str, int, float], None]
     template: Callable[[ModelSpec, dict[str, Any] | None], None]
 
 
@@ -139,6 +143,8 @@ class _Process:
     watched: psutil.Process
     #: Why the gateway killed it (over its memory cap), for the exit's description.
     killed_because: str | None = None
+    #: It said READY: killed from outside afterwards, it did not crash.
+    joined: bool = False
 
 
 @dataclass(slots=True)
@@ -153,7 +159,8 @@ class LocalWorkers:
 
     A process that exits unasked is reported at once (so its batches are retried without
     waiting for missed heartbeats); each quick exit in a row makes the next start of that
-    model wait longer, and too many mark the model unhealthy (:mod:`ketch.pools.restarts`). A
+    model wait longer, up to a cap, and enough of them make it crash-looping
+    (:mod:`ketch.pools.restarts`). A
     ``preload=True`` model gets a template process as soon as it is managed, kept while the
     server runs, and its workers fork from it.
 
@@ -188,6 +195,8 @@ class LocalWorkers:
         self._retired: set[int] = set()
         self._crashes: dict[tuple[str, str, Kind], CrashHistory] = {}
         self._not_before: dict[tuple[str, str], float] = {}
+        #: Models no longer served: a template restart that was pending is skipped.
+        self._released: set[tuple[str, str]] = set()
         self._stopping = False
         self._all_exited: asyncio.Event | None = None
 
@@ -209,8 +218,15 @@ class LocalWorkers:
             except LaunchError as exc:
                 self._cannot_start(spec, "worker", exc)
                 return
+        self._released.discard(spec.key)
         if spec.start.preload and spec.key not in self._templates:
             self._start_template(spec)
+
+    def joined(self, pid: int) -> None:
+        """Worker ``pid`` said READY."""
+        entry = self._processes.get(pid)
+        if entry is not None:
+            entry.joined = True
 
     def retry_at(self, spec: ModelSpec) -> float | None:
         """When a worker of ``spec`` may start again (``time.monotonic()``) while it is backing
@@ -358,6 +374,7 @@ class LocalWorkers:
         afresh). Its ready workers were told DISCONNECT and exit by themselves."""
         self._crashes = {k: v for k, v in self._crashes.items() if k[:2] != spec.key}
         self._not_before.pop(spec.key, None)
+        self._released.add(spec.key)
         template = self._templates.pop(spec.key, None)
         if template is not None:
             if not template.ready:
@@ -390,20 +407,26 @@ class LocalWorkers:
         if entry.kind == "template":
             self._template_exited(entry, how, expected)
         else:
-            self._worker_exited(entry, pid, how, expected)
+            self._worker_exited(entry, pid, how, expected, exitcode)
         if self._stopping and not self._processes and self._all_exited is not None:
             self._all_exited.set()
 
-    def _worker_exited(self, entry: _Process, pid: int, how: str, expected: bool) -> None:
+    def _worker_exited(
+        self, entry: _Process, pid: int, how: str, expected: bool, exitcode: int | None
+    ) -> None:
         spec = entry.spec
+        looping: tuple[str, int, float] | None = None
         if not expected:
             # Decided before the exit is reported: the pool reacts to the report at once, and
-            # must find the back-off (or the model unhealthy) already in place.
-            delay = self._restart_delay(entry, how)
-            if delay is not None:
-                log.warning("%s; its replacement may start in %.1f s", how, delay)
-                self._not_before[spec.key] = time.monotonic() + delay
+            # must find the back-off already in place.
+            delay, looping = self._restart_delay(entry, how, exitcode)
+            log.warning("%s; its replacement may start in %.1f s", how, delay)
+            self._not_before[spec.key] = time.monotonic() + delay
         self._events.exited(spec, pid, how, expected)
+        if looping is not None:
+            # After the exit: the model then has no process starting, which is what makes
+            # it unhealthy while it waits.
+            self._events.crash_looping(spec, *looping)
 
     def _template_exited(self, entry: _Process, how: str, expected: bool) -> None:
         spec = entry.spec
@@ -416,26 +439,37 @@ class LocalWorkers:
         if expected:
             return
         if template is None or not template.ready:
-            self._events.unhealthy(spec, f"its template could not load the model: {how}")
-            return
-        delay = self._restart_delay(entry, how)
-        if delay is not None:
-            log.warning("%s; a new template starts in %.1f s", how, delay)
-            asyncio.get_running_loop().call_later(delay, self.prepare, spec)
+            how = f"its template could not load the model: {how}"
+        delay, looping = self._restart_delay(entry, how, None)
+        if looping is not None:
+            self._events.crash_looping(spec, *looping)
+        log.warning("%s; a new template starts in %.1f s", how, delay)
+        # Its workers wait for it: none may start before it is back.
+        self._not_before[spec.key] = time.monotonic() + delay
+        asyncio.get_running_loop().call_later(delay, self._restart_template, spec)
 
-    def _restart_delay(self, entry: _Process, how: str) -> float | None:
-        """Backoff before replacing ``entry``; None (and the model reported unhealthy) once
-        it has exited early too many times in a row."""
+    def _restart_template(self, spec: ModelSpec) -> None:
+        if spec.key in self._released:
+            return  # the model was removed while its template backed off
+        self.prepare(spec)
+
+    def _restart_delay(
+        self, entry: _Process, how: str, exitcode: int | None
+    ) -> tuple[float, tuple[str, int, float] | None]:
+        """Back-off before replacing ``entry``, and, once it is crash-looping, what to report:
+        the cause, the quick exits in a row, the delay."""
         key = (*entry.spec.key, entry.kind)
         history = self._crashes.setdefault(key, CrashHistory(self._policy))
-        delay = history.restart_delay(time.monotonic() - entry.started)
-        if delay is None:
-            log.error("%s; giving up after %d quick exits in a row", how, history.quick_exits)
-            self._events.unhealthy(
-                entry.spec,
-                f"{history.quick_exits} {entry.kind}s in a row exited early; the last: {how}",
-            )
-        return delay
+        killed_after_joining = (
+            entry.joined and entry.killed_because is None and exitcode in KILLED_FROM_OUTSIDE
+        )
+        delay = history.restart_delay(
+            time.monotonic() - entry.started, killed_after_joining=killed_after_joining
+        )
+        if not history.crash_looping or killed_after_joining:
+            return delay, None
+        cause = f"{history.quick_exits} {entry.kind}s in a row exited early; the last: {how}"
+        return delay, (cause, history.quick_exits, delay)
 
     def hold_restarts(self) -> None:
         """From now on no worker starts (the server is shutting down)."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 import itertools
 import re
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 from ketch.observability import events
 from ketch.observability.metrics import Metrics
 from ketch.serving import status
-from ketch.serving.jobs import PredictionError
+from ketch.serving.jobs import Backoff, PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import Worker, WorkerLink
 from ketch.specs.models import ModelSpec
@@ -249,6 +250,16 @@ class Dispatcher:
             self._report(events.template_ready(spec, template["pid"], template["rss_mb"]))
         else:
             self._report(events.template_starting(spec, template["pid"]))
+
+    def model_crash_looping(
+        self, spec: ModelSpec, cause: str, quick_exits: int, delay_s: float
+    ) -> None:
+        queue = self._queue_of(spec.key)
+        if queue is None:
+            return
+        next_attempt_at = time.monotonic() + delay_s
+        queue.back_off(Backoff(cause, quick_exits, delay_s, next_attempt_at))
+        self._report(events.model_crash_looping(spec, cause, delay_s))
 
     def model_unhealthy(self, spec: ModelSpec, cause: str) -> None:
         queue = self._queue_of(spec.key)

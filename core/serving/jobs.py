@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,20 @@ class PredictionError(Exception):
         self.status = status
         self.headers: dict[str, str] = {}
         self.body: dict[str, Any] = {"error": error, **details}
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """A crash-looping model's wait before its next worker starts."""
+
+    cause: str
+    quick_exits: int
+    delay_s: float
+    #: ``time.monotonic()`` of the next attempt.
+    next_attempt_at: float
+
+    def retry_after_s(self, now: float) -> int:
+        return max(1, math.ceil(self.next_attempt_at - now))
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from ketch.observability.metrics import ModelMetrics
 from ketch.serving import refusals
 from ketch.serving.batching import BatchSizer, batch_latency_target_s
 from ketch.serving.cache import PredictionCache
-from ketch.serving.jobs import Deadline, Inputs, Job, Part, PredictionError
+from ketch.serving.jobs import Backoff, Deadline, Inputs, Job, Part, PredictionError
 from ketch.serving.sink import BatchSink, Worker
 from ketch.specs.models import ModelSpec, PoolSpec, cache_limit
 from ketch.specs.signature import TensorSpec
@@ -63,6 +63,9 @@ class PoolListener(Protocol):
     changed, it decides what to do."""
 
     def pool_changed(self, queue: ModelQueue) -> None: ...
+
+    def process_joined(self, pid: int) -> None:
+        """Local process ``pid`` of this pool said READY."""
 
 
 @dataclass(slots=True)
@@ -110,8 +113,11 @@ class ModelQueue:
         #: Local processes started for this version that have not said READY yet.
         self._starting: set[int] = set()
         self.served_from_file = False
-        #: Why the model stopped being served; set once its workers crash-looped.
+        #: Why the model cannot be served at all (its workers cannot start).
         self.unhealthy_because: str | None = None
+        #: Its workers are crash-looping: why, and when the next one may start. It serves
+        #: with the workers it has; without any, it answers 503 until that attempt.
+        self.backoff: Backoff | None = None
         self.worker_exits = 0
         self.last_error: str | None = None
         self.active_requests = 0
@@ -164,6 +170,10 @@ class ModelQueue:
             return future
         if self.abandoned:
             job.fail(refusals.no_worker(self.spec))
+            return future
+        backoff = self.backoff
+        if backoff is not None and not self._workers and now < backoff.next_attempt_at:
+            job.fail(refusals.backing_off(self.spec, backoff, now))
             return future
         if self._queued_items and self._queued_items + len(inputs) > self.spec.max_queue:
             self.rejected += 1
@@ -250,6 +260,9 @@ class ModelQueue:
             raise refusals.unhealthy(self.spec, self.unhealthy_because)
         if self._workers:
             return
+        now = time.monotonic()
+        if self.backoff is not None and now < self.backoff.next_attempt_at:
+            raise refusals.backing_off(self.spec, self.backoff, now)
         # Counts as traffic for the pool manager: the pool wants a worker for idle_timeout_s.
         self.last_request_at = time.monotonic()
         self._load_moved(always=True)
@@ -257,6 +270,8 @@ class ModelQueue:
             raise refusals.not_ready(self.spec, timeout_s, self.last_error)
         if self.unhealthy_because is not None:
             raise refusals.unhealthy(self.spec, self.unhealthy_because)
+        if self.backoff is not None and not self._workers:
+            raise refusals.backing_off(self.spec, self.backoff, time.monotonic())
 
     def set_pool(self, pool: PoolSpec) -> None:
         """New replica bounds (or timings), which the pool follows at once."""
@@ -303,6 +318,24 @@ class ModelQueue:
         """No worker serves this model and none will come by itself: it joined by hand only."""
         return not self.served_from_file and not self._workers and not self._starting
 
+    def back_off(self, backoff: Backoff) -> None:
+        """Its workers are crash-looping: what waits and cannot be answered before the next
+        attempt (no worker of its own to go to) is answered 503 now."""
+        self.backoff = backoff
+        self.last_error = backoff.cause
+        if self._workers:
+            return
+        _wake(self._ready_waiters)  # those waiting for a worker hear why none comes
+        error = refusals.backing_off(self.spec, backoff, time.monotonic())
+        keep: deque[Part] = deque()
+        for part in self._pending:
+            if part.job.deadline.at <= backoff.next_attempt_at:
+                part.job.fail(error)
+            elif not part.job.future.done():
+                keep.append(part)
+        self._pending = keep
+        self._load_moved(always=True)
+
     def mark_unhealthy(self, cause: str) -> None:
         """Stop serving: answer everything waiting, and every new request, 503 with ``cause``."""
         self.unhealthy_because = cause
@@ -325,6 +358,8 @@ class ModelQueue:
     def process_ready(self, pid: int) -> None:
         """Local process ``pid`` said READY (its worker is added separately)."""
         self._starting.discard(pid)
+        if self._pool is not None:
+            self._pool.process_joined(pid)
 
     def process_exited(self, pid: int, how: str, expected: bool) -> None:
         self._starting.discard(pid)
@@ -461,6 +496,7 @@ class ModelQueue:
         """A worker of this version said READY: it gets batches from now on, and the broker
         hands its replies straight to this queue."""
         info.receiver = self
+        self.backoff = None  # a worker is up: whatever crashed may have healed
         sizer = None
         if self.spec.slo_ms is not None:
             target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
@@ -572,14 +608,21 @@ class ModelQueue:
             return "ready"
         if self._starting:
             return "starting"
-        return "zero"
+        return "unhealthy" if self.backoff is not None else "zero"
 
     @property
     def ready_to_serve(self) -> bool:
-        """Can answer now, or by a cold start: what readiness probes and ``ketch: ready`` mean."""
-        if self.unhealthy_because is not None:
+        """Can answer now, or by a cold start: what readiness probes and ``ketch: ready`` mean.
+
+        A ``preload=True`` model at zero is ready only once its template has loaded: a cold
+        start before that pays the whole import the template exists to save."""
+        if self._workers:
+            return True
+        if self.unhealthy_because is not None or self.backoff is not None:
             return False
-        return self.spec.pool.min_replicas == 0 or bool(self._workers)
+        if self.spec.start.preload and (self.template is None or self.template["state"] != "ready"):
+            return False
+        return self.spec.pool.min_replicas == 0
 
     def worker_slots(self) -> list[WorkerSlot]:
         """Its workers, with the batches each is computing (for status)."""

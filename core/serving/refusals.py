@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ketch.serving.jobs import PredictionError
+from ketch.serving.jobs import Backoff, PredictionError
 from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import RemoteError
 from ketch.zmq_transport.protocol import ErrorKind
@@ -55,6 +55,19 @@ def unhealthy(spec: ModelSpec, cause: str | None) -> PredictionError:
         "ketch (or remove it and add it again through the management API)",
         **labels(spec),
     )
+
+
+def backing_off(spec: ModelSpec, backoff: Backoff, now: float) -> PredictionError:
+    """503 with ``Retry-After``: a crash-looping model without a worker, before its next try."""
+    retry_after = backoff.retry_after_s(now)
+    error = PredictionError(
+        503,
+        f"model {spec.label()!r} has no worker: it is crash-looping ({backoff.cause}); the next "
+        f"worker starts in {retry_after} s",
+        **labels(spec),
+    )
+    error.headers["Retry-After"] = str(retry_after)
+    return error
 
 
 def removed(spec: ModelSpec, why: str) -> PredictionError:

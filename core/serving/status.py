@@ -4,6 +4,7 @@ metrics read it at scrape time: :class:`ModelStatus`, built from its queue by :f
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -57,6 +58,17 @@ class TemplateStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     rss_mb: int | None = None
 
 
+class BackoffStatus(msgspec.Struct, kw_only=True):
+    """A crash-looping model's wait before its next worker starts (None when it is not)."""
+
+    reason: str
+    quick_exits: Annotated[int, Meta(description="Workers in a row that exited soon after start.")]
+    delay_s: Annotated[float, Meta(description="The current wait between attempts (capped).")]
+    next_attempt_in_s: Annotated[
+        float, Meta(description="Seconds until the next worker may start; 0 once it may.")
+    ]
+
+
 class WorkerStatus(msgspec.Struct, kw_only=True):
     pid: int
     host: str
@@ -92,6 +104,7 @@ class ModelStatus(msgspec.Struct, kw_only=True):
     cold_starts: int
     worker_exits: int
     last_error: str | None
+    backoff: BackoffStatus | None
     pool: PoolSpec
     resources: Resources
     start: WorkerStart
@@ -134,6 +147,7 @@ def describe(queue: ModelQueue, default_version: str) -> ModelStatus:
         cold_starts=queue.cold_starts,
         worker_exits=queue.worker_exits,
         last_error=queue.last_error,
+        backoff=_backoff(queue),
         pool=spec.pool,
         resources=spec.resources,
         start=spec.start,
@@ -148,6 +162,18 @@ def describe(queue: ModelQueue, default_version: str) -> ModelStatus:
             )
             for slot in slots
         ],
+    )
+
+
+def _backoff(queue: ModelQueue) -> BackoffStatus | None:
+    backoff = queue.backoff
+    if backoff is None:
+        return None
+    return BackoffStatus(
+        reason=backoff.cause,
+        quick_exits=backoff.quick_exits,
+        delay_s=round(backoff.delay_s, 3),
+        next_attempt_in_s=round(max(0.0, backoff.next_attempt_at - time.monotonic()), 3),
     )
 
 
@@ -167,7 +193,7 @@ def sample(queue: ModelQueue) -> QueueSample:
         queue_depth=queue.queue_depth,
         ready=queue.ready_replicas,
         starting=len(queue.starting),
-        healthy=queue.unhealthy_because is None,
+        healthy=queue.state != "unhealthy",
         cold_starts=queue.cold_starts,
         worker_exits=queue.worker_exits,
         rejected=queue.rejected,

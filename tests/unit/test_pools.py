@@ -48,6 +48,7 @@ class FakeProcesses:
         self.retired_at: list[float] = []
         self.not_before = 0.0
         self.loading = False
+        self.joined_pids: list[int] = []
         self._waiters: list[asyncio.Future[None]] = []
 
     def prepare(self, spec: ModelSpec) -> None:
@@ -58,6 +59,9 @@ class FakeProcesses:
 
     def retry_at(self, spec: ModelSpec) -> float | None:
         return self.not_before if self.not_before > time.monotonic() else None
+
+    def joined(self, pid: int) -> None:
+        self.joined_pids.append(pid)
 
     def spawn(self, spec: ModelSpec) -> bool:
         now = time.monotonic()

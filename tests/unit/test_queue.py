@@ -16,7 +16,7 @@ import ketch.serving.queue as queue_module
 from ketch.observability.metrics import Metrics
 from ketch.serving import status
 from ketch.serving.admission import Deadlines
-from ketch.serving.jobs import Deadline, PredictionError
+from ketch.serving.jobs import Backoff, Deadline, PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.serving.refusals import queue_full
 from ketch.zmq_transport.broker import RemoteError
@@ -60,6 +60,9 @@ class RecordingPool:
 
     def pool_changed(self, queue: ModelQueue) -> None:
         self.told.append(queue.active_requests)
+
+    def process_joined(self, pid: int) -> None:
+        pass
 
 
 # -- batching -------------------------------------------------------------------------------
@@ -499,6 +502,39 @@ async def test_an_unhealthy_model_answers_what_waits_and_what_comes_503() -> Non
         assert "is unhealthy and no longer served: 3 workers in a row exited early" in str(error)
     assert status.sample(queue).healthy is False
     assert described(queue)["state"] == "unhealthy"
+
+
+@in_loop
+async def test_a_crash_looping_model_without_workers_answers_503_until_its_next_attempt() -> None:
+    queue, _, _ = new_queue()
+    soon = queue.submit([1], within(50))  # its deadline comes before the next attempt
+    patient = queue.submit([2], within(60_000))  # it may be answered after it
+    next_attempt = time.monotonic() + 5.0
+    queue.back_off(Backoff("5 workers in a row exited early", 5, 5.0, next_attempt))
+    error = await refusal(soon)
+    assert error.status == 503 and int(error.headers["Retry-After"]) in (4, 5)
+    assert "is crash-looping (5 workers in a row exited early)" in str(error)
+    assert not patient.done()
+    fast = await refusal(queue.submit([3], within()))
+    assert fast.status == 503 and "the next worker starts in" in str(fast)
+    assert described(queue)["state"] == "unhealthy"
+    assert described(queue)["backoff"]["quick_exits"] == 5
+    assert status.sample(queue).healthy is False
+    worker = make_worker(queue.spec)
+    queue.add_worker(worker)  # it healed
+    assert described(queue)["state"] == "ready" and described(queue)["backoff"] is None
+
+
+@in_loop
+async def test_a_crash_looping_model_with_a_ready_worker_keeps_serving() -> None:
+    queue, sink, _ = new_queue()
+    worker = make_worker(queue.spec)
+    queue.add_worker(worker)
+    queue.back_off(Backoff("5 workers in a row exited early", 5, 5.0, time.monotonic() + 5))
+    answer = queue.submit([1], within())
+    queue.batch_replied(worker, sink.sent[0].batch_id, [2])
+    assert await answer == [2]
+    assert described(queue)["state"] == "ready" and queue.ready_to_serve
 
 
 @in_loop
