@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 import time
 from dataclasses import dataclass
 
 from ketch.pools.supervisor import LocalWorkers
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.queue import ModelQueue
+from ketch.serving.sink import Worker
 from ketch.specs.models import ModelSpec, PoolSpec
 
 #: How often workers' resident memory is compared with their model's ``memory_mb``.
@@ -119,6 +121,10 @@ class PoolManager:
 
     def process_joined(self, pid: int) -> None:
         self._workers.joined(pid)
+
+    def process_stalled(self, worker: Worker, why: str) -> None:
+        if worker.host == socket.gethostname():
+            self._workers.kill(worker.pid, why)
 
     def pool_changed(self, queue: ModelQueue) -> None:
         """Start or stop workers as ``queue``'s load asks, and set the timer for the next

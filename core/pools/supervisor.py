@@ -368,6 +368,14 @@ class LocalWorkers:
         """``pid`` is about to be told DISCONNECT: its exit is expected, not a crash."""
         self._retired.add(pid)
 
+    def kill(self, pid: int, why: str) -> None:
+        """Kill worker ``pid`` for cause (it hung); its exit is described with ``why``."""
+        entry = self._processes.get(pid)
+        if entry is None or entry.kind != "worker" or entry.killed_because is not None:
+            return
+        entry.killed_because = f"worker pid {pid} was killed: {why}"
+        entry.handle.kill()
+
     def release(self, spec: ModelSpec, still_starting: set[int]) -> None:
         """``spec`` is no longer served: stop its template and its workers still starting
         (``still_starting``), and forget its restart history (the model may be added again,

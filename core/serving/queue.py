@@ -17,6 +17,7 @@ queue, and the broker hands that worker's replies to the queue itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import socket
 import time
@@ -51,6 +52,28 @@ _SCAN_AHEAD = 64
 #: Answered requests per model version whose latency ``GET /models`` summarises.
 LATENCIES_KEPT = 1000
 
+# Stalled batches. A worker that holds a batch far longer than the model usually takes (it
+# hangs, or it is a peer that never answers) has the batch retried on another worker, well
+# before the request's deadline; one that keeps stalling is dropped.
+#: How many times the model's usual batch time (the p99 of the last ones) makes a stall.
+STALL_FACTOR = 10.0
+#: Never a stall below this: a busy machine's scheduling noise is not a hung worker.
+STALL_MIN_S = 1.0
+#: Batch times observed before the usual one is trusted (unless ``stall_timeout_s`` is set).
+STALL_SAMPLES_NEEDED = 20
+#: The stall time until then: long enough for a first batch that warms a framework up,
+#: well within the default request timeout, so a peer that never answers costs no request.
+STALL_UNKNOWN_S = 30.0
+#: Batch times the usual one is derived from.
+_STALL_SAMPLES_KEPT = 256
+#: How often a queue with batches in flight looks for stalled ones.
+STALL_CHECK_S = 0.25
+#: A worker is dropped after this many stalls without a timely answer between them, or once
+#: it has held a stalled batch for this many stall times.
+STALLS_BEFORE_DROP = 3
+
+
+log = logging.getLogger("ketch.queue")
 
 #: What a model version can do now: serve (ready), soon (starting), after a cold start (zero),
 #: or no more (unhealthy). A model only hand-started workers defined is never at zero: it is
@@ -67,6 +90,10 @@ class PoolListener(Protocol):
     def process_joined(self, pid: int) -> None:
         """Local process ``pid`` of this pool said READY."""
 
+    def process_stalled(self, worker: Worker, why: str) -> None:
+        """``worker`` of this pool was dropped for stalling; if it is a local process, it may
+        be hung, and must not linger."""
+
 
 @dataclass(slots=True)
 class Batch:
@@ -75,6 +102,8 @@ class Batch:
     parts: list[Part]
     size: int
     sent_at: float
+    #: Held too long: its parts were retried elsewhere, and its late answer is ignored.
+    stalled: bool = False
 
 
 @dataclass(slots=True)
@@ -85,10 +114,18 @@ class WorkerSlot:
     batches: dict[int, Batch] = field(default_factory=dict)
     #: A send to it failed: it takes no batch until the sink reports it lost.
     unreachable: bool = False
+    #: Stalls since its last timely answer.
+    stalls: int = 0
+    #: Stalled batches it still holds: while it does, it gets no more.
+    stalled_batches: int = 0
 
     @property
     def has_room(self) -> bool:
-        return not self.unreachable and len(self.batches) < self.info.capacity
+        return (
+            not self.unreachable
+            and not self.stalled_batches
+            and len(self.batches) < self.info.capacity
+        )
 
 
 class ModelQueue:
@@ -148,6 +185,9 @@ class ModelQueue:
         self._latencies: deque[float] = deque(maxlen=LATENCIES_KEPT)
         #: Why this version no longer takes requests (removed through the management API).
         self.removed_because: str | None = None
+        #: Seconds from send to answer of the last batches: what a stall is measured against.
+        self._batch_times: deque[float] = deque(maxlen=_STALL_SAMPLES_KEPT)
+        self._stall_timer: asyncio.TimerHandle | None = None
         #: Futures of :meth:`wait_ready` and :meth:`wait_drained` callers.
         self._ready_waiters: list[asyncio.Future[None]] = []
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -463,6 +503,79 @@ class ModelQueue:
         worker.batches[batch.id] = batch
         self.last_batch_size = batch.size
         self._metrics.batch_sent(batch.size)
+        if self._stall_timer is None:
+            self._stall_timer = asyncio.get_running_loop().call_later(
+                STALL_CHECK_S, self._look_for_stalls
+            )
+
+    # -- stalled batches --------------------------------------------------------------------
+
+    def stall_after_s(self) -> float:
+        """How long a worker may hold a batch before it is a stall: the model's
+        ``stall_timeout_s``, else :data:`STALL_FACTOR` times the p99 of the last batch times
+        (at least :data:`STALL_MIN_S`), or :data:`STALL_UNKNOWN_S` until enough were timed."""
+        if self.spec.stall_timeout_s is not None:
+            return self.spec.stall_timeout_s
+        if len(self._batch_times) < STALL_SAMPLES_NEEDED:
+            return STALL_UNKNOWN_S
+        usual = float(np.percentile(self._batch_times, 99))
+        return max(STALL_MIN_S, STALL_FACTOR * usual)
+
+    def _look_for_stalls(self) -> None:
+        self._stall_timer = None
+        limit = self.stall_after_s()
+        now = time.monotonic()
+        for slot in list(self._workers.values()):
+            self._check_worker(slot, limit, now)
+        if any(slot.batches for slot in self._workers.values()):
+            self._stall_timer = asyncio.get_running_loop().call_later(
+                STALL_CHECK_S, self._look_for_stalls
+            )
+
+    def _check_worker(self, slot: WorkerSlot, limit: float, now: float) -> None:
+        """Retry the batches ``slot`` has held past ``limit``; drop it if it keeps stalling."""
+        held_longest = 0.0
+        for batch in slot.batches.values():
+            held = now - batch.sent_at
+            held_longest = max(held_longest, held)
+            if batch.stalled or held < limit:
+                continue
+            batch.stalled = True
+            slot.stalls += 1
+            slot.stalled_batches += 1
+            log.warning(
+                "%s has held batch %d for %.1f s (a stall is %.1f s): retrying it elsewhere",
+                slot.info.describe(),
+                batch.id,
+                held,
+                limit,
+            )
+            self._retry_parts(batch.parts, slot.info, f"it stalled for {held:.1f} s")
+        if slot.stalls >= STALLS_BEFORE_DROP or held_longest >= STALLS_BEFORE_DROP * limit:
+            why = (
+                f"it stalled {slot.stalls} times, holding a batch for {held_longest:.1f} s "
+                f"(a stall is {limit:.1f} s)"
+            )
+            self._sink.drop(slot.info, why)
+            if self._pool is not None:
+                self._pool.process_stalled(slot.info, why)
+        self.pump()
+
+    def _retry_parts(self, parts: list[Part], worker: Worker, reason: str) -> None:
+        """Put ``parts`` back at the front for another worker, or fail those sent twice."""
+        retry: list[Part] = []
+        for part in parts:
+            if part.job.future.done():
+                continue
+            if part.attempts >= MAX_ATTEMPTS:
+                part.job.fail(
+                    refusals.worker_lost(self.spec, worker.describe(), reason, part.attempts)
+                )
+            else:
+                # A fresh part: the stalled batch keeps its own, whose late answer is ignored.
+                retry.append(Part(part.job, part.start, part.stop, part.attempts))
+        for part in reversed(retry):
+            self._enqueue(part, first=True)
 
     # -- worker events ----------------------------------------------------------------------
 
@@ -513,19 +626,10 @@ class ModelQueue:
         worker = self._workers.pop(info.identity, None)
         if worker is None:
             return
-        retry: list[Part] = []
+        # Retries go first: they have waited longest. A stalled batch was retried already.
         for batch in worker.batches.values():
-            for part in batch.parts:
-                if part.job.future.done():
-                    continue
-                if part.attempts >= MAX_ATTEMPTS:
-                    error = refusals.worker_lost(self.spec, info.describe(), reason, part.attempts)
-                    part.job.fail(error)
-                else:
-                    retry.append(part)
-        # Retries go first: they have waited longest.
-        for part in reversed(retry):
-            self._enqueue(part, first=True)
+            if not batch.stalled:
+                self._retry_parts(batch.parts, info, reason)
         if self.abandoned:
             error = refusals.no_worker(self.spec)
             while self._pending:
@@ -583,8 +687,21 @@ class ModelQueue:
         self.pump()
 
     def _finish(self, info: Worker, batch_id: int) -> Batch | None:
+        """The batch ``info`` answered, out of its worker's; None when its answer no longer
+        matters (the worker left, or the batch stalled and was retried elsewhere)."""
         worker = self._workers.get(info.identity)
-        return None if worker is None else worker.batches.pop(batch_id, None)
+        if worker is None:
+            return None
+        batch = worker.batches.pop(batch_id, None)
+        if batch is None:
+            return None
+        if batch.stalled:
+            worker.stalled_batches -= 1
+            self.pump()  # the worker takes batches again
+            return None
+        worker.stalls = 0
+        self._batch_times.append(time.monotonic() - batch.sent_at)
+        return batch
 
     def _fail(self, parts: list[Part], error: PredictionError) -> None:
         for part in parts:

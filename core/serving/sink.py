@@ -29,11 +29,12 @@ class BatchSink(Protocol):
         """
         ...
 
+    def drop(self, worker: Worker, reason: str) -> None:
+        """Let ``worker`` go (told DISCONNECT, reported lost, from the caller's stack)."""
+        ...
+
 
 class WorkerLink(BatchSink, Protocol):
-    """What the dispatcher needs of the broker besides sending: its workers, and letting one
-    go (told DISCONNECT, reported lost)."""
+    """What the dispatcher needs of the broker besides sending and dropping: its workers."""
 
     def workers(self) -> Iterator[Worker]: ...
-
-    def drop(self, worker: Worker, reason: str) -> None: ...

@@ -30,7 +30,14 @@ from ketch.specs.models import (
 )
 from ketch.specs.resources import Resources
 
-_SPEC_OPTIONS = ("max_batch_size", "max_delay_ms", "slo_ms", "max_queue", "cache_size")
+_SPEC_OPTIONS = (
+    "max_batch_size",
+    "max_delay_ms",
+    "slo_ms",
+    "max_queue",
+    "cache_size",
+    "stall_timeout_s",
+)
 _POOL_OPTIONS = PoolSpec.__struct_fields__
 _RESOURCE_OPTIONS = Resources.__struct_fields__
 _START_OPTIONS = WorkerStart.__struct_fields__

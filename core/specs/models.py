@@ -129,6 +129,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     :param max_queue: inputs waiting for a worker beyond which requests are answered 429.
     :param cache_size: prediction cache, off by default: a number of entries, or a size in
         bytes as text (``"64MB"``, ``"1GiB"``).
+    :param stall_timeout_s: a batch a worker holds longer than this is retried on another
+        worker (and a worker that keeps stalling is dropped); None derives it from the batch
+        times the queue observed.
     :param is_async: whether the function is ``async def``.
     :param pool: how many workers serve it, and when.
     :param resources: what each worker may use (cores, memory, threads, GPUs).
@@ -156,6 +159,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     slo_ms: float | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     cache_size: int | str | None = None
+    stall_timeout_s: float | None = None
     pool: PoolSpec = msgspec.field(default_factory=PoolSpec)
     resources: Resources = msgspec.field(default_factory=Resources)
     start: WorkerStart = msgspec.field(default_factory=WorkerStart)
@@ -215,6 +219,7 @@ def validated_spec(
     slo_ms: float | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     cache_size: int | str | None = None,
+    stall_timeout_s: float | None = None,
     pool: PoolSpec | None = None,
     resources: Resources | None = None,
     start: WorkerStart | None = None,
@@ -255,6 +260,10 @@ def validated_spec(
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
         raise ValueError(f"max_queue of {name!r} must be an int >= 1, got {max_queue!r}")
     cache_limit(cache_size, name)
+    if stall_timeout_s is not None and (not _is_number(stall_timeout_s) or not stall_timeout_s > 0):
+        raise ValueError(
+            f"stall_timeout_s of {name!r} must be a number of seconds > 0, got {stall_timeout_s!r}"
+        )
     return ModelSpec(
         name=name,
         version=version,
@@ -265,6 +274,7 @@ def validated_spec(
         slo_ms=float(slo_ms) if slo_ms is not None else None,
         max_queue=max_queue,
         cache_size=cache_size,
+        stall_timeout_s=float(stall_timeout_s) if stall_timeout_s is not None else None,
         pool=pool or PoolSpec(),
         resources=resources or Resources(),
         start=start or WorkerStart(),
@@ -332,6 +342,7 @@ def model(
     slo_ms: float | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     cache_size: int | str | None = None,
+    stall_timeout_s: float | None = None,
     min_replicas: int = 0,
     max_replicas: int = 1,
     idle_timeout_s: float = 300.0,
@@ -359,6 +370,7 @@ def model(
     slo_ms: float | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     cache_size: int | str | None = None,
+    stall_timeout_s: float | None = None,
     min_replicas: int = 0,
     max_replicas: int = 1,
     idle_timeout_s: float = 300.0,
@@ -378,8 +390,8 @@ def model(
     :param name: the model's URL name; defaults to the function's name.
     :param version: version label (default ``"1"``).
     :param max_batch_size: most inputs passed to one call of the function (default 32).
-    :param max_delay_ms, slo_ms, max_queue, cache_size: batching, deadlines, backpressure and
-        the prediction cache, see :class:`ModelSpec`.
+    :param max_delay_ms, slo_ms, max_queue, cache_size, stall_timeout_s: batching, deadlines,
+        backpressure, the prediction cache and stalled batches, see :class:`ModelSpec`.
     :param min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s:
         the model's worker pool, see :class:`PoolSpec`. By default a model has no worker
         until its first request, one while it has traffic, and none again after 5 idle
@@ -435,6 +447,7 @@ def model(
             slo_ms=slo_ms,
             max_queue=max_queue,
             cache_size=cache_size,
+            stall_timeout_s=stall_timeout_s,
             batch_input=batch_input,
             is_async=inspect.iscoroutinefunction(func),
             pool=pool,
