@@ -86,6 +86,7 @@ late = ketch.app("late", models=["slow"], slo_ms=100, default_output=-1)
 late_no_default = ketch.app("late_no_default", models=["slow"], slo_ms=100)
 fails = ketch.app("fails", models=["broken"])
 fails_over = ketch.app("fails_over", models=["broken", "good"], policy="ensemble")
+forgetful = ketch.app("forgetful", models=["good"], query_memory="12KB")
 """
 
 
@@ -268,6 +269,25 @@ def test_bad_feedback_gets_a_clear_error_and_nothing_is_lost(served: KetchServer
     assert ask(served, "one", 2)["output"] == 0.9
 
 
+def test_past_its_query_memory_an_application_forgets_its_oldest_queries(
+    served: KetchServer,
+) -> None:
+    # Each query keeps its 5,000-character input: 12 KB holds two of them, not three.
+    ids = [ask(served, "forgetful", f"{n}" * 5000)["query_id"] for n in range(4)]
+    status = app_status(served, "forgetful")
+    assert status["query_memory"] == "12KB"
+    assert status["queries_held"] == 2
+    assert 2 * 5000 < status["query_bytes_held"] <= 12_000
+    oldest = served.client.post("/apps/forgetful/feedback", json={"query_id": ids[0], "reward": 1})
+    unknown = served.client.post("/apps/forgetful/feedback", json={"query_id": "x", "reward": 1})
+    assert oldest.status_code == unknown.status_code == 404
+    assert oldest.json().keys() == unknown.json().keys() == {"error", "app"}
+    assert oldest.json()["error"].startswith(f"application 'forgetful' has no query {ids[0]!r}")
+    assert "latest queries (at most 100000 and 12000 bytes" in oldest.json()["error"]
+    assert tell(served, "forgetful", ids[-1], reward=1)["rewards"] == {"good": 1}
+    assert app_status(served, "forgetful")["feedback"] == 1
+
+
 MISBEHAVING = """
 import ketch
 
@@ -379,6 +399,11 @@ def test_policy_state_is_kept_across_a_gateway_restart(start_server: Start, tmp_
         (
             "a = ketch.app('a', models=['good'], policy='exp3', params={'gama': 1})",
             "policy 'exp3' rejects its models ['good'] or params {'gama': 1}",
+        ),
+        (
+            "a = ketch.app('a', models=['good'], query_memory='lots')",
+            "query_memory of application 'a' must be a number of queries >= 1 or a size like "
+            "'64MB', got 'lots'",
         ),
     ],
 )

@@ -10,10 +10,11 @@ One :class:`Application` per declared application, in the gateway. A query goes:
 4. at the deadline, or when nothing is left to ask, ``policy.combine`` gets the predictions
    that arrived (straggler mitigation); with none, the ``default_output`` is answered.
 
-Each answer is remembered (the last :data:`QUERIES_KEPT` per application) with every
-prediction that reached the gateway, late ones included, so that feedback can reward each
-model. A policy's code runs in the gateway: whatever it raises or returns that does not make
-sense becomes a 500 that names the policy and its plugin, and the gateway carries on.
+Each answer is remembered with every prediction that reached the gateway, late ones included,
+so that feedback can reward each model: the latest ones, within the application's count and
+byte bounds (``query_memory``, :mod:`ketch.applications.memory`). A policy's code runs in the
+gateway: whatever it raises or returns that does not make sense becomes a 500 that names the
+policy and its plugin, and the gateway carries on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import logging
 import math
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from ketch.applications.memory import QUERY_OVERHEAD_BYTES, QueryMemory, encoded_size
+from ketch.applications.saving import StateSaver
 from ketch.applications.state import StateStore
 from ketch.errors import AppError
 from ketch.observability.metrics import AppSample
@@ -42,11 +44,6 @@ from ketch.serving.jobs import Deadline, PredictionError
 from ketch.specs.apps import AppSpec
 
 log = logging.getLogger("ketch.apps")
-
-#: Queries per application remembered for feedback; older ones answer feedback with a 404.
-QUERIES_KEPT = 100_000
-#: How often changed policy state is written to disk.
-SAVE_INTERVAL_S = 1.0
 
 
 @dataclass(slots=True)
@@ -60,6 +57,8 @@ class _Record:
     output: Any = None
     default: bool = False
     has_feedback: bool = False
+    #: Whether it is in the application's memory: a prediction arriving later adds its size.
+    kept: bool = False
 
 
 class Application:
@@ -79,7 +78,7 @@ class Application:
         self._dispatcher = dispatcher
         self._deadlines = deadlines
         self._plugin = plugins.plugin_of_policy(spec.policy)
-        self._records: OrderedDict[str, _Record] = OrderedDict()
+        self._memory: QueryMemory[_Record] = QueryMemory(*spec.query_bounds())
         self._background: set[asyncio.Future[Any]] = set()
         self.dirty = False
         self.counts = {"queries": 0, "defaults": 0, "errors": 0, "feedback": 0}
@@ -153,7 +152,7 @@ class Application:
     ) -> None:
         for reference in models:
             task = asyncio.ensure_future(self._ask_model(reference, record.query.input, deadline))
-            task.add_done_callback(_arrival(reference, record, failures))
+            task.add_done_callback(_arrival(reference, record, failures, self._memory))
             tasks[reference] = task
 
     async def _ask_model(self, reference: str, value: Any, deadline: Deadline) -> Any:
@@ -244,9 +243,8 @@ class Application:
         task.add_done_callback(self._background.discard)
 
     def _remember(self, record: _Record) -> None:
-        self._records[record.query.id] = record
-        while len(self._records) > QUERIES_KEPT:
-            self._records.popitem(last=False)
+        record.kept = True
+        self._memory.remember(record.query.id, record, _size_of(record))
 
     # -- feedback ---------------------------------------------------------------------------
 
@@ -254,12 +252,17 @@ class Application:
         self, query_id: str, reward: float | None, label: Any, has_label: bool
     ) -> dict[str, Any]:
         """Teach the policy about one answered query; raises :class:`PredictionError`."""
-        record = self._records.get(query_id)
+        record = self._memory.get(query_id)
         if record is None:
+            # Never answered, or forgotten past the bounds: the client cannot tell which, and
+            # the answer is the same.
+            memory = self._memory
             raise PredictionError(
                 404,
                 f"application {self.spec.name!r} has no query {query_id!r}: feedback must "
-                f"name a query_id it answered (it keeps the last {QUERIES_KEPT})",
+                f"name a query_id it answered, and it keeps only its latest queries (at most "
+                f"{memory.max_queries} and {memory.max_bytes} bytes of them, set by its "
+                f"query_memory {self.spec.query_memory!r})",
                 app=self.spec.name,
             )
         if record.has_feedback:
@@ -334,7 +337,8 @@ class Application:
         the queries answered so far, for their feedback, and the counts. Queries in flight
         finish with this one."""
         after = Application(spec, policy, self._plugins, self._dispatcher, self._deadlines)
-        after._records = self._records
+        after._memory = self._memory
+        after._memory.bound(*spec.query_bounds())
         after._background = self._background
         after.counts = self.counts
         after.dirty = True
@@ -349,12 +353,17 @@ class Application:
             **self.spec.to_dict(),
             "plugin": self._plugin,
             **self.counts,
+            "queries_held": len(self._memory),
+            "query_bytes_held": self._memory.held_bytes,
             "policy_state": state,
         }
 
 
 def _arrival(
-    reference: str, record: _Record, failures: dict[str, PredictionError]
+    reference: str,
+    record: _Record,
+    failures: dict[str, PredictionError],
+    memory: QueryMemory[_Record],
 ) -> Callable[[asyncio.Future[Any]], None]:
     """Done-callback of a model's task: keep its prediction, or why it has none."""
 
@@ -363,13 +372,27 @@ def _arrival(
             return
         error = task.exception()
         if error is None:
-            record.predictions[reference] = task.result()
+            prediction = record.predictions[reference] = task.result()
+            if record.kept:  # a straggler or a mirror, after the answer
+                memory.grow(record.query.id, encoded_size(prediction))
         elif isinstance(error, PredictionError):
             failures[reference] = error
         else:
             failures[reference] = PredictionError(500, f"{type(error).__name__}: {error}")
 
     return arrived
+
+
+def _size_of(record: _Record) -> int:
+    """What keeping ``record`` costs, as :mod:`ketch.applications.memory` counts it."""
+    size = QUERY_OVERHEAD_BYTES + encoded_size(record.query.input)
+    size += encoded_size(record.query.notes)
+    predictions = list(record.predictions.values())
+    size += sum(encoded_size(prediction) for prediction in predictions)
+    # The output is often one of the predictions, or the shared default_output: no new bytes.
+    if not record.default and not any(record.output is p for p in predictions):
+        size += encoded_size(record.output)
+    return size
 
 
 def _why_missing(error: PredictionError | None, budget_s: float) -> str:
@@ -403,7 +426,7 @@ class Applications:
         self._plugins = plugins
         self._dispatcher = dispatcher
         self._deadlines = deadlines
-        self._saver: asyncio.Task[None] | None = None
+        self._saver = StateSaver(store, self._apps.values)
 
     def build(self, spec: AppSpec) -> Application:
         """An application for ``spec`` with a fresh policy; raises :class:`AppError` naming
@@ -482,7 +505,7 @@ class Applications:
         first, so adding it back with the same policy resumes it."""
         application = self.get(name)
         del self._apps[name]
-        self._save(application)
+        self._saver.save_now(application)
         return application
 
     def linking(self, name: str, version: str | None) -> list[str]:
@@ -529,33 +552,12 @@ class Applications:
         return sorted(self._apps.items())
 
     def start(self) -> None:
-        self._saver = asyncio.ensure_future(self._save_periodically())
+        """Save the policies' state as it changes (:mod:`ketch.applications.saving`)."""
+        self._saver.start()
 
     async def stop(self) -> None:
-        if self._saver is not None:
-            self._saver.cancel()
-            await asyncio.gather(self._saver, return_exceptions=True)
-        self.save_changed()
-
-    async def _save_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(SAVE_INTERVAL_S)
-            self.save_changed()
-
-    def save_changed(self) -> None:
-        for application in self._apps.values():
-            self._save(application)
-
-    def _save(self, application: Application) -> None:
-        if not application.dirty:
-            return
-        application.dirty = False
-        try:
-            self._store.save(application.spec, application.policy.state_dict())
-        except Exception:
-            log.exception(
-                "the policy state of application %r cannot be saved", application.spec.name
-            )
+        """Save what changed since the last save; no more saving after."""
+        await self._saver.stop()
 
 
 def build_applications(

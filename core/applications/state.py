@@ -1,7 +1,10 @@
 """Keep each application's policy state on disk, so a restarted gateway goes on learning.
 
 One JSON file per application under the state directory (``apps/{name}.json``), written
-atomically (a temporary file, then a rename) so a crash mid-write leaves the previous state.
+atomically and durably: a temporary file, flushed to the disk (``fsync``), renamed over the old
+one, and the directory flushed too, so that the rename itself survives a power cut. A crash
+mid-write leaves the previous state (and perhaps a ``.{name}.*.tmp`` file, never read); once
+:meth:`StateStore.write` has returned, the new state is on the disk.
 The file records the policy and models it was learnt with: state saved for another policy is
 not loaded into this one (it is kept aside as ``.stale``). State saved for other models (an
 operator linked or unlinked some through the management API) is offered to the same policy,
@@ -10,6 +13,8 @@ whose ``load_state_dict`` keeps what it knows of the models it still has.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import tempfile
@@ -33,6 +38,16 @@ def default_state_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
     return Path(base) / "ketch"
+
+
+class StateNotSaved(Exception):
+    """The policy state of an application could not be written: the message names the
+    application, the file, the step that failed and the operating system's reason."""
+
+
+#: What ``fsync`` of a directory raises on a file system that cannot flush one (some network
+#: and FUSE file systems): the file itself was flushed, and there is nothing more to do.
+_DIRECTORY_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,21 +97,49 @@ class StateStore:
         self._set_aside(self.path_of(app_name), why)
 
     def save(self, spec: AppSpec, state: dict[str, Any]) -> None:
-        """Write ``state`` for the application; raises ``TypeError`` when it is not JSON."""
-        content = orjson.dumps(
+        """Write ``state`` for the application; raises ``TypeError`` when it is not JSON,
+        :class:`StateNotSaved` when it cannot be written."""
+        self.write(spec.name, self.encode(spec, state))
+
+    @staticmethod
+    def encode(spec: AppSpec, state: dict[str, Any]) -> bytes:
+        """The file's content for ``state``; raises ``TypeError`` when it is not JSON."""
+        return orjson.dumps(
             {"app": spec.name, "policy": spec.policy, "models": list(spec.models), "state": state},
             option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2,
         )
-        path = self.path_of(spec.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{spec.name}.", dir=path.parent)
+
+    def write(self, app_name: str, content: bytes) -> None:
+        """Replace the application's file with ``content``, on the disk when this returns;
+        raises :class:`StateNotSaved`, leaving the previous file as it was."""
+        path = self.path_of(app_name)
+        step = f"creating {path.parent}"
         try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(content)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+            step = f"creating a temporary file in {path.parent}"
+            handle, temporary = tempfile.mkstemp(
+                prefix=f".{app_name}.", suffix=".tmp", dir=path.parent
+            )
+            try:
+                with os.fdopen(handle, "wb") as out:
+                    step = f"writing {temporary}"
+                    out.write(content)
+                    out.flush()
+                    step = f"flushing {temporary} to the disk"
+                    os.fsync(out.fileno())
+                step = f"renaming {temporary} to {path}"
+                os.replace(temporary, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+            step = f"flushing the directory {path.parent} to the disk (the file is renamed)"
+            _sync_directory(path.parent)
+        except OSError as exc:
+            raise StateNotSaved(
+                f"the policy state of application {app_name!r} was not saved to {path}: "
+                f"{step} failed: {exc.strerror or exc}"
+            ) from exc
 
     def _set_aside(self, path: Path, why: str) -> None:
         stale = path.with_suffix(".stale")
@@ -105,3 +148,15 @@ class StateStore:
             os.replace(path, stale)
         except OSError:
             pass
+
+
+def _sync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries (a rename into it) to the disk."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    except OSError as exc:
+        if exc.errno not in _DIRECTORY_SYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(descriptor)

@@ -145,11 +145,18 @@ class AppDescription(msgspec.Struct, kw_only=True):
     slo_ms: float | None
     default_output: Any
     has_default_output: bool
+    query_memory: Annotated[
+        int | str, Meta(description="How much of its answered queries it keeps for feedback.")
+    ]
     plugin: Annotated[str, Meta(description="The plugin that registered the policy.")]
     queries: int
     defaults: int
     errors: int
     feedback: int
+    queries_held: Annotated[int, Meta(description="Answered queries kept for feedback now.")]
+    query_bytes_held: Annotated[
+        int, Meta(description="Their size, as the query_memory bound counts it (bytes).")
+    ]
     policy_state: Any
 
 

@@ -16,7 +16,13 @@ from typing import Any
 import msgspec
 import orjson
 
-from ketch.specs.models import NAME_PATTERN, plain_data
+from ketch.specs.models import NAME_PATTERN, cache_limit, plain_data
+
+#: An application keeps its answered queries for feedback up to two bounds, whichever comes
+#: first: this many queries, and ``DEFAULT_QUERY_MEMORY`` of them; ``query_memory`` sets one.
+MAX_QUERIES_KEPT = 100_000
+DEFAULT_QUERY_MEMORY = "64MiB"
+_DEFAULT_QUERY_BYTES = 64 * 2**20  # DEFAULT_QUERY_MEMORY
 
 
 class AppSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,6 +38,10 @@ class AppSpec(msgspec.Struct, frozen=True, kw_only=True):
     :param default_output: answered (with ``"default": true``) when no model answered in
         time; without one, such a query gets an error.
     :param has_default_output: whether ``default_output`` was given (it may be ``None``).
+    :param query_memory: how much of its answered queries it keeps for feedback: a size in
+        bytes as text (``"64MB"``, ``"1GiB"``) or a number of queries. Both a count bound
+        (100,000 queries) and a byte bound (64 MiB) always apply; this sets one of them. The
+        oldest queries are forgotten first, and feedback for them is a 404.
     """
 
     name: str
@@ -41,6 +51,7 @@ class AppSpec(msgspec.Struct, frozen=True, kw_only=True):
     slo_ms: float | None = None
     default_output: Any = None
     has_default_output: bool = False
+    query_memory: int | str = DEFAULT_QUERY_MEMORY
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain JSON data (what the state file and the management API hold)."""
@@ -57,7 +68,12 @@ class AppSpec(msgspec.Struct, frozen=True, kw_only=True):
             data.get("slo_ms"),
             data.get("default_output"),
             bool(data.get("has_default_output")),
+            data.get("query_memory", DEFAULT_QUERY_MEMORY),
         )
+
+    def query_bounds(self) -> tuple[int, int]:
+        """``(most queries, most bytes)`` this application keeps for feedback."""
+        return query_memory_bounds(self.query_memory, self.name)
 
 
 class _Missing:
@@ -76,6 +92,7 @@ def app(
     params: Mapping[str, Any] | None = None,
     slo_ms: float | None = None,
     default_output: Any = _NO_DEFAULT,
+    query_memory: int | str = DEFAULT_QUERY_MEMORY,
 ) -> AppSpec:
     """Declare an application in the served file: ``reviews = ketch.app("reviews",
     models=[...], policy="exp3", slo_ms=50, default_output=0.5)``.
@@ -93,6 +110,7 @@ def app(
         slo_ms,
         default_output if has_default else None,
         has_default,
+        query_memory,
     )
 
 
@@ -104,6 +122,7 @@ def validated_app(
     slo_ms: float | None,
     default_output: Any,
     has_default_output: bool,
+    query_memory: int | str = DEFAULT_QUERY_MEMORY,
 ) -> AppSpec:
     """An :class:`AppSpec`, or ``ValueError``/``TypeError`` naming the value that is wrong."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -134,6 +153,7 @@ def validated_app(
         raise ValueError(f"slo_ms of application {name!r} must be a number > 0, got {slo_ms!r}")
     if has_default_output:
         _require_json(name, "default_output", default_output)
+    query_memory_bounds(query_memory, name)
     return AppSpec(
         name=name,
         models=tuple(models),
@@ -142,7 +162,28 @@ def validated_app(
         slo_ms=float(slo_ms) if slo_ms is not None else None,
         default_output=default_output,
         has_default_output=has_default_output,
+        query_memory=query_memory,
     )
+
+
+def query_memory_bounds(query_memory: int | str, app_name: str) -> tuple[int, int]:
+    """``(most queries, most bytes)`` kept for feedback under ``query_memory``: a number sets
+    the count bound, a size the byte bound, and the other keeps its default. Raises
+    ``ValueError`` naming the application and the value when it is neither."""
+    try:
+        # The same forms as a model's cache_size: one parser, one set of units.
+        limit = cache_limit(query_memory, app_name)
+    except ValueError:
+        limit = None
+    if limit is None:
+        raise ValueError(
+            f"query_memory of application {app_name!r} must be a number of queries >= 1 or a "
+            f"size like '64MB', got {query_memory!r}"
+        )
+    kind, amount = limit
+    if kind == "entries":
+        return amount, _DEFAULT_QUERY_BYTES
+    return MAX_QUERIES_KEPT, amount
 
 
 def _is_model_reference(reference: Any) -> bool:
