@@ -39,6 +39,9 @@ LIMITED = """
 
     @ketch.model(memory_mb=150)
     def leaky(xs):
+        if xs[0] == "huge":
+            # 4 GB at once: refused by the kernel before any of it exists.
+            KEEP.append(np.ones(4 * 1024**3 // 8))
         if xs[0] == "leak":
             KEEP.append(np.ones(300 * 1024 * 1024 // 8))  # 300 MB, really touched
             time.sleep(30)  # still computing when the gateway notices
@@ -56,6 +59,19 @@ def test_cpus_threads_and_gpus_reach_the_worker(limited: KetchServer) -> None:
     assert psutil.Process(seen["pid"]).cpu_affinity() == [0]
     assert (seen["omp"], seen["openblas"], seen["cuda"]) == ("1", "1", "1,0")
     assert seen["blas_threads"] and all(n == 1 for n in seen["blas_threads"])
+
+
+def test_one_huge_allocation_is_refused_by_the_kernel_and_the_worker_lives_on(
+    limited: KetchServer,
+) -> None:
+    first = limited.predict("leaky", {"input": "small"}).json()["output"]
+    response = limited.predict("leaky", {"input": "huge"})
+    assert response.status_code == 500
+    assert "MemoryError" in response.json()["error"]
+    again = limited.predict("leaky", {"input": "small"})
+    assert (again.status_code, again.json()["output"]) == (200, first)
+    limit_mb = psutil.Process(first).rlimit(psutil.RLIMIT_DATA)[0] // 2**20
+    assert limit_mb == 2 * 150 + 256
 
 
 def test_worker_over_its_memory_cap_is_recycled_with_a_clear_error(limited: KetchServer) -> None:

@@ -359,21 +359,17 @@ class ModelQueue:
         return not self.served_from_file and not self._workers and not self._starting
 
     def back_off(self, backoff: Backoff) -> None:
-        """Its workers are crash-looping: what waits and cannot be answered before the next
-        attempt (no worker of its own to go to) is answered 503 now."""
+        """Its workers are crash-looping: without a worker, what waits is answered 503 now
+        (with ``Retry-After``) rather than kept through attempts that keep failing; a request
+        that comes once the next attempt is due waits for that attempt."""
         self.backoff = backoff
         self.last_error = backoff.cause
         if self._workers:
             return
         _wake(self._ready_waiters)  # those waiting for a worker hear why none comes
         error = refusals.backing_off(self.spec, backoff, time.monotonic())
-        keep: deque[Part] = deque()
-        for part in self._pending:
-            if part.job.deadline.at <= backoff.next_attempt_at:
-                part.job.fail(error)
-            elif not part.job.future.done():
-                keep.append(part)
-        self._pending = keep
+        while self._pending:
+            self._pending.popleft().job.fail(error)
         self._load_moved(always=True)
 
     def mark_unhealthy(self, cause: str) -> None:

@@ -3,13 +3,19 @@
 A worker applies its own limits as it starts (:func:`apply`): CPU affinity through psutil,
 thread counts through the environment variables the math libraries read when they load, plus
 threadpoolctl for the BLAS numpy already loaded, and ``CUDA_VISIBLE_DEVICES`` for the GPUs.
-The memory cap is enforced from outside, by the gateway watching each worker's resident
-memory (:func:`over_memory_cap`): a process cannot be trusted to police its own leaks.
+The memory cap is enforced twice. The kernel refuses, at once, any allocation that would take
+the worker's private writable memory past :func:`data_limit_bytes` (``RLIMIT_DATA``): one huge
+allocation fails with ``MemoryError`` in the model instead of exhausting the host. It counts
+what is mapped, not what is resident (thread stacks, a BLAS library's buffers), so it leaves
+headroom above ``memory_mb``. The cap itself, on resident memory, is enforced from outside, by
+the gateway watching each worker (:func:`over_memory_cap`) and recycling one past it: a process
+cannot be trusted to police its own leaks.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -33,7 +39,8 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True):
     """Limits for each worker of a model; ``None`` leaves that resource alone.
 
     :param cpus: cores the worker may run on (CPU affinity), e.g. ``(0, 1)``.
-    :param memory_mb: resident memory above which the worker is recycled.
+    :param memory_mb: resident memory above which the worker is recycled; the kernel also
+        refuses allocations past :func:`data_limit_bytes` of private writable memory.
     :param threads: threads the math libraries (OpenMP, MKL, OpenBLAS, torch) may use.
     :param gpus: GPU indices the worker sees (``CUDA_VISIBLE_DEVICES``); ``()`` hides all.
     """
@@ -88,6 +95,28 @@ def apply(resources: Resources) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in resources.gpus)
     if resources.threads is not None:
         limit_threads(resources.threads)
+    if resources.memory_mb is not None:
+        limit_data_memory(resources.memory_mb)
+
+
+#: Private writable memory allowed beyond twice ``memory_mb``: numpy with OpenBLAS maps about
+#: 60 MB more than it keeps resident, a framework more.
+DATA_HEADROOM_MB = 256
+
+
+def data_limit_bytes(memory_mb: int) -> int:
+    """The ``RLIMIT_DATA`` of a worker capped at ``memory_mb`` of resident memory."""
+    return (2 * memory_mb + DATA_HEADROOM_MB) * 1024 * 1024
+
+
+def limit_data_memory(memory_mb: int) -> None:
+    """Have the kernel refuse allocations past :func:`data_limit_bytes` (never raising a
+    limit someone already set lower)."""
+    limit = data_limit_bytes(memory_mb)
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
 def limit_threads(threads: int) -> None:
