@@ -163,6 +163,16 @@ def test_max_batch_size_below_one_fails_naming_the_value(size: int) -> None:
         ketch.model(name="m", max_batch_size=size)(_batch)
 
 
+@pytest.mark.parametrize("timeout", [0, -1.0, "5", True, float("nan")])
+def test_a_stall_timeout_that_is_not_a_positive_number_fails_naming_it(timeout: Any) -> None:
+    with pytest.raises(ValueError, match="stall_timeout_s of 'm' must be a number of seconds > 0"):
+        ketch.model(name="m", stall_timeout_s=timeout)(_batch)
+
+
+def test_a_stall_timeout_is_kept_in_the_spec() -> None:
+    assert ketch.model(name="m", stall_timeout_s=2)(_batch).spec.stall_timeout_s == 2.0
+
+
 @pytest.mark.parametrize("size", [2.0, "8", True, None])
 def test_max_batch_size_of_wrong_type_fails_naming_the_value(size: Any) -> None:
     with pytest.raises(TypeError, match="max_batch_size of 'm' must be an int") as info:
@@ -402,6 +412,7 @@ def test_spec_to_dict_is_plain_data() -> None:
         "slo_ms": None,
         "max_queue": 4096,
         "cache_size": None,
+        "stall_timeout_s": None,
         "pool": {
             "min_replicas": 0,
             "max_replicas": 1,
