@@ -19,6 +19,7 @@ from ketch.applications.state import StateStore, default_state_dir
 from ketch.errors import TargetLoadError
 from ketch.http.admin import Admin
 from ketch.http.auth import Tokens
+from ketch.http.limits import HttpLimits
 from ketch.http.routes import Gateway
 from ketch.http.server import bind_tcp, serve_asgi
 from ketch.observability import events
@@ -69,6 +70,8 @@ class ServeOptions:
     :param allow_worker_models: let a worker started by hand add a model version this server
         does not serve (by default its READY is refused).
     :param broker_max_message_bytes: the largest frame a worker may send the broker.
+    :param http: how large and slow a request may be, and the grace period of a graceful
+        stop (``--max-body-mb``, ``--read-timeout``, ``--shutdown-grace``).
     """
 
     source: str | None
@@ -88,6 +91,7 @@ class ServeOptions:
     insecure_broker: bool = False
     allow_worker_models: bool = False
     broker_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    http: HttpLimits = field(default_factory=HttpLimits)
 
     def __post_init__(self) -> None:
         if self.source is None and not self.models:
@@ -134,12 +138,19 @@ class _Reporter:
 async def serve(
     options: ServeOptions, shutdown: asyncio.Event | None = None, out: TextIO = sys.stdout
 ) -> None:
-    """Run the gateway until ``shutdown`` is set (or SIGINT/SIGTERM when none is given)."""
+    """Run the gateway until ``shutdown`` is set (or SIGINT/SIGTERM when none is given), then
+    give the requests in flight the grace period; a second signal cuts it short."""
     loop = asyncio.get_running_loop()
+    hurry = asyncio.Event()
     if shutdown is None:
         shutdown = asyncio.Event()
+        stop = shutdown
+
+        def stop_gracefully() -> None:
+            (hurry if stop.is_set() else stop).set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, shutdown.set)
+            loop.add_signal_handler(signum, stop_gracefully)
     report = _Reporter(out, options.log_format)
     dispatcher = Dispatcher(report, allow_worker_models=options.allow_worker_models)
     keys = None if options.insecure_broker else BrokerKeys.create(options.broker_keys)
@@ -224,9 +235,9 @@ async def serve(
         # What was built at start lives as long as the server: out of the collector's
         # generations, the collections requests cause walk only what requests allocate.
         gc.freeze()
-        await serve_asgi(app, sock, shutdown.wait)
+        await serve_asgi(app, sock, shutdown.wait, options.http, hurry.wait)
     finally:
-        sock.close()  # a no-op once serve_asgi has handed the socket to Hypercorn
+        sock.close()  # a no-op once serve_asgi has served on it (it closes the socket)
         if apps is not None:
             await apps.stop()
         log.info("HTTP gateway stopped; stopping workers")

@@ -121,6 +121,9 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "heartbeat_liveness",
         "broker_keys",
         "broker_max_message_mb",
+        "max_body_mb",
+        "read_timeout",
+        "shutdown_grace",
     }
 
 

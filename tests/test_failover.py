@@ -5,17 +5,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-import zmq
 
-from ketch.zmq_transport.protocol import Command, decode, encode
-from ketch.zmq_transport.security import WorkerKeys
 from tests.conftest import KILLED_REASON, KetchServer
 
 Start = Callable[..., KetchServer]
@@ -213,64 +209,3 @@ def test_workers_killed_from_outside_after_joining_never_make_a_crash_loop(
     status = server.model_status("double")
     assert (status["state"], status["backoff"]) == ("ready", None)
     assert server.predict("double", {"input": 4}).json()["output"] == 8
-
-
-STALLING = """
-    import ketch
-
-    @ketch.model(stall_timeout_s=0.5, max_replicas=2)
-    def double(xs):
-        return [2 * x for x in xs]
-"""
-
-
-class SilentWorker(threading.Thread):
-    """A peer with an authorized key that says READY for a served model, heartbeats, and
-    never answers a batch: a hung worker, or a rogue one."""
-
-    def __init__(self, broker: str, keys: Path) -> None:
-        super().__init__(daemon=True)
-        self.batches = 0
-        self.done = threading.Event()
-        self._broker, self._keys = broker, keys
-
-    def run(self) -> None:
-        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        WorkerKeys.from_folder(self._keys).apply(sock)
-        sock.connect(self._broker)
-        ready = {"model": {"name": "double"}, "pid": 4242, "host": "silent", "capacity": 1}
-        sock.send_multipart([b"", *encode(Command.READY, ready)])
-        try:
-            while not self.done.is_set():
-                sock.send_multipart([b"", *encode(Command.HEARTBEAT)])
-                if sock.poll(50):
-                    frames = sock.recv_multipart()
-                    if decode(frames[1:]).command is Command.REQUEST:
-                        self.batches += 1
-        finally:
-            sock.close(linger=0)
-            context.term()
-
-
-def test_batches_a_worker_never_answers_are_retried_and_the_worker_dropped(
-    start_server: Start, write_models: Callable[..., Path], broker_keys: Path
-) -> None:
-    server = start_server(
-        write_models(STALLING), "--workers-per-model", "1", "--broker-keys", str(broker_keys)
-    )
-    server.wait_for(r"model double:1 ready: worker pid \d+", seen_too=True)
-    silent = SilentWorker(server.broker, broker_keys)
-    silent.start()
-    try:
-        server.wait_for(r"model double:1 ready: worker pid 4242 on silent")
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda x: server.predict("double", {"input": x}), range(40)))
-        assert [a.status_code for a in answers] == [200] * 40
-        assert [a.json()["output"] for a in answers] == [2 * x for x in range(40)]
-        assert silent.batches >= 1  # it was sent work, which others then answered
-        server.wait_for(r"lost worker pid 4242 on silent \(double:1\): it stalled", seen_too=True)
-        assert 4242 not in {w["pid"] for w in server.model_status("double")["workers"]}
-    finally:
-        silent.done.set()
-        silent.join(10)

@@ -10,8 +10,10 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,3 +400,159 @@ def test_garbage_and_hundreds_of_fake_models_change_nothing(
     refused = re.search(r'ketch_broker_refused_total\{stage="admission"\} (\S+)', metrics)
     assert refused is not None and float(refused.group(1)) == 302
     assert not any("Traceback" in line for line in server.stderr_lines)
+
+
+# -- every route, fuzzed from the OpenAPI document -----------------------------------------
+
+#: A model that takes anything, so that a 500 is the gateway's, not the model's failure.
+FUZZED = """
+    import ketch
+
+    @ketch.model
+    def echo(xs):
+        return xs
+
+    echoed = ketch.app("echoed", models=["echo"])
+"""
+FUZZ_ADMIN_TOKEN = "fuzz-admin-token"
+#: Examples per operation and mode (inputs that fit the schema, and inputs that do not).
+FUZZ_EXAMPLES = 50
+
+
+def served_names(path: str) -> dict[str, str] | None:
+    """The served model or application in the path of a route that predicts or describes, so
+    that requests get past the name to what they send; /admin paths keep generated names,
+    lest the fuzzing remove what it fuzzes."""
+    if path.startswith(("/models/", "/v2/models/")):
+        return {"name": "echo", "version": "1"} if "{version}" in path else {"name": "echo"}
+    if path.startswith("/apps/"):
+        return {"name": "echoed"}
+    return None
+
+
+def asked_for_it(case: Any, answer: Any) -> bool:
+    """Whether a 5xx is the answer the request asked for: a 504 at the deadline it set itself
+    (``X-Ketch-Timeout-Ms``, ``timeout_ms``, ``parameters.timeout``, which may be 1 µs)."""
+    body = case.body if isinstance(case.body, dict) else {}
+    parameters = body.get("parameters")
+    asked = (
+        any(name.lower() == "x-ketch-timeout-ms" for name in case.headers or {})
+        or "timeout_ms" in body
+        or (isinstance(parameters, dict) and "timeout" in parameters)
+    )
+    return asked and answer.status_code == 504
+
+
+def test_no_route_answers_bad_input_with_a_5xx(
+    start_server: StartServer, write_models: WriteModels
+) -> None:
+    """Schemathesis generates requests for every operation of ``/openapi.json``, valid and
+    not, with the admin token so that /admin is reached too: none gets a 5xx, every answer
+    but the metrics is JSON, and the server answers as before afterwards."""
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import Case, GenerationMode
+
+    server = start_server(
+        write_models(FUZZED), "--admin-token", FUZZ_ADMIN_TOKEN, "--workers-per-model", "1"
+    )
+    schema = schemathesis.openapi.from_dict(server.client.get("/openapi.json").json())
+    token = {"Authorization": f"Bearer {FUZZ_ADMIN_TOKEN}"}
+    failures: list[str] = []
+    session = requests.Session()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            # Fixed examples, no shrinking and no example database: the same bounded run
+            # every time, each failure reported as the request that caused it.
+            @settings(
+                max_examples=FUZZ_EXAMPLES,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(mode, path_parameters=served_names(operation.path)))
+            def call(case: Case) -> None:
+                answer = case.call(base_url=server.url, session=session, headers=token, timeout=30)
+                json_answer = answer.headers.get("content-type", [""])[0] == "application/json"
+                server_error = answer.status_code >= 500 and not asked_for_it(case, answer)
+                if server_error or not (json_answer or case.path == "/metrics"):
+                    failures.append(
+                        f"{answer.status_code} {answer.text[:300]}\n  {case.as_curl_command()}"
+                    )
+
+            try:
+                call()
+            except Unsatisfiable:
+                # Nothing to get wrong: an operation without parameters or body.
+                assert mode is GenerationMode.NEGATIVE, operation.label
+    session.close()
+    assert failures == [], "\n".join(failures[:10])
+    assert server.predict("echo", {"input": 21}).json()["output"] == 21
+    assert server.client.get("/v2/health/ready").json() == {"ready": True}
+    assert not any("Traceback" in line for line in server.stderr_lines), server.stderr_lines[-40:]
+
+
+STALLING = """
+    import ketch
+
+    @ketch.model(stall_timeout_s=0.5, max_replicas=2)
+    def double(xs):
+        return [2 * x for x in xs]
+"""
+
+
+class SilentWorker(threading.Thread):
+    """A peer with an authorized key that says READY for a served model, heartbeats, and
+    never answers a batch: a hung worker, or a rogue one."""
+
+    def __init__(self, broker: str, keys: Path) -> None:
+        super().__init__(daemon=True)
+        self.batches = 0
+        self.done = threading.Event()
+        self._broker, self._keys = broker, keys
+
+    def run(self) -> None:
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        WorkerKeys.from_folder(self._keys).apply(sock)
+        sock.connect(self._broker)
+        ready = {"model": {"name": "double"}, "pid": 4242, "host": "silent", "capacity": 1}
+        sock.send_multipart([b"", *encode(Command.READY, ready)])
+        try:
+            while not self.done.is_set():
+                sock.send_multipart([b"", *encode(Command.HEARTBEAT)])
+                if sock.poll(50):
+                    frames = sock.recv_multipart()
+                    if decode(frames[1:]).command is Command.REQUEST:
+                        self.batches += 1
+        finally:
+            sock.close(linger=0)
+            context.term()
+
+
+def test_batches_a_worker_never_answers_are_retried_and_the_worker_dropped(
+    start_server: StartServer, write_models: WriteModels, broker_keys: Path
+) -> None:
+    server = start_server(
+        write_models(STALLING), "--workers-per-model", "1", "--broker-keys", str(broker_keys)
+    )
+    server.wait_for(r"model double:1 ready: worker pid \d+", seen_too=True)
+    silent = SilentWorker(server.broker, broker_keys)
+    silent.start()
+    try:
+        server.wait_for(r"model double:1 ready: worker pid 4242 on silent")
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda x: server.predict("double", {"input": x}), range(40)))
+        assert [a.status_code for a in answers] == [200] * 40
+        assert [a.json()["output"] for a in answers] == [2 * x for x in range(40)]
+        assert silent.batches >= 1  # it was sent work, which others then answered
+        server.wait_for(r"lost worker pid 4242 on silent \(double:1\): it stalled", seen_too=True)
+        assert 4242 not in {w["pid"] for w in server.model_status("double")["workers"]}
+    finally:
+        silent.done.set()
+        silent.join(10)

@@ -31,6 +31,13 @@ from ketch.cli.keys import (
     worker_keys,
 )
 from ketch.errors import KetchError
+from ketch.http.limits import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    DEFAULT_SHUTDOWN_GRACE_S,
+    MIB,
+    HttpLimits,
+)
 from ketch.http.server import run_event_loop
 from ketch.observability.events import LOG_FORMATS, JsonLogFormatter
 from ketch.server import DEFAULT_BROKER, ServeOptions, serve
@@ -173,6 +180,32 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         default=60.0,
         metavar="SECONDS",
         help="answer 504 when a request has no result after this long (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--max-body-mb",
+        type=positive_int,
+        default=DEFAULT_MAX_BODY_BYTES // MIB,
+        metavar="MIB",
+        help="the largest request body, in MiB; a larger one is answered 413 without being "
+        "read (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=DEFAULT_READ_TIMEOUT_S,
+        metavar="SECONDS",
+        help="the longest a request's headers (also the keep-alive timeout of an idle "
+        "connection) and then its body may take to arrive; a late body is answered 408 "
+        "(default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--shutdown-grace",
+        type=positive_float,
+        default=DEFAULT_SHUTDOWN_GRACE_S,
+        metavar="SECONDS",
+        help="on SIGINT or SIGTERM, how long the requests in flight have to finish; later, "
+        "and for new requests, the answer is 503 with Retry-After; a second signal stops at "
+        "once (default %(default)s)",
     )
     serve_cmd.add_argument(
         "--state-dir",
@@ -357,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 insecure_broker=args.insecure_broker,
                 allow_worker_models=args.allow_worker_models,
                 broker_max_message_bytes=args.broker_max_message_mb * 2**20,
+                http=HttpLimits(
+                    max_body_bytes=args.max_body_mb * MIB,
+                    read_timeout_s=args.read_timeout,
+                    shutdown_grace_s=args.shutdown_grace,
+                ),
             )
             run_event_loop(serve(options))
         else:

@@ -13,7 +13,6 @@ import re
 from typing import Any
 
 import msgspec
-import orjson
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
 _EXPECTED = re.compile(r"^Expected `(?P<types>[^`]+)`(?P<bound>.*?)(?:, got `(?P<got>\w+)`)?$")
@@ -44,10 +43,15 @@ def explain(error: msgspec.ValidationError, raw: bytes, shape: type[Any]) -> str
         expected = _EXPECTED.match(what)
         got = expected["got"] if expected and expected["got"] else "value"
         return f"request body must be a JSON object, got a JSON {got}"
+    where = path.lstrip(".")
+    if what == "Number out of range":
+        return f"'{where}' is a number out of range: more than a 64-bit number holds"
     # What a field of the body itself (``.timeout_ms``, not deeper) must be may be declared.
     top = _TOP_FIELD.fullmatch(path)
     must = _declared_must(shape, top[1]) if top else None
-    return f"'{path.lstrip('.')}' must be {must or _in_words(what)}, got {_value_at(raw, path)!r}"
+    got = _value_at(raw, path)
+    said = "" if got is _UNREADABLE else f", got {got!r}"
+    return f"'{where}' must be {must or _in_words(what)}{said}"
 
 
 def _in_words(what: str) -> str:
@@ -78,9 +82,17 @@ def _must_of(info: Any) -> str | None:
     return None
 
 
+#: What :func:`_value_at` gives for a value it cannot read back (the message then omits it).
+_UNREADABLE = object()
+
+
 def _value_at(raw: bytes, path: str) -> Any:
-    """The value the body had at ``path`` (``.inputs[2].name``)."""
-    value: Any = orjson.loads(raw)
-    for key, index in _STEP.findall(path):
-        value = value[key] if key else value[int(index)]
+    """The value the body had at ``path`` (``.inputs[2].name``), read without a shape (so
+    that a value the shape refused reads back), or :data:`_UNREADABLE`."""
+    try:
+        value: Any = msgspec.json.decode(raw)
+        for key, index in _STEP.findall(path):
+            value = value[key] if key else value[int(index)]
+    except (msgspec.DecodeError, LookupError, TypeError, ValueError):
+        return _UNREADABLE
     return value

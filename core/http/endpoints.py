@@ -16,6 +16,7 @@ names cannot grow the metrics without bound).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Scope
 
+from ketch.http.asgi import has_body
 from ketch.http.auth import TokenGuard
 from ketch.http.body_errors import explain
+from ketch.http.finite import first_non_finite, non_finite_name
+from ketch.http.json_depth import MAX_JSON_DEPTH, deeper_than
 from ketch.observability.metrics import Metrics
 from ketch.serving.jobs import PredictionError
 
@@ -134,7 +137,8 @@ class Endpoints:
 
 async def _answered(answer: Awaitable[Response], done: Callable[[int], None]) -> Response:
     """The handler's answer, telling ``done`` its status: the error's for a PredictionError
-    (answered by the gateway's exception handler), 500 for anything else it raises."""
+    (answered by the gateway's exception handler), 503 when a stopping server cut it off
+    (:mod:`ketch.http.draining`), 500 for anything else it raises."""
     status = 500
     try:
         response = await answer
@@ -143,22 +147,15 @@ async def _answered(answer: Awaitable[Response], done: Callable[[int], None]) ->
     except PredictionError as exc:
         status = exc.status
         raise
+    except asyncio.CancelledError:
+        status = 503
+        raise
     finally:
         done(status)
 
 
 def _unauthorized(why: str) -> Response:
     return json_response({"error": why}, 401, {"WWW-Authenticate": 'Bearer realm="ketch"'})
-
-
-def has_body(scope: Scope) -> bool:
-    """Whether the request announces a body (a length above 0, or chunks)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return value.strip() not in (b"0", b"")
-        if name == b"transfer-encoding":
-            return True
-    return False
 
 
 # -- JSON bodies and answers ----------------------------------------------------------------
@@ -181,7 +178,14 @@ def _to_json_value(value: Any) -> Any:
 
 
 def decode_body(raw: bytes, shape: type[T]) -> T:
-    """A request body as its Struct; a 400 naming the field and the value when it is not."""
+    """A request body as its Struct; a 400 naming the field and the value when it is not, or
+    the depth when it nests deeper than any input (:mod:`ketch.http.json_depth`)."""
+    if deeper_than(raw, MAX_JSON_DEPTH):
+        raise PredictionError(
+            400,
+            f"request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
+            "no model input needs that many",
+        )
     try:
         body: T = _decoder(shape).decode(raw)
     except msgspec.ValidationError as exc:
@@ -207,6 +211,39 @@ def json_response(
 ) -> Response:
     content = orjson.dumps(body, default=_to_json_value, option=_JSON_OPTIONS)
     return Response(content, status, headers, media_type="application/json")
+
+
+def answer_response(answer: Mapping[str, Any], source: str, **details: Any) -> Response:
+    """A prediction's answer as JSON; a 500 naming ``source`` (``model 'm:1'``) and where in
+    the answer the trouble is, when JSON cannot carry it: a NaN or an infinity (which would be
+    written ``null``, see :mod:`ketch.http.finite`) or nesting past orjson's 255 levels.
+
+    :param details: the error body's other fields (the model's labels).
+    """
+    try:
+        content = orjson.dumps(answer, default=_to_json_value, option=_JSON_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        raise PredictionError(
+            500, f"the answer of {source} cannot be written as JSON: {exc}", **details
+        ) from None
+    if b"null" in content and (found := first_non_finite(answer)) is not None:
+        path, number = found
+        raise PredictionError(
+            500,
+            f"{source} answered {non_finite_name(number)} at '{path}', which JSON cannot carry: "
+            "the answer is refused rather than sent with null there",
+            **details,
+        )
+    return Response(content, 200, media_type="application/json")
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """What a bug answers: JSON like every other error, its details only in the server's log
+    (where Starlette's ServerErrorMiddleware sends the exception after this answer)."""
+    return json_response(
+        {"error": f"internal server error ({type(exc).__name__}); the server's log has more"},
+        500,
+    )
 
 
 def timeout_ms_of(field: float | None, header: str | None) -> float | None:

@@ -15,6 +15,7 @@ with several, an item is ``{input_name: row}``. The items' outputs are stacked b
 first axis: one tensor per key when each output is a dict, else one tensor. A tensor the
 model declares (or its runtime announces) in ``outputs`` is cast to that datatype, when every
 value survives the cast (see :func:`~ketch.http.oip_types.cast_output`); else the answer is a 500.
+So is an output holding NaN or infinity, which JSON cannot carry (``docs/http-api.md``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from ketch.http.endpoints import (
     TIMEOUT_HEADER,
     Endpoints,
     Reached,
+    answer_response,
     decode_body,
     json_response,
     timeout_ms_of,
 )
+from ketch.http.finite import non_finite_name
 from ketch.http.oip_shapes import InferRequest
 from ketch.http.oip_types import (
     V2_TO_NUMPY,
@@ -112,7 +115,7 @@ class OpenInference:
         }
         if body.id is not UNSET:
             answer["id"] = body.id
-        return json_response(answer)
+        return answer_response(answer, f"model {queue.spec.label()!r}", **queue.labels())
 
     def _queue(self, request: Request) -> ModelQueue:
         return self.dispatcher.queue_for(
@@ -287,6 +290,15 @@ def _output_tensor(queue: ModelQueue, name: str, column: list[Any]) -> dict[str,
                 **queue.labels(),
             ) from None
         datatype = want
+    if array.dtype.kind == "f" and not (finite := np.isfinite(array)).all():
+        index = tuple(int(i) for i in np.argwhere(~finite)[0])
+        number = non_finite_name(float(array[index]))
+        raise PredictionError(
+            500,
+            f"output {name!r} of model {queue.spec.label()!r} holds {number} at {list(index)}, "
+            "which JSON cannot carry: the answer is refused rather than sent with null there",
+            **queue.labels(),
+        )
     data = array.ravel().tolist()
     if array.dtype.kind == "S":
         data = [b.decode(errors="replace") for b in data]

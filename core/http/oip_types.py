@@ -61,8 +61,8 @@ def v2_datatype_of(array: np.ndarray) -> str | None:
 def tensor_from_json(datatype: str, shape: list[int], data: object) -> np.ndarray:
     """The array that V2 JSON ``data`` (flat row-major, or nested) of ``shape`` holds.
 
-    Raises ``ValueError`` naming what is wrong: an unknown datatype, values of another kind,
-    or a number of elements that is not the shape's.
+    Raises ``ValueError`` naming what is wrong: an unknown datatype, values of another kind
+    or outside the datatype's range, or a number of elements that is not the shape's.
     """
     dtype = V2_TO_NUMPY.get(datatype)
     if dtype is None:
@@ -84,7 +84,11 @@ def tensor_from_json(datatype: str, shape: list[int], data: object) -> np.ndarra
         info = np.iinfo(dtype.name)
         if raw.min() < info.min or raw.max() > info.max:
             raise ValueError(f"data has values outside the range of {datatype}")
-    array = raw.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # found below, and said in the error
+        array = raw.astype(dtype, copy=False)
+    if array.dtype.kind == "f" and raw.size and not np.isfinite(array).all():
+        # JSON holds no infinity: a number too large for the datatype became one.
+        raise ValueError(f"data has values outside the range of {datatype}")
     return array.reshape(shape)
 
 

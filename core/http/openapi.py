@@ -318,6 +318,54 @@ def _secure(paths: dict[str, Any]) -> None:
                 }
 
 
+_TOO_LARGE = (
+    "The request body is larger than the server takes (ketch serve --max-body-mb, 64 MiB by "
+    "default); the error names the limit."
+)
+_TOO_SLOW = (
+    "The request body did not arrive within the server's read timeout (ketch serve "
+    "--read-timeout, 30 s by default)."
+)
+_STOPPING = (
+    "The server is shutting down: the request arrived after SIGINT or SIGTERM, or was still "
+    "running at the end of the grace period (ketch serve --shutdown-grace). Send it again, to "
+    "another server or to this one once it is back, after the Retry-After header's seconds."
+)
+_STOPPING_TOO = _STOPPING[0].lower() + _STOPPING[1:]
+_RETRY_AFTER_HEADERS = {
+    "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}
+}
+
+
+def _bounded(paths: dict[str, Any]) -> None:
+    """Give every operation the answers of the layers in front of its route
+    (:mod:`ketch.http.limits`, :mod:`ketch.http.draining`): 413 and 408 where it takes a
+    body, and the 503 of a stopping server, beside any 503 of its own."""
+    error = {_JSON: {"schema": _ref(shapes.Error)}}
+    for operations in paths.values():
+        for operation in operations.values():
+            # Operations may share their answers (a model's pool with and without version).
+            responses = dict(operation["responses"])
+            if "requestBody" in operation:
+                responses["413"] = {"description": _TOO_LARGE, "content": error}
+                responses["408"] = {"description": _TOO_SLOW, "content": error}
+            own = responses.get("503")
+            stopping: dict[str, Any] = {"description": _STOPPING, "headers": _RETRY_AFTER_HEADERS}
+            if own is None:
+                stopping["content"] = error
+            else:
+                stopping["description"] = f"{own['description']} Or: {_STOPPING_TOO}"
+                # An own 503 of another shape: either shape; one of no stated shape stays so.
+                own_schema = own.get("content", {}).get(_JSON, {}).get("schema")
+                if own_schema is not None:
+                    schema = _ref(shapes.Error)
+                    if own_schema != schema:
+                        schema = {"anyOf": [own_schema, schema]}
+                    stopping["content"] = {_JSON: {"schema": schema}}
+            responses["503"] = stopping
+            operation["responses"] = responses
+
+
 _SECURITY_SCHEMES = {
     _BEARER: {
         "type": "http",
@@ -427,6 +475,7 @@ def document() -> dict[str, Any]:
         for suffix, operations in _v2_model_operations(parameters).items():
             paths[prefix + suffix] = operations
     paths.update(_admin_operations())
+    _bounded(paths)
     _secure(paths)
     return {
         "openapi": "3.1.0",

@@ -22,8 +22,11 @@ Routes:
 
 Every error is JSON, ``{"error": "..."}`` plus details, with a status that says whose fault it
 was: 400 bad request, 404 unknown model, 429 the model's queue is full (with
-``Retry-After``), 500 the model failed, 503 no worker could answer, 504 the request's deadline
-passed (its own timeout, else the model's ``slo_ms``, else the server's request timeout).
+``Retry-After``), 500 the model failed (or answered what JSON cannot carry: NaN, infinity),
+503 no worker could answer, 504 the request's deadline passed (its own timeout, else the
+model's ``slo_ms``, else the server's request timeout). In front of every route,
+:mod:`ketch.http.limits` answers 413 and 408 for bodies too large or too slow, and
+:mod:`ketch.http.draining` 503 while the server stops.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ from ketch.http.endpoints import (
     TIMEOUT_HEADER,
     Endpoints,
     Reached,
+    answer_response,
     decode_body,
+    internal_error,
     json_response,
     timeout_ms_of,
 )
@@ -109,6 +114,7 @@ class Gateway:
             exception_handlers={
                 HTTPException: endpoints.http_error,  # type: ignore[dict-item]
                 PredictionError: _prediction_error,  # type: ignore[dict-item]
+                Exception: internal_error,
             },
         )
 
@@ -126,10 +132,11 @@ class Gateway:
         answer["model"] = queue.spec.name
         answer["version"] = queue.spec.version
         answer["query_id"] = self._query_ids.next()
-        return json_response(answer)
+        return answer_response(answer, f"model {queue.spec.label()!r}", **queue.labels())
 
     async def app_predict(self, request: Request) -> Response:
-        application = self.apps.get(request.path_params["name"])
+        name = request.path_params["name"]
+        application = self.apps.get(name)
         body = decode_body(await request.body(), AppRequest)
         if body.input is UNSET:
             raise PredictionError(
@@ -137,7 +144,7 @@ class Gateway:
             )
         timeout_ms = timeout_ms_of(body.timeout_ms, request.headers.get(TIMEOUT_HEADER))
         answer = await application.predict(body.input, timeout_ms)
-        return json_response(answer)
+        return answer_response(answer, f"application {name!r}", app=name)
 
     async def app_feedback(self, request: Request) -> Response:
         application = self.apps.get(request.path_params["name"])
