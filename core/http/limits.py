@@ -3,8 +3,9 @@ of every route that enforces them on its headers and body.
 
 * **Body size** (``--max-body-mb``, 64 MiB): a ``Content-Length`` over the limit is refused
   with a JSON 413 before a byte of the body is read; a chunked body is read until its running
-  total passes the limit, then refused the same way. What is left of it is never read: the
-  answer closes the connection. (Over HTTP/2 the rest is read and dropped before the 413,
+  total passes the limit, then refused the same way. What is left of it is never kept: the
+  answer closes the connection, after reading and dropping at most :data:`LINGER_BYTES` more
+  for at most :data:`LINGER_S` so that the client can read the answer. (Over HTTP/2 the rest is read and dropped before the 413,
   within the read timeout, and the connection goes on: Hypercorn drops the whole connection
   when data comes for a stream already answered.)
 * **Body time** (``--read-timeout``, 30 s): the whole body must arrive within this time of the
@@ -24,6 +25,7 @@ memory, in one message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -137,6 +139,8 @@ class BoundedRequests:
         if too_large is not None:
             size = f"is {declared} bytes, more" if too_large == declared else "is larger"
             await send_json(scope, send, 413, self._too_large(size))
+            if answer_at_once:
+                await _linger(receive)
             return
         await self._app(scope, _replaying(b"".join(chunks), receive), send)
 
@@ -147,6 +151,24 @@ class BoundedRequests:
             f"({limit / MIB:g} MiB, ketch serve --max-body-mb)"
         )
         return {"error": error, "max_body_bytes": limit}
+
+
+#: After a 413, how long and how much more of the refused body is read and dropped before the
+#: connection closes (a lingering close, as nginx's): closing on unread bytes makes the kernel
+#: reset the connection, and a client still sending then may lose the answer with it.
+LINGER_S = 2.0
+LINGER_BYTES = 8 * MIB
+
+
+async def _linger(receive: Receive) -> None:
+    dropped = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_S):
+            while dropped < LINGER_BYTES:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+                dropped += len(message.get("body", b""))
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:
