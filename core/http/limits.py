@@ -5,9 +5,9 @@ of every route that enforces them on its headers and body.
   with a JSON 413 before a byte of the body is read; a chunked body is read until its running
   total passes the limit, then refused the same way. What is left of it is never kept: the
   answer closes the connection, after reading and dropping at most :data:`LINGER_BYTES` more
-  for at most :data:`LINGER_S` so that the client can read the answer. (Over HTTP/2 the rest is read and dropped before the 413,
-  within the read timeout, and the connection goes on: Hypercorn drops the whole connection
-  when data comes for a stream already answered.)
+  for at most :data:`LINGER_S` so that the client can read the answer. (Over HTTP/2 the rest
+  is read and dropped before the 413, within the read timeout, and the connection goes on:
+  Hypercorn drops the whole connection when data comes for a stream already answered.)
 * **Body time** (``--read-timeout``, 30 s): the whole body must arrive within this time of the
   request's headers. A body that trickles in (a byte every few seconds) is answered with a JSON
   408 when its time is up, if the client is still there to read it.
