@@ -24,6 +24,7 @@ from ketch.http.routes import Gateway
 from ketch.http.server import bind_tcp, serve_asgi
 from ketch.observability import events
 from ketch.plugin_manager import Plugins, load_plugins
+from ketch.pools.cgroups import MemoryCgroups
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import LocalWorkers, ProcessEvents, Served, discover
 from ketch.serving.admission import Deadlines
@@ -152,6 +153,8 @@ async def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop_gracefully)
     report = _Reporter(out, options.log_format)
+    # Before any process of the server's exists: the gateway moves itself into a cgroup leaf.
+    cgroups = MemoryCgroups.create()
     dispatcher = Dispatcher(report, allow_worker_models=options.allow_worker_models)
     keys = None if options.insecure_broker else BrokerKeys.create(options.broker_keys)
     broker = Broker(
@@ -212,6 +215,7 @@ async def serve(
             ),
             plugins,
             broker_keys=keys.local_worker_keys() if keys is not None else None,
+            memory_cgroups=cgroups,
         )
         pools = PoolManager(dispatcher, workers)
         for spec in specs:

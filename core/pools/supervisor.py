@@ -16,6 +16,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,6 +25,7 @@ import psutil
 from ketch import __version__
 from ketch.errors import TargetLoadError
 from ketch.plugin_manager import Plugins
+from ketch.pools.cgroups import MemoryCgroups
 from ketch.pools.processes import (
     Kind,
     LaunchError,
@@ -145,6 +147,8 @@ class _Process:
     killed_because: str | None = None
     #: It said READY: killed from outside afterwards, it did not crash.
     joined: bool = False
+    #: Its cgroup with the model's ``memory.max``, where ketch could make one.
+    cgroup: Path | None = None
 
 
 @dataclass(slots=True)
@@ -170,6 +174,8 @@ class LocalWorkers:
     :param events: receives starts, exits and give-ups.
     :param plugins: the gateway's plugins, which each worker loads too (from its plan).
     :param broker_keys: the CURVE keys the workers join with; None for an insecure broker.
+    :param memory_cgroups: where workers with a ``memory_mb`` get a cgroup ``memory.max``;
+        None where the machine does not let ketch make one.
     """
 
     def __init__(
@@ -181,7 +187,9 @@ class LocalWorkers:
         plugins: Plugins,
         restart_policy: RestartPolicy | None = None,
         broker_keys: WorkerKeys | None = None,
+        memory_cgroups: MemoryCgroups | None = None,
     ) -> None:
+        self._cgroups = memory_cgroups
         self._source = source
         self._broker_keys = broker_keys.to_dict() if broker_keys is not None else None
         self._plugins = plugins
@@ -336,6 +344,10 @@ class LocalWorkers:
 
     def _watch(self, spec: ModelSpec, kind: Kind, handle: WorkerProcess, output_r: int) -> None:
         name = f"{spec.label()} {'' if kind == 'worker' else kind + ' '}pid {handle.pid}"
+        cap = spec.resources.memory_mb
+        cgroup = None
+        if kind == "worker" and cap is not None and self._cgroups is not None:
+            cgroup = self._cgroups.confine(handle.pid, cap)
         self._processes[handle.pid] = _Process(
             spec,
             kind,
@@ -343,6 +355,7 @@ class LocalWorkers:
             OutputTail(output_r, name),
             time.monotonic(),
             psutil.Process(handle.pid),
+            cgroup=cgroup,
         )
         asyncio.get_running_loop().add_reader(handle.sentinel, self._on_exit, handle.pid)
 
@@ -401,6 +414,13 @@ class LocalWorkers:
         exitcode = entry.handle.exitcode()
         entry.handle.close()
         entry.output.drain()
+        if entry.cgroup is not None:
+            if entry.killed_because is None and MemoryCgroups.oom_killed(entry.cgroup):
+                entry.killed_because = (
+                    f"worker pid {pid} was killed by the kernel: it passed its memory_mb cap of "
+                    f"{entry.spec.resources.memory_mb} MB (its cgroup's memory.max)"
+                )
+            MemoryCgroups.remove(entry.cgroup)
         how = entry.killed_because or describe_exit(entry.kind, pid, exitcode)
         if entry.killed_because is None and (tail := entry.output.tail()):
             how = f"{how}; its last output:\n{tail}"
