@@ -54,6 +54,8 @@ from procstat import CpuSample, CpuShares, group_members
 from report import at_least, percentile
 from server_process import ServerError
 
+from ketch.cli.arg_types import positive_float
+
 MODEL = "double"
 REPLICAS = 3
 MODELS_SOURCE = """
@@ -412,22 +414,21 @@ def _report(args: argparse.Namespace, phases: Sequence[Phase]) -> None:
     _print_verdict(phases[0], phases[1])
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--duration", type=_positive, default=60.0, help="seconds per phase")
-    parser.add_argument("--kill-every", type=_positive, default=2.0, help="seconds between kills")
+    parser.add_argument("--duration", type=positive_float, default=60.0, help="seconds per phase")
+    parser.add_argument(
+        "--kill-every", type=positive_float, default=2.0, help="seconds between kills"
+    )
     parser.add_argument("--clients", type=at_least(1), default=16, help="closed-loop clients")
-    parser.add_argument("--client-timeout", type=_positive, default=30.0, help="per request, s")
-    parser.add_argument("--burn-ms", type=_positive, default=5.0, help="CPU ms per input")
+    parser.add_argument(
+        "--client-timeout", type=positive_float, default=30.0, help="per request, s"
+    )
+    parser.add_argument("--burn-ms", type=positive_float, default=5.0, help="CPU ms per input")
     parser.add_argument("--seed", type=int, default=1, help="for choosing the worker to kill")
-    parser.add_argument("--startup-timeout", type=_positive, default=60.0, help="seconds to ready")
+    parser.add_argument(
+        "--startup-timeout", type=positive_float, default=60.0, help="seconds to ready"
+    )
     return parser.parse_args(argv)
 
 

@@ -90,10 +90,15 @@ class Dispatcher:
         without a version go to the model's next default), and its workers that join later
         are sent away. Requests already queued finish on it; see
         :meth:`ModelQueue.wait_drained`."""
-        queue = self._queues.pop(key)
+        queue = self._unroute(key)
         queue.removed_because = why
         self._draining[key] = queue
         self._removed.add(key)
+        return queue
+
+    def _unroute(self, key: tuple[str, str]) -> ModelQueue:
+        """Take a model version's queue out of routing, its name to its next default."""
+        queue = self._queues.pop(key)
         name, version = key
         if self._pinned.get(name) == version:
             del self._pinned[name]
@@ -328,8 +333,7 @@ class Dispatcher:
             queue.remove_worker(worker, reason)
         self._report(events.worker_lost(worker, reason))
         if queue is not None and queue.abandoned and self._queues.get(queue.spec.key) is queue:
-            # Only workers defined it, and the last one left: the model goes with them.
-            self.remove_model(queue.spec.key, "its last worker left")
-            self._removed.discard(queue.spec.key)  # its workers may come back
-            self.forget(queue.spec.key)
+            # Only workers defined it, and the last one left: the model goes with them (and
+            # may come back with them: it is not removed, nothing of it is left to drain).
+            self._unroute(queue.spec.key)
             self._report(events.model_removed(queue.spec))

@@ -304,7 +304,7 @@ class ModelQueue:
         if self.backoff is not None and now < self.backoff.next_attempt_at:
             raise refusals.backing_off(self.spec, self.backoff, now)
         # Counts as traffic for the pool manager: the pool wants a worker for idle_timeout_s.
-        self.last_request_at = time.monotonic()
+        self.last_request_at = now
         self._load_moved(always=True)
         if not await _wait_for(self._ready_waiters, timeout_s):
             raise refusals.not_ready(self.spec, timeout_s, self.last_error)
@@ -729,9 +729,11 @@ class ModelQueue:
 
         A ``preload=True`` model at zero is ready only once its template has loaded: a cold
         start before that pays the whole import the template exists to save."""
+        if self.unhealthy_because is not None:
+            return False
         if self._workers:
-            return True
-        if self.unhealthy_because is not None or self.backoff is not None:
+            return True  # crash-looping or not, it serves with them
+        if self.backoff is not None:
             return False
         if self.spec.start.preload and (self.template is None or self.template["state"] != "ready"):
             return False

@@ -24,13 +24,19 @@ def queue_full(spec: ModelSpec, queued: int, drain_rate: float) -> PredictionErr
     retry_after = 1
     if drain_rate > 0:
         retry_after = max(1, min(60, math.ceil(queued / drain_rate)))
-    error = PredictionError(
+    return _retry_later(
         429,
         f"model {spec.label()!r} has {queued} inputs waiting, its max_queue is "
         f"{spec.max_queue}: retry after {retry_after} s",
-        **labels(spec),
+        spec,
+        retry_after,
     )
-    error.headers["Retry-After"] = str(retry_after)
+
+
+def _retry_later(status: int, message: str, spec: ModelSpec, after_s: int) -> PredictionError:
+    """An error whose answer carries ``Retry-After: after_s``."""
+    error = PredictionError(status, message, **labels(spec))
+    error.headers["Retry-After"] = str(after_s)
     return error
 
 
@@ -60,14 +66,13 @@ def unhealthy(spec: ModelSpec, cause: str | None) -> PredictionError:
 def backing_off(spec: ModelSpec, backoff: Backoff, now: float) -> PredictionError:
     """503 with ``Retry-After``: a crash-looping model without a worker, before its next try."""
     retry_after = backoff.retry_after_s(now)
-    error = PredictionError(
+    return _retry_later(
         503,
         f"model {spec.label()!r} has no worker: it is crash-looping ({backoff.cause}); the next "
         f"worker starts in {retry_after} s",
-        **labels(spec),
+        spec,
+        retry_after,
     )
-    error.headers["Retry-After"] = str(retry_after)
-    return error
 
 
 def removed(spec: ModelSpec, why: str) -> PredictionError:
