@@ -131,12 +131,26 @@ class FakeSink:
 
     async def wait_for_batches(self, count: int, timeout_s: float = 1.0) -> list[Sent]:
         """The batches sent, once there are at least ``count``; fails after ``timeout_s``."""
+        await self._wait_until(lambda: len(self.sent) >= count, timeout_s)
+        return self.sent
+
+    async def wait_for_drops(self, count: int, timeout_s: float = 1.0) -> list[tuple[Worker, str]]:
+        """The workers dropped, once there are at least ``count``; fails after ``timeout_s``."""
+        await self._wait_until(lambda: len(self.dropped) >= count, timeout_s)
+        return self.dropped
+
+    async def _wait_until(self, done: Callable[[], bool], timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
-            while len(self.sent) < count:
+            while not done():
                 waiter = asyncio.get_running_loop().create_future()
                 self._waiters.append(waiter)
                 await waiter
-        return self.sent
+
+    def _changed(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
     # -- the WorkerLink protocol -------------------------------------------------------------
 
@@ -152,10 +166,7 @@ class FakeSink:
                 asyncio.get_running_loop().call_soon(self.drop, worker, "cannot deliver to it")
             return False
         self.sent.append(batch)
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
+        self._changed()
         if self.on_send is not None:
             self.on_send(batch)
         return True
@@ -167,6 +178,7 @@ class FakeSink:
         if self._workers.pop(worker.identity, None) is None:
             return
         self.dropped.append((worker, reason))
+        self._changed()
         if self.events is not None:
             self.events.worker_lost(worker, reason)
 

@@ -615,10 +615,7 @@ async def test_a_worker_that_never_answers_is_dropped_and_its_process_killed(
     queue.add_worker(silent)
     answer = queue.submit([1], within())
     await sent_batches(sink, 1)
-    async with asyncio.timeout(5):
-        while not sink.dropped:
-            await asyncio.sleep(0.01)  # polling a fake, not waiting for a peer
-    ((dropped, why),) = sink.dropped
+    ((dropped, why),) = await sink.wait_for_drops(1, timeout_s=5.0)
     assert dropped is silent and "holding a batch for" in why and "a stall is 0.0 s" in why
     assert pool.stalled == [(silent, why)]
     queue.remove_worker(silent, why)  # as the broker reports the drop
