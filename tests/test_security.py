@@ -316,10 +316,10 @@ class RoguePeer:
         self.socket.connect(broker)
 
     def send(self, *frames: bytes) -> None:
-        self.socket.send_multipart([b"", *frames])
+        self.socket.send_multipart(list(frames))
 
     def say(self, command: Command, header: dict[str, Any]) -> None:
-        self.socket.send_multipart([b"", *encode(command, header)])
+        self.socket.send_multipart(encode(command, header))
 
     def answer(self, timeout_s: float = START_DEADLINE_S) -> tuple[Command, dict[str, Any]]:
         """The broker's next message to this peer that is not a heartbeat."""
@@ -327,7 +327,7 @@ class RoguePeer:
         while (left := deadline - time.monotonic()) > 0:
             if self.socket.poll(int(left * 1000)):
                 frames = self.socket.recv_multipart()
-                message = decode(frames[1:])
+                message = decode(frames)
                 if message.command is not Command.HEARTBEAT:
                     return message.command, message.header
         raise AssertionError(f"the broker said nothing to this peer within {timeout_s} s")
@@ -365,10 +365,10 @@ def test_garbage_and_hundreds_of_fake_models_change_nothing(
 
     garbage = rogue_peer(server.broker, broker_keys)
     garbage.send(b"\xff" * 64)
-    garbage.send(PROTOCOL, b"\x42", b"not msgpack")
-    garbage.send(PROTOCOL, Command.READY.value, b"\x93\x01\x02\x03")
-    garbage.send(PROTOCOL, Command.REPLY.value, encode(Command.REPLY, {"id": 1})[2])
-    garbage.socket.send_multipart([b"", PROTOCOL, Command.READY.value, b"\x00" * (2 << 20)])
+    garbage.send(PROTOCOL + b"\x42" + b"not msgpack")
+    garbage.send(PROTOCOL + Command.READY.value + b"\x93\x01\x02\x03")
+    garbage.say(Command.REPLY, {"id": 1})
+    garbage.send(PROTOCOL + Command.READY.value + b"\x00" * (2 << 20))
     for expected in ("protocol error", "protocol error", "protocol error", "unknown worker"):
         command, header = garbage.answer()
         assert command is Command.DISCONNECT and expected in header["reason"]
@@ -522,13 +522,13 @@ class SilentWorker(threading.Thread):
         WorkerKeys.from_folder(self._keys).apply(sock)
         sock.connect(self._broker)
         ready = {"model": {"name": "double"}, "pid": 4242, "host": "silent", "capacity": 1}
-        sock.send_multipart([b"", *encode(Command.READY, ready)])
+        sock.send_multipart(encode(Command.READY, ready))
         try:
             while not self.done.is_set():
-                sock.send_multipart([b"", *encode(Command.HEARTBEAT)])
+                sock.send_multipart(encode(Command.HEARTBEAT))
                 if sock.poll(50):
                     frames = sock.recv_multipart()
-                    if decode(frames[1:]).command is Command.REQUEST:
+                    if decode(frames).command is Command.REQUEST:
                         self.batches += 1
         finally:
             sock.close(linger=0)

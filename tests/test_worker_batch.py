@@ -13,23 +13,19 @@ from ketch.errors import BatchInputError, BatchOutputError
 from ketch.runtimes.python import PythonRuntime
 from ketch.types import Outputs
 from ketch.worker.predict import batch_predict
-from ketch.zmq_transport.protocol import EMPTY, Command, Frame, Message, decode, encode
+from ketch.zmq_transport.protocol import Command, Frame, Message, decode, encode
 from ketch.zmq_transport.worker import run_batch
 
 LABEL = "m:1"
 
 
 def request(batch_id: int, inputs: Any) -> list[bytes]:
-    """A REQUEST as the worker's link thread hands it over: ``[b"", PROTOCOL, cmd, ...]``."""
-    return [
-        EMPTY,
-        *(bytes(frame) for frame in encode(Command.REQUEST, {"id": batch_id, "inputs": inputs})),
-    ]
+    """A REQUEST as the worker's link thread hands it over: ``[head, *buffers]``."""
+    return [bytes(frame) for frame in encode(Command.REQUEST, {"id": batch_id, "inputs": inputs})]
 
 
 def reply_of(frames: Sequence[Frame]) -> Message:
-    assert frames[0] == EMPTY  # the DEALER envelope the broker expects
-    return decode([bytes(frame) for frame in frames[1:]])
+    return decode([bytes(frame) for frame in frames])
 
 
 def worker_predict(model: Any) -> Any:

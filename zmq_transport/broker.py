@@ -45,7 +45,6 @@ import zmq
 from ketch.zmq_transport.gatekeeper import Gatekeeper
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (
-    EMPTY,
     MAX_READY_BYTES,
     Command,
     ErrorKind,
@@ -55,6 +54,7 @@ from ketch.zmq_transport.protocol import (
     ProtocolError,
     Ready,
     Reply,
+    command_of,
     decode,
     encode,
     read,
@@ -321,7 +321,7 @@ class Broker(Generic[M]):
             return False
         try:
             sock.send_multipart(
-                [identity, EMPTY, *frames], flags=zmq.NOBLOCK, copy=not worth_zero_copy(frames)
+                [identity, *frames], flags=zmq.NOBLOCK, copy=not worth_zero_copy(frames)
             )
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
@@ -347,10 +347,11 @@ class Broker(Generic[M]):
         if sock is None:
             return
         for _ in range(_DRAIN_LIMIT):
-            try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
+            # Asked first rather than told by zmq.Again: an exception on every drain cost
+            # more than the question.
+            if not _readable(sock):
                 return
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK)
             try:
                 self._handle(frames)
             except Exception:
@@ -367,7 +368,7 @@ class Broker(Generic[M]):
             log.warning("ignoring a malformed message: %s", exc)
             return
         worker = self._workers.get(identity)
-        if len(body) > 1 and body[1] == Command.READY.value:
+        if command_of(body) is Command.READY:
             size = sum(len(frame) for frame in body)
             if size > MAX_READY_BYTES:
                 # Refused unread: decoding is what a huge READY would make expensive.

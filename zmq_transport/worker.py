@@ -27,8 +27,6 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (
-    EMPTY,
-    PROTOCOL,
     BatchError,
     BatchOutputError,
     Command,
@@ -41,6 +39,7 @@ from ketch.zmq_transport.protocol import (
     Ready,
     Reply,
     Request,
+    command_of,
     decode,
     encode,
     read,
@@ -102,7 +101,7 @@ def serve(model: Mapping[str, Any], label: str, predict: Predict, options: Worke
 
 def run_batch(frames: Sequence[bytes], predict: Predict, label: str) -> list[Frame]:
     """Decode one REQUEST, run it, and return the encoded REPLY or ERROR (with envelope)."""
-    request = read(decode(frames[1:]), Request)
+    request = read(decode(frames), Request)
     batch_id = request.id
     started = time.perf_counter()
     try:
@@ -115,14 +114,14 @@ def run_batch(frames: Sequence[bytes], predict: Predict, label: str) -> list[Fra
     try:
         compute_s = time.perf_counter() - started
         reply = Reply(id=batch_id, outputs=outputs, compute_s=compute_s)
-        return [EMPTY, *encode(Command.REPLY, reply)]
+        return encode(Command.REPLY, reply)
     except (TypeError, ValueError) as exc:
         return _error(batch_id, ErrorKind.BAD_OUTPUT, BatchOutputError(f"model {label!r}: {exc}"))
 
 
 def _error(batch_id: int, kind: ErrorKind, exc: BaseException) -> list[Frame]:
     failure = Failure(id=batch_id, kind=kind, type=type(exc).__name__, message=str(exc))
-    return [EMPTY, *encode(Command.ERROR, failure)]
+    return encode(Command.ERROR, failure)
 
 
 def _ready_header(model: Mapping[str, Any], options: WorkerOptions) -> Ready:
@@ -231,7 +230,7 @@ class _Link:
     def close(self) -> None:
         self._closed.set()
         with contextlib.suppress(zmq.ZMQError):
-            self._dealer.send_multipart([EMPTY, *encode(Command.DISCONNECT, {})], zmq.NOBLOCK)
+            self._dealer.send_multipart(encode(Command.DISCONNECT, {}), zmq.NOBLOCK)
         self._lock.release()
         self._heartbeats.join()
         self._close_dealer()
@@ -249,7 +248,7 @@ class _Link:
     def _send_heartbeat(self) -> None:
         # A heartbeat that cannot be queued is not worth waiting for: silence says the same.
         with contextlib.suppress(zmq.Again):
-            self._dealer.send_multipart([EMPTY, *encode(Command.HEARTBEAT)], zmq.NOBLOCK)
+            self._dealer.send_multipart(encode(Command.HEARTBEAT), zmq.NOBLOCK)
         self._last_sent = time.monotonic()
 
     def _join(self) -> zmq.Socket[bytes]:
@@ -261,7 +260,7 @@ class _Link:
         self._handshake = dealer.get_monitor_socket(HANDSHAKE_EVENTS)
         dealer.connect(self._options.broker)
         # Queued at once: a connecting socket holds messages until the handshake is done.
-        dealer.send_multipart([EMPTY, *encode(Command.READY, self._ready)], zmq.NOBLOCK)
+        dealer.send_multipart(encode(Command.READY, self._ready), zmq.NOBLOCK)
         return dealer
 
     def _rejoin(self, delay_s: float = 0.0) -> None:
@@ -317,13 +316,14 @@ class _Link:
 
     def _handle_broker(self, frames: list[bytes]) -> _Verdict:
         """Act on one non-REQUEST broker message: whether the broker let this worker go."""
-        if len(frames) < 3 or frames[0] != EMPTY or frames[1] != PROTOCOL:
+        command = command_of(frames)
+        if command is None:
             log.warning("ignoring a malformed message from the broker")
             return _Verdict.STAY
-        if frames[2] != Command.DISCONNECT.value:
+        if command is not Command.DISCONNECT:
             return _Verdict.STAY
         try:
-            disconnect = read(decode(frames[1:]), Disconnect)
+            disconnect = read(decode(frames), Disconnect)
         except ProtocolError:
             disconnect = Disconnect()
         if disconnect.refused:
@@ -367,7 +367,7 @@ def _refusal_reason(event: int, keys: WorkerKeys | None) -> str:
 
 
 def _is_request(frames: list[bytes]) -> bool:
-    return len(frames) >= 3 and frames[1] == PROTOCOL and frames[2] == Command.REQUEST.value
+    return command_of(frames) is Command.REQUEST
 
 
 def _scaled(heartbeat: Heartbeat, factor: float) -> Heartbeat:

@@ -20,7 +20,7 @@ from ketch.serving.sink import Worker
 from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import Broker, RemoteError
 from ketch.zmq_transport.liveness import Heartbeat
-from ketch.zmq_transport.protocol import EMPTY, Command, ErrorKind, Message, decode, encode
+from ketch.zmq_transport.protocol import Command, ErrorKind, Message, decode, encode
 from ketch.zmq_transport.security import BrokerKeys, KeyPair, WorkerKeys
 from tests.unit.fakes import in_loop, make_spec
 
@@ -82,7 +82,7 @@ class Peer:
         self.socket.connect(endpoint)
 
     async def send(self, command: Command, header: dict[str, Any] | None = None) -> None:
-        await self.socket.send_multipart([EMPTY, *encode(command, header)])
+        await self.socket.send_multipart(encode(command, header))
 
     async def ready(self, spec: ModelSpec | None = None, **header: Any) -> None:
         model = (spec or make_spec()).to_dict()
@@ -92,8 +92,7 @@ class Peer:
 
     async def receive(self, timeout_s: float = WAIT_S) -> Message:
         frames = await asyncio.wait_for(self.socket.recv_multipart(), timeout_s)
-        assert frames[0] == EMPTY
-        return decode(frames[1:])
+        return decode(frames)
 
 
 class Harness:
@@ -350,7 +349,7 @@ async def test_an_unknown_worker_is_told_to_rejoin_and_a_confused_one_is_dropped
         answer = await stranger.receive()
         assert (answer.command, answer.header) == (Command.DISCONNECT, {"reason": "unknown worker"})
         peer, worker = await harness.joined()
-        await peer.socket.send_multipart([EMPTY, b"KETCH/0", Command.HEARTBEAT.value, b"\x80"])
+        await peer.socket.send_multipart([b"KETCH/0" + Command.HEARTBEAT.value + b"\x80"])
         kind, lost, reason = await harness.events.next()
         assert (kind, lost) == ("lost", worker)
         assert reason.startswith("protocol error: peer speaks protocol b'KETCH/0'")
