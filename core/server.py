@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -16,26 +17,34 @@ import msgspec
 
 from ketch.applications.runner import Applications, build_applications
 from ketch.applications.state import StateStore, default_state_dir
+from ketch.deploys.deployer import Deployer
+from ketch.deploys.envs import EnvBuildError, Environments, EnvRequest, ensure_env
+from ketch.deploys.store import Store
 from ketch.errors import TargetLoadError
 from ketch.http.admin import Admin
 from ketch.http.auth import Tokens
+from ketch.http.deployments import DEFAULT_MAX_DEPLOY_BYTES, UPLOAD_PATH, DeploymentRoutes
 from ketch.http.limits import HttpLimits
 from ketch.http.routes import Gateway
 from ketch.http.server import bind_tcp, serve_asgi
 from ketch.observability import events
 from ketch.plugin_manager import Plugins, load_plugins
 from ketch.pools.cgroups import MemoryCgroups
+from ketch.pools.discovery import Served, discover
 from ketch.pools.scaling import PoolManager
-from ketch.pools.supervisor import LocalWorkers, ProcessEvents, Served, discover
+from ketch.pools.supervisor import LocalWorkers, ProcessEvents
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.specs.deployments import parse_model_argument
+from ketch.specs.env_scan import declared_envs
 from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import DEFAULT_MAX_MESSAGE_BYTES, Broker
 from ketch.zmq_transport.liveness import Heartbeat
 from ketch.zmq_transport.security import BrokerKeys
 
 log = logging.getLogger("ketch.server")
+#: Where an environment's build output goes while ``ketch serve`` starts.
+_env_log = logging.getLogger("ketch.envs")
 
 DEFAULT_BROKER = "tcp://127.0.0.1:7070"
 
@@ -59,6 +68,9 @@ class ServeOptions:
     :param plugins: modules or files to load as plugins, besides the installed ones.
     :param state_dir: where applications keep their policies' state across restarts
         (``None``: ``$KETCH_STATE_DIR``, else ``~/.local/state/ketch``).
+    :param store_dir: the model store: deployed code, environments, records
+        (``None``: ``STATE_DIR/store``), see :mod:`ketch.deploys.store`.
+    :param max_deploy_bytes: the largest deploy archive (and the most it may unpack to).
     :param log_format: ``text`` prints status as ``ketch: ...`` lines, ``json`` as one JSON
         object per line (see :mod:`ketch.observability.events`).
     :param admin_token: the bearer token of the management API (``/admin``); None turns it off.
@@ -84,6 +96,8 @@ class ServeOptions:
     request_timeout_s: float = 60.0
     plugins: tuple[str, ...] = ()
     state_dir: Path | None = None
+    store_dir: Path | None = None
+    max_deploy_bytes: int = DEFAULT_MAX_DEPLOY_BYTES
     models: tuple[str, ...] = ()
     log_format: events.LogFormat = "text"
     admin_token: str | None = field(default=None, repr=False)
@@ -95,13 +109,13 @@ class ServeOptions:
     http: HttpLimits = field(default_factory=HttpLimits)
 
     def __post_init__(self) -> None:
-        if self.source is None and not self.models:
-            raise ValueError("name a file or module to serve, or models with --model")
         if self.workers_per_model < 0:
             raise ValueError(f"workers per model must be >= 0, got {self.workers_per_model}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request timeout must be > 0 s, got {self.request_timeout_s}")
         Tokens(self.admin_token, self.predict_token)  # refuses an empty or padded token
+        if self.max_deploy_bytes < 1:
+            raise ValueError(f"the deploy size limit must be > 0, got {self.max_deploy_bytes}")
         if self.broker_max_message_bytes < 1:
             raise ValueError(
                 f"the broker's message limit must be > 0, got {self.broker_max_message_bytes}"
@@ -170,13 +184,18 @@ async def serve(
     workers: LocalWorkers | None = None
     pools: PoolManager | None = None
     apps: Applications | None = None
+    deployer: Deployer | None = None
     try:
         endpoint = broker.bind()
         plugins = load_plugins(options.plugins)
         dispatcher.attach(broker, plugins)
         report.observers = plugins
+        state_dir = options.state_dir or default_state_dir()
+        store = Store(options.store_dir or state_dir / "store")
+        store.open()
+        environments = Environments(store.envs)
         served = (
-            await loop.run_in_executor(None, discover, options.source, plugins)
+            await _discover_served(options.source, plugins, environments, report)
             if options.source is not None
             else Served([], [])
         )
@@ -192,9 +211,12 @@ async def serve(
         # Only now: a worker that joins knows which model it serves (and one that rejoins
         # after a restart cannot claim a name the served file declares).
         broker.start()
-        store = StateStore(options.state_dir or default_state_dir())
         apps = build_applications(
-            served.apps, plugins, dispatcher, store, Deadlines(options.request_timeout_s)
+            served.apps,
+            plugins,
+            dispatcher,
+            StateStore(state_dir),
+            Deadlines(options.request_timeout_s),
         )
         dispatcher.metrics.watch_apps(apps.samples)
         host, port = sock.getsockname()[:2]
@@ -220,6 +242,10 @@ async def serve(
         pools = PoolManager(dispatcher, workers)
         for spec in specs:
             pools.manage(spec)
+        deployer = Deployer(
+            store, environments, plugins, pools, dispatcher, report, options.workers_per_model
+        )
+        await deployer.restore()
         pools.start()
         report.is_ready = dispatcher.settled
         report.announce_if_ready()
@@ -232,15 +258,22 @@ async def serve(
             report,
             options.request_timeout_s,
             options.workers_per_model,
+            on_roll=deployer.rolled,
+        )
+        deployments = DeploymentRoutes(
+            deployer, admin, options.max_deploy_bytes, options.http.read_timeout_s
         )
         tokens = Tokens(options.admin_token, options.predict_token)
         deadlines = Deadlines(options.request_timeout_s)
-        app = Gateway(dispatcher, apps, deadlines, admin, tokens).app()
+        app = Gateway(dispatcher, apps, deadlines, admin, deployments, tokens).app()
         # What was built at start lives as long as the server: out of the collector's
         # generations, the collections requests cause walk only what requests allocate.
         gc.freeze()
-        await serve_asgi(app, sock, shutdown.wait, options.http, hurry.wait)
+        limits = dataclasses.replace(options.http, streamed=frozenset({UPLOAD_PATH}))
+        await serve_asgi(app, sock, shutdown.wait, limits, hurry.wait)
     finally:
+        if deployer is not None:
+            await deployer.stop()
         sock.close()  # a no-op once serve_asgi has served on it (it closes the socket)
         if apps is not None:
             await apps.stop()
@@ -255,6 +288,41 @@ async def serve(
         log.info("workers stopped")
         report.is_ready = lambda: False
         report(events.stopped())
+
+
+async def _discover_served(
+    source: str, plugins: Plugins, environments: Environments, report: events.Report
+) -> Served:
+    """What ``source`` declares, imported under the environment its ``env=`` asks for (built
+    first, once), with its models' workers under that environment's interpreter."""
+    declared = declared_envs(source)
+    if len(declared) > 1:
+        raise TargetLoadError(
+            f"{source!r} declares {len(declared)} different env=: the models of one file share "
+            "one environment (give each environment its own file, and ketch deploy each)"
+        )
+    built = None
+    if declared:
+        request = EnvRequest.declared(declared[0])
+        try:
+            built = await ensure_env(environments, request, report, _env_log.info)
+        except EnvBuildError as exc:
+            raise TargetLoadError(f"cannot serve {source!r}: {exc}\n{exc.log}") from None
+    python = built.python if built is not None else None
+    served = await asyncio.get_running_loop().run_in_executor(
+        None, discover, source, plugins, python
+    )
+    if built is None:
+        return served
+    models = [
+        msgspec.structs.replace(
+            spec, start=msgspec.structs.replace(spec.start, python=built.python)
+        )
+        if spec.start.env is not None
+        else spec
+        for spec in served.models
+    ]
+    return Served(models, served.apps)
 
 
 def _model_argument(text: str, plugins: Plugins) -> ModelSpec:

@@ -112,6 +112,8 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "workers_per_model",
         "request_timeout",
         "state_dir",
+        "store",
+        "max_deploy_mb",
         "log_format",
         "admin_token",
         "predict_token",

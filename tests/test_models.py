@@ -421,7 +421,7 @@ def test_spec_to_dict_is_plain_data() -> None:
             "cold_start_timeout_s": 60.0,
         },
         "resources": {"cpus": None, "memory_mb": None, "threads": None, "gpus": None},
-        "start": {"preload": False, "python": None},
+        "start": {"preload": False, "python": None, "env": None},
         "runtime": "python",
         "artifact": None,
         "options": {},

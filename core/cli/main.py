@@ -22,6 +22,7 @@ from ketch.cli.admin import (
 )
 from ketch.cli.arg_types import non_negative_int, port_number, positive_float, positive_int
 from ketch.cli.config import ConfigError, ReplaceDefault, load_defaults
+from ketch.cli.deploy import add_deploy_commands, run_deploy, run_deployments
 from ketch.cli.http_client import ServerError
 from ketch.cli.keys import (
     add_keygen_command,
@@ -31,6 +32,7 @@ from ketch.cli.keys import (
     worker_keys,
 )
 from ketch.errors import KetchError
+from ketch.http.deployments import DEFAULT_MAX_DEPLOY_BYTES
 from ketch.http.limits import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_READ_TIMEOUT_S,
@@ -123,7 +125,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         metavar="PATH_OR_MODULE",
         nargs="?",
         help="the file or module with the models and applications, e.g. app.py or pkg.models "
-        "(default none: then --model must name at least one model)",
+        "(default none: the server serves what --model names and what is deployed to it)",
     )
     _add_config_option(serve_cmd, "serve")
     serve_cmd.add_argument(
@@ -216,6 +218,22 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "$KETCH_STATE_DIR, else ~/.local/state/ketch)",
     )
     serve_cmd.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the model store: deployed code, the environments built for it, and what a "
+        "restart serves again (default STATE_DIR/store)",
+    )
+    serve_cmd.add_argument(
+        "--max-deploy-mb",
+        type=positive_int,
+        default=DEFAULT_MAX_DEPLOY_BYTES // MIB,
+        metavar="MB",
+        help="the largest archive ketch deploy may send, and the most it may unpack to "
+        "(default %(default)s)",
+    )
+    serve_cmd.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
         default="text",
@@ -295,6 +313,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     add_models_commands(commands)
     add_apps_commands(commands)
+    add_deploy_commands(commands)
     return parser, {"serve": serve_cmd, "worker": worker_cmd}
 
 
@@ -357,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ketch.cli.status import print_status
 
             return print_status(args.url, args.token)
+        if args.command == "deploy":
+            return run_deploy(args)
+        if args.command == "deployments":
+            return run_deployments(args)
         if args.command in ("models", "apps"):
             outcome = run_admin_action(args)
             print(json.dumps(outcome.answer, indent=2) if args.json else outcome.text)
@@ -382,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 request_timeout_s=args.request_timeout,
                 plugins=tuple(args.plugin),
                 state_dir=args.state_dir,
+                store_dir=args.store,
+                max_deploy_bytes=args.max_deploy_mb * MIB,
                 models=tuple(args.model),
                 log_format=args.log_format,
                 admin_token=args.admin_token,

@@ -50,6 +50,7 @@ class Admin:
         queued requests can take to finish.
     :param workers_per_model: ``ketch serve --workers-per-model``, applied to added models
         as to the served file's.
+    :param on_roll: told each model and version rolled to (the deployer remembers it).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class Admin:
         report: events.Report,
         request_timeout_s: float,
         workers_per_model: int = 0,
+        on_roll: Callable[[str, str], None] | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._plugins = plugins
@@ -69,6 +71,7 @@ class Admin:
         self._report = report
         self._request_timeout_s = request_timeout_s
         self._workers_per_model = workers_per_model
+        self._on_roll = on_roll
         #: One change at a time per model (a removal cannot race a roll of it), and one at a
         #: time to the applications; a slow roll of one model holds up no other change.
         self._model_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -147,27 +150,15 @@ class Admin:
     async def remove_model(self, request: Request) -> Response:
         name = request.path_params["name"]
         version = request.path_params.get("version")
+        return json_response(await self.remove_versions(name, version))
+
+    async def remove_versions(
+        self, name: str, version: str | None, going: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
+        """Remove one version of model ``name``, or all of them (``version`` None), once the
+        requests already queued there finish; ``going``: versions removed with it."""
         async with self._model_locks[name]:
-            self._dispatcher.queue_for(name, version)  # 404 for an unknown model or version
-            default = self._dispatcher.default_version(name)
-            if version == default and len(self._dispatcher.versions(name)) > 1:
-                raise PredictionError(
-                    409,
-                    f"version {version} answers the requests to model {name!r} without a "
-                    "version: roll to another version first",
-                    model=name,
-                    version=version,
-                )
-            linked = self._apps.linking(name, version)
-            if linked:
-                what = f"version {version} of model" if version is not None else "model"
-                raise PredictionError(
-                    409,
-                    f"{what} {name!r} is linked to applications {linked}: unlink it from them "
-                    "(or remove them) first",
-                    model=name,
-                    apps=linked,
-                )
+            self.check_removable(name, version, going)
             removed = self._dispatcher.versions(name) if version is None else [version]
             queues = [
                 self._dispatcher.remove_model(
@@ -181,13 +172,39 @@ class Admin:
             for queue in queues:
                 self._pools.release(queue, f"model {queue.spec.label()!r} was removed")
                 self._report(events.model_removed(queue.spec))
-        return json_response(
-            {
-                "removed": [f"{name}:{v}" for v in removed],
-                "default": self._dispatcher.default_version(name),
-                "unfinished_requests": unfinished,
-            }
-        )
+        return {
+            "removed": [f"{name}:{v}" for v in removed],
+            "default": self._dispatcher.default_version(name),
+            "unfinished_requests": unfinished,
+        }
+
+    def check_removable(
+        self, name: str, version: str | None, going: frozenset[str] = frozenset()
+    ) -> None:
+        """A 404 for an unknown model or version, a 409 for a version that answers the
+        requests without one while others remain (other than those ``going`` with it), or
+        one linked to an application."""
+        self._dispatcher.queue_for(name, version)
+        default = self._dispatcher.default_version(name)
+        staying = set(self._dispatcher.versions(name)) - going - {version}
+        if version == default and staying:
+            raise PredictionError(
+                409,
+                f"version {version} answers the requests to model {name!r} without a "
+                "version: roll to another version first",
+                model=name,
+                version=version,
+            )
+        linked = self._apps.linking(name, version)
+        if linked:
+            what = f"version {version} of model" if version is not None else "model"
+            raise PredictionError(
+                409,
+                f"{what} {name!r} is linked to applications {linked}: unlink it from them "
+                "(or remove them) first",
+                model=name,
+                apps=linked,
+            )
 
     async def set_pool(self, request: Request) -> Response:
         body = given(decode_body(await request.body(), PoolChange))
@@ -222,7 +239,12 @@ class Admin:
             previous = self._dispatcher.set_default(name, version)
             if previous != version:
                 self._report(events.default_version_changed(name, version, previous))
+            if self._on_roll is not None:
+                self._on_roll(name, version)
         return json_response({"model": name, "default": version, "previous": previous})
+
+    def serves(self, key: tuple[str, str]) -> bool:
+        return self._dispatcher.has_model(key)
 
     def _queue(self, request: Request) -> ModelQueue:
         return self._dispatcher.queue_for(

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from ketch.deploys.deployer import DeploymentStatus
 from ketch.serving.status import ModelStatus
 
 #: A version label; an integer is taken as its decimal text.
@@ -216,3 +217,17 @@ class AppChanged(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 class AppRemoved(msgspec.Struct, kw_only=True):
     removed: str
+
+
+class DeploymentsList(msgspec.Struct, kw_only=True):
+    deployments: list[DeploymentStatus]
+
+
+class DeploymentVersions(msgspec.Struct, kw_only=True):
+    name: str
+    versions: list[DeploymentStatus]
+
+
+class DeploymentRemoved(msgspec.Struct, kw_only=True):
+    removed: Annotated[list[str], Meta(description="The deployed versions, as 'name:version'.")]
+    models: Annotated[list[str], Meta(description="The model versions no longer served.")]

@@ -35,6 +35,7 @@ from ketch.http.auth import TokenGuard
 from ketch.http.body_errors import explain
 from ketch.http.finite import first_non_finite, non_finite_name
 from ketch.http.json_depth import MAX_JSON_DEPTH, deeper_than
+from ketch.http.limits import linger
 from ketch.observability.metrics import Metrics
 from ketch.serving.jobs import PredictionError
 
@@ -76,9 +77,15 @@ class Endpoints:
         self._known_model = known_model
         self._known_app = known_app
 
-    def route(self, path: str, handler: Handler, methods: Sequence[str]) -> Route:
+    def route(
+        self, path: str, handler: Handler, methods: Sequence[str], *, streamed: bool = False
+    ) -> Route:
+        """A route whose body is read before ``handler`` runs, or, ``streamed``, one whose
+        handler reads it as it arrives (an upload): its token is then checked first, so a
+        refused upload is never read."""
         guarded = self._guard.guards(path)
-        return Route(path, self._served(handler, guarded=guarded), methods=list(methods))
+        served = self._streamed(handler) if streamed else self._served(handler, guarded=guarded)
+        return Route(path, served, methods=list(methods))
 
     def model_route(self, path: str, handler: ModelHandler, methods: Sequence[str]) -> Route:
         """A route that predicts with one model version: counted and timed under it."""
@@ -120,6 +127,17 @@ class Endpoints:
             if has_body(request.scope):
                 await request.body()  # read once; the handler gets it from the request
             if guarded and (why := guard.refusal(request.scope)) is not None:
+                return _unauthorized(why)
+            return await handler(request)
+
+        return endpoint
+
+    def _streamed(self, handler: Handler) -> Handler:
+        guard = self._guard
+
+        async def endpoint(request: Request) -> Response:
+            if (why := guard.refusal(request.scope)) is not None:
+                await linger(request.receive)  # dropped unread, so the client reads the 401
                 return _unauthorized(why)
             return await handler(request)
 

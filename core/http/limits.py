@@ -50,11 +50,14 @@ class HttpLimits:
         previous answer on it) and then its body may take to arrive; a late body gets a 408.
     :param shutdown_grace_s: on SIGINT or SIGTERM, how long requests in flight have to finish
         before they are answered 503 (see :mod:`ketch.http.draining`).
+    :param streamed: paths whose route reads the body itself as it arrives, within limits of
+        its own (an upload to ``/admin/deployments``): their bodies are not read here.
     """
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    streamed: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
@@ -74,6 +77,7 @@ class BoundedRequests:
         self._app = app
         self._max_bytes = limits.max_body_bytes
         self._timeout_s = limits.read_timeout_s
+        self._streamed = limits.streamed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,7 +92,7 @@ class BoundedRequests:
                 scope, send, 431, {"error": error, "max_header_bytes": MAX_HEADER_BYTES}
             )
             return
-        if not may_have_body(scope):
+        if not may_have_body(scope) or scope["path"] in self._streamed:
             await self._app(scope, receive, send)
             return
         declared = declared_length(scope)
@@ -140,7 +144,7 @@ class BoundedRequests:
             size = f"is {declared} bytes, more" if too_large == declared else "is larger"
             await send_json(scope, send, 413, self._too_large(size))
             if answer_at_once:
-                await _linger(receive)
+                await linger(receive)
             return
         await self._app(scope, _replaying(b"".join(chunks), receive), send)
 
@@ -160,7 +164,9 @@ LINGER_S = 2.0
 LINGER_BYTES = 8 * MIB
 
 
-async def _linger(receive: Receive) -> None:
+async def linger(receive: Receive) -> None:
+    """Read and drop what is left of a refused body, within :data:`LINGER_BYTES` and
+    :data:`LINGER_S`, so the client can read the answer before the connection closes."""
     dropped = 0
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(LINGER_S):

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 import ketch
+from ketch.deploys.deployer import DeploymentStatus
 from ketch.http import admin_shapes as admin
 from ketch.http import oip_shapes as oip
 from ketch.http import shapes
@@ -379,6 +380,98 @@ _SECURITY_SCHEMES = {
 }
 
 
+def _deploy_operations() -> dict[str, dict[str, Any]]:
+    """Deploys (:mod:`ketch.http.deployments`): every operation needs the admin token."""
+    one = "/admin/deployments/{name}"
+    version = one + "/versions/{version}"
+    number = {**_VERSION, "schema": {"type": "integer", "minimum": 1}}
+    gone = {404: "No such deployment or version."}
+    removal = {
+        **gone,
+        409: "A version is still deploying, answers the requests without a version while "
+        "others are served (roll first), or is linked to an application.",
+    }
+    removed = _answers("What was removed.", _ref(admin.DeploymentRemoved), 404, 409, why=removal)
+    return {
+        "/admin/deployments": {
+            "get": {
+                "summary": "Every deployed version: its state, environment and endpoints.",
+                "responses": _answers("The deployments.", _ref(admin.DeploymentsList)),
+            },
+            "post": {
+                "summary": "Deploy the archive ketch deploy packs (a gzip'd tar with "
+                "ketch-deploy.json): answered at once, the build and start go on in the "
+                "background.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/gzip": {"schema": {"type": "string"}}},
+                },
+                "responses": _answers(
+                    "The version it will be, building.",
+                    _ref(DeploymentStatus),
+                    400,
+                    408,
+                    413,
+                    status=202,
+                    why={
+                        400: "The archive is unsafe (a link, a path out of its folder) or its "
+                        "manifest is wrong; the error names the member.",
+                        408: "The upload paused longer than the read timeout.",
+                        413: "The archive, or what it unpacks to, is over --max-deploy-mb.",
+                    },
+                ),
+            },
+        },
+        one: {
+            "get": {
+                "summary": "One deployment's versions.",
+                "parameters": [_NAME],
+                "responses": _answers(
+                    "Its versions.", _ref(admin.DeploymentVersions), 404, why=gone
+                ),
+            },
+            "delete": {
+                "summary": "Stop serving every version of a deployment and forget them.",
+                "parameters": [_NAME],
+                "responses": removed,
+            },
+        },
+        version: {
+            "get": {
+                "summary": "One deployed version, with the last lines of its log.",
+                "parameters": [_NAME, number],
+                "responses": _answers("The version.", _ref(DeploymentStatus), 404, why=gone),
+            },
+            "delete": {
+                "summary": "Stop serving one deployed version and forget it.",
+                "parameters": [_NAME, number],
+                "responses": removed,
+            },
+        },
+        version + "/log": {
+            "get": {
+                "summary": "A version's build log; ?follow=1 streams it until the deploy is "
+                "done, ending with 'ketch: state STATE'.",
+                "parameters": [
+                    _NAME,
+                    number,
+                    {"name": "follow", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The log.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "404": {
+                        "description": gone[404],
+                        "content": {_JSON: {"schema": _ref(shapes.Error)}},
+                    },
+                },
+            }
+        },
+    }
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route the gateway serves."""
     paths: dict[str, Any] = {
@@ -475,6 +568,7 @@ def document() -> dict[str, Any]:
         for suffix, operations in _v2_model_operations(parameters).items():
             paths[prefix + suffix] = operations
     paths.update(_admin_operations())
+    paths.update(_deploy_operations())
     _bounded(paths)
     _secure(paths)
     return {

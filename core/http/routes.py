@@ -45,6 +45,7 @@ from ketch.applications.runner import Applications
 from ketch.http import openapi
 from ketch.http.admin import Admin
 from ketch.http.auth import TokenGuard, Tokens
+from ketch.http.deployments import DeploymentRoutes
 from ketch.http.endpoints import (
     TIMEOUT_HEADER,
     Endpoints,
@@ -69,6 +70,7 @@ class Gateway:
     :param apps: the applications (``/apps/...``).
     :param deadlines: the deadline rule of every route.
     :param admin: the management API's routes.
+    :param deployments: the routes that take deploys (``/admin/deployments``).
     :param tokens: the bearer tokens the routes need.
     """
 
@@ -78,12 +80,14 @@ class Gateway:
         apps: Applications,
         deadlines: Deadlines,
         admin: Admin,
+        deployments: DeploymentRoutes,
         tokens: Tokens,
     ) -> None:
         self.dispatcher = dispatcher
         self.apps = apps
         self.deadlines = deadlines
         self._admin = admin
+        self._deployments = deployments
         self._tokens = tokens
         self._openapi = openapi.document()
         self._query_ids = QueryIds()
@@ -109,6 +113,7 @@ class Gateway:
                 route("/metrics", self.dispatcher.metrics.endpoint, ["GET"]),
                 route("/openapi.json", self.openapi, ["GET"]),
                 *self._admin.routes(endpoints),
+                *self._deployments.routes(endpoints),
             ],
             # Starlette types its handlers as taking any Exception; each takes its own.
             exception_handlers={

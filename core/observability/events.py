@@ -199,6 +199,42 @@ def app_removed(name: str) -> Event:
 # -- output ----------------------------------------------------------------------------------
 
 
+def env_building(key: str, what: str) -> Event:
+    return Event(
+        "env_building", f"building environment {key} ({what})", {"env": key, "requirements": what}
+    )
+
+
+def env_built(key: str, seconds: float) -> Event:
+    return Event(
+        "env_built", f"environment {key} built in {seconds:.1f} s", {"env": key, "build_s": seconds}
+    )
+
+
+def deployed(name: str, version: int, models: list[str]) -> Event:
+    return Event(
+        "deployed",
+        f"deployed {name} version {version}: {', '.join(models)}",
+        {"deployment": name, "version": version, "models": models},
+    )
+
+
+def deploy_failed(name: str, version: int, error: str) -> Event:
+    return Event(
+        "deploy_failed",
+        f"deploy of {name} version {version} failed: {error}",
+        {"deployment": name, "version": version, "error": error},
+    )
+
+
+def deployment_removed(name: str, version: int) -> Event:
+    return Event(
+        "deployment_removed",
+        f"removed {name} version {version}",
+        {"deployment": name, "version": version},
+    )
+
+
 def write_event(event: Event, out: TextIO, log_format: LogFormat) -> None:
     line = event.json() if log_format == "json" else event.text()
     print(line, file=out, flush=True)  # flushed: scripts wait for these lines through a pipe

@@ -1,4 +1,4 @@
-"""Local worker processes: discovering the served file's models and supervising workers.
+"""Local worker processes: starting and supervising workers and templates.
 
 How a process starts (shared forkserver, the model's template, another interpreter) is
 :mod:`ketch.pools.processes`; this module decides when, watches each process's exit and output,
@@ -11,9 +11,7 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,6 @@ import msgspec
 import psutil
 
 from ketch import __version__
-from ketch.errors import TargetLoadError
 from ketch.plugin_manager import Plugins
 from ketch.pools.cgroups import MemoryCgroups
 from ketch.pools.processes import (
@@ -34,14 +31,10 @@ from ketch.pools.processes import (
     forkserver_context,
     launch,
     resolve_python,
-    start_process,
 )
 from ketch.pools.restarts import KILLED_FROM_OUTSIDE, CrashHistory, RestartPolicy
 from ketch.pools.templates import control_pair, fork_worker, read_ready
 from ketch.pools.worker_output import OutputTail
-from ketch.specs.apps import AppSpec
-from ketch.specs.deployments import Deployment
-from ketch.specs.loader import import_source, served_declarations
 from ketch.specs.models import ModelSpec
 from ketch.specs.resources import over_memory_cap
 from ketch.worker.plan import WorkerPlan
@@ -49,70 +42,6 @@ from ketch.zmq_transport.liveness import Heartbeat
 from ketch.zmq_transport.security import WorkerKeys
 
 log = logging.getLogger("ketch.workers")
-
-
-def _discover_in_child(source: str, conn: Any) -> None:
-    # What the served file prints as it is imported belongs with the workers' output on
-    # stderr; the gateway's stdout carries its own status lines.
-    sys.stdout.flush()
-    os.dup2(2, 1)
-    try:
-        declared = served_declarations(import_source(source))
-        payload = {
-            "models": [m.spec.to_dict() for m in declared.models],
-            "deployments": [d.to_dict() for d in declared.deployments],
-            "apps": [a.to_dict() for a in declared.apps],
-        }
-        conn.send(("ok", payload))
-    except BaseException as exc:
-        detail = str(exc) if isinstance(exc, TargetLoadError) else traceback.format_exc()
-        conn.send(("error", detail))
-    finally:
-        conn.close()
-
-
-@dataclass(frozen=True, slots=True)
-class Served:
-    """What a served file declares: its models (deployments checked by their runtimes) and
-    its applications."""
-
-    models: list[ModelSpec]
-    apps: list[AppSpec]
-
-
-def discover(source: str, plugins: Plugins, timeout_s: float = 120.0) -> Served:
-    """The models and applications ``source`` declares, read by importing it in a throw-away
-    process (the gateway never imports user code); its deployments are checked here by
-    their runtimes from ``plugins`` (which import no framework to do so)."""
-    context = forkserver_context()
-    receiver, sender = context.Pipe(duplex=False)
-    process = start_process(context, _discover_in_child, (source, sender), "ketch-discover")
-    sender.close()
-    try:
-        if not receiver.poll(timeout_s):
-            raise TargetLoadError(f"importing {source!r} took more than {timeout_s:.0f} s")
-        try:
-            status, payload = receiver.recv()
-        except EOFError:
-            process.join(5)
-            raise TargetLoadError(
-                f"importing {source!r} killed the process (exit code {process.exitcode})"
-            ) from None
-    finally:
-        receiver.close()
-        process.join(5)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    if status != "ok":
-        raise TargetLoadError(f"cannot load {source!r}:\n{payload}")
-    models = [ModelSpec.from_dict(spec) for spec in payload["models"]]
-    for data in payload["deployments"]:
-        try:
-            models.append(plugins.check_deployment(Deployment.from_dict(data)))
-        except ValueError as exc:
-            raise TargetLoadError(f"cannot load {source!r}: {exc}") from None
-    return Served(models, [AppSpec.from_dict(spec) for spec in payload["apps"]])
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from ketch.specs.models import (
     ModelSpec,
     PoolSpec,
     WorkerStart,
+    declared_start,
     validated_spec,
 )
 from ketch.specs.resources import Resources
@@ -87,9 +88,12 @@ class Deployment:
         ``ValueError`` naming the model, the runtime and what is wrong."""
         spec = self.declared
         artifact = spec.artifact
+        folder = Path(self.folder) if self.folder is not None else Path.cwd()
         if artifact is not None and runtime.artifact_is_path:
-            folder = Path(self.folder) if self.folder is not None else Path.cwd()
             artifact = str((folder / Path(artifact).expanduser()).resolve())
+        if isinstance(spec.start.env, str):
+            env = str((folder / Path(spec.start.env).expanduser()).resolve())
+            spec = msgspec.structs.replace(spec, start=msgspec.structs.replace(spec.start, env=env))
         try:
             options = runtime.check(artifact, spec.options)
         except (ValueError, FileNotFoundError, TypeError) as exc:
@@ -174,7 +178,7 @@ def declared_deployment(
         version=version,
         pool=PoolSpec(**pool),
         resources=Resources(**resources),
-        start=WorkerStart(**start),
+        start=declared_start(start.get("preload", False), start.get("python"), start.get("env")),
         runtime=runtime,
         artifact=artifact,
         options=runtime_options,

@@ -93,16 +93,44 @@ class WorkerStart(msgspec.Struct, frozen=True, kw_only=True):
     :param python: the interpreter that runs the workers (e.g. the model's virtualenv's
         ``bin/python``, or a name looked up on ``PATH``); ketch must be installed there.
         ``None`` uses the gateway's interpreter.
+    :param env: the environment the workers run in, which the server builds with uv (once
+        per content, cached): requirement lines (``["scikit-learn==1.5.2"]``, any line of a
+        requirements file), or the path of a requirements file or of a ``uv.lock`` with its
+        ``pyproject.toml`` beside it (relative to the declaring file). Once built, ``python``
+        is the environment's interpreter. Written as a literal, since the server reads it
+        before the module's imports can resolve. See ``docs/deploying.md``.
     """
 
     preload: bool = False
     python: str | None = None
+    env: tuple[str, ...] | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.preload, bool):
             raise TypeError(f"preload must be True or False, got {self.preload!r}")
         if self.python is not None and (not isinstance(self.python, str) or not self.python):
             raise ValueError(f"python must name an interpreter, got {self.python!r}")
+        env = self.env
+        if isinstance(env, tuple):
+            if not env or not all(isinstance(line, str) and line.strip() for line in env):
+                raise TypeError(f"env must be requirement lines (strings), got {env!r}")
+        elif env is not None and (not isinstance(env, str) or not env.strip()):
+            raise TypeError(
+                f"env must be requirement lines or the path of a requirements file or uv.lock, "
+                f"got {env!r}"
+            )
+
+
+def declared_start(preload: bool, python: str | None, env: Any) -> WorkerStart:
+    """How a declaration's workers start: ``python=`` names an interpreter, ``env=`` one
+    the server builds, so a declaration gives at most one of them."""
+    if python is not None and env is not None:
+        raise ValueError("give python= (an interpreter) or env= (an environment), not both")
+    if isinstance(env, list | tuple):
+        env = tuple(line.strip() for line in env if isinstance(line, str) and line.strip())
+        if not env:
+            raise TypeError("env must hold at least one requirement line")
+    return WorkerStart(preload=preload, python=python, env=env)
 
 
 def plain_data(shape: msgspec.Struct) -> dict[str, Any]:
@@ -354,6 +382,7 @@ def model(
     gpus: Sequence[int] | None = None,
     preload: bool = False,
     python: str | None = None,
+    env: Sequence[str] | str | None = None,
     inputs: Sequence[TensorSpec] | None = None,
     outputs: Sequence[TensorSpec] | None = None,
 ) -> Callable[[Callable[P, R]], Model[P, R]]: ...
@@ -382,6 +411,7 @@ def model(
     gpus: Sequence[int] | None = None,
     preload: bool = False,
     python: str | None = None,
+    env: Sequence[str] | str | None = None,
     inputs: Sequence[TensorSpec] | None = None,
     outputs: Sequence[TensorSpec] | None = None,
 ) -> Model[P, R] | Callable[[Callable[P, R]], Model[P, R]]:
@@ -397,7 +427,8 @@ def model(
         until its first request, one while it has traffic, and none again after 5 idle
         minutes.
     :param cpus, memory_mb, threads, gpus: what each worker may use, see :class:`Resources`.
-    :param preload, python: how its workers start, see :class:`WorkerStart`.
+    :param preload, python, env: how its workers start and in which environment, see
+        :class:`WorkerStart`.
     :param inputs, outputs: the model's tensors, per item (:class:`TensorSpec`, shapes without
         the batch axis): requests are checked against the inputs (a 400 naming the expected
         tensor), and the Open Inference Protocol's metadata lists them. A model with several
@@ -422,7 +453,7 @@ def model(
         threads=threads,
         gpus=tuple(gpus) if gpus is not None else None,
     )
-    start = WorkerStart(preload=preload, python=python)
+    start = declared_start(preload, python, env)
 
     def decorate(func: Callable[P, R]) -> Model[P, R]:
         if isinstance(func, Model):
