@@ -8,6 +8,7 @@ that wheelhouse: environments are built by uv without any network.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -132,10 +133,11 @@ def test_a_served_file_declares_its_environment_with_env(
 ) -> None:
     source = tmp_path / "served.py"
     env = ["--no-index", f"--find-links {wheelhouse}", "ketchtest-greeting==1.0"]
-    source.write_text(
-        textwrap.dedent(APP).replace("@ketch.model\n", f"@ketch.model(env={env!r})\n")
-    )
+    # preload=True: its template, and the workers it forks, run in the environment too.
+    declared = f"@ketch.model(env={env!r}, preload=True)\n"
+    source.write_text(textwrap.dedent(APP).replace("@ketch.model\n", declared))
     gateway = start_server(source)
+    gateway.wait_for(r"model greet:1 template ready", seen_too=True)
     assert gateway.predict("greet", {"input": "cy"}).json()["output"] == "hello cy"
     assert any("built in" in line for line in gateway.seen)
 
@@ -323,3 +325,70 @@ def test_a_wheel_deploys_with_its_module_as_the_entry(
     done = deploy(gateway, wheel, "--wait")
     assert done.returncode == 0, done.stderr
     assert gateway.predict("shout", {"input": "hey"}).json()["output"] == "HEY"
+
+
+def ketch_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ketch.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KETCH_ADMIN_TOKEN": TOKEN},
+    )
+
+
+def test_a_folder_deploys_with_its_uv_lock(
+    server: Callable[..., KetchServer], app: Path, wheelhouse: Path
+) -> None:
+    folder = app.parent
+    (folder / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""
+            [project]
+            name = "greeter"
+            version = "0.1.0"
+            requires-python = ">=3.11"
+            dependencies = ["ketchtest-greeting==1.0"]
+
+            [tool.uv]
+            no-index = true
+            find-links = ["{wheelhouse}"]
+            """
+        )
+    )
+    from uv import find_uv_bin
+
+    locked = subprocess.run(
+        [find_uv_bin(), "lock", "--project", str(folder)], capture_output=True, text=True
+    )
+    assert locked.returncode == 0, locked.stderr
+    gateway = server()
+    done = deploy(gateway, folder, "--lock", folder / "uv.lock", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert "uv sync --frozen" in done.stderr
+    assert gateway.predict("greet", {"input": "fy"}).json()["output"] == "hello fy"
+
+
+def test_deployments_are_listed_shown_and_removed_from_the_command_line(
+    server: Callable[..., KetchServer], app: Path, requirements: Path
+) -> None:
+    gateway = server()
+    for _ in range(2):
+        assert deploy(gateway, app, "--requirements", requirements, "--wait").returncode == 0
+    where = ["--server", gateway.url]
+    listed = ketch_cli("deployments", "list", *where)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split()[:3] for line in listed.stdout.splitlines()[1:]]
+    assert rows == [["app", "1", "ready"], ["app", "2", "ready"]]
+    log = ketch_cli("deployments", "show", "app:1", "--log", *where)
+    assert "+ ketchtest-greeting==1.0" in log.stdout
+    # Version 1 answers the requests without a version while version 2 is served.
+    refused = ketch_cli("deployments", "remove", "app:1", *where)
+    assert refused.returncode == 1 and "roll to another version first" in refused.stderr
+    removed = ketch_cli("deployments", "remove", "app:2", *where)
+    assert removed.returncode == 0, removed.stderr
+    assert "removed app:2" in removed.stdout
+    versions = [m["version"] for m in gateway.client.get("/models").json()["models"]]
+    assert versions == ["1"]
+    shown = ketch_cli("deployments", "show", "app", "--json", *where)
+    assert [v["version"] for v in json.loads(shown.stdout)["versions"]] == [1]
