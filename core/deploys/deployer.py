@@ -263,12 +263,23 @@ class Deployer:
 
     # -- a deploy ---------------------------------------------------------------------------
 
-    def accept(self, archive: Path, max_bytes: int) -> DeployState:
+    async def accept(self, archive: Path, max_bytes: int) -> DeployState:
         """Check and store an uploaded archive, and start deploying it in the background;
-        the state says which version it will be.
+        the state says which version it will be. The unpacking runs in a thread: a large
+        archive must not stall the requests the gateway is serving.
 
         :raises DeployError: the archive or its manifest is refused (nothing is kept).
         """
+        manifest, digest, stored = await asyncio.to_thread(self._store, archive, max_bytes)
+        state = DeployState(manifest.name, self._next_version(manifest.name), digest)
+        self._states[(state.name, state.version)] = state
+        task = asyncio.create_task(self._deploy(state, manifest, stored), name="ketch-deploy")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return state
+
+    def _store(self, archive: Path, max_bytes: int) -> tuple[Manifest, str, Path]:
+        """Unpack ``archive``, check its manifest and keep its code under its digest."""
         tree = archive.with_suffix(".files")
         try:
             unpack(archive, tree, max_bytes=max_bytes)
@@ -283,13 +294,7 @@ class Deployer:
             shutil.rmtree(tree, ignore_errors=True)
             raise
         digest = tree_digest(tree)
-        stored = self.store.adopt(tree, digest)
-        state = DeployState(manifest.name, self._next_version(manifest.name), digest)
-        self._states[(state.name, state.version)] = state
-        task = asyncio.create_task(self._deploy(state, manifest, stored), name="ketch-deploy")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return state
+        return manifest, digest, self.store.adopt(tree, digest)
 
     def _next_version(self, name: str) -> int:
         taken = [version for (n, version) in self._states if n == name]

@@ -71,7 +71,7 @@ class DeploymentRoutes:
         archive = self._deployer.store.new_upload().with_suffix(".tar.gz")
         try:
             await self._receive(request, archive)
-            state = self._deployer.accept(archive, self._max_bytes)
+            state = await self._deployer.accept(archive, self._max_bytes)
         except DeployError as exc:
             raise PredictionError(exc.status, str(exc)) from None
         finally:
@@ -102,7 +102,7 @@ class DeploymentRoutes:
                     raise PredictionError(413, self._too_large("is larger"))
                 out.write(chunk)
             out.flush()
-            os.fsync(out.fileno())
+            await asyncio.to_thread(os.fsync, out.fileno())
         if received == 0:
             raise PredictionError(
                 400, "the request has no body: send the archive ketch deploy packs"
