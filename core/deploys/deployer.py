@@ -228,8 +228,7 @@ class Deployer:
 
     async def restore(self) -> list[DeploymentRecord]:
         """Serve again every version the store holds, with its environment (built again only
-        if it went missing) and the default version it was rolled to."""
-        self.store.open()
+        if it went missing) and the default version it was rolled to; the store was opened."""
         records = self.store.records()
         for record in records:
             state = DeployState(record.name, record.version, record.digest)
@@ -337,6 +336,12 @@ class Deployer:
             None, discover, source, self._plugins, python
         )
         specs = [self._as_version(spec, source, state.version, built) for spec in served.models]
+        if served.apps:
+            names = ", ".join(app.name for app in served.apps)
+            state.say(
+                f"ketch: applications are not deployed ({names}): add them over the deployed "
+                "models with ketch apps add"
+            )
         for spec in specs:
             if self._dispatcher.has_model(spec.key):
                 raise DeployError(f"model {spec.label()!r} is already served", 409)

@@ -121,8 +121,8 @@ class Store:
         path = self._record_path(name, version)
         record = _decoder.decode(path.read_bytes()) if path.is_file() else None
         path.unlink(missing_ok=True)
-        if not any(self._record_path(name, 0).parent.glob("*.json")):
-            _remove(self._record_path(name, 0).parent)
+        if not any(path.parent.glob("*.json")):
+            _remove(path.parent)
         if record is not None and not any(r.digest == record.digest for r in self.records()):
             _remove(self.code_folder(record.digest))
 
@@ -133,6 +133,8 @@ class Store:
         return None
 
     def remember_default(self, model: str, version: str) -> None:
+        if "/" in model or model.startswith("."):
+            return  # not a file name (model names are URL segments, checked elsewhere)
         _write_durably(self._defaults / model, version.encode())
 
     def _record_path(self, name: str, version: int) -> Path:
