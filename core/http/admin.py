@@ -137,7 +137,7 @@ class Admin:
                     f"model {spec.label()!r} was added, but is not ready: {exc}",
                     model=spec.name,
                     version=spec.version,
-                    state=queue.state,
+                    state=status.state_of(queue),
                 ) from None
         return json_response(
             {

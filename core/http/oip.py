@@ -53,6 +53,7 @@ from ketch.serving.admission import Deadlines, predict
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
+from ketch.serving.status import ready_to_serve
 from ketch.specs.signature import TensorSpec
 
 #: Set by clients sending binary tensors after the JSON header (Triton's extension).
@@ -95,7 +96,7 @@ class OpenInference:
     async def model_ready(self, request: Request) -> Response:
         queue = self._queue(request)
         # Pools scale from zero: a model without workers is ready when a request would start one.
-        ready = queue.ready_to_serve
+        ready = ready_to_serve(queue)
         answer = {"name": queue.spec.name, "version": queue.spec.version, "ready": ready}
         return json_response(answer, 200 if ready else 503)
 

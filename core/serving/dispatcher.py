@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ketch.observability import events
 from ketch.observability.metrics import Metrics
-from ketch.serving import status
+from ketch.serving import announced, status
 from ketch.serving.jobs import Backoff, PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import Worker, WorkerLink
@@ -179,14 +179,15 @@ class Dispatcher:
         return [
             q.spec.label()
             for q in self._queues.values()
-            if q.served_from_file and not q.ready_to_serve
+            if q.served_from_file and not status.ready_to_serve(q)
         ]
 
     def settled(self) -> bool:
         """Every model of the served file can serve, or was given up on as unhealthy, and no
         worker of a model still served is starting."""
         return not any(
-            q.state != "unhealthy" and (q.starting or (q.served_from_file and not q.ready_to_serve))
+            status.state_of(q) != "unhealthy"
+            and (q.starting or (q.served_from_file and not status.ready_to_serve(q)))
             for q in self._queues.values()
         )
 
@@ -308,7 +309,7 @@ class Dispatcher:
                 f"this gateway does not serve model {label!r} (it serves: {served}); "
                 "`ketch serve --allow-worker-models` lets workers add models"
             )
-        return queue.announced_mismatch(worker.spec)
+        return announced.mismatch(queue.spec, worker.spec)
 
     def worker_ready(self, worker: Worker) -> None:
         queue = self._queues.get(worker.spec.key)
@@ -318,7 +319,7 @@ class Dispatcher:
             queue = self.add_model(worker.spec, served_from_file=False)
         if worker.host == self._hostname:
             queue.process_ready(worker.pid)
-        queue.learn_loaded(worker.spec)
+        queue.spec = announced.learnt(queue.spec, worker.spec)
         queue.add_worker(worker)
         self._report(events.model_ready(worker))
 

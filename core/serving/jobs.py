@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,3 +139,54 @@ class Part:
         """The shape of each input, for a numpy job; batches only join equal shapes."""
         inputs = self.job.inputs
         return inputs.shape[1:] if isinstance(inputs, np.ndarray) else None
+
+
+#: Incompatible (differently shaped) parts a batch looks past before it is sent as it is.
+_SCAN_AHEAD = 64
+
+
+def take_batch(pending: deque[Part], limit: int) -> list[Part]:
+    """Up to ``limit`` waiting inputs out of ``pending``, oldest first (a part larger than
+    the room left is split, its rest left at the front); for numpy models, only inputs of the
+    first one's shape, the others waiting for a batch of their own shape. Parts of requests
+    already answered (timed out, or failed through another part) are dropped."""
+    parts: list[Part] = []
+    skipped: list[Part] = []
+    room = limit
+    shape: tuple[int, ...] | None = None
+    while pending and room and len(skipped) < _SCAN_AHEAD:
+        part = pending.popleft()
+        if part.job.future.done():
+            continue  # no longer counted as queued
+        if parts and part.item_shape() != shape:
+            skipped.append(part)
+            continue
+        shape = part.item_shape()
+        if part.size > room:
+            pending.appendleft(Part(part.job, part.start + room, part.stop, part.attempts))
+            part = Part(part.job, part.start, part.start + room, part.attempts)
+        part.job.queued -= part.size
+        parts.append(part)
+        room -= part.size
+    pending.extendleft(reversed(skipped))
+    return parts
+
+
+def wake_all(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+    waiters.clear()
+
+
+async def wait_until_woken(waiters: list[asyncio.Future[None]], timeout_s: float) -> bool:
+    """Wait until the list's owner wakes it; False after ``timeout_s``."""
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await asyncio.wait_for(waiter, timeout_s)
+    except TimeoutError:
+        if waiter in waiters:
+            waiters.remove(waiter)
+        return False
+    return True

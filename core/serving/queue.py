@@ -23,8 +23,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from msgspec.structs import replace
@@ -33,10 +32,20 @@ from ketch.observability.metrics import ModelMetrics
 from ketch.serving import refusals
 from ketch.serving.batching import BatchSizer, batch_latency_target_s
 from ketch.serving.cache import PredictionCache
-from ketch.serving.jobs import Backoff, Deadline, Inputs, Job, Part, PredictionError
-from ketch.serving.sink import BatchSink, Worker
+from ketch.serving.jobs import (
+    Backoff,
+    Deadline,
+    Inputs,
+    Job,
+    Part,
+    PredictionError,
+    take_batch,
+    wait_until_woken,
+    wake_all,
+)
+from ketch.serving.sink import BatchSink, PoolListener, Worker
+from ketch.serving.stalls import STALL_CHECK_S, Batch, StallWatch, WorkerSlot
 from ketch.specs.models import ModelSpec, PoolSpec, cache_limit
-from ketch.specs.signature import TensorSpec
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import RemoteError
 
@@ -47,85 +56,11 @@ if TYPE_CHECKING:
 MAX_ATTEMPTS = 2
 #: Weight of the newest batch in the moving average of how fast a queue drains.
 _RATE_SMOOTHING = 0.2
-#: Incompatible (differently shaped) parts a batch looks past before it is sent as it is.
-_SCAN_AHEAD = 64
 #: Answered requests per model version whose latency ``GET /models`` summarises.
 LATENCIES_KEPT = 1000
 
-# Stalled batches. A worker that holds a batch far longer than the model usually takes (it
-# hangs, or it is a peer that never answers) has the batch retried on another worker, well
-# before the request's deadline; one that keeps stalling is dropped.
-#: How many times the model's usual batch time (the p99 of the last ones) makes a stall.
-STALL_FACTOR = 10.0
-#: Never a stall below this: a busy machine's scheduling noise is not a hung worker.
-STALL_MIN_S = 1.0
-#: Batch times observed before the usual one is trusted (unless ``stall_timeout_s`` is set).
-STALL_SAMPLES_NEEDED = 20
-#: The stall time until then: long enough for a first batch that warms a framework up,
-#: well within the default request timeout, so a peer that never answers costs no request.
-STALL_UNKNOWN_S = 30.0
-#: Batch times the usual one is derived from.
-_STALL_SAMPLES_KEPT = 256
-#: How often a queue with batches in flight looks for stalled ones.
-STALL_CHECK_S = 0.25
-#: A worker is dropped after this many stalls without a timely answer between them, or once
-#: it has held a stalled batch for this many stall times.
-STALLS_BEFORE_DROP = 3
-
 
 log = logging.getLogger("ketch.queue")
-
-#: What a model version can do now: serve (ready), soon (starting), after a cold start (zero),
-#: or no more (unhealthy). A model only hand-started workers defined is never at zero: it is
-#: removed when its last worker leaves.
-QueueState = Literal["ready", "starting", "zero", "unhealthy"]
-
-
-class PoolListener(Protocol):
-    """Who sizes a queue's pool (the pool manager); told when what the pool needs may have
-    changed, it decides what to do."""
-
-    def pool_changed(self, queue: ModelQueue) -> None: ...
-
-    def process_joined(self, pid: int) -> None:
-        """Local process ``pid`` of this pool said READY."""
-
-    def process_stalled(self, worker: Worker, why: str) -> None:
-        """``worker`` of this pool was dropped for stalling; if it is a local process, it may
-        be hung, and must not linger."""
-
-
-@dataclass(slots=True)
-class Batch:
-    id: int
-    worker: Worker
-    parts: list[Part]
-    size: int
-    sent_at: float
-    #: Held too long: its parts were retried elsewhere, and its late answer is ignored.
-    stalled: bool = False
-
-
-@dataclass(slots=True)
-class WorkerSlot:
-    info: Worker
-    #: Adapts this worker's batch size to the model's ``slo_ms``; None without one.
-    sizer: BatchSizer | None
-    batches: dict[int, Batch] = field(default_factory=dict)
-    #: A send to it failed: it takes no batch until the sink reports it lost.
-    unreachable: bool = False
-    #: Stalls since its last timely answer.
-    stalls: int = 0
-    #: Stalled batches it still holds: while it does, it gets no more.
-    stalled_batches: int = 0
-
-    @property
-    def has_room(self) -> bool:
-        return (
-            not self.unreachable
-            and not self.stalled_batches
-            and len(self.batches) < self.info.capacity
-        )
 
 
 class ModelQueue:
@@ -185,8 +120,8 @@ class ModelQueue:
         self._latencies: deque[float] = deque(maxlen=LATENCIES_KEPT)
         #: Why this version no longer takes requests (removed through the management API).
         self.removed_because: str | None = None
-        #: Seconds from send to answer of the last batches: what a stall is measured against.
-        self._batch_times: deque[float] = deque(maxlen=_STALL_SAMPLES_KEPT)
+        #: The batch times a stall is measured against.
+        self._stalls = StallWatch()
         self._stall_timer: asyncio.TimerHandle | None = None
         #: Futures of :meth:`wait_ready` and :meth:`wait_drained` callers.
         self._ready_waiters: list[asyncio.Future[None]] = []
@@ -282,14 +217,14 @@ class ModelQueue:
                 spec.name, spec.version, len(job.inputs), latency_s, status
             )
         if not self.active_requests:
-            _wake(self._drain_waiters)
+            wake_all(self._drain_waiters)
 
     async def wait_drained(self, timeout_s: float) -> bool:
         """Wait until no request is queued or computing here; False if some still are after
         ``timeout_s`` (they are then left to finish or time out on their own)."""
         if not self.active_requests:
             return True
-        return await _wait_for(self._drain_waiters, timeout_s)
+        return await wait_until_woken(self._drain_waiters, timeout_s)
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Start a worker unless one is ready or starting, and wait for one to be ready.
@@ -306,7 +241,7 @@ class ModelQueue:
         # Counts as traffic for the pool manager: the pool wants a worker for idle_timeout_s.
         self.last_request_at = now
         self._load_moved(always=True)
-        if not await _wait_for(self._ready_waiters, timeout_s):
+        if not await wait_until_woken(self._ready_waiters, timeout_s):
             raise refusals.not_ready(self.spec, timeout_s, self.last_error)
         if self.unhealthy_because is not None:
             raise refusals.unhealthy(self.spec, self.unhealthy_because)
@@ -366,7 +301,7 @@ class ModelQueue:
         self.last_error = backoff.cause
         if self._workers:
             return
-        _wake(self._ready_waiters)  # those waiting for a worker hear why none comes
+        wake_all(self._ready_waiters)  # those waiting for a worker hear why none comes
         error = refusals.backing_off(self.spec, backoff, time.monotonic())
         while self._pending:
             self._pending.popleft().job.fail(error)
@@ -379,7 +314,7 @@ class ModelQueue:
         error = refusals.unhealthy(self.spec, cause)
         while self._pending:
             self._pending.popleft().job.fail(error)
-        _wake(self._ready_waiters)
+        wake_all(self._ready_waiters)
 
     # -- local processes (from the supervisor, through the dispatcher) -----------------------
 
@@ -423,7 +358,8 @@ class ModelQueue:
             limit = worker.sizer.limit if worker.sizer is not None else self.spec.max_batch_size
             if self._should_wait(limit):
                 return
-            parts = self._take(limit)
+            parts = take_batch(self._pending, limit)
+            self._queued_items -= sum(part.size for part in parts)
             if not parts:
                 return
             self._send(worker, parts)
@@ -444,32 +380,6 @@ class ModelQueue:
     def _delay_over(self) -> None:
         self._delay_timer = None
         self.pump()
-
-    def _take(self, limit: int) -> list[Part]:
-        """Up to ``limit`` waiting inputs, oldest first; for numpy models, only inputs of the
-        first one's shape (the others wait for a batch of their own shape)."""
-        parts: list[Part] = []
-        skipped: list[Part] = []
-        room = limit
-        shape: tuple[int, ...] | None = None
-        while self._pending and room and len(skipped) < _SCAN_AHEAD:
-            part = self._pending.popleft()
-            if part.job.future.done():
-                continue  # timed out, or failed through another part: no longer counted
-            if parts and part.item_shape() != shape:
-                skipped.append(part)
-                continue
-            shape = part.item_shape()
-            if part.size > room:
-                rest = Part(part.job, part.start + room, part.stop, part.attempts)
-                self._pending.appendleft(rest)
-                part = Part(part.job, part.start, part.start + room, part.attempts)
-            part.job.queued -= part.size
-            self._queued_items -= part.size
-            parts.append(part)
-            room -= part.size
-        self._pending.extendleft(reversed(skipped))
-        return parts
 
     def _send(self, worker: WorkerSlot, parts: list[Part]) -> None:
         first = parts[0]
@@ -507,15 +417,8 @@ class ModelQueue:
     # -- stalled batches --------------------------------------------------------------------
 
     def stall_after_s(self) -> float:
-        """How long a worker may hold a batch before it is a stall: the model's
-        ``stall_timeout_s``, else :data:`STALL_FACTOR` times the p99 of the last batch times
-        (at least :data:`STALL_MIN_S`), or :data:`STALL_UNKNOWN_S` until enough were timed."""
-        if self.spec.stall_timeout_s is not None:
-            return self.spec.stall_timeout_s
-        if len(self._batch_times) < STALL_SAMPLES_NEEDED:
-            return STALL_UNKNOWN_S
-        usual = float(np.percentile(self._batch_times, 99))
-        return max(STALL_MIN_S, STALL_FACTOR * usual)
+        """How long a worker may hold a batch before it is a stall (:class:`StallWatch`)."""
+        return self._stalls.limit_s(self.spec.stall_timeout_s)
 
     def _look_for_stalls(self) -> None:
         self._stall_timer = None
@@ -530,15 +433,8 @@ class ModelQueue:
 
     def _check_worker(self, slot: WorkerSlot, limit: float, now: float) -> None:
         """Retry the batches ``slot`` has held past ``limit``; drop it if it keeps stalling."""
-        held_longest = 0.0
-        for batch in slot.batches.values():
-            held = now - batch.sent_at
-            held_longest = max(held_longest, held)
-            if batch.stalled or held < limit:
-                continue
-            batch.stalled = True
-            slot.stalls += 1
-            slot.stalled_batches += 1
+        stalled, drop_because = self._stalls.overdue(slot, limit, now)
+        for batch, held in stalled:
             log.warning(
                 "%s has held batch %d for %.1f s (a stall is %.1f s): retrying it elsewhere",
                 slot.info.describe(),
@@ -547,14 +443,10 @@ class ModelQueue:
                 limit,
             )
             self._retry_parts(batch.parts, slot.info, f"it stalled for {held:.1f} s")
-        if slot.stalls >= STALLS_BEFORE_DROP or held_longest >= STALLS_BEFORE_DROP * limit:
-            why = (
-                f"it stalled {slot.stalls} times, holding a batch for {held_longest:.1f} s "
-                f"(a stall is {limit:.1f} s)"
-            )
-            self._sink.drop(slot.info, why)
+        if drop_because is not None:
+            self._sink.drop(slot.info, drop_because)
             if self._pool is not None:
-                self._pool.process_stalled(slot.info, why)
+                self._pool.process_stalled(slot.info, drop_because)
         self.pump()
 
     def _retry_parts(self, parts: list[Part], worker: Worker, reason: str) -> None:
@@ -575,32 +467,6 @@ class ModelQueue:
 
     # -- worker events ----------------------------------------------------------------------
 
-    def announced_mismatch(self, announced: ModelSpec) -> str | None:
-        """Why a worker announcing ``announced`` may not serve this version: tensors other
-        than the ones declared (or learnt from its first worker); None when they agree.
-
-        A worker that announces no tensors (its runtime cannot tell) agrees with any."""
-        for kind in ("inputs", "outputs"):
-            known: tuple[TensorSpec, ...] = getattr(self.spec, kind)
-            said: tuple[TensorSpec, ...] = getattr(announced, kind)
-            if known and said and said != known:
-                return (
-                    f"its {kind} ({_tensor_list(said)}) are not the {kind} of model "
-                    f"{self.spec.label()!r} ({_tensor_list(known)})"
-                )
-        return None
-
-    def learn_loaded(self, announced: ModelSpec) -> None:
-        """Take what the first worker's runtime found where nothing was declared (the tensors,
-        so requests are checked against them, and what it says of the model). Once known,
-        they never change: a worker that disagrees is refused (:meth:`announced_mismatch`)."""
-        self.spec = replace(
-            self.spec,
-            inputs=self.spec.inputs or announced.inputs,
-            outputs=self.spec.outputs or announced.outputs,
-            runtime_info=self.spec.runtime_info or announced.runtime_info,
-        )
-
     def add_worker(self, info: Worker) -> None:
         """A worker of this version said READY: it gets batches from now on, and the broker
         hands its replies straight to this queue."""
@@ -611,7 +477,7 @@ class ModelQueue:
             target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
             sizer = BatchSizer(target_s, self.spec.max_batch_size)
         self._workers[info.identity] = WorkerSlot(info, sizer)
-        _wake(self._ready_waiters)
+        wake_all(self._ready_waiters)
         if self._cold_start_began is not None:
             self._metrics.cold_start_done(time.monotonic() - self._cold_start_began)
             self._cold_start_began = None
@@ -696,7 +562,7 @@ class ModelQueue:
             self.pump()  # the worker takes batches again
             return None
         worker.stalls = 0
-        self._batch_times.append(time.monotonic() - batch.sent_at)
+        self._stalls.observe(time.monotonic() - batch.sent_at)
         return batch
 
     def _fail(self, parts: list[Part], error: PredictionError) -> None:
@@ -713,32 +579,6 @@ class ModelQueue:
     def ready_replicas(self) -> int:
         return len(self._workers)
 
-    @property
-    def state(self) -> QueueState:
-        if self.unhealthy_because is not None:
-            return "unhealthy"
-        if self._workers:
-            return "ready"
-        if self._starting:
-            return "starting"
-        return "unhealthy" if self.backoff is not None else "zero"
-
-    @property
-    def ready_to_serve(self) -> bool:
-        """Can answer now, or by a cold start: what readiness probes and ``ketch: ready`` mean.
-
-        A ``preload=True`` model at zero is ready only once its template has loaded: a cold
-        start before that pays the whole import the template exists to save."""
-        if self.unhealthy_because is not None:
-            return False
-        if self._workers:
-            return True  # crash-looping or not, it serves with them
-        if self.backoff is not None:
-            return False
-        if self.spec.start.preload and (self.template is None or self.template["state"] != "ready"):
-            return False
-        return self.spec.pool.min_replicas == 0
-
     def worker_slots(self) -> list[WorkerSlot]:
         """Its workers, with the batches each is computing (for status)."""
         return list(self._workers.values())
@@ -746,27 +586,3 @@ class ModelQueue:
     def latencies(self) -> list[float]:
         """Seconds from arrival to answer of the last answered requests."""
         return list(self._latencies)
-
-
-def _tensor_list(tensors: tuple[TensorSpec, ...]) -> str:
-    return ", ".join(tensor.describe() for tensor in tensors)
-
-
-def _wake(waiters: list[asyncio.Future[None]]) -> None:
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(None)
-    waiters.clear()
-
-
-async def _wait_for(waiters: list[asyncio.Future[None]], timeout_s: float) -> bool:
-    """Wait until the list's owner wakes it; False after ``timeout_s``."""
-    waiter = asyncio.get_running_loop().create_future()
-    waiters.append(waiter)
-    try:
-        await asyncio.wait_for(waiter, timeout_s)
-    except TimeoutError:
-        if waiter in waiters:
-            waiters.remove(waiter)
-        return False
-    return True

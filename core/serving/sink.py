@@ -1,4 +1,5 @@
-"""Where a model queue's batches go: the :class:`BatchSink` protocol and the worker type.
+"""Who a model queue talks to: the :class:`BatchSink` its batches go to, the
+:class:`PoolListener` it tells when its pool's needs change, and the worker type.
 
 The broker (:class:`ketch.zmq_transport.broker.Broker`) is the real sink; unit tests give a
 queue or a dispatcher a fake one. A sink answers a send at once: True when the batch left,
@@ -9,11 +10,14 @@ False when it cannot reach the worker, whose loss is then reported separately (a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from ketch.serving.jobs import Inputs
 from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import WorkerInfo
+
+if TYPE_CHECKING:
+    from ketch.serving.queue import ModelQueue
 
 #: A worker that has said READY, with the spec it announced decoded.
 Worker: TypeAlias = WorkerInfo[ModelSpec]
@@ -38,3 +42,17 @@ class WorkerLink(BatchSink, Protocol):
     """What the dispatcher needs of the broker besides sending and dropping: its workers."""
 
     def workers(self) -> Iterator[Worker]: ...
+
+
+class PoolListener(Protocol):
+    """Who sizes a queue's pool (the pool manager); told when what the pool needs may have
+    changed, it decides what to do."""
+
+    def pool_changed(self, queue: ModelQueue) -> None: ...
+
+    def process_joined(self, pid: int) -> None:
+        """Local process ``pid`` of this pool said READY."""
+
+    def process_stalled(self, worker: Worker, why: str) -> None:
+        """``worker`` of this pool was dropped for stalling; if it is a local process, it may
+        be hung, and must not linger."""

@@ -13,10 +13,43 @@ import numpy as np
 from msgspec import Meta
 
 from ketch.observability.metrics import QueueSample
-from ketch.serving.queue import ModelQueue, QueueState
+from ketch.serving.queue import ModelQueue
 from ketch.specs.models import BatchInput, PoolSpec, WorkerStart
 from ketch.specs.resources import Resources
 from ketch.specs.signature import TensorSpec
+
+#: What a model version can do now: serve (ready), soon (starting), after a cold start (zero),
+#: or no more (unhealthy). A model only hand-started workers defined is never at zero: it is
+#: removed when its last worker leaves.
+QueueState = Literal["ready", "starting", "zero", "unhealthy"]
+
+
+def state_of(queue: ModelQueue) -> QueueState:
+    """What the version can do now (see :data:`QueueState`)."""
+    if queue.unhealthy_because is not None:
+        return "unhealthy"
+    if queue.ready_replicas:
+        return "ready"
+    if queue.starting:
+        return "starting"
+    return "unhealthy" if queue.backoff is not None else "zero"
+
+
+def ready_to_serve(queue: ModelQueue) -> bool:
+    """Can answer now, or by a cold start: what readiness probes and ``ketch: ready`` mean.
+
+    A ``preload=True`` model at zero is ready only once its template has loaded: a cold
+    start before that pays the whole import the template exists to save."""
+    if queue.unhealthy_because is not None:
+        return False
+    if queue.ready_replicas:
+        return True  # crash-looping or not, it serves with them
+    if queue.backoff is not None:
+        return False
+    spec = queue.spec
+    if spec.start.preload and (queue.template is None or queue.template["state"] != "ready"):
+        return False
+    return spec.pool.min_replicas == 0
 
 
 class Replicas(msgspec.Struct, kw_only=True):
@@ -121,7 +154,7 @@ def describe(queue: ModelQueue, default_version: str) -> ModelStatus:
         name=spec.name,
         version=spec.version,
         default=spec.version == default_version,
-        state=queue.state,
+        state=state_of(queue),
         replicas=Replicas(ready=len(slots), starting=len(queue.starting)),
         runtime=spec.runtime,
         artifact=spec.artifact,
@@ -193,7 +226,7 @@ def sample(queue: ModelQueue) -> QueueSample:
         queue_depth=queue.queue_depth,
         ready=queue.ready_replicas,
         starting=len(queue.starting),
-        healthy=queue.state != "unhealthy",
+        healthy=state_of(queue) != "unhealthy",
         cold_starts=queue.cold_starts,
         worker_exits=queue.worker_exits,
         rejected=queue.rejected,

@@ -306,12 +306,16 @@ async def test_a_local_process_is_starting_until_its_worker_is_ready() -> None:
     dispatcher.add_model(V1)  # as the pool manager does before it starts a process
     dispatcher.process_started(V1, 501)
     queue = dispatcher.queue_for("m", None)
-    assert (queue.state, status.sample(queue).starting) == ("starting", 1)
+    assert (status.state_of(queue), status.sample(queue).starting) == ("starting", 1)
     assert not dispatcher.settled()
     gateway.ready(V1, pid=501, host="elsewhere")  # the same pid on another machine
     assert queue.starting == {501}
     gateway.ready(V1, pid=501)
-    assert (queue.starting, queue.state, queue.ready_replicas) == (frozenset(), "ready", 2)
+    assert (queue.starting, status.state_of(queue), queue.ready_replicas) == (
+        frozenset(),
+        "ready",
+        2,
+    )
     assert dispatcher.settled()
 
 

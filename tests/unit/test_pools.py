@@ -152,7 +152,7 @@ async def test_a_request_to_a_pool_at_zero_starts_one_worker_at_once() -> None:
         assert harness.started() == []  # no traffic: nothing runs
         answer = queue.submit([1], within())
         assert len(harness.started()) == 1  # at once, before anything is awaited
-        assert queue.state == "starting"
+        assert status.state_of(queue) == "starting"
         harness.ready(queue, harness.started()[0])
         harness.reply_all()
         assert await answer == [1]
@@ -197,7 +197,7 @@ async def test_an_idle_pool_goes_back_to_zero_through_its_timer() -> None:
         assert queue.ready_replicas == 0
         assert [e.kind for e in harness.events if e.kind == "scaled_to_zero"] == ["scaled_to_zero"]
         harness.processes.exited(pid)
-        assert (queue.state, queue.worker_exits) == ("zero", 0)  # expected: not a crash
+        assert (status.state_of(queue), queue.worker_exits) == ("zero", 0)  # expected: not a crash
         queue.submit([2], within())  # and the next request starts a worker again
         assert len(harness.started()) == 2
         assert queue.cold_starts == 2
