@@ -392,3 +392,26 @@ def test_deployments_are_listed_shown_and_removed_from_the_command_line(
     assert versions == ["1"]
     shown = ketch_cli("deployments", "show", "app", "--json", *where)
     assert [v["version"] for v in json.loads(shown.stdout)["versions"]] == [1]
+
+
+def test_a_deploy_of_a_served_model_takes_the_next_version_under_its_name(
+    tmp_path: Path, app: Path, requirements: Path
+) -> None:
+    served = tmp_path / "served.py"
+    served.write_text(
+        "import ketch\n\n@ketch.model\ndef greet(names: list[str]) -> list[str]:\n"
+        "    return ['hi ' + n for n in names]\n"
+    )
+    gateway = KetchServer(served, "--admin-token", TOKEN)
+    try:
+        gateway.wait_ready()
+        clash = deploy(gateway, app, "--requirements", requirements, "--wait")
+        assert clash.returncode == 1
+        assert "ketch deploy --name greet" in clash.stderr
+        done = deploy(gateway, app, "--name", "greet", "--requirements", requirements, "--wait")
+        assert done.returncode == 0, done.stderr
+        assert gateway.predict("greet", {"input": "jo"}).json()["output"] == "hi jo"
+        answer = gateway.predict("greet", {"input": "jo", "version": "2"}).json()
+        assert (answer["output"], answer["version"]) == ("hello jo", "2")
+    finally:
+        gateway.stop()

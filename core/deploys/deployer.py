@@ -344,7 +344,12 @@ class Deployer:
             )
         for spec in specs:
             if self._dispatcher.has_model(spec.key):
-                raise DeployError(f"model {spec.label()!r} is already served", 409)
+                raise DeployError(
+                    f"model {spec.label()!r} is already served, and this deploy would be its "
+                    f"version {spec.version} too: deploy under the model's name (ketch deploy "
+                    f"--name {spec.name}) so that the deploy's versions follow the model's",
+                    409,
+                )
         state.state, state.models = "starting", specs
         for spec in specs:
             self._dispatcher.pin_default(spec.name)
