@@ -10,14 +10,11 @@ False when it cannot reach the worker, whose loss is then reported separately (a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from ketch.serving.jobs import Inputs
 from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import WorkerInfo
-
-if TYPE_CHECKING:
-    from ketch.serving.queue import ModelQueue
 
 #: A worker that has said READY, with the spec it announced decoded.
 Worker: TypeAlias = WorkerInfo[ModelSpec]
@@ -48,7 +45,9 @@ class PoolListener(Protocol):
     """Who sizes a queue's pool (the pool manager); told when what the pool needs may have
     changed, it decides what to do."""
 
-    def pool_changed(self, queue: ModelQueue) -> None: ...
+    def pool_changed(self, queue: Any) -> None:
+        """``queue`` (a :class:`~ketch.serving.queue.ModelQueue`, which imports this module)
+        may need another pool size."""
 
     def process_joined(self, pid: int) -> None:
         """Local process ``pid`` of this pool said READY."""
