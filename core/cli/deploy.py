@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
-from ketch.cli.http_client import DEFAULT_URL, READ_TIMEOUT_S, ServerError, request_json
+from ketch.cli.http_client import DEFAULT_URL, READ_TIMEOUT_S, Upload, request_json
 from ketch.deploys.archive import files_of, pack
 from ketch.deploys.deployer import MANIFEST
 from ketch.errors import KetchError
@@ -198,26 +198,12 @@ class _Progress:
 
 
 def _upload(url: str, token: str | None, archive: Path, size: int) -> Any:
-    headers = {"Content-Type": "application/gzip", "Content-Length": str(size)}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    address = url.rstrip("/") + "/admin/deployments"
     with archive.open("rb") as handle:
-        body: Any = _Progress(handle, size)
-        request = urllib.request.Request(address, body, headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=READ_TIMEOUT_S * 6) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as exc:
-            with exc:
-                text = exc.read()
-            try:
-                message = json.loads(text).get("error", exc.reason)
-            except ValueError:
-                message = exc.reason
-            raise ServerError(message, exc.code, text) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise KetchError(f"cannot send the archive to {address}: {exc}") from None
+        upload = Upload(_Progress(handle, size), size, "application/gzip")
+        path = "/admin/deployments"
+        return request_json(
+            url, "POST", path, token=token, timeout_s=READ_TIMEOUT_S * 6, upload=upload
+        )
 
 
 def _follow(url: str, token: str | None, name: str, version: int, timeout_s: float) -> Any:

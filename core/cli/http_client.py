@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 from ketch.errors import KetchError
@@ -17,6 +18,15 @@ from ketch.errors import KetchError
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: A server that does not answer a read in this long is as good as unreachable.
 READ_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A request body read as it is sent (an archive), with its type and size."""
+
+    reader: Any  # anything with read(size) -> bytes
+    size: int
+    content_type: str
 
 
 class ServerError(KetchError):
@@ -36,9 +46,10 @@ def request_json(
     body: Any = None,
     token: str | None = None,
     timeout_s: float | None = READ_TIMEOUT_S,
+    upload: Upload | None = None,
 ) -> Any:
-    """The JSON answer of ``method url+path``, sending ``body`` as JSON (unless None) and
-    ``token`` as a bearer token (unless None).
+    """The JSON answer of ``method url+path``, sending ``body`` as JSON (unless None), or
+    ``upload``'s bytes as they are read, and ``token`` as a bearer token (unless None).
 
     :param timeout_s: the longest wait for the connection and for each read; None waits as
         long as the server takes.
@@ -47,10 +58,14 @@ def request_json(
     """
     address = url.rstrip("/") + path
     headers = {"Accept": "application/json"}
-    data = None
+    data: Any = None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
+    elif upload is not None:
+        data = upload.reader
+        headers["Content-Type"] = upload.content_type
+        headers["Content-Length"] = str(upload.size)
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(address, data, headers, method=method)
