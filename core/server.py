@@ -21,8 +21,10 @@ from ketch.deploys.deployer import Deployer
 from ketch.deploys.envs import EnvBuildError, Environments, EnvRequest, ensure_env
 from ketch.deploys.store import Store
 from ketch.errors import TargetLoadError
+from ketch.grpc.server import DEFAULT_GRPC_PORT, GrpcServer
+from ketch.grpc.service import InferenceService
 from ketch.http.admin import Admin
-from ketch.http.auth import Tokens
+from ketch.http.auth import TokenGuard, Tokens
 from ketch.http.deployments import DEFAULT_MAX_DEPLOY_BYTES, UPLOAD_PATH, DeploymentRoutes
 from ketch.http.limits import HttpLimits
 from ketch.http.routes import Gateway
@@ -85,6 +87,8 @@ class ServeOptions:
     :param broker_max_message_bytes: the largest frame a worker may send the broker.
     :param http: how large and slow a request may be, and the grace period of a graceful
         stop (``--max-body-mb``, ``--read-timeout``, ``--shutdown-grace``).
+    :param grpc_port: the port of the Open Inference Protocol over gRPC, on ``host``
+        (Triton's 8001 by default; 0 picks a free one; None turns gRPC off).
     """
 
     source: str | None
@@ -107,6 +111,7 @@ class ServeOptions:
     allow_worker_models: bool = False
     broker_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     http: HttpLimits = field(default_factory=HttpLimits)
+    grpc_port: int | None = DEFAULT_GRPC_PORT
 
     def __post_init__(self) -> None:
         if self.workers_per_model < 0:
@@ -179,8 +184,19 @@ async def serve(
         keys,
         options.broker_max_message_bytes,
     )
-    # Both ports first: a port in use fails at once, before any import of user code.
+    # Every port first: a port in use fails at once, before any import of user code.
     sock = bind_tcp(options.host, options.port)
+    try:
+        grpc_server = (
+            GrpcServer(options.host, options.grpc_port, options.http.max_body_bytes)
+            if options.grpc_port is not None
+            else None
+        )
+    except OSError:
+        sock.close()
+        raise
+    tokens = Tokens(options.admin_token, options.predict_token)
+    deadlines = Deadlines(options.request_timeout_s)
     workers: LocalWorkers | None = None
     pools: PoolManager | None = None
     apps: Applications | None = None
@@ -216,7 +232,7 @@ async def serve(
             plugins,
             dispatcher,
             StateStore(state_dir),
-            Deadlines(options.request_timeout_s),
+            deadlines,
         )
         dispatcher.metrics.watch_apps(apps.samples)
         host, port = sock.getsockname()[:2]
@@ -246,6 +262,12 @@ async def serve(
             store, environments, plugins, pools, dispatcher, report, options.workers_per_model
         )
         await deployer.restore()
+        if grpc_server is not None:
+            service = InferenceService(
+                dispatcher, deadlines, TokenGuard(tokens), dispatcher.metrics
+            )
+            await grpc_server.start(service)
+            report(events.grpc_listening(grpc_server.address))
         pools.start()
         report.is_ready = dispatcher.settled
         report.announce_if_ready()
@@ -263,15 +285,19 @@ async def serve(
         deployments = DeploymentRoutes(
             deployer, admin, options.max_deploy_bytes, options.http.read_timeout_s
         )
-        tokens = Tokens(options.admin_token, options.predict_token)
-        deadlines = Deadlines(options.request_timeout_s)
         app = Gateway(dispatcher, apps, deadlines, admin, deployments, tokens).app()
         # What was built at start lives as long as the server: out of the collector's
         # generations, the collections requests cause walk only what requests allocate.
         gc.freeze()
         limits = dataclasses.replace(options.http, streamed=frozenset({UPLOAD_PATH}))
-        await serve_asgi(app, sock, shutdown.wait, limits, hurry.wait)
+        stopping = asyncio.ensure_future(_stop_grpc(grpc_server, shutdown, limits))
+        try:
+            await serve_asgi(app, sock, shutdown.wait, limits, hurry.wait)
+        finally:
+            stopping.cancel()
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(0)
         if deployer is not None:
             await deployer.stop()
         sock.close()  # a no-op once serve_asgi has served on it (it closes the socket)
@@ -288,6 +314,15 @@ async def serve(
         log.info("workers stopped")
         report.is_ready = lambda: False
         report(events.stopped())
+
+
+async def _stop_grpc(
+    grpc_server: GrpcServer | None, shutdown: asyncio.Event, limits: HttpLimits
+) -> None:
+    """With the HTTP gateway's stop: new gRPC calls refused, those in flight given its grace."""
+    if grpc_server is not None:
+        await shutdown.wait()
+        await grpc_server.stop(limits.shutdown_grace_s)
 
 
 async def _discover_served(

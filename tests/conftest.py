@@ -27,6 +27,10 @@ START_DEADLINE_S = 60.0
 #: when a heartbeat reaches the dead worker's socket first, by the broker.
 KILLED_REASON = r"(killed by SIGKILL|cannot deliver to it)"
 
+# Every `ketch serve` a test starts (and those they start) takes a free gRPC port, not
+# Triton's 8001, which two servers of one test would share; `--grpc-port` still overrides it.
+os.environ.setdefault("KETCH_GRPC_PORT", "0")
+
 
 class KetchProcess:
     """A `ketch` subprocess in its own process group, with its stdout read line by line."""
@@ -166,12 +170,15 @@ class KetchServer(KetchProcess):
             cwd=cwd,
         )
         self.client = httpx.Client(timeout=30)
-        self.broker = self.url = ""
+        #: ``HOST:PORT`` of the gRPC service, once ready ("" when the server runs none).
+        self.broker = self.url = self.grpc = ""
 
     def wait_ready(self) -> KetchServer:
         self.broker = self.wait_for(r"broker listening on (\S+)").group(1)
         self.url = self.wait_for(r"listening on (http://\S+)").group(1)
         self.wait_for(r"^ketch: ready$")
+        said = (re.search(r"grpc listening on (\S+)", line) for line in self.seen)
+        self.grpc = next((found.group(1) for found in said if found is not None), "")
         self.client.base_url = httpx.URL(self.url)
         return self
 

@@ -108,6 +108,7 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "model",
         "host",
         "port",
+        "grpc_port",
         "broker",
         "workers_per_model",
         "request_timeout",

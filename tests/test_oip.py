@@ -17,7 +17,7 @@ import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 import ketch
-from ketch.http.oip_types import cast_output, v2_datatype_of
+from ketch.inference.tensors import cast_output, v2_datatype_of
 from ketch.specs.models import ModelSpec
 from tests.conftest import KetchServer
 
@@ -98,7 +98,7 @@ def test_health_and_server_metadata(client: triton.InferenceServerClient) -> Non
     assert client.get_server_metadata() == {
         "name": "ketch",
         "version": ketch.__version__,
-        "extensions": [],
+        "extensions": ["binary_tensor_data"],
     }
 
 
@@ -156,21 +156,23 @@ def test_infer_binary_inputs_as_the_client_sends_by_default(
     tensor.set_data_from_numpy(x)  # binary_data=True
     texts = triton.InferInput("input_0", [2], "BYTES")
     texts.set_data_from_numpy(np.array(["é", "b"], dtype=np.object_))
-    # Outputs asked for as binary come back as JSON, which the client reads as well.
+    # Outputs asked for as binary come back binary (the client's default), BYTES as bytes.
     result = client.infer("scale", [tensor], outputs=[triton.InferRequestedOutput("y")])
+    assert result.get_output("y")["parameters"] == {"binary_data_size": 2 * 3 * 4}
     np.testing.assert_array_equal(result.as_numpy("y"), x * 2)
     shouted = client.infer("shout", [texts]).as_numpy("output_0")
     assert shouted is not None
-    assert shouted.tolist() == ["É!!", "B!!"]  # the highest version, as on /models
+    assert shouted.tolist() == ["É!!".encode(), b"B!!"]  # the highest version, as on /models
 
 
 def test_infer_bytes_per_version(client: triton.InferenceServerClient) -> None:
     texts = triton.InferInput("input_0", [3], "BYTES")
     texts.set_data_from_numpy(np.array(["a", "bc", "hé"], dtype=np.object_), binary_data=False)
-    result = client.infer("shout", [texts], model_version="2")
+    asked = [triton.InferRequestedOutput("output_0", binary_data=False)]
+    result = client.infer("shout", [texts], model_version="2", outputs=asked)
     output = result.as_numpy("output_0")
     assert output is not None
-    assert output.tolist() == ["A!!", "BC!!", "HÉ!!"]
+    assert output.tolist() == ["A!!", "BC!!", "HÉ!!"]  # JSON's BYTES are text
     assert result.get_response()["model_version"] == "2"
 
 
@@ -217,7 +219,8 @@ def test_outputs_are_cast_to_their_declared_datatype(client: triton.InferenceSer
 
     rows = triton.InferInput("input_0", [3, 2], "FP64")
     rows.set_data_from_numpy(np.array([[1.0, 2.0], [0.0, 0.0], [-4.0, 1.0]]), binary_data=False)
-    tallied = client.infer("tally", [rows])
+    as_json = [triton.InferRequestedOutput(n, binary_data=False) for n in ("total", "positive")]
+    tallied = client.infer("tally", [rows], outputs=as_json)
     total_tensor = tallied.get_output("total")
     assert total_tensor["datatype"] == "INT64"
     assert total_tensor["data"] == [3, 0, -3]

@@ -33,3 +33,10 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
     return value
+
+
+def port_or_off(text: str) -> int | None:
+    """A port number, or None for ``off``."""
+    if text.strip().lower() == "off":
+        return None
+    return port_number(text)

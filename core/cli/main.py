@@ -20,7 +20,13 @@ from ketch.cli.admin import (
     add_server_options,
     run_admin_action,
 )
-from ketch.cli.arg_types import non_negative_int, port_number, positive_float, positive_int
+from ketch.cli.arg_types import (
+    non_negative_int,
+    port_number,
+    port_or_off,
+    positive_float,
+    positive_int,
+)
 from ketch.cli.config import ConfigError, ReplaceDefault, load_defaults
 from ketch.cli.deploy import add_deploy_commands, run_deploy, run_deployments
 from ketch.cli.http_client import ServerError
@@ -32,6 +38,7 @@ from ketch.cli.keys import (
     worker_keys,
 )
 from ketch.errors import KetchError
+from ketch.grpc.server import DEFAULT_GRPC_PORT
 from ketch.http.deployments import DEFAULT_MAX_DEPLOY_BYTES
 from ketch.http.limits import (
     DEFAULT_MAX_BODY_BYTES,
@@ -144,6 +151,14 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         type=port_number,
         default=8000,
         help="HTTP port, 0 for any free port (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--grpc-port",
+        type=port_or_off,
+        default=DEFAULT_GRPC_PORT,
+        metavar="PORT|off",
+        help="port of the Open Inference Protocol over gRPC (Triton's and KServe's clients), "
+        "on --host; 0 for any free port, off for none (default %(default)s)",
     )
     serve_cmd.add_argument(
         "--broker",
@@ -399,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 source=args.source,
                 host=args.host,
                 port=args.port,
+                grpc_port=args.grpc_port,
                 broker=args.broker,
                 workers_per_model=args.workers_per_model,
                 heartbeat=heartbeat,

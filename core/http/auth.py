@@ -15,9 +15,14 @@ missing and a ``WWW-Authenticate: Bearer`` header (RFC 6750).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
 
 from starlette.types import Scope
+
+#: What a route needs: the admin token, the predict token (when one is configured), or none.
+Needs: TypeAlias = Literal["admin", "predict", "open"]
 
 ADMIN_PREFIX = "/admin"
 #: Routes that stay open even with a predict token: probes, metrics, the API's description.
@@ -60,6 +65,16 @@ class TokenGuard:
         """Why the request may not go on, or None when it may."""
         path = scope["path"]
         if is_admin_path(path):
+            return self.refusal_for("admin", lambda: _bearer_token(scope))
+        if path in OPEN_PATHS:
+            return None
+        return self.refusal_for("predict", lambda: _bearer_token(scope))
+
+    def refusal_for(self, needs: Needs, given: Callable[[], bytes | None]) -> str | None:
+        """Why a request to a route that ``needs`` this kind of token may not go on, or None
+        when it may; ``given`` reads the request's bearer token (gRPC's ``authorization``
+        metadata takes the same rule as HTTP's header)."""
+        if needs == "admin":
             if self._admin is None:
                 return (
                     "the management API is off: start ketch serve with --admin-token (or "
@@ -67,15 +82,15 @@ class TokenGuard:
                 )
             accepted = [self._admin]
             which = "the admin token"
-        elif self._predict is not None and path not in OPEN_PATHS:
+        elif needs == "predict" and self._predict is not None:
             accepted = [t for t in (self._predict, self._admin) if t is not None]
             which = "the predict token (or the admin token)"
         else:
             return None  # the common case: no header to look for
-        given = _bearer_token(scope)
-        if given is None:
+        token = given()
+        if token is None:
             return f"this route needs {which} as 'Authorization: Bearer <token>'"
-        if not any(hmac.compare_digest(given, token) for token in accepted):
+        if not any(hmac.compare_digest(token, t) for t in accepted):
             return f"the bearer token is not {which}"
         return None
 
@@ -87,8 +102,13 @@ def _encoded(token: str | None) -> bytes | None:
 def _bearer_token(scope: Scope) -> bytes | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return bytes(token.strip())
-            return None
+            return bearer_token(value)
+    return None
+
+
+def bearer_token(authorization: bytes) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` value, or None for another scheme."""
+    scheme, _, token = authorization.partition(b" ")
+    if scheme.lower() == b"bearer" and token.strip():
+        return bytes(token.strip())
     return None

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from ketch.http.oip_types import V2_TO_NUMPY
+from ketch.inference.tensors import V2_TO_NUMPY
 
 Datatype = Annotated[
     str,
@@ -59,29 +59,3 @@ class InferResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     model_version: str
     outputs: list[OutputTensor]
     id: str | UnsetType = UNSET
-
-
-class TensorMeta(msgspec.Struct, kw_only=True):
-    name: str
-    datatype: str
-    shape: Annotated[list[int], Meta(description="-1 where a size may vary (the batch first).")]
-
-
-class ModelMetadata(msgspec.Struct, kw_only=True):
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[TensorMeta]
-    outputs: list[TensorMeta]
-
-
-class ModelReadiness(msgspec.Struct, kw_only=True):
-    name: str
-    version: str
-    ready: bool
-
-
-class ServerMetadata(msgspec.Struct, kw_only=True):
-    name: str
-    version: str
-    extensions: list[str]

@@ -21,6 +21,7 @@ from ketch.http import admin_shapes as admin
 from ketch.http import oip_shapes as oip
 from ketch.http import shapes
 from ketch.http.auth import OPEN_PATHS, is_admin_path
+from ketch.inference.metadata import ModelMetadata, ModelReadiness, ServerMetadata
 
 _JSON = "application/json"
 _REF = "#/components/schemas/{name}"
@@ -99,7 +100,7 @@ def _v2_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str
             "get": {
                 "summary": "A model's metadata: versions, platform, input and output tensors.",
                 "parameters": parameters,
-                "responses": _answers("The model's metadata.", _ref(oip.ModelMetadata), 404),
+                "responses": _answers("The model's metadata.", _ref(ModelMetadata), 404),
             }
         },
         "/ready": {
@@ -107,7 +108,7 @@ def _v2_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str
                 "summary": "Whether the model can serve (now, or by starting a worker).",
                 "parameters": parameters,
                 "responses": {
-                    **_answers("The model is ready.", _ref(oip.ModelReadiness), 404),
+                    **_answers("The model is ready.", _ref(ModelReadiness), 404),
                     "503": {"description": "The model is unhealthy."},
                 },
             }
@@ -522,7 +523,7 @@ def document() -> dict[str, Any]:
         "/v2": {
             "get": {
                 "summary": "Server metadata (Open Inference Protocol).",
-                "responses": _answers("Name, version and extensions.", _ref(oip.ServerMetadata)),
+                "responses": _answers("Name, version and extensions.", _ref(ServerMetadata)),
             }
         },
         "/v2/health/live": {

@@ -78,6 +78,10 @@ def listening(url: str) -> Event:
     return Event("listening", f"listening on {url}", {"url": url})
 
 
+def grpc_listening(address: str) -> Event:
+    return Event("grpc_listening", f"grpc listening on {address}", {"address": address})
+
+
 def app_started(name: str, policy: str, models: list[str]) -> Event:
     return Event(
         "app",

@@ -123,6 +123,18 @@ def tensor_from_binary(datatype: str, shape: list[int], raw: bytes) -> np.ndarra
     return np.asarray(texts, dtype=np.str_).reshape(shape)
 
 
+def tensor_to_binary(datatype: str, array: np.ndarray) -> bytes:
+    """``array`` as Triton's binary tensor data: little-endian row-major elements, BYTES as
+    4-byte little-endian length + the element's bytes (text as UTF-8)."""
+    if datatype != "BYTES":
+        return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    parts: list[bytes] = []
+    for element in array.ravel().tolist():
+        raw = element if isinstance(element, bytes) else str(element).encode()
+        parts += [len(raw).to_bytes(4, "little"), raw]
+    return b"".join(parts)
+
+
 def cast_output(array: np.ndarray, datatype: str) -> np.ndarray:
     """``array`` (a model's stacked output) as the V2 ``datatype`` its model declares.
 

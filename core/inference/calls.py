@@ -1,0 +1,173 @@
+"""One Open Inference Protocol call on a model's queue, whichever protocol brought it.
+
+A V2 tensor's first dimension is the batch: the request's inputs are cut into items along it,
+and each item goes through the same path as one input of ``/models/{name}/predict`` (cache,
+batching with other requests, deadlines). With one input tensor, an item is that tensor's row;
+with several, an item is ``{input_name: row}``. The items' outputs are stacked back along the
+first axis: one tensor per key when each output is a dict, else one tensor. A tensor the
+model declares (or its runtime announces) in ``outputs`` is cast to that datatype, when every
+value survives the cast (see :func:`~ketch.inference.tensors.cast_output`); else the answer is
+a 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ketch.inference.tensors import V2_TO_NUMPY, cast_output, v2_datatype, v2_datatype_of
+from ketch.serving.admission import Deadlines, predict
+from ketch.serving.jobs import PredictionError
+from ketch.serving.queue import ModelQueue
+
+
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    """One inference request, decoded from its protocol.
+
+    :param inputs: the input tensors by name, each with the batch axis first
+        (:func:`check_batch` has checked that they share it).
+    :param outputs: the outputs asked for, by name; None for all of them.
+    :param timeout_ms: the request's own timeout, if it gave one.
+    """
+
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None = None
+    timeout_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    """One output of an answered call: its V2 datatype and the stacked array."""
+
+    name: str
+    datatype: str
+    array: np.ndarray
+
+
+async def infer(queue: ModelQueue, deadlines: Deadlines, call: InferCall) -> list[OutputTensor]:
+    """The output tensors ``queue``'s model gives for ``call``, within the deadline rule."""
+    items = _items(queue, call.inputs)
+    deadline = deadlines.deadline(call.timeout_ms, queue.spec.slo_ms)
+    outputs = await predict(queue, items, deadline)
+    return _output_tensors(queue, list(outputs), call.outputs)
+
+
+def check_batch(tensors: Mapping[str, np.ndarray]) -> None:
+    """A 400 unless the input tensors share one first (batch) dimension of at least 1."""
+    batch_sizes = {array.shape[0] if array.ndim else -1 for array in tensors.values()}
+    if -1 in batch_sizes:
+        raise PredictionError(400, "every input needs a shape with the batch first")
+    if len(batch_sizes) > 1:
+        raise PredictionError(
+            400, f"inputs must share their first (batch) dimension, got {sorted(batch_sizes)}"
+        )
+    if batch_sizes == {0}:
+        raise PredictionError(400, "the batch dimension is 0: send at least one item")
+
+
+def timeout_ms_of_parameters(parameters: Mapping[str, Any]) -> float | None:
+    """A request's ``timeout`` parameter (microseconds, as tritonclient sends it) in ms."""
+    timeout_us = parameters.get("timeout")
+    if timeout_us is None:
+        return None
+    if isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool):
+        if 0 < timeout_us < 1e12:
+            return timeout_us / 1000
+    raise PredictionError(400, f"'parameters.timeout' must be microseconds > 0, got {timeout_us!r}")
+
+
+def _items(queue: ModelQueue, tensors: dict[str, np.ndarray]) -> list[Any]:
+    """The request's tensors cut into the items the model's queue takes (see the module's
+    docstring); checked against the model's declared tensors first, for errors naming them."""
+    declared = {t.name: t for t in queue.spec.inputs}
+    if declared:
+        _check_names(queue, set(declared), set(tensors))
+        for name, array in tensors.items():
+            want = v2_datatype(declared[name].datatype)
+            got = v2_datatype_of(array)
+            # Only types JSON can carry: a runtime's BF16 input is fed FP32, as on /predict.
+            if want in V2_TO_NUMPY and want != got:
+                raise PredictionError(
+                    400,
+                    f"input {name!r} of model {queue.spec.label()!r} is {want}, got {got}",
+                    **queue.labels(),
+                )
+    # Numpy models get their rows as arrays, stacked again (keeping the dtype) by the queue;
+    # everything else gets Python values, as parsed JSON would be. Cache keys are built from
+    # JSON, which float16 arrays cannot be, so cached models get Python values too.
+    as_arrays = queue.spec.batch_input == "numpy" and queue.cache is None
+    if len(tensors) == 1 and len(declared) <= 1:
+        (array,) = tensors.values()
+        return list(array) if as_arrays else array.tolist()
+    columns = {name: array.tolist() for name, array in tensors.items()}
+    batch = len(next(iter(columns.values())))
+    return [{name: column[i] for name, column in columns.items()} for i in range(batch)]
+
+
+def _check_names(queue: ModelQueue, declared: set[str], given: set[str]) -> None:
+    problems = []
+    if missing := sorted(declared - given):
+        problems.append(f"missing {missing}")
+    if unknown := sorted(given - declared):
+        problems.append(f"unknown {unknown}")
+    if problems:
+        raise PredictionError(
+            400,
+            f"model {queue.spec.label()!r} takes inputs {sorted(declared)}: " + ", ".join(problems),
+            **queue.labels(),
+        )
+
+
+def _output_tensors(
+    queue: ModelQueue, outputs: list[Any], requested: list[str] | None
+) -> list[OutputTensor]:
+    """The items' outputs stacked into V2 tensors, only the ``requested`` ones when given."""
+    if outputs and all(isinstance(o, Mapping) for o in outputs):
+        names = list(outputs[0])
+        columns = {name: [o.get(name) for o in outputs] for name in names}
+    else:
+        announced = queue.spec.outputs or queue.spec.hinted_outputs
+        columns = {announced[0].name if announced else "output_0": outputs}
+    if requested is not None:
+        if unknown := [name for name in requested if name not in columns]:
+            raise PredictionError(
+                400,
+                f"model {queue.spec.label()!r} has no outputs {unknown}; it has {list(columns)}",
+                **queue.labels(),
+            )
+        columns = {name: columns[name] for name in dict.fromkeys(requested)}
+    return [_output_tensor(queue, name, column) for name, column in columns.items()]
+
+
+def _output_tensor(queue: ModelQueue, name: str, column: list[Any]) -> OutputTensor:
+    try:
+        array = np.asarray(column)
+    except ValueError:
+        array = np.asarray(None, dtype=object)  # ragged: reported below like other objects
+    datatype = v2_datatype_of(array)
+    if datatype is None:
+        raise PredictionError(
+            500,
+            f"output {name!r} of model {queue.spec.label()!r} is not a tensor V2 can carry "
+            f"(numbers, booleans or strings of one shape per item), got {array.dtype.name}",
+            **queue.labels(),
+        )
+    declared = next((t for t in queue.spec.outputs if t.name == name), None)
+    want = v2_datatype(declared.datatype) if declared is not None else None
+    # Only the types V2 maps to numpy: a runtime's BF16 output goes out as the array it is.
+    if want is not None and want in V2_TO_NUMPY and want != datatype:
+        try:
+            array = cast_output(array, want)
+        except ValueError as exc:
+            raise PredictionError(
+                500,
+                f"output {name!r} of model {queue.spec.label()!r} is declared {want}, but the "
+                f"model returned {datatype}: {exc}",
+                **queue.labels(),
+            ) from None
+        datatype = want
+    return OutputTensor(name, datatype, array)
