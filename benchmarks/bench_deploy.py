@@ -105,6 +105,8 @@ def _server(root: Path, store: Path) -> ServerProcess:
         "127.0.0.1",
         "--port",
         "0",
+        "--grpc-port",
+        "0",
         "--broker",
         "tcp://127.0.0.1:*",
         "--store",

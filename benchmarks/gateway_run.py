@@ -95,7 +95,17 @@ def ketch_command() -> list[str]:
     # The console script installed beside this interpreter, so both targets run on the same
     # Python, else whatever `ketch` is on PATH (a ServerError when there is none).
     found = ketch_executable()
-    return [found, "serve", "examples/quickstart.py", "--host", "127.0.0.1", "--port", "0"]
+    return [
+        found,
+        "serve",
+        "examples/quickstart.py",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--grpc-port",
+        "0",
+    ]
 
 
 def baseline_command() -> list[str]:

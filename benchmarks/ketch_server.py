@@ -72,6 +72,8 @@ class KetchServer(ServerProcess):
             "127.0.0.1",
             "--port",
             "0",
+            "--grpc-port",
+            "0",
             "--broker",
             "tcp://127.0.0.1:*",
             *extra_args,
