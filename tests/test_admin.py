@@ -189,7 +189,7 @@ def test_removing_a_model_lets_its_queued_requests_finish(server: KetchServer) -
     assert answers[0].json()["output"] == 7
     after = server.predict("slow", {"input": 7})
     assert after.status_code == 404
-    assert "unknown model 'slow'" in after.json()["error"]
+    assert "Request for unknown model: 'slow' is not found" in after.json()["error"]
     unknown = admin(server, "DELETE", "/admin/models/slow")
     assert unknown.status_code == 404
 

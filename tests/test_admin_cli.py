@@ -184,7 +184,7 @@ def test_a_wrong_or_missing_token_exits_1_with_the_servers_refusal(server: Ketch
 
 def test_a_refused_change_exits_1_with_the_servers_message(server: KetchServer) -> None:
     assert fails(server, "models", "remove", "nope") == (
-        "ketch: error: unknown model 'nope' (HTTP 404)\n"
+        "ketch: error: Request for unknown model: 'nope' is not found (HTTP 404)\n"
     )
     assert fails(server, "models", "roll", "echo", "9") == (
         "ketch: error: model 'echo' has no version '9' (HTTP 404)\n"

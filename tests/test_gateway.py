@@ -125,7 +125,7 @@ def test_bad_requests_get_400_naming_the_problem(
 def test_unknown_model_and_version_get_404(server: KetchServer) -> None:
     response = server.predict("nope", {"input": 1})
     assert response.status_code == 404
-    assert response.json()["error"] == "unknown model 'nope'"
+    assert response.json()["error"] == "Request for unknown model: 'nope' is not found"
     assert "double" in response.json()["models"]
     response = server.predict("scale", {"input": 1, "version": "7"})
     assert response.status_code == 404

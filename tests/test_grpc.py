@@ -146,7 +146,7 @@ def test_errors_carry_the_status_and_message_of_the_http_ones(
     with pytest.raises(InferenceServerException) as unknown:
         client.infer("nope", [_fp32_input("x", x)])
     assert unknown.value.status() == "StatusCode.NOT_FOUND"
-    assert "unknown model 'nope'" in unknown.value.message()
+    assert "Request for unknown model: 'nope' is not found" in unknown.value.message()
     with pytest.raises(InferenceServerException) as wrong_name:
         client.infer("scale", [_fp32_input("z", x)])
     assert wrong_name.value.status() == "StatusCode.INVALID_ARGUMENT"
@@ -284,3 +284,67 @@ def test_grpc_off(tmp_path: Any) -> None:
         assert served.predict("shout", {"input": "a"}).json()["output"] == "A!"
     finally:
         served.stop()
+
+
+def test_model_config_over_both_protocols(
+    client: triton.InferenceServerClient, server: KetchServer
+) -> None:
+    over_http = server.client.get("/v2/models/scale/config")
+    assert over_http.status_code == 200
+    config = over_http.json()
+    assert config["name"] == "scale"
+    assert config["max_batch_size"] == 8
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [3]}]
+    assert config["output"] == [{"name": "y", "data_type": "TYPE_FP32", "dims": [3]}]
+    assert config["instance_group"] == [{"name": "scale", "count": 1, "kind": "KIND_CPU"}]
+    assert "max_queue_delay_microseconds" in config["dynamic_batching"]
+    over_grpc = client.get_model_config("scale", as_json=True)["config"]
+    assert over_grpc["max_batch_size"] == 8
+    assert over_grpc["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["3"]}]
+    assert over_grpc["instance_group"][0]["count"] == 1
+    assert server.client.get("/v2/models/nope/config").status_code == 404
+    with pytest.raises(InferenceServerException) as unknown:
+        client.get_model_config("nope")
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_statistics_count_what_was_served(
+    client: triton.InferenceServerClient, server: KetchServer
+) -> None:
+    def stats_of(name: str) -> dict[str, Any]:
+        answer = server.client.get(f"/v2/models/{name}/versions/1/stats")
+        assert answer.status_code == 200, answer.text
+        (entry,) = answer.json()["model_stats"]
+        return entry  # type: ignore[no-any-return]
+
+    before = stats_of("combine")
+    a = triton.InferInput("a", [3, 2], "INT64")
+    a.set_data_from_numpy(np.ones((3, 2), dtype=np.int64))
+    b = triton.InferInput("b", [3], "FP64")
+    b.set_data_from_numpy(np.ones(3))
+    for _ in range(2):
+        client.infer("combine", [a, b])
+    bad = triton.InferInput("a", [3, 2], "INT64")
+    bad.set_data_from_numpy(np.ones((3, 2), dtype=np.int64))
+    with pytest.raises(InferenceServerException):
+        client.infer("combine", [bad])  # refused before it reached the queue: not counted
+    after = stats_of("combine")
+    assert after["inference_count"] - before["inference_count"] == 6  # items, as Triton counts
+    stats, was = after["inference_stats"], before["inference_stats"]
+    assert stats["success"]["count"] - was["success"]["count"] == 2
+    assert stats["success"]["ns"] > was["success"]["ns"]
+    assert stats["queue"]["count"] - was["queue"]["count"] == 2
+    assert after["execution_count"] > before["execution_count"]
+    assert stats["compute_infer"]["ns"] > was["compute_infer"]["ns"]
+    assert any(b["batch_size"] == 3 for b in after["batch_stats"])
+    assert after["last_inference"] > 0
+
+    # Triton's client reads the same over gRPC, for one model or all of them.
+    one = client.get_inference_statistics("combine", as_json=True)["model_stats"]
+    assert [(s["name"], s["version"]) for s in one] == [("combine", "1")]
+    assert int(one[0]["inference_count"]) == after["inference_count"]
+    every = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert {s["name"] for s in every} == {"scale", "shout", "combine", "inverse", "slow"}
+    everything = server.client.get("/v2/models/stats").json()["model_stats"]
+    assert len(everything) == len(every)
+    assert server.client.get("/v2/models/nope/stats").status_code == 404

@@ -98,7 +98,7 @@ def test_health_and_server_metadata(client: triton.InferenceServerClient) -> Non
     assert client.get_server_metadata() == {
         "name": "ketch",
         "version": ketch.__version__,
-        "extensions": ["binary_tensor_data"],
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
     }
 
 
@@ -307,7 +307,7 @@ def _fp32(shape: list[int], data: Any, name: str = "x") -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("model", "body", "status", "says"),
     [
-        ("nope", _fp32([1, 3], [1, 2, 3]), 404, "unknown model 'nope'"),
+        ("nope", _fp32([1, 3], [1, 2, 3]), 404, "Request for unknown model: 'nope' is not found"),
         ("scale", {"inputs": [{"name": "x", "shape": [1], "datatype": "FP8", "data": [1]}]},
          400, "datatype 'FP8' is not supported"),
         ("scale", _fp32([2, 3], [1, 2, 3]), 400, "shape [2, 3] holds 6 elements, data has 3"),

@@ -20,12 +20,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+import msgspec
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ketch.grpc.tensors import infer_response, input_tensors, parameters_of
 from ketch.http.auth import Needs, TokenGuard, bearer_token
 from ketch.inference.calls import InferCall, check_batch, infer, timeout_ms_of_parameters
+from ketch.inference.extensions import model_config, statistics
 from ketch.inference.metadata import ModelReadiness, model_metadata, server_metadata
 from ketch.observability.metrics import Metrics
 from ketch.serving.admission import Deadlines
@@ -108,6 +112,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
                 inputs=[_tensor_metadata(t) for t in meta.inputs],
                 outputs=[_tensor_metadata(t) for t in meta.outputs],
             )
+
+        return await self._served(context, "predict", answer)
+
+    # -- Triton's extensions ----------------------------------------------------------------
+
+    async def ModelConfig(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            config = model_config(self._queue(request.name, request.version))
+            return pb.ModelConfigResponse(config=_parsed(config, model_config_pb2.ModelConfig()))
+
+        return await self._served(context, "predict", answer)
+
+    async def ModelStatistics(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            found = statistics(self._dispatcher, request.name or None, request.version or None)
+            return _parsed(found, pb.ModelStatisticsResponse())
 
         return await self._served(context, "predict", answer)
 
@@ -208,6 +228,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         except PredictionError as exc:
             await _abort(context, exc)
             raise  # abort raises; this line is never reached
+
+
+def _parsed(answer: msgspec.Struct, message: Any) -> Any:
+    """An answer in Triton's JSON form as its protobuf ``message``."""
+    return json_format.ParseDict(msgspec.to_builtins(answer), message)
 
 
 def _tensor_metadata(tensor: Any) -> Any:

@@ -7,6 +7,9 @@ Routes (errors are ``{"error": "..."}`` with a 4xx/5xx status, as on ketch's own
 * ``GET /v2/models/{name}[/versions/{version}]/ready``: 200, or 503 when it cannot serve.
 * ``POST /v2/models/{name}[/versions/{version}]/infer``: one request's tensors in, one
   response's tensors out (:mod:`ketch.inference.calls` says how they become items).
+* Triton's extensions (:mod:`ketch.inference.extensions`):
+  ``GET /v2/models/{name}[/versions/{version}]/config``, the model's configuration, and
+  ``GET /v2/models[/{name}[/versions/{version}]]/stats``, its statistics.
 
 Tensors travel as JSON, or as binary data after the JSON (Triton's binary tensor data
 extension, ``Inference-Header-Content-Length``): inputs when the client sends them so, outputs
@@ -44,6 +47,7 @@ from ketch.inference.calls import (
     infer,
     timeout_ms_of_parameters,
 )
+from ketch.inference.extensions import model_config, statistics
 from ketch.inference.metadata import ModelReadiness, model_metadata, server_metadata
 from ketch.inference.tensors import tensor_from_binary, tensor_from_json, tensor_to_binary
 from ketch.serving.admission import Deadlines
@@ -64,11 +68,17 @@ class OpenInference:
         self.deadlines = deadlines
 
     def routes(self, endpoints: Endpoints) -> list[Route]:
-        routes = [endpoints.route("/v2", self.server_metadata, ["GET"])]
+        routes = [
+            endpoints.route("/v2", self.server_metadata, ["GET"]),
+            # Before /v2/models/{name}: "stats" is this route, as it is in Triton.
+            endpoints.route("/v2/models/stats", self.statistics, ["GET"]),
+        ]
         for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             routes += [
                 endpoints.route(model, self.model_metadata, ["GET"]),
                 endpoints.route(f"{model}/ready", self.model_ready, ["GET"]),
+                endpoints.route(f"{model}/config", self.model_config, ["GET"]),
+                endpoints.route(f"{model}/stats", self.statistics, ["GET"]),
                 endpoints.model_route(f"{model}/infer", self.infer, ["POST"]),
             ]
         return routes
@@ -83,6 +93,13 @@ class OpenInference:
         queue = self._queue(request)
         ready = ModelReadiness.of(queue)
         return json_response(ready, 200 if ready.ready else 503)
+
+    async def model_config(self, request: Request) -> Response:
+        return json_response(model_config(self._queue(request)))
+
+    async def statistics(self, request: Request) -> Response:
+        params = request.path_params
+        return json_response(statistics(self.dispatcher, params.get("name"), params.get("version")))
 
     async def infer(self, request: Request, reached: Reached) -> Response:
         queue = self._queue(request)

@@ -21,6 +21,7 @@ from ketch.http import admin_shapes as admin
 from ketch.http import oip_shapes as oip
 from ketch.http import shapes
 from ketch.http.auth import OPEN_PATHS, is_admin_path
+from ketch.inference.extensions import ModelConfig, Statistics
 from ketch.inference.metadata import ModelMetadata, ModelReadiness, ServerMetadata
 
 _JSON = "application/json"
@@ -111,6 +112,22 @@ def _v2_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str
                     **_answers("The model is ready.", _ref(ModelReadiness), 404),
                     "503": {"description": "The model is unhealthy."},
                 },
+            }
+        },
+        "/config": {
+            "get": {
+                "summary": "The model's configuration, as Triton's model configuration "
+                "extension describes a model.",
+                "parameters": parameters,
+                "responses": _answers("The configuration.", _ref(ModelConfig), 404),
+            }
+        },
+        "/stats": {
+            "get": {
+                "summary": "The statistics of the model's versions, or of one version "
+                "(Triton's statistics extension).",
+                "parameters": parameters,
+                "responses": _answers("Counts and durations.", _ref(Statistics), 404),
             }
         },
         "/infer": {
@@ -524,6 +541,12 @@ def document() -> dict[str, Any]:
             "get": {
                 "summary": "Server metadata (Open Inference Protocol).",
                 "responses": _answers("Name, version and extensions.", _ref(ServerMetadata)),
+            }
+        },
+        "/v2/models/stats": {
+            "get": {
+                "summary": "Every served model version's statistics (Triton's extension).",
+                "responses": _answers("Counts and durations.", _ref(Statistics)),
             }
         },
         "/v2/health/live": {

@@ -52,6 +52,7 @@ async def predict(queue: ModelQueue, inputs: list[Any], deadline: Deadline) -> O
     cache = queue.cache
     if cache is None:
         return await queue.submit(_batchable(queue, inputs), deadline)
+    looked_up = time.perf_counter()
     keys = [input_key(x) for x in inputs]
     outputs: list[Any] = [None] * len(inputs)
     missing: list[int] = []
@@ -61,6 +62,10 @@ async def predict(queue: ModelQueue, inputs: list[Any], deadline: Deadline) -> O
             outputs[index] = output
         else:
             missing.append(index)
+    statistics = queue.statistics
+    (statistics.cache_miss if missing else statistics.cache_hit).add(
+        time.perf_counter() - looked_up
+    )
     if not missing:
         return outputs
     computed = await queue.submit(_batchable(queue, [inputs[i] for i in missing]), deadline)

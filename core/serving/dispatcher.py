@@ -155,7 +155,12 @@ class Dispatcher:
     def queue_for(self, name: str, version: str | None) -> ModelQueue:
         default = self._defaults.get(name)
         if default is None:
-            raise PredictionError(404, f"unknown model {name!r}", models=sorted(self._defaults))
+            # Worded as Triton words it: its clients and scripts look for this text.
+            raise PredictionError(
+                404,
+                f"Request for unknown model: {name!r} is not found",
+                models=sorted(self._defaults),
+            )
         queue = self._queues.get((name, version if version is not None else default))
         if queue is None:
             raise PredictionError(

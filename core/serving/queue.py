@@ -29,6 +29,7 @@ import numpy as np
 from msgspec.structs import replace
 
 from ketch.observability.metrics import ModelMetrics
+from ketch.observability.statistics import ModelStatistics
 from ketch.serving import refusals
 from ketch.serving.batching import BatchSizer, batch_latency_target_s
 from ketch.serving.cache import PredictionCache
@@ -76,6 +77,8 @@ class ModelQueue:
     ) -> None:
         self.spec = spec
         self._metrics = metrics
+        #: Triton's statistics of this version (``GET /v2/models/stats``).
+        self.statistics = ModelStatistics()
         #: The plugins told of each batch and request done (ketch_batch_done, ...).
         self._observers = observers
         self._sink = sink
@@ -211,6 +214,7 @@ class ModelQueue:
         status = job.status()
         if status == 200:
             self._latencies.append(latency_s)
+        self.statistics.request_done(status == 200, len(job.inputs), latency_s)
         if self._observers is not None:
             spec = self.spec
             self._observers.request_done(
@@ -402,10 +406,13 @@ class ModelQueue:
             for part in reversed(parts):
                 self._enqueue(part, first=True)
             return
+        sent_at = time.monotonic()
         for part in parts:
             part.attempts += 1
-            part.job.dispatched = True
-        batch = Batch(batch_id, worker.info, parts, len(inputs), time.monotonic())
+            if not part.job.dispatched:
+                part.job.dispatched = True
+                self.statistics.queued(sent_at - part.job.arrived)
+        batch = Batch(batch_id, worker.info, parts, len(inputs), sent_at)
         worker.batches[batch.id] = batch
         self.last_batch_size = batch.size
         self._metrics.batch_sent(batch.size)
@@ -522,6 +529,7 @@ class ModelQueue:
         now = time.monotonic()
         if compute_s is not None:
             self._metrics.batch_computed(compute_s)
+            self.statistics.batch_computed(batch.size, compute_s)
         worker = self._workers[info.identity]
         if worker.sizer is not None:
             worker.sizer.observe(batch.size, compute_s if compute_s else now - batch.sent_at)
