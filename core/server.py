@@ -285,7 +285,9 @@ async def serve(
         deployments = DeploymentRoutes(
             deployer, admin, options.max_deploy_bytes, options.http.read_timeout_s
         )
-        app = Gateway(dispatcher, apps, deadlines, admin, deployments, tokens).app()
+        app = Gateway(
+            dispatcher, apps, deadlines, admin, deployments, tokens, options.http.max_body_bytes
+        ).app()
         # What was built at start lives as long as the server: out of the collector's
         # generations, the collections requests cause walk only what requests allocate.
         gc.freeze()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import re
 import textwrap
 from collections.abc import Iterator
@@ -383,3 +384,51 @@ def test_client_timeout_parameter(server: KetchServer) -> None:
     assert _infer(server, "scale", body).status_code == 200
     too_short = _infer(server, "scale", {**body, "parameters": {"timeout": 0}})
     assert too_short.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "request_algorithm, response_algorithm", [("gzip", "deflate"), ("deflate", "gzip")]
+)
+def test_compressed_requests_and_answers(
+    client: triton.InferenceServerClient, request_algorithm: str, response_algorithm: str
+) -> None:
+    x = np.arange(24, dtype=np.float32).reshape(8, 3)
+    tensor = triton.InferInput("x", [8, 3], "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(
+        "scale",
+        [tensor],
+        request_compression_algorithm=request_algorithm,
+        response_compression_algorithm=response_algorithm,
+    )
+    np.testing.assert_array_equal(result.as_numpy("y"), x * 2)
+
+
+def test_a_compressed_body_is_bounded_once_inflated(tmp_path: Any) -> None:
+    path = tmp_path / "models.py"
+    path.write_text(textwrap.dedent(MODELS))
+    served = KetchServer(path, "--max-body-mb", "1").wait_ready()
+    try:
+        url = "/v2/models/scale/infer"
+        padding = " " * (2 * 2**20)  # JSON whitespace: 2 MiB that gzip makes 2 KiB
+        body = '{"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]'
+        bomb = gzip.compress((body + padding + "}").encode())
+        assert len(bomb) < 2**20 // 100
+        refused = served.client.post(url, content=bomb, headers={"Content-Encoding": "gzip"})
+        assert refused.status_code == 413
+        assert "inflates to more than the limit" in refused.json()["error"]
+        cut = gzip.compress((body + "}").encode())[:-6]
+        broken = served.client.post(url, content=cut, headers={"Content-Encoding": "gzip"})
+        assert broken.status_code == 400
+        assert "gzip" in broken.json()["error"]
+        unknown = served.client.post(url, content=b"x", headers={"Content-Encoding": "br"})
+        assert unknown.status_code == 400
+        whole = gzip.compress((body + "}").encode())
+        answered = served.client.post(
+            url, content=whole, headers={"Content-Encoding": "gzip", "Accept-Encoding": "gzip"}
+        )
+        assert answered.status_code == 200
+        assert answered.headers["content-encoding"] == "gzip"
+        assert answered.json()["outputs"][0]["data"] == [2, 4, 6]  # httpx inflates it
+    finally:
+        served.stop()

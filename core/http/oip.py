@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ketch.http.compression import chosen_encoding, compressed, inflated
 from ketch.http.endpoints import (
     TIMEOUT_HEADER,
     Endpoints,
@@ -63,9 +64,11 @@ BINARY_HEADER = "inference-header-content-length"
 class OpenInference:
     """The V2 handlers over one :class:`Dispatcher` (see the module's docstring)."""
 
-    def __init__(self, dispatcher: Dispatcher, deadlines: Deadlines) -> None:
+    def __init__(self, dispatcher: Dispatcher, deadlines: Deadlines, max_body_bytes: int) -> None:
         self.dispatcher = dispatcher
         self.deadlines = deadlines
+        #: What a compressed request may inflate to (the limit of any body).
+        self.max_body_bytes = max_body_bytes
 
     def routes(self, endpoints: Endpoints) -> list[Route]:
         routes = [
@@ -105,13 +108,21 @@ class OpenInference:
         queue = self._queue(request)
         # Known from the path: even a request failing below is counted under this version.
         reached.set(queue.spec.name, queue.spec.version)
-        body, tensors = _parse_request(await request.body(), request.headers)
+        raw = inflated(await request.body(), request.headers, self.max_body_bytes)
+        body, tensors = _parse_request(raw, request.headers)
         timeout_ms = timeout_ms_of(
             timeout_ms_of_parameters(body.parameters), request.headers.get(TIMEOUT_HEADER)
         )
         call = InferCall(tensors, _requested(body), timeout_ms)
         outputs = await infer(queue, self.deadlines, call)
-        return _answer(queue, body, outputs)
+        answer = _answer(queue, body, outputs)
+        encoding = chosen_encoding(request.headers.get("accept-encoding"))
+        if encoding is not None:
+            answer.body = compressed(bytes(answer.body), encoding)
+            answer.headers["content-encoding"] = encoding
+            answer.headers["content-length"] = str(len(answer.body))
+            answer.headers["vary"] = "Accept-Encoding"
+        return answer
 
     def _queue(self, request: Request) -> ModelQueue:
         return self.dispatcher.queue_for(

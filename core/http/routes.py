@@ -56,6 +56,7 @@ from ketch.http.endpoints import (
     json_response,
     timeout_ms_of,
 )
+from ketch.http.limits import DEFAULT_MAX_BODY_BYTES
 from ketch.http.oip import OpenInference
 from ketch.http.shapes import AppRequest, FeedbackRequest, PredictRequest
 from ketch.serving.admission import Deadlines, predict
@@ -72,6 +73,7 @@ class Gateway:
     :param admin: the management API's routes.
     :param deployments: the routes that take deploys (``/admin/deployments``).
     :param tokens: the bearer tokens the routes need.
+    :param max_body_bytes: the largest body, also once a compressed one is inflated.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Gateway:
         admin: Admin,
         deployments: DeploymentRoutes,
         tokens: Tokens,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.dispatcher = dispatcher
         self.apps = apps
@@ -89,6 +92,7 @@ class Gateway:
         self._admin = admin
         self._deployments = deployments
         self._tokens = tokens
+        self._max_body_bytes = max_body_bytes
         self._openapi = openapi.document()
         self._query_ids = QueryIds()
 
@@ -109,7 +113,9 @@ class Gateway:
                 route("/apps/{name}/feedback", self.app_feedback, ["POST"]),
                 route("/v2/health/live", self.live, ["GET"]),
                 route("/v2/health/ready", self.ready, ["GET"]),
-                *OpenInference(self.dispatcher, self.deadlines).routes(endpoints),
+                *OpenInference(self.dispatcher, self.deadlines, self._max_body_bytes).routes(
+                    endpoints
+                ),
                 route("/metrics", self.dispatcher.metrics.endpoint, ["GET"]),
                 route("/openapi.json", self.openapi, ["GET"]),
                 *self._admin.routes(endpoints),
