@@ -395,7 +395,10 @@ def test_policy_state_is_kept_across_a_gateway_restart(start_server: Start, tmp_
     ("declaration", "message"),
     [
         ("a = ketch.app('a', models=['good'], policy='nope')", "no policy named 'nope'"),
-        ("a = ketch.app('a', models=['missing'])", "lists 'missing': unknown model 'missing'"),
+        (
+            "a = ketch.app('a', models=['missing'])",
+            "lists 'missing': Request for unknown model: 'missing' is not found",
+        ),
         (
             "a = ketch.app('a', models=['good'], policy='exp3', params={'gama': 1})",
             "policy 'exp3' rejects its models ['good'] or params {'gama': 1}",

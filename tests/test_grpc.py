@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 import ketch
@@ -51,6 +52,12 @@ def combine(items: list[dict]) -> list[dict]:
 @ketch.model(outputs=[TensorSpec("y", "float64", ())])
 def inverse(xs: list[float]) -> list[float]:
     return [1 / x if x else float("inf") for x in xs]
+
+
+@ketch.model(inputs=[TensorSpec("blob", "bytes", ())], outputs=[TensorSpec("back", "bytes", ())])
+def reverse(blobs: list[bytes]) -> list[bytes]:
+    assert all(type(blob) is bytes for blob in blobs), blobs
+    return [blob[::-1] for blob in blobs]
 
 
 @ketch.model
@@ -129,6 +136,37 @@ def test_bytes_and_several_inputs_and_named_outputs(
     np.testing.assert_array_equal(result.as_numpy("size"), [2, 2])
     only = client.infer("combine", [a, b], outputs=[triton.InferRequestedOutput("size")])
     assert [o["name"] for o in only.get_response(as_json=True)["outputs"]] == ["size"]
+
+
+def test_bytes_travel_raw_end_to_end(
+    client: triton.InferenceServerClient, server: KetchServer
+) -> None:
+    blobs = np.array([b"\xff\xd8\xff\xe0", b"ab\x00", b""], dtype=np.object_)
+    tensor = triton.InferInput("blob", [3], "BYTES")
+    tensor.set_data_from_numpy(blobs)
+    back = client.infer("reverse", [tensor]).as_numpy("back")
+    assert back is not None
+    assert back.tolist() == [b"\xe0\xff\xd8\xff", b"\x00ba", b""]
+    # Over REST as binary data too; as JSON, bytes that are not text cannot go.
+    http = triton_http.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        rest = triton_http.InferInput("blob", [3], "BYTES")
+        rest.set_data_from_numpy(blobs)
+        answered = http.infer("reverse", [rest]).as_numpy("back")
+        assert answered is not None
+        assert answered.tolist() == back.tolist()
+        as_json = [triton_http.InferRequestedOutput("back", binary_data=False)]
+        with pytest.raises(InferenceServerException) as refused:
+            http.infer("reverse", [rest], outputs=as_json)
+        assert "not UTF-8 text" in refused.value.message()
+        # A model taking text gets a 400 for bytes that are not text, naming the way out.
+        text = triton_http.InferInput("input_0", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"\xff"], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as not_text:
+            http.infer("shout", [text])
+        assert "must be UTF-8 text" in not_text.value.message()
+    finally:
+        http.close()
 
 
 def test_outputs_json_cannot_carry_travel_raw(client: triton.InferenceServerClient) -> None:
@@ -344,7 +382,7 @@ def test_statistics_count_what_was_served(
     assert [(s["name"], s["version"]) for s in one] == [("combine", "1")]
     assert int(one[0]["inference_count"]) == after["inference_count"]
     every = client.get_inference_statistics(as_json=True)["model_stats"]
-    assert {s["name"] for s in every} == {"scale", "shout", "combine", "inverse", "slow"}
+    assert {s["name"] for s in every} == {"scale", "shout", "combine", "inverse", "reverse", "slow"}
     everything = server.client.get("/v2/models/stats").json()["model_stats"]
     assert len(everything) == len(every)
     assert server.client.get("/v2/models/nope/stats").status_code == 404

@@ -236,6 +236,14 @@ def _json_data(queue: ModelQueue, output: OutputTensor) -> list[Any]:
             **queue.labels(),
         )
     data: list[Any] = array.ravel().tolist()
-    if array.dtype.kind == "S":
-        data = [b.decode(errors="replace") for b in data]
+    if array.dtype.kind in "SO":
+        try:
+            data = [e.decode() if isinstance(e, bytes) else e for e in data]
+        except UnicodeDecodeError:
+            raise PredictionError(
+                500,
+                f"output {output.name!r} of model {queue.spec.label()!r} holds bytes that are "
+                "not UTF-8 text, which JSON cannot carry (ask for it as binary data)",
+                **queue.labels(),
+            ) from None
     return data

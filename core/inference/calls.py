@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from ketch.inference.tensors import V2_TO_NUMPY, cast_output, v2_datatype, v2_datatype_of
+from ketch.inference.tensors import (
+    V2_TO_NUMPY,
+    as_element_type,
+    cast_output,
+    v2_datatype,
+    v2_datatype_of,
+)
 from ketch.serving.admission import Deadlines, predict
 from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
@@ -84,6 +90,13 @@ def _items(queue: ModelQueue, tensors: dict[str, np.ndarray]) -> list[Any]:
     """The request's tensors cut into the items the model's queue takes (see the module's
     docstring); checked against the model's declared tensors first, for errors naming them."""
     declared = {t.name: t for t in queue.spec.inputs}
+    element_types = {t.name: t.datatype for t in queue.spec.inputs or queue.spec.hinted_inputs}
+    try:
+        tensors = {n: as_element_type(a, element_types.get(n)) for n, a in tensors.items()}
+    except ValueError as exc:
+        raise PredictionError(
+            400, f"model {queue.spec.label()!r}: {exc}", **queue.labels()
+        ) from None
     if declared:
         _check_names(queue, set(declared), set(tensors))
         for name, array in tensors.items():
@@ -99,7 +112,12 @@ def _items(queue: ModelQueue, tensors: dict[str, np.ndarray]) -> list[Any]:
     # Numpy models get their rows as arrays, stacked again (keeping the dtype) by the queue;
     # everything else gets Python values, as parsed JSON would be. Cache keys are built from
     # JSON, which float16 arrays cannot be, so cached models get Python values too.
-    as_arrays = queue.spec.batch_input == "numpy" and queue.cache is None
+    # Raw bytes (object arrays) go as Python values: they are no array a frame can carry.
+    as_arrays = (
+        queue.spec.batch_input == "numpy"
+        and queue.cache is None
+        and all(a.dtype != object for a in tensors.values())
+    )
     if len(tensors) == 1 and len(declared) <= 1:
         (array,) = tensors.values()
         return list(array) if as_arrays else array.tolist()
@@ -146,6 +164,9 @@ def _output_tensors(
 def _output_tensor(queue: ModelQueue, name: str, column: list[Any]) -> OutputTensor:
     try:
         array = np.asarray(column)
+        if array.dtype.kind == "S":
+            # numpy's fixed-width bytes drop trailing NULs: raw bytes stay objects.
+            array = np.array(column, dtype=object)
     except ValueError:
         array = np.asarray(None, dtype=object)  # ragged: reported below like other objects
     datatype = v2_datatype_of(array)

@@ -55,6 +55,11 @@ def v2_datatype_of(array: np.ndarray) -> str | None:
     """The V2 datatype of an output array, or None when it holds what V2 cannot carry."""
     if array.dtype.kind in "US":
         return "BYTES"
+    if array.dtype.kind == "O":
+        elements = array.ravel().tolist()
+        if elements and all(isinstance(e, bytes | str) for e in elements):
+            return "BYTES"
+        return None
     return _NUMPY_TO_V2.get(array.dtype.name)
 
 
@@ -94,7 +99,9 @@ def tensor_from_json(datatype: str, shape: list[int], data: object) -> np.ndarra
 
 def tensor_from_binary(datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
     """The array in a binary tensor (Triton's binary data extension, what ``tritonclient``
-    sends by default): little-endian row-major elements, BYTES as 4-byte length + UTF-8."""
+    sends by default): little-endian row-major elements, BYTES as 4-byte length + its bytes
+    (an object array of ``bytes``, whatever they hold: :func:`as_element_type` makes them text
+    for a model that takes text)."""
     dtype = V2_TO_NUMPY.get(datatype)
     if dtype is None:
         known = ", ".join(V2_TO_NUMPY)
@@ -107,20 +114,47 @@ def tensor_from_binary(datatype: str, shape: list[int], raw: bytes) -> np.ndarra
                 f"got {len(raw)}"
             )
         return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
-    texts: list[str] = []
+    elements: list[bytes] = []
     offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ValueError("a BYTES element's length runs past the end of its data")
+        size = int.from_bytes(raw[offset : offset + 4], "little")
+        if offset + 4 + size > len(raw):
+            raise ValueError("a BYTES element runs past the end of its data")
+        elements.append(raw[offset + 4 : offset + 4 + size])
+        offset += 4 + size
+    if len(elements) != expected:
+        raise ValueError(f"shape {shape} holds {expected} elements, data has {len(elements)}")
+    array = np.empty(len(elements), dtype=object)
+    array[:] = elements
+    return array.reshape(shape)
+
+
+def as_element_type(array: np.ndarray, numpy_name: str | None) -> np.ndarray:
+    """A BYTES tensor as the model takes its elements: ``bytes`` (an object array) for a
+    tensor declared ``"bytes"``, else UTF-8 text (a ``str`` array). Other tensors as they are.
+
+    Raises ``ValueError`` for bytes that are not UTF-8 where text is taken.
+    """
+    if array.dtype.kind not in "OUS":
+        return array
+    if numpy_name == "bytes":
+        if array.dtype.kind == "O":
+            return array
+        flat = np.empty(array.size, dtype=object)
+        flat[:] = [str(e).encode() for e in array.ravel().tolist()]
+        return flat.reshape(array.shape)
+    if array.dtype.kind == "U":
+        return array
     try:
-        while offset < len(raw):
-            size = int.from_bytes(raw[offset : offset + 4], "little")
-            if offset + 4 + size > len(raw):
-                raise ValueError("a BYTES element runs past the end of its data")
-            texts.append(raw[offset + 4 : offset + 4 + size].decode())
-            offset += 4 + size
+        texts = [e.decode() if isinstance(e, bytes) else str(e) for e in array.ravel().tolist()]
     except UnicodeDecodeError:
-        raise ValueError("BYTES elements must be UTF-8 text") from None
-    if len(texts) != expected:
-        raise ValueError(f"shape {shape} holds {expected} elements, data has {len(texts)}")
-    return np.asarray(texts, dtype=np.str_).reshape(shape)
+        raise ValueError(
+            "BYTES elements must be UTF-8 text for this model; declare the input "
+            "TensorSpec(..., 'bytes', ...) to take raw bytes"
+        ) from None
+    return np.asarray(texts, dtype=np.str_).reshape(array.shape)
 
 
 def tensor_to_binary(datatype: str, array: np.ndarray) -> bytes:

@@ -93,7 +93,13 @@ def declared_tensors(
 
 
 #: Element types whose hint says what an item holds, as a TensorSpec datatype.
-_HINTED_DATATYPES: dict[Any, str] = {float: "float64", int: "int64", bool: "bool", str: "str"}
+_HINTED_DATATYPES: dict[Any, str] = {
+    float: "float64",
+    int: "int64",
+    bool: "bool",
+    str: "str",
+    bytes: "bytes",
+}
 
 
 def hinted_tensors(func: Callable[..., Any]) -> tuple[tuple[TensorSpec, ...], ...]:

@@ -269,7 +269,9 @@ async def test_a_shadow_that_never_answers_does_not_delay_the_answer(gateway: Ga
 
 def test_an_application_listing_a_model_not_served_is_refused(gateway: Gateway) -> None:
     gateway.serve("a", lambda x: x)
-    with pytest.raises(AppError, match="application 'app' lists 'b': unknown model 'b'"):
+    with pytest.raises(
+        AppError, match="application 'app' lists 'b': Request for unknown model: 'b' is not found"
+    ):
         gateway.add(["a", "b"], "ensemble")
     with pytest.raises(AppError, match="policy 'single' rejects its models"):
         gateway.add(["a", "a:1"])
