@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import ml_dtypes
 import numpy as np
 
 from ketch.errors import BatchInputError
@@ -123,7 +124,12 @@ class TorchRuntime(Runtime):
                 f"{list(array.shape[1:])}"
             )
         with torch.inference_mode():
-            tensor = torch.from_numpy(array).to(device=self.device, dtype=self.input_dtype)
+            if array.dtype.name == "bfloat16":
+                # ml_dtypes' bfloat16 is no dtype torch.from_numpy knows: the same 16 bits.
+                raw = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+            else:
+                raw = torch.from_numpy(array)
+            tensor = raw.to(device=self.device, dtype=self.input_dtype)
             result = self.module(tensor)
         return _per_item(torch, result, len(array))
 
@@ -183,7 +189,13 @@ def _exported_input(torch: Any, program: Any) -> TensorSpec | None:
 
 def _per_item(torch: Any, result: Any, size: int) -> Outputs:
     if isinstance(result, torch.Tensor):
-        array: np.ndarray = result.detach().cpu().numpy()
+        tensor = result.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            # numpy has no bfloat16 of its own: ml_dtypes' one, from the same 16 bits.
+            bits: np.ndarray = tensor.view(torch.int16).numpy()
+            as_bfloat16: np.ndarray = bits.view(ml_dtypes.bfloat16)
+            return as_bfloat16
+        array: np.ndarray = tensor.numpy()
         return array
     if isinstance(result, tuple | list):
         parts = [_per_item(torch, part, size) for part in result]

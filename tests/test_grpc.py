@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -58,6 +59,24 @@ def inverse(xs: list[float]) -> list[float]:
 def reverse(blobs: list[bytes]) -> list[bytes]:
     assert all(type(blob) is bytes for blob in blobs), blobs
     return [blob[::-1] for blob in blobs]
+
+
+@ketch.model(
+    inputs=[TensorSpec("h", "bfloat16", (2,))], outputs=[TensorSpec("doubled", "bfloat16", (2,))]
+)
+def brain(batch: np.ndarray) -> np.ndarray:
+    assert batch.dtype.name == "bfloat16", batch.dtype
+    return batch * 2
+
+
+@ketch.model(
+    max_batch_size=0,
+    inputs=[TensorSpec("m", "float32", (2, 3))],
+    outputs=[TensorSpec("t", "float32", (3, 2))],
+)
+def transpose(batch: list[list[list[float]]]) -> list[list[list[float]]]:
+    assert len(batch) == 1, batch  # no batch axis: one whole tensor per call
+    return [np.array(m).T.tolist() for m in batch]
 
 
 @ketch.model
@@ -167,6 +186,45 @@ def test_bytes_travel_raw_end_to_end(
         assert "must be UTF-8 text" in not_text.value.message()
     finally:
         http.close()
+
+
+def test_bfloat16_both_ways(client: triton.InferenceServerClient, server: KetchServer) -> None:
+    values = np.array([[1.5, -2.0], [0.25, 3.0]], dtype=np.float32)
+    tensor = triton.InferInput("h", [2, 2], "BF16")
+    tensor.set_data_from_numpy(values.astype(ml_dtypes.bfloat16))
+    result = client.infer("brain", [tensor])
+    assert result.get_output("doubled").datatype == "BF16"
+    doubled = result.as_numpy("doubled")
+    assert doubled is not None
+    np.testing.assert_array_equal(doubled.astype(np.float32), values * 2)
+    # As JSON: numbers for BF16, or FP32 for a BF16 input (the model still gets bfloat16).
+    for datatype in ("BF16", "FP32"):
+        body = {"inputs": [{"name": "h", "shape": [1, 2], "datatype": datatype, "data": [1, 2]}]}
+        answer = server.client.post("/v2/models/brain/infer", json=body)
+        assert answer.status_code == 200, answer.text
+        (output,) = answer.json()["outputs"]
+        assert (output["datatype"], output["data"]) == ("BF16", [2.0, 4.0])
+
+
+def test_a_model_without_a_batch_axis_takes_tensors_whole(
+    client: triton.InferenceServerClient, server: KetchServer
+) -> None:
+    meta = client.get_model_metadata("transpose", as_json=True)
+    assert meta["inputs"] == [{"name": "m", "datatype": "FP32", "shape": ["2", "3"]}]
+    config = server.client.get("/v2/models/transpose/config").json()
+    assert config["max_batch_size"] == 0
+    assert config["input"][0]["dims"] == [2, 3]
+    m = np.arange(6, dtype=np.float32).reshape(2, 3)
+    result = client.infer("transpose", [_fp32_input("m", m)])
+    np.testing.assert_array_equal(result.as_numpy("t"), m.T)
+    body = {
+        "inputs": [{"name": "m", "shape": [2, 3], "datatype": "FP32", "data": m.ravel().tolist()}]
+    }
+    answer = server.client.post("/v2/models/transpose/infer", json=body)
+    assert answer.status_code == 200, answer.text
+    (output,) = answer.json()["outputs"]
+    assert output["shape"] == [3, 2]
+    assert output["data"] == m.T.ravel().tolist()
 
 
 def test_outputs_json_cannot_carry_travel_raw(client: triton.InferenceServerClient) -> None:
@@ -382,7 +440,16 @@ def test_statistics_count_what_was_served(
     assert [(s["name"], s["version"]) for s in one] == [("combine", "1")]
     assert int(one[0]["inference_count"]) == after["inference_count"]
     every = client.get_inference_statistics(as_json=True)["model_stats"]
-    assert {s["name"] for s in every} == {"scale", "shout", "combine", "inverse", "reverse", "slow"}
+    assert {s["name"] for s in every} == {
+        "scale",
+        "shout",
+        "combine",
+        "inverse",
+        "reverse",
+        "brain",
+        "transpose",
+        "slow",
+    }
     everything = server.client.get("/v2/models/stats").json()["model_stats"]
     assert len(everything) == len(every)
     assert server.client.get("/v2/models/nope/stats").status_code == 404

@@ -157,10 +157,18 @@ def test_bad_version_fails_at_decoration_naming_the_value(version: Any, shown: s
     assert f"model version {shown} of 'm' is not valid" in str(info.value)
 
 
-@pytest.mark.parametrize("size", [0, -3])
-def test_max_batch_size_below_one_fails_naming_the_value(size: int) -> None:
-    with pytest.raises(ValueError, match=rf"max_batch_size of 'm' must be >= 1, got {size}"):
+@pytest.mark.parametrize("size", [-1, -3])
+def test_max_batch_size_below_zero_fails_naming_the_value(size: int) -> None:
+    with pytest.raises(
+        ValueError, match=rf"max_batch_size of 'm' must be >= 1, or 0 .* got {size}"
+    ):
         ketch.model(name="m", max_batch_size=size)(_batch)
+
+
+def test_max_batch_size_zero_is_a_model_without_a_batch_axis() -> None:
+    spec = ketch.model(name="m", max_batch_size=0)(_batch).spec
+    assert not spec.has_batch_axis
+    assert spec.batch_limit == 1
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, "5", True, float("nan")])
@@ -217,7 +225,7 @@ def test_function_with_varargs_or_defaults_is_accepted() -> None:
 
 def test_validation_error_names_the_model_for_each_option() -> None:
     with pytest.raises(ValueError, match="'classifier'"):
-        ketch.model(name="classifier", max_batch_size=0)(_batch)
+        ketch.model(name="classifier", max_batch_size=-1)(_batch)
 
 
 # --- batch_input detection -------------------------------------------------------------------
@@ -467,8 +475,8 @@ def test_from_dict_validates_like_the_decorator() -> None:
         ModelSpec.from_dict({"name": "bad name"})
     with pytest.raises(ValueError, match="batch_input of 'm' must be 'list' or 'numpy'"):
         ModelSpec.from_dict({"name": "m", "batch_input": "torch"})
-    with pytest.raises(ValueError, match="max_batch_size of 'm' must be >= 1, got 0"):
-        ModelSpec.from_dict({"name": "m", "max_batch_size": 0})
+    with pytest.raises(ValueError, match="max_batch_size of 'm' must be >= 1, or 0"):
+        ModelSpec.from_dict({"name": "m", "max_batch_size": -2})
 
 
 def test_from_dict_accepts_integer_version() -> None:

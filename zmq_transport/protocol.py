@@ -279,7 +279,14 @@ def _pack_extension(buffers: list[Frame], value: Any) -> Any:
         if value.dtype.hasobject:
             return value.tolist()  # object arrays have no raw byte form; send their items
         array = value if value.flags.c_contiguous else value.copy(order="C")
-        dtype = array.dtype.descr if array.dtype.fields else array.dtype.str
+        # ml_dtypes' types (bfloat16) say only "<V2" in their str: they go by name.
+        dtype = (
+            array.dtype.descr
+            if array.dtype.fields
+            else array.dtype.name
+            if array.dtype.kind == "V"
+            else array.dtype.str
+        )
         meta = msgpack.packb([len(buffers), dtype, list(array.shape)])
         # A uint8 view gives a flat byte buffer for every dtype, datetime64 included.
         buffers.append(array.reshape(-1).view(np.uint8).data if array.size else b"")
@@ -303,7 +310,12 @@ def _unpack_extension(buffers: Sequence[bytes], code: int, data: bytes) -> Any:
 def _dtype_of(description: Any) -> np.dtype[Any]:
     """A dtype from its string, or from a structured dtype's ``descr`` (lists after msgpack)."""
     if isinstance(description, str):
-        return np.dtype(description)
+        try:
+            return np.dtype(description)
+        except TypeError:
+            import ml_dtypes  # noqa: F401  (registers bfloat16 and its kin with numpy, once)
+
+            return np.dtype(description)
     return np.dtype([_field_of(field) for field in description])
 
 

@@ -28,7 +28,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ketch.grpc.tensors import infer_response, input_tensors, parameters_of
 from ketch.http.auth import Needs, TokenGuard, bearer_token
-from ketch.inference.calls import InferCall, check_batch, infer, timeout_ms_of_parameters
+from ketch.inference.calls import InferCall, infer, timeout_ms_of_parameters
 from ketch.inference.extensions import model_config, statistics
 from ketch.inference.metadata import ModelReadiness, model_metadata, server_metadata
 from ketch.observability.metrics import Metrics
@@ -188,7 +188,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
             queue = self._queue(request.model_name, request.model_version)
             model, version = queue.spec.name, queue.spec.version
             tensors = input_tensors(request)
-            check_batch(tensors)
             parameters = parameters_of(request.parameters)
             timeout_ms = timeout_ms_of_parameters(parameters)
             if remaining_s is not None:

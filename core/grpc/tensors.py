@@ -56,7 +56,7 @@ def input_tensors(request: Any) -> dict[str, np.ndarray]:
         name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
         if name in tensors:
             raise PredictionError(400, f"input {name!r} is given twice")
-        if not shape or any(d < 0 for d in shape):
+        if any(d < 0 for d in shape):
             raise PredictionError(
                 400, f"input {name!r}: 'shape' must be a list of sizes >= 0, the batch first"
             )

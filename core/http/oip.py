@@ -44,13 +44,17 @@ from ketch.http.oip_shapes import InferRequest
 from ketch.inference.calls import (
     InferCall,
     OutputTensor,
-    check_batch,
     infer,
     timeout_ms_of_parameters,
 )
 from ketch.inference.extensions import model_config, statistics
 from ketch.inference.metadata import ModelReadiness, model_metadata, server_metadata
-from ketch.inference.tensors import tensor_from_binary, tensor_from_json, tensor_to_binary
+from ketch.inference.tensors import (
+    FLOAT_DTYPES,
+    tensor_from_binary,
+    tensor_from_json,
+    tensor_to_binary,
+)
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
@@ -146,10 +150,6 @@ def _parse_request(
     offset = 0
     for tensor in body.inputs:
         name, shape, datatype = tensor.name, tensor.shape, tensor.datatype
-        if not shape:
-            raise PredictionError(
-                400, f"input {name!r}: 'shape' must be a list of sizes >= 0, the batch first"
-            )
         if name in tensors:
             raise PredictionError(400, f"input {name!r} is given twice")
         size = tensor.parameters.get("binary_data_size")
@@ -166,7 +166,6 @@ def _parse_request(
                 raise ValueError("it has no 'data'")
         except ValueError as exc:
             raise PredictionError(400, f"input {name!r}: {exc}") from None
-    check_batch(tensors)
     return body, tensors
 
 
@@ -225,7 +224,7 @@ def _answer(queue: ModelQueue, body: InferRequest, outputs: list[OutputTensor]) 
 
 def _json_data(queue: ModelQueue, output: OutputTensor) -> list[Any]:
     array = output.array
-    if array.dtype.kind == "f" and not (finite := np.isfinite(array)).all():
+    if array.dtype in FLOAT_DTYPES and not (finite := np.isfinite(array)).all():
         index = tuple(int(i) for i in np.argwhere(~finite)[0])
         number = non_finite_name(float(array[index]))
         raise PredictionError(

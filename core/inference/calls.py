@@ -34,8 +34,8 @@ from ketch.serving.queue import ModelQueue
 class InferCall:
     """One inference request, decoded from its protocol.
 
-    :param inputs: the input tensors by name, each with the batch axis first
-        (:func:`check_batch` has checked that they share it).
+    :param inputs: the input tensors by name, each with the batch axis first (unless the
+        model has none).
     :param outputs: the outputs asked for, by name; None for all of them.
     :param timeout_ms: the request's own timeout, if it gave one.
     """
@@ -55,18 +55,31 @@ class OutputTensor:
 
 
 async def infer(queue: ModelQueue, deadlines: Deadlines, call: InferCall) -> list[OutputTensor]:
-    """The output tensors ``queue``'s model gives for ``call``, within the deadline rule."""
-    items = _items(queue, call.inputs)
+    """The output tensors ``queue``'s model gives for ``call``, within the deadline rule.
+
+    A model without a batch axis (``max_batch_size=0``) takes the tensors whole, as one item:
+    they get a batch axis of 1 here, and its outputs lose it again."""
+    inputs = call.inputs
+    if queue.spec.has_batch_axis:
+        _check_batch(inputs)
+    else:
+        inputs = {name: array[np.newaxis] for name, array in inputs.items()}
+    items = _items(queue, inputs)
     deadline = deadlines.deadline(call.timeout_ms, queue.spec.slo_ms)
     outputs = await predict(queue, items, deadline)
-    return _output_tensors(queue, list(outputs), call.outputs)
+    tensors = _output_tensors(queue, list(outputs), call.outputs)
+    if not queue.spec.has_batch_axis:
+        return [OutputTensor(t.name, t.datatype, t.array[0]) for t in tensors]
+    return tensors
 
 
-def check_batch(tensors: Mapping[str, np.ndarray]) -> None:
+def _check_batch(tensors: Mapping[str, np.ndarray]) -> None:
     """A 400 unless the input tensors share one first (batch) dimension of at least 1."""
     batch_sizes = {array.shape[0] if array.ndim else -1 for array in tensors.values()}
     if -1 in batch_sizes:
-        raise PredictionError(400, "every input needs a shape with the batch first")
+        raise PredictionError(
+            400, "every input's 'shape' must be a list of sizes >= 0, the batch first"
+        )
     if len(batch_sizes) > 1:
         raise PredictionError(
             400, f"inputs must share their first (batch) dimension, got {sorted(batch_sizes)}"
@@ -102,8 +115,13 @@ def _items(queue: ModelQueue, tensors: dict[str, np.ndarray]) -> list[Any]:
         for name, array in tensors.items():
             want = v2_datatype(declared[name].datatype)
             got = v2_datatype_of(array)
-            # Only types JSON can carry: a runtime's BF16 input is fed FP32, as on /predict.
-            if want in V2_TO_NUMPY and want != got:
+            if want == "BF16" and got == "FP32":
+                # What clients that cannot make bfloat16 send: rounded to it, as a cast would.
+                try:
+                    tensors[name] = cast_output(array, "BF16")
+                except ValueError as exc:
+                    raise PredictionError(400, f"input {name!r}: {exc}") from None
+            elif want in V2_TO_NUMPY and want != got:
                 raise PredictionError(
                     400,
                     f"input {name!r} of model {queue.spec.label()!r} is {want}, got {got}",
@@ -179,7 +197,6 @@ def _output_tensor(queue: ModelQueue, name: str, column: list[Any]) -> OutputTen
         )
     declared = next((t for t in queue.spec.outputs if t.name == name), None)
     want = v2_datatype(declared.datatype) if declared is not None else None
-    # Only the types V2 maps to numpy: a runtime's BF16 output goes out as the array it is.
     if want is not None and want in V2_TO_NUMPY and want != datatype:
         try:
             array = cast_output(array, want)

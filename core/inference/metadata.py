@@ -61,12 +61,15 @@ def model_metadata(dispatcher: Dispatcher, queue: ModelQueue) -> ModelMetadata:
         name=spec.name,
         versions=dispatcher.versions(spec.name),
         platform=f"ketch_{spec.runtime}",
-        inputs=[tensor_metadata(t) for t in spec.inputs or spec.hinted_inputs],
-        outputs=[tensor_metadata(t) for t in spec.outputs or spec.hinted_outputs],
+        inputs=[tensor_metadata(t, spec.has_batch_axis) for t in spec.inputs or spec.hinted_inputs],
+        outputs=[
+            tensor_metadata(t, spec.has_batch_axis) for t in spec.outputs or spec.hinted_outputs
+        ],
     )
 
 
-def tensor_metadata(tensor: TensorSpec) -> TensorMeta:
-    # ketch's shapes are per item; V2's include the batch axis, of any size.
+def tensor_metadata(tensor: TensorSpec, batched: bool) -> TensorMeta:
+    # ketch's shapes are per item; V2's include the batch axis, of any size, where there is one.
     datatype = v2_datatype(tensor.datatype) or tensor.datatype.upper()
-    return TensorMeta(name=tensor.name, datatype=datatype, shape=[-1, *tensor.shape])
+    shape = [-1, *tensor.shape] if batched else list(tensor.shape)
+    return TensorMeta(name=tensor.name, datatype=datatype, shape=shape)

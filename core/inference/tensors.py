@@ -7,6 +7,9 @@ JSON strings, so they become numpy ``str`` arrays here and Python strings for li
 
 from __future__ import annotations
 
+from typing import Any
+
+import ml_dtypes
 import numpy as np
 
 #: Every V2 datatype ketch accepts in a request, with the numpy dtype its data becomes.
@@ -23,14 +26,17 @@ V2_TO_NUMPY: dict[str, np.dtype[np.generic]] = {
     "FP16": np.dtype(np.float16),
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
     "BYTES": np.dtype(np.str_),
 }
+#: The float types, bfloat16 among them (which numpy's kinds call "V", not "f").
+FLOAT_DTYPES = frozenset(V2_TO_NUMPY[v2] for v2 in ("FP16", "FP32", "FP64", "BF16"))
 
 _NUMPY_TO_V2 = {dtype.name: v2 for v2, dtype in V2_TO_NUMPY.items() if v2 != "BYTES"}
 
 #: Which kinds of JSON values (as numpy infers them) each V2 datatype takes: numbers are not
 #: silently read as booleans, nor fractions truncated into integers.
-_ACCEPTED_KINDS = {"BOOL": "b", "BYTES": "U"} | {
+_ACCEPTED_KINDS = {"BOOL": "b", "BYTES": "U", "BF16": "iuf"} | {
     v2: ("iuf" if v2.startswith("FP") else "iu") for v2 in V2_TO_NUMPY if v2[0] in "IUF"
 }
 
@@ -40,8 +46,6 @@ def v2_datatype(numpy_name: str) -> str | None:
     ``FP32``, ``str`` -> ``BYTES``), or None for a type V2 has no name for in JSON."""
     if numpy_name in ("str", "bytes", "object"):
         return "BYTES"
-    if numpy_name == "bfloat16":
-        return "BF16"  # frameworks announce it; V2 names it, even if JSON requests cannot send it
     try:
         dtype = np.dtype(numpy_name)
     except TypeError:
@@ -91,7 +95,7 @@ def tensor_from_json(datatype: str, shape: list[int], data: object) -> np.ndarra
             raise ValueError(f"data has values outside the range of {datatype}")
     with np.errstate(over="ignore"):  # found below, and said in the error
         array = raw.astype(dtype, copy=False)
-    if array.dtype.kind == "f" and raw.size and not np.isfinite(array).all():
+    if array.dtype in FLOAT_DTYPES and raw.size and not np.isfinite(array).all():
         # JSON holds no infinity: a number too large for the datatype became one.
         raise ValueError(f"data has values outside the range of {datatype}")
     return array.reshape(shape)
@@ -113,7 +117,7 @@ def tensor_from_binary(datatype: str, shape: list[int], raw: bytes) -> np.ndarra
                 f"shape {shape} of {datatype} takes {expected * dtype.itemsize} bytes, "
                 f"got {len(raw)}"
             )
-        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+        return np.frombuffer(raw, dtype=_little_endian(dtype)).astype(dtype).reshape(shape)
     elements: list[bytes] = []
     offset = 0
     while offset < len(raw):
@@ -129,6 +133,12 @@ def tensor_from_binary(datatype: str, shape: list[int], raw: bytes) -> np.ndarra
     array = np.empty(len(elements), dtype=object)
     array[:] = elements
     return array.reshape(shape)
+
+
+def _little_endian(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    # ml_dtypes' types (bfloat16) have no byte order to set: they are the host's, which is
+    # little-endian on every machine ketch runs on.
+    return dtype if dtype.kind == "V" else dtype.newbyteorder("<")
 
 
 def as_element_type(array: np.ndarray, numpy_name: str | None) -> np.ndarray:
@@ -161,7 +171,7 @@ def tensor_to_binary(datatype: str, array: np.ndarray) -> bytes:
     """``array`` as Triton's binary tensor data: little-endian row-major elements, BYTES as
     4-byte little-endian length + the element's bytes (text as UTF-8)."""
     if datatype != "BYTES":
-        return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        return np.ascontiguousarray(array, dtype=_little_endian(array.dtype)).tobytes()
     parts: list[bytes] = []
     for element in array.ravel().tolist():
         raw = element if isinstance(element, bytes) else str(element).encode()
@@ -183,14 +193,14 @@ def cast_output(array: np.ndarray, datatype: str) -> np.ndarray:
         if text == (datatype == "BYTES"):
             return array
         raise ValueError("numbers are not text" if datatype == "BYTES" else "text is no number")
-    if array.dtype.kind not in "biuf":
+    if array.dtype.kind not in "biuf" and array.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{array.dtype.name} values are not numbers")
     if array.dtype == dtype:
         return array
     # Casting NaN or out-of-range values warns; whether every value survived is checked below.
     with np.errstate(all="ignore"):
         cast = array.astype(dtype)
-    if dtype.kind == "f":
+    if dtype in FLOAT_DTYPES:
         lost, why = np.isfinite(array) & ~np.isfinite(cast), "values overflow it"
     elif datatype == "BOOL":
         lost, why = cast != array, "values are not 0 or 1"

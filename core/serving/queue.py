@@ -359,7 +359,7 @@ class ModelQueue:
             worker = next((w for w in self._workers.values() if w.has_room), None)
             if worker is None:
                 return
-            limit = worker.sizer.limit if worker.sizer is not None else self.spec.max_batch_size
+            limit = worker.sizer.limit if worker.sizer is not None else self.spec.batch_limit
             if self._should_wait(limit):
                 return
             parts = take_batch(self._pending, limit)
@@ -482,7 +482,7 @@ class ModelQueue:
         sizer = None
         if self.spec.slo_ms is not None:
             target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
-            sizer = BatchSizer(target_s, self.spec.max_batch_size)
+            sizer = BatchSizer(target_s, self.spec.batch_limit)
         self._workers[info.identity] = WorkerSlot(info, sizer)
         wake_all(self._ready_waiters)
         if self._cold_start_began is not None:

@@ -191,7 +191,7 @@ def describe(queue: ModelQueue, default_version: str) -> ModelStatus:
                 host=slot.info.host,
                 capacity=slot.info.capacity,
                 batches_in_flight=len(slot.batches),
-                batch_limit=slot.sizer.limit if slot.sizer is not None else spec.max_batch_size,
+                batch_limit=slot.sizer.limit if slot.sizer is not None else spec.batch_limit,
             )
             for slot in slots
         ],

@@ -69,13 +69,15 @@ def declared_tensors(
             raise TypeError(f"{what} of {name!r} must be ketch.TensorSpec, got {tensor!r}")
         if not isinstance(tensor.name, str) or not tensor.name:
             raise ValueError(f"{what} of {name!r}: a tensor needs a name, got {tensor.name!r}")
-        if tensor.datatype not in ("str", "bytes"):
+        # bfloat16 is numpy's only through ml_dtypes, which the gateway and workers import.
+        if tensor.datatype not in ("str", "bytes", "bfloat16"):
             try:
                 np.dtype(tensor.datatype)
             except TypeError:
                 raise ValueError(
                     f"{what} of {name!r}: {tensor.name} has datatype {tensor.datatype!r}, "
-                    "which is not a numpy dtype name ('float32', 'int64', 'bool') nor 'str'"
+                    "which is not a numpy dtype name ('float32', 'int64', 'bool'), 'bfloat16', "
+                    "'str' nor 'bytes'"
                 ) from None
         shape = tuple(tensor.shape) if isinstance(tensor.shape, Sequence) else None
         if shape is None or not all(

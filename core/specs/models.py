@@ -152,7 +152,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     :param name: URL name of the model (``/models/{name}/predict``).
     :param version: version label; requests without a version go to the highest one.
-    :param max_batch_size: most inputs handed to one call of the function.
+    :param max_batch_size: most inputs handed to one call of the function; 0 for a model
+        without a batch axis (one input per call, V2 tensors taken whole).
     :param batch_input: ``"list"`` or ``"numpy"`` (inputs stacked into one array).
     :param max_delay_ms: longest a request waits for others to fill its batch (0: a free
         worker gets what is waiting at once).
@@ -212,6 +213,16 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def key(self) -> tuple[str, str]:
         return (self.name, self.version)
+
+    @property
+    def has_batch_axis(self) -> bool:
+        """Whether a V2 tensor's first dimension is the batch (Triton's max_batch_size > 0)."""
+        return self.max_batch_size > 0
+
+    @property
+    def batch_limit(self) -> int:
+        """The most inputs one call gets."""
+        return max(self.max_batch_size, 1)
 
     def label(self) -> str:
         return f"{self.name}:{self.version}"
@@ -278,8 +289,11 @@ def validated_spec(
         )
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
         raise TypeError(f"max_batch_size of {name!r} must be an int, got {max_batch_size!r}")
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size of {name!r} must be >= 1, got {max_batch_size}")
+    if max_batch_size < 0:
+        raise ValueError(
+            f"max_batch_size of {name!r} must be >= 1, or 0 for a model without a batch axis, "
+            f"got {max_batch_size}"
+        )
     if batch_input not in ("list", "numpy"):
         raise ValueError(f"batch_input of {name!r} must be 'list' or 'numpy', got {batch_input!r}")
     if not _is_number(max_delay_ms) or not max_delay_ms >= 0:
@@ -423,7 +437,9 @@ def model(
 
     :param name: the model's URL name; defaults to the function's name.
     :param version: version label (default ``"1"``).
-    :param max_batch_size: most inputs passed to one call of the function (default 32).
+    :param max_batch_size: most inputs passed to one call of the function (default 32); 0, as
+        in Triton, for a model without a batch axis: a V2 request's tensors are then one input
+        whole (not cut along their first dimension), and each call gets a batch of one.
     :param max_delay_ms, slo_ms, max_queue, cache_size, stall_timeout_s: batching, deadlines,
         backpressure, the prediction cache and stalled batches, see :class:`ModelSpec`.
     :param min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s:

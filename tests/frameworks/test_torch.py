@@ -37,6 +37,11 @@ class TwoHeads(torch.nn.Module):
 
 def build():
     return TwoHeads()
+
+
+def build_bf16():
+    torch.manual_seed(2)
+    return torch.nn.Linear(3, 2).to(torch.bfloat16).eval()
 """
 
 SERVED = """
@@ -47,6 +52,7 @@ exported = ketch.deploy(
 )
 scripted = ketch.deploy("scripted", runtime="torch", path="tiny.pt", input_shape=[3])
 heads = ketch.deploy("heads", runtime="torch", path="heads.py:build", device="cpu")
+brain = ketch.deploy("brain", runtime="torch", path="heads.py:build_bf16", input_dtype="bfloat16")
 """
 
 
@@ -234,3 +240,26 @@ def test_a_new_version_added_and_rolled_to_live_answers_as_its_archive(folder: P
         }
     finally:
         server.stop()
+
+
+def test_bfloat16_tensors_reach_torch_and_come_back(served: KetchServer) -> None:
+    import ml_dtypes
+    import tritonclient.http as triton
+
+    rows = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]], dtype=ml_dtypes.bfloat16)
+    client = triton.InferenceServerClient(url=served.url.removeprefix("http://"))
+    try:
+        tensor = triton.InferInput("input_0", [2, 3], "BF16")
+        tensor.set_data_from_numpy(rows)
+        result = client.infer("brain", [tensor])
+    finally:
+        client.close()
+    (output,) = result.get_response()["outputs"]
+    assert output["datatype"] == "BF16"
+    got = result.as_numpy(output["name"])
+    assert got is not None
+    torch.manual_seed(2)
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16).eval()
+    with torch.inference_mode():
+        want = model(torch.tensor(rows.astype(np.float32)).to(torch.bfloat16)).float().numpy()
+    np.testing.assert_array_equal(got.astype(np.float32), want)

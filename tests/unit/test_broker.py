@@ -168,7 +168,7 @@ async def test_without_heartbeat_ms_a_worker_keeps_the_brokers_interval() -> Non
     ("ready", "reason"),
     [
         ({"model": {"name": "not a name!"}}, "invalid READY: model name 'not a name!' is not"),
-        ({"model": {"name": "m", "max_batch_size": 0}}, "invalid READY: max_batch_size of 'm'"),
+        ({"model": {"name": "m", "max_batch_size": -1}}, "invalid READY: max_batch_size of 'm'"),
         ({"model": None}, "invalid READY: "),
         ({"pid": "many"}, "invalid READY: header of READY: Expected `int`, got `str` - at `$.pid`"),
         ({"heartbeat_ms": "fast"}, "Expected `float | null`, got `str` - at `$.heartbeat_ms`"),
