@@ -83,6 +83,12 @@ class Runtime:
         """One output per item of ``batch`` (a stacked array, or a list of inputs)."""
         raise NotImplementedError
 
+    def predict_with_params(self, batch: Any, params: list[dict[str, Any]]) -> Outputs:
+        """:meth:`predict` with each item's request parameters (one dict per item), for a
+        model whose announced spec says ``takes_params``; the gateway sends parameters to no
+        other model (it answers such requests 400)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no request parameters")
+
     def describe(self) -> dict[str, Any]:
         """What ``GET /models`` shows about this runtime once a worker loaded it (e.g. which
         path a pipeline takes)."""

@@ -71,7 +71,12 @@ class PythonRuntime(Runtime):
         self._loop = asyncio.new_event_loop() if model.spec.is_async else None
 
     def predict(self, batch: Any) -> Outputs:
-        result = self.model.fn(batch)
+        return self._outputs(self.model.fn(batch))
+
+    def predict_with_params(self, batch: Any, params: list[dict[str, Any]]) -> Outputs:
+        return self._outputs(self.model.fn(batch, params))
+
+    def _outputs(self, result: Any) -> Outputs:
         if self._loop is not None:
             result = self._loop.run_until_complete(result)
         outputs: Outputs = result  # the worker checks it is one output per input
@@ -87,6 +92,7 @@ class PythonRuntime(Runtime):
             super().announced_spec(declared),
             batch_input=found.batch_input,
             is_async=found.is_async,
+            takes_params=found.takes_params,
         )
 
 

@@ -80,6 +80,11 @@ def transpose(batch: list[list[list[float]]]) -> list[list[list[float]]]:
 
 
 @ketch.model
+def tagged(texts: list[str], params: list[dict]) -> list[str]:
+    return [f"{text}|{sorted(p.items())}" for text, p in zip(texts, params)]
+
+
+@ketch.model
 def slow(xs: list[float]) -> list[float]:
     RELEASE.wait(2.0)  # longer than the deadlines the tests give it
     return xs
@@ -225,6 +230,56 @@ def test_a_model_without_a_batch_axis_takes_tensors_whole(
     (output,) = answer.json()["outputs"]
     assert output["shape"] == [3, 2]
     assert output["data"] == m.T.ravel().tolist()
+
+
+def test_request_parameters_reach_a_model_that_takes_them(
+    client: triton.InferenceServerClient, server: KetchServer
+) -> None:
+    texts = triton.InferInput("input_0", [2], "BYTES")
+    texts.set_data_from_numpy(np.array(["a", "b"], dtype=np.object_))
+    tagged = client.infer("tagged", [texts], parameters={"lang": "fr", "n": 3}).as_numpy("output_0")
+    assert tagged is not None
+    assert tagged.tolist() == [b"a|[('lang', 'fr'), ('n', 3)]", b"b|[('lang', 'fr'), ('n', 3)]"]
+    # Over REST as well, and with none (an empty dict) on ketch's own route.
+    http = triton_http.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        rest = triton_http.InferInput("input_0", [1], "BYTES")
+        rest.set_data_from_numpy(np.array(["c"], dtype=np.object_))
+        answered = http.infer("tagged", [rest], parameters={"lang": "en"}).as_numpy("output_0")
+        assert answered is not None
+        assert answered.tolist() == [b"c|[('lang', 'en')]"]
+        # A model that takes no parameters refuses them, naming them, over both protocols.
+        shout = triton_http.InferInput("input_0", [1], "BYTES")
+        shout.set_data_from_numpy(np.array(["x"], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as refused:
+            http.infer("shout", [shout], parameters={"my_param": 1})
+        assert "takes no request parameters, got ['my_param']" in refused.value.message()
+    finally:
+        http.close()
+    with pytest.raises(InferenceServerException) as refused_grpc:
+        client.infer("shout", [texts], parameters={"my_param": 1})
+    assert refused_grpc.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert server.predict("tagged", {"input": "d"}).json()["output"] == "d|[]"
+
+
+def test_class_count_gives_the_top_classes(
+    client: triton.InferenceServerClient, server: KetchServer
+) -> None:
+    x = np.array([[0.5, 3.0, 1.0], [2.0, -1.0, 0.0]], dtype=np.float32)
+    asked = [triton.InferRequestedOutput("y", class_count=2)]
+    classes = client.infer("scale", [_fp32_input("x", x)], outputs=asked).as_numpy("y")
+    assert classes is not None
+    assert classes.tolist() == [[b"6.000000:1", b"2.000000:2"], [b"4.000000:0", b"0.000000:2"]]
+    http = triton_http.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        tensor = triton_http.InferInput("x", [2, 3], "FP32")
+        tensor.set_data_from_numpy(x)
+        rest_asked = [triton_http.InferRequestedOutput("y", class_count=1, binary_data=False)]
+        top = http.infer("scale", [tensor], outputs=rest_asked).as_numpy("y")
+        assert top is not None
+        assert top.tolist() == [["6.000000:1"], ["4.000000:0"]]
+    finally:
+        http.close()
 
 
 def test_outputs_json_cannot_carry_travel_raw(client: triton.InferenceServerClient) -> None:
@@ -448,6 +503,7 @@ def test_statistics_count_what_was_served(
         "reverse",
         "brain",
         "transpose",
+        "tagged",
         "slow",
     }
     everything = server.client.get("/v2/models/stats").json()["model_stats"]

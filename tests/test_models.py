@@ -416,6 +416,7 @@ def test_spec_to_dict_is_plain_data() -> None:
         "max_batch_size": 4,
         "batch_input": "list",
         "is_async": False,
+        "takes_params": False,
         "max_delay_ms": 0.0,
         "slo_ms": None,
         "max_queue": 4096,

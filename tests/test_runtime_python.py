@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -14,14 +14,15 @@ import ketch
 from ketch.errors import BatchInputError, BatchOutputError
 from ketch.runtimes.python import PythonRuntime
 from ketch.specs.models import Model
-from ketch.types import Predict
+from ketch.types import Outputs
 from ketch.worker.predict import batch_predict, checked_outputs
 
 
-def worker_predict(model: Model[..., Any]) -> Predict:
+def worker_predict(model: Model[..., Any]) -> Callable[[list[Any]], Outputs]:
     """What a worker serving ``model`` calls on each batch: its python runtime, wrapped."""
     runtime = PythonRuntime.of(model)
-    return batch_predict(runtime, runtime.announced_spec(None))
+    predict = batch_predict(runtime, runtime.announced_spec(None))
+    return lambda inputs: predict(inputs, None)  # a batch without request parameters
 
 
 @pytest.fixture

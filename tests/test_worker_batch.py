@@ -29,13 +29,16 @@ def reply_of(frames: Sequence[Frame]) -> Message:
 
 
 def worker_predict(model: Any) -> Any:
-    """The batch predict function a worker builds for a decorated ``model``."""
+    """The batch predict function a worker builds for a decorated ``model``, as ``run`` takes
+    it: of the inputs alone (no request parameters)."""
     runtime = PythonRuntime.of(model)
-    return batch_predict(runtime, runtime.announced_spec(None))
+    predict = batch_predict(runtime, runtime.announced_spec(None))
+    return lambda inputs: predict(inputs, None)
 
 
 def run(predict: Any, inputs: Any, batch_id: int = 7) -> Message:
-    return reply_of(run_batch(request(batch_id, inputs), predict, LABEL))
+    """``predict(inputs)`` run as the worker runs a REQUEST without parameters."""
+    return reply_of(run_batch(request(batch_id, inputs), lambda x, _params: predict(x), LABEL))
 
 
 # --- REPLY -----------------------------------------------------------------------------------
@@ -200,3 +203,20 @@ def test_a_failed_batch_does_not_affect_the_next() -> None:
     second = run(flaky, [2], batch_id=2)
     assert second.command is Command.REPLY
     assert (second.header["id"], second.header["outputs"]) == (2, [2])
+
+
+def test_request_parameters_reach_a_function_that_takes_them() -> None:
+    @ketch.model
+    def tag(texts: list[str], params: list[dict[str, Any]]) -> list[str]:
+        return [f"{text}:{p.get('lang', '-')}" for text, p in zip(texts, params, strict=True)]
+
+    runtime = PythonRuntime.of(tag)
+    spec = runtime.announced_spec(None)
+    assert spec.takes_params
+    predict = batch_predict(runtime, spec)
+    frames = encode(
+        Command.REQUEST, {"id": 3, "inputs": ["a", "b"], "params": [{"lang": "fr"}, {}]}
+    )
+    message = reply_of(run_batch([bytes(f) for f in frames], predict, LABEL))
+    assert message.command is Command.REPLY
+    assert message.header["outputs"] == ["a:fr", "b:-"]

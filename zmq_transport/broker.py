@@ -289,7 +289,11 @@ class Broker(Generic[M]):
         return iter(list(self._workers.values()))
 
     def send_batch(
-        self, worker: WorkerInfo[M], batch_id: int, inputs: Sequence[Any] | np.ndarray
+        self,
+        worker: WorkerInfo[M],
+        batch_id: int,
+        inputs: Sequence[Any] | np.ndarray,
+        params: list[dict[str, Any]] | None = None,
     ) -> bool:
         """Send one REQUEST; False when it cannot be delivered, in which case the worker is
         dropped from the event loop right after (its loss is reported then, not from here).
@@ -297,7 +301,10 @@ class Broker(Generic[M]):
         :raises ValueError: the inputs cannot be encoded (nothing was sent).
         """
         try:
-            frames = encode(Command.REQUEST, {"id": batch_id, "inputs": inputs})
+            header: dict[str, Any] = {"id": batch_id, "inputs": inputs}
+            if params is not None:
+                header["params"] = params
+            frames = encode(Command.REQUEST, header)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"inputs cannot be sent to {worker.spec.label()}: {exc}") from exc
         return self._send_frames(worker.identity, frames)

@@ -73,7 +73,8 @@ ZERO_COPY_MIN_BYTES = 64 * 1024
 #: One output per input of a batch: a list, or an array whose first axis is the batch.
 Outputs: TypeAlias = "list[Any] | tuple[Any, ...] | np.ndarray[Any, Any]"
 #: A worker's batch predict function: the inputs of one REQUEST to the outputs of its REPLY.
-Predict: TypeAlias = Callable[[list[Any]], Outputs]
+#: A batch's inputs and, for a model that takes them, each item's request parameters.
+Predict: TypeAlias = Callable[[list[Any], list[dict[str, Any]] | None], Outputs]
 
 
 class Command(bytes, enum.Enum):
@@ -151,6 +152,8 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     #: One entry per input of the batch: a list, or an array whose first axis is the batch.
     inputs: Any
+    #: Each input's request parameters, for a model that takes them; else None.
+    params: list[dict[str, Any]] | None = None
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True):

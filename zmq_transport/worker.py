@@ -105,7 +105,7 @@ def run_batch(frames: Sequence[bytes], predict: Predict, label: str) -> list[Fra
     batch_id = request.id
     started = time.perf_counter()
     try:
-        outputs = predict(request.inputs)
+        outputs = predict(request.inputs, request.params)
     except BatchError as exc:
         return _error(batch_id, exc.kind, exc)
     except Exception as exc:

@@ -28,7 +28,13 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ketch.grpc.tensors import infer_response, input_tensors, parameters_of
 from ketch.http.auth import Needs, TokenGuard, bearer_token
-from ketch.inference.calls import InferCall, infer, timeout_ms_of_parameters
+from ketch.inference.calls import (
+    InferCall,
+    class_count_of,
+    infer,
+    model_parameters,
+    timeout_ms_of_parameters,
+)
 from ketch.inference.extensions import model_config, statistics
 from ketch.inference.metadata import ModelReadiness, model_metadata, server_metadata
 from ketch.observability.metrics import Metrics
@@ -194,7 +200,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
                 remaining_ms = max(remaining_s * 1000, 0.001)
                 timeout_ms = remaining_ms if timeout_ms is None else min(timeout_ms, remaining_ms)
             requested = [o.name for o in request.outputs] or None
-            outputs = await infer(queue, self._deadlines, InferCall(tensors, requested, timeout_ms))
+            classifications = {}
+            for output in request.outputs:
+                if "classification" in output.parameters:
+                    count = parameters_of(output.parameters)["classification"]
+                    classifications[output.name] = class_count_of(output.name, count)
+            call = InferCall(
+                tensors, requested, timeout_ms, model_parameters(parameters), classifications
+            )
+            outputs = await infer(queue, self._deadlines, call)
             status = 200
             return infer_response(model, version, request.id, outputs)
         except PredictionError as exc:

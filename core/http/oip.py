@@ -44,7 +44,9 @@ from ketch.http.oip_shapes import InferRequest
 from ketch.inference.calls import (
     InferCall,
     OutputTensor,
+    class_count_of,
     infer,
+    model_parameters,
     timeout_ms_of_parameters,
 )
 from ketch.inference.extensions import model_config, statistics
@@ -117,7 +119,13 @@ class OpenInference:
         timeout_ms = timeout_ms_of(
             timeout_ms_of_parameters(body.parameters), request.headers.get(TIMEOUT_HEADER)
         )
-        call = InferCall(tensors, _requested(body), timeout_ms)
+        call = InferCall(
+            tensors,
+            _requested(body),
+            timeout_ms,
+            model_parameters(body.parameters),
+            _classifications(body),
+        )
         outputs = await infer(queue, self.deadlines, call)
         answer = _answer(queue, body, outputs)
         encoding = chosen_encoding(request.headers.get("accept-encoding"))
@@ -173,6 +181,16 @@ def _requested(body: InferRequest) -> list[str] | None:
     if isinstance(body.outputs, UnsetType):
         return None
     return [output.name for output in body.outputs]
+
+
+def _classifications(body: InferRequest) -> dict[str, int]:
+    if isinstance(body.outputs, UnsetType):
+        return {}
+    return {
+        o.name: class_count_of(o.name, o.parameters["classification"])
+        for o in body.outputs
+        if "classification" in o.parameters
+    }
 
 
 def _goes_binary(body: InferRequest) -> Callable[[str], bool]:

@@ -13,7 +13,7 @@ a 500.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,11 +38,18 @@ class InferCall:
         model has none).
     :param outputs: the outputs asked for, by name; None for all of them.
     :param timeout_ms: the request's own timeout, if it gave one.
+    :param parameters: the request's parameters for the model (:func:`model_parameters`):
+        each item takes them to a model whose function takes ``params``; any other model
+        refuses them (a 400 naming them, never dropped).
+    :param classifications: outputs asked for as their top classes (Triton's classification
+        extension, ``class_count``), by name.
     """
 
     inputs: dict[str, np.ndarray]
     outputs: list[str] | None = None
     timeout_ms: float | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    classifications: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +71,62 @@ async def infer(queue: ModelQueue, deadlines: Deadlines, call: InferCall) -> lis
         _check_batch(inputs)
     else:
         inputs = {name: array[np.newaxis] for name, array in inputs.items()}
+    params = call.parameters or None
+    if params and not queue.spec.takes_params:
+        raise PredictionError(
+            400,
+            f"model {queue.spec.label()!r} takes no request parameters, got "
+            f"{sorted(params)}; a model takes them with a second argument, params",
+            **queue.labels(),
+        )
     items = _items(queue, inputs)
     deadline = deadlines.deadline(call.timeout_ms, queue.spec.slo_ms)
-    outputs = await predict(queue, items, deadline)
+    outputs = await predict(queue, items, deadline, params)
     tensors = _output_tensors(queue, list(outputs), call.outputs)
+    if call.classifications:
+        tensors = [_classified(queue, t, call.classifications.get(t.name)) for t in tensors]
     if not queue.spec.has_batch_axis:
         return [OutputTensor(t.name, t.datatype, t.array[0]) for t in tensors]
     return tensors
+
+
+#: Request parameters ketch reads itself (the deadline, how outputs travel), not the model's.
+OWN_PARAMETERS = frozenset({"timeout", "binary_data_output"})
+
+
+def model_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """A request's parameters that are the model's: all but :data:`OWN_PARAMETERS`."""
+    return {k: v for k, v in parameters.items() if k not in OWN_PARAMETERS}
+
+
+def class_count_of(name: str, value: Any) -> int:
+    """An output's ``classification`` parameter (Triton's ``class_count``), checked."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PredictionError(
+            400, f"output {name!r}: 'classification' must be a class count >= 1, got {value!r}"
+        )
+    return value
+
+
+def _classified(queue: ModelQueue, tensor: OutputTensor, count: int | None) -> OutputTensor:
+    """``tensor`` as Triton's classification extension gives it: per item, its ``count``
+    largest values as ``"value:index"`` text, largest first (index into the item, flattened)."""
+    if count is None:
+        return tensor
+    if tensor.datatype == "BYTES":
+        raise PredictionError(
+            400,
+            f"output {tensor.name!r} of model {queue.spec.label()!r} is BYTES: it has no "
+            "classes to rank",
+            **queue.labels(),
+        )
+    # The batch axis is there still (a model without one has it until infer takes it off).
+    rows = tensor.array.reshape(len(tensor.array), -1).astype(np.float64)
+    top = np.argsort(-rows, axis=1, kind="stable")[:, :count]
+    labels = [
+        [f"{row[i]:f}:{int(i)}" for i in indices] for row, indices in zip(rows, top, strict=True)
+    ]
+    return OutputTensor(tensor.name, "BYTES", np.asarray(labels, dtype=np.str_))
 
 
 def _check_batch(tensors: Mapping[str, np.ndarray]) -> None:

@@ -46,12 +46,18 @@ class Deadlines:
         return Deadline(time.monotonic() + budget_s, budget_s)
 
 
-async def predict(queue: ModelQueue, inputs: list[Any], deadline: Deadline) -> Outputs:
+async def predict(
+    queue: ModelQueue,
+    inputs: list[Any],
+    deadline: Deadline,
+    params: dict[str, Any] | None = None,
+) -> Outputs:
     """The outputs for ``inputs``, one each, from the cache or the model's workers, by
-    ``deadline`` (see :class:`Deadlines`)."""
+    ``deadline`` (see :class:`Deadlines`); ``params`` go with each input to a model that
+    takes them (and past the cache, whose keys are the inputs alone)."""
     cache = queue.cache
-    if cache is None:
-        return await queue.submit(_batchable(queue, inputs), deadline)
+    if cache is None or params:
+        return await queue.submit(_batchable(queue, inputs), deadline, params)
     looked_up = time.perf_counter()
     keys = [input_key(x) for x in inputs]
     outputs: list[Any] = [None] * len(inputs)

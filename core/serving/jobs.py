@@ -54,6 +54,7 @@ class Job:
     """The inputs of one request and the future its handler awaits.
 
     :param deadline: by when it must be answered (or get a 504).
+    :param params: the request's parameters, for a model that takes them.
     """
 
     __slots__ = (
@@ -64,15 +65,23 @@ class Job:
         "dispatched",
         "future",
         "inputs",
+        "params",
         "queued",
         "remaining",
         "timer",
     )
 
     def __init__(
-        self, inputs: Inputs, future: asyncio.Future[Outputs], arrived: float, deadline: Deadline
+        self,
+        inputs: Inputs,
+        future: asyncio.Future[Outputs],
+        arrived: float,
+        deadline: Deadline,
+        params: dict[str, Any] | None = None,
     ) -> None:
         self.inputs = inputs
+        #: The request's parameters, which each of its inputs takes to a model that takes them.
+        self.params = params
         self.future = future
         self.arrived = arrived
         self.deadline = deadline

@@ -132,14 +132,17 @@ class ModelQueue:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, inputs: Inputs, deadline: Deadline) -> asyncio.Future[Outputs]:
-        """Queue a request's inputs; the future resolves to one output per input, or fails
-        with a :class:`PredictionError` (429 when the queue is full, 504 at ``deadline``).
+    def submit(
+        self, inputs: Inputs, deadline: Deadline, params: dict[str, Any] | None = None
+    ) -> asyncio.Future[Outputs]:
+        """Queue a request's inputs (with its ``params``, for a model that takes them); the
+        future resolves to one output per input, or fails with a :class:`PredictionError`
+        (429 when the queue is full, 504 at ``deadline``).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         now = time.monotonic()
-        job = Job(inputs, future, now, deadline)
+        job = Job(inputs, future, now, deadline, params)
         if self.removed_because is not None:
             job.fail(refusals.removed(self.spec, self.removed_because))
             return future
@@ -393,9 +396,13 @@ class ModelQueue:
             inputs = np.concatenate([part.inputs() for part in parts])
         else:
             inputs = [x for part in parts for x in part.inputs()]
+        params = None
+        if self.spec.takes_params:
+            # Every input its request's parameters (none: an empty dict), in batch order.
+            params = [part.job.params or {} for part in parts for _ in range(part.size)]
         batch_id = self._next_batch_id()
         try:
-            delivered = self._sink.send_batch(worker.info, batch_id, inputs)
+            delivered = self._sink.send_batch(worker.info, batch_id, inputs, params)
         except ValueError as exc:
             self._fail(parts, refusals.unsendable(self.spec, str(exc)))
             return

@@ -23,8 +23,15 @@ Worker: TypeAlias = WorkerInfo[ModelSpec]
 class BatchSink(Protocol):
     """What a model queue needs to hand a batch to one of its workers."""
 
-    def send_batch(self, worker: Worker, batch_id: int, inputs: Inputs) -> bool:
-        """Send one batch; False when it cannot be delivered.
+    def send_batch(
+        self,
+        worker: Worker,
+        batch_id: int,
+        inputs: Inputs,
+        params: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Send one batch (with each input's request parameters, for a model that takes
+        them); False when it cannot be delivered.
 
         :raises ValueError: the inputs cannot be encoded for the wire (nothing was sent).
         """

@@ -19,13 +19,26 @@ from ketch.specs.signature import TensorSpec
 BatchInput = Literal["list", "numpy"]
 
 
+def takes_params(func: Callable[..., Any]) -> bool:
+    """Whether the function takes each item's request parameters: a second positional
+    parameter named ``params`` (``def predict(batch, params)``)."""
+    try:
+        parameters = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return (
+        len(parameters) >= 2 and parameters[1].name == "params" and parameters[1].kind in positional
+    )
+
+
 def require_batch_parameter(func: Callable[..., Any]) -> None:
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):
         return  # builtins without a signature: trust the caller
     try:
-        signature.bind(None)
+        signature.bind(None, None) if takes_params(func) else signature.bind(None)
     except TypeError as exc:
         raise TypeError(
             f"model function {func.__qualname__}{signature} must accept the batch as its one "

@@ -23,6 +23,7 @@ from ketch.specs.function_hints import (
     declared_tensors,
     hinted_tensors,
     require_batch_parameter,
+    takes_params,
 )
 from ketch.specs.resources import Resources
 from ketch.specs.signature import TensorSpec
@@ -166,6 +167,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
         worker (and a worker that keeps stalling is dropped); None derives it from the batch
         times the queue observed.
     :param is_async: whether the function is ``async def``.
+    :param takes_params: whether the function takes each item's request parameters as a
+        second argument, ``params`` (a list of dicts, one per item); a request with parameters
+        to a model that does not is a 400.
     :param pool: how many workers serve it, and when.
     :param resources: what each worker may use (cores, memory, threads, GPUs).
     :param start: how its workers start (a preloaded template, another interpreter).
@@ -188,6 +192,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_input: BatchInput = "list"
     is_async: bool = False
+    takes_params: bool = False
     max_delay_ms: float = 0.0
     slo_ms: float | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
@@ -258,6 +263,7 @@ def validated_spec(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     batch_input: BatchInput = "list",
     is_async: bool = False,
+    takes_params: bool = False,
     max_delay_ms: float = 0.0,
     slo_ms: float | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
@@ -316,6 +322,7 @@ def validated_spec(
         max_batch_size=max_batch_size,
         batch_input=batch_input,
         is_async=bool(is_async),
+        takes_params=bool(takes_params),
         max_delay_ms=float(max_delay_ms),
         slo_ms=float(slo_ms) if slo_ms is not None else None,
         max_queue=max_queue,
@@ -501,6 +508,7 @@ def model(
             stall_timeout_s=stall_timeout_s,
             batch_input=batch_input,
             is_async=inspect.iscoroutinefunction(func),
+            takes_params=takes_params(func),
             pool=pool,
             resources=resources,
             start=start,

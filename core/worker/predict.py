@@ -23,9 +23,15 @@ def batch_predict(runtime: Runtime, spec: ModelSpec) -> Predict:
     label = spec.label()
     numpy_batches = spec.batch_input == "numpy"
 
-    def predict(inputs: list[Any]) -> Outputs:
+    def predict(inputs: list[Any], params: list[dict[str, Any]] | None) -> Outputs:
         batch = stack(inputs, label) if numpy_batches else inputs
-        return checked_outputs(runtime.predict(batch), len(inputs), label)
+        if params is None:
+            return checked_outputs(runtime.predict(batch), len(inputs), label)
+        if len(params) != len(inputs):
+            raise BatchInputError(
+                f"model {label!r}: {len(params)} parameter sets for {len(inputs)} inputs"
+            )
+        return checked_outputs(runtime.predict_with_params(batch, params), len(inputs), label)
 
     return predict
 

@@ -75,6 +75,8 @@ class Sent:
     worker: Worker
     batch_id: int
     inputs: Inputs
+    #: Each input's request parameters, sent for a model that takes them.
+    params: list[dict[str, Any]] | None = None
 
 
 class FakeSink:
@@ -154,11 +156,17 @@ class FakeSink:
 
     # -- the WorkerLink protocol -------------------------------------------------------------
 
-    def send_batch(self, worker: Worker, batch_id: int, inputs: Inputs) -> bool:
+    def send_batch(
+        self,
+        worker: Worker,
+        batch_id: int,
+        inputs: Inputs,
+        params: list[dict[str, Any]] | None = None,
+    ) -> bool:
         why = self._unencodable.get(worker.identity)
         if why is not None:
             raise ValueError(why)
-        batch = Sent(worker, batch_id, inputs)
+        batch = Sent(worker, batch_id, inputs, params)
         if worker.identity in self._refusing:
             self.refused.append(batch)
             if worker.identity in self._workers:

@@ -105,6 +105,26 @@ async def test_requests_waiting_for_a_busy_worker_share_batches_up_to_max_batch_
 
 
 @in_loop
+async def test_each_input_takes_its_requests_parameters_to_a_model_that_takes_them() -> None:
+    queue, sink, _ = new_queue(max_batch_size=4, takes_params=True)
+    worker = make_worker(queue.spec)
+    queue.add_worker(worker)
+    first = queue.submit(["a"], within(), {"lang": "fr"})
+    waiting = [queue.submit(["b", "c"], within()), queue.submit(["d"], within(), {"n": 1})]
+    assert sink.sent[0].params == [{"lang": "fr"}]
+    queue.batch_replied(worker, sink.sent[0].batch_id, ["A"])
+    assert sink.sent[1].inputs == ["b", "c", "d"]
+    assert sink.sent[1].params == [{}, {}, {"n": 1}]  # none given: an empty dict each
+    queue.batch_replied(worker, sink.sent[1].batch_id, ["B", "C", "D"])
+    assert await first == ["A"]
+    assert await asyncio.gather(*waiting) == [["B", "C"], ["D"]]
+    plain, plain_sink, _ = new_queue()
+    plain.add_worker(make_worker(plain.spec))
+    plain.submit(["x"], within())
+    assert plain_sink.sent[0].params is None  # a model that takes none is sent none
+
+
+@in_loop
 async def test_a_request_larger_than_max_batch_size_is_split_and_answered_in_order() -> None:
     queue, sink, metrics = new_queue(max_batch_size=2)
     worker = make_worker(queue.spec, capacity=3)
