@@ -20,6 +20,7 @@ from ketch.pools.supervisor import LocalWorkers
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import Worker
+from ketch.serving.status import idle_local_workers
 from ketch.specs.models import ModelSpec, PoolSpec
 
 #: How often workers' resident memory is compared with their model's ``memory_mb``.
@@ -146,7 +147,7 @@ class PoolManager:
 
     def _scale_down(self, queue: ModelQueue, count: int, current: int) -> None:
         spec = queue.spec
-        retired = queue.idle_workers(count, local_pids=self._workers.pids(spec))
+        retired = idle_local_workers(queue, count, local_pids=self._workers.pids(spec))
         for worker in retired:
             self._workers.retire(worker.pid)
             self._dispatcher.retire(

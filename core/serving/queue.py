@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -284,16 +283,6 @@ class ModelQueue:
             self._cold_timer = asyncio.get_running_loop().call_later(
                 min(later) - now, self._expire_cold_starts
             )
-
-    def idle_workers(self, count: int, local_pids: set[int]) -> list[Worker]:
-        """Up to ``count`` local workers with no batch in flight, to be scaled down."""
-        hostname = socket.gethostname()
-        idle = [
-            w.info
-            for w in self._workers.values()
-            if not w.batches and w.info.pid in local_pids and w.info.host == hostname
-        ]
-        return idle[:count]
 
     @property
     def abandoned(self) -> bool:

@@ -4,6 +4,7 @@ metrics read it at scrape time: :class:`ModelStatus`, built from its queue by :f
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -14,6 +15,7 @@ from msgspec import Meta
 
 from ketch.observability.metrics import QueueSample
 from ketch.serving.queue import ModelQueue
+from ketch.serving.sink import Worker
 from ketch.specs.models import BatchInput, PoolSpec, WorkerStart
 from ketch.specs.resources import Resources
 from ketch.specs.signature import TensorSpec
@@ -233,3 +235,14 @@ def sample(queue: ModelQueue) -> QueueSample:
         expired=queue.expired,
         cache=(cache.hits, cache.misses) if cache is not None else None,
     )
+
+
+def idle_local_workers(queue: ModelQueue, count: int, local_pids: set[int]) -> list[Worker]:
+    """Up to ``count`` of ``queue``'s local workers with no batch in flight, to scale down."""
+    hostname = socket.gethostname()
+    idle = [
+        slot.info
+        for slot in queue.worker_slots()
+        if not slot.batches and slot.info.pid in local_pids and slot.info.host == hostname
+    ]
+    return idle[:count]
