@@ -17,6 +17,7 @@ import ketch
 from ketch.http import admin_shapes as admin
 from ketch.http import oip_shapes as oip
 from ketch.http import shapes
+from ketch.http import v1_shapes as v1
 from ketch.http.auth import OPEN_PATHS, is_admin_path
 from ketch.http.openapi_admin import admin_operations, deploy_operations
 from ketch.http.openapi_parts import (
@@ -31,6 +32,44 @@ from ketch.http.openapi_parts import (
 )
 from ketch.inference.extensions import ModelConfig, Statistics
 from ketch.inference.metadata import ModelMetadata, ModelReadiness, ServerMetadata
+
+
+def _v1_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """KServe V1 / TensorFlow Serving's status and predict operations of one model path."""
+    return {
+        "": {
+            "get": {
+                "summary": "Whether the model can serve (KServe V1 and TensorFlow Serving).",
+                "parameters": parameters,
+                "responses": {
+                    **answers_of("The model is ready.", schema_ref(v1.V1ModelStatus), 404),
+                    "503": {
+                        "description": "The model cannot serve.",
+                        "content": {JSON_TYPE: {"schema": schema_ref(v1.V1ModelStatus)}},
+                    },
+                },
+            }
+        },
+        ":predict": {
+            "post": {
+                "summary": "Predict on instances (row format) or inputs (columnar format).",
+                "parameters": [*parameters, TIMEOUT_PARAM],
+                "requestBody": request_body(v1.V1PredictRequest),
+                "responses": {
+                    **answers_of(
+                        "The predictions (for instances).",
+                        {"oneOf": [schema_ref(v1.V1Predictions), schema_ref(v1.V1Outputs)]},
+                        400,
+                        404,
+                        429,
+                        500,
+                        503,
+                        504,
+                    ),
+                },
+            }
+        },
+    }
 
 
 def _v2_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -291,6 +330,12 @@ def document() -> dict[str, Any]:
         ("/v2/models/{name}/versions/{version}", [NAME_PARAM, VERSION_PARAM]),
     ):
         for suffix, operations in _v2_model_operations(parameters).items():
+            paths[prefix + suffix] = operations
+    for prefix, parameters in (
+        ("/v1/models/{name}", [NAME_PARAM]),
+        ("/v1/models/{name}/versions/{version}", [NAME_PARAM, VERSION_PARAM]),
+    ):
+        for suffix, operations in _v1_model_operations(parameters).items():
             paths[prefix + suffix] = operations
     paths.update(admin_operations())
     paths.update(deploy_operations())

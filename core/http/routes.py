@@ -59,6 +59,7 @@ from ketch.http.endpoints import (
 from ketch.http.limits import DEFAULT_MAX_BODY_BYTES
 from ketch.http.oip import OpenInference
 from ketch.http.shapes import AppRequest, FeedbackRequest, PredictRequest
+from ketch.http.v1 import V1Routes
 from ketch.serving.admission import Deadlines, predict
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
@@ -116,6 +117,7 @@ class Gateway:
                 *OpenInference(self.dispatcher, self.deadlines, self._max_body_bytes).routes(
                     endpoints
                 ),
+                *V1Routes(self.dispatcher, self.deadlines).routes(endpoints),
                 route("/metrics", self.dispatcher.metrics.endpoint, ["GET"]),
                 route("/openapi.json", self.openapi, ["GET"]),
                 *self._admin.routes(endpoints),
