@@ -27,6 +27,7 @@ from ketch.http.admin import Admin
 from ketch.http.auth import TokenGuard, Tokens
 from ketch.http.deployments import DEFAULT_MAX_DEPLOY_BYTES, UPLOAD_PATH, DeploymentRoutes
 from ketch.http.limits import HttpLimits
+from ketch.http.repository import ModelControl, Repository
 from ketch.http.routes import Gateway
 from ketch.http.server import bind_tcp, serve_asgi
 from ketch.observability import events
@@ -89,6 +90,8 @@ class ServeOptions:
         stop (``--max-body-mb``, ``--read-timeout``, ``--shutdown-grace``).
     :param grpc_port: the port of the Open Inference Protocol over gRPC, on ``host``
         (Triton's 8001 by default; 0 picks a free one; None turns gRPC off).
+    :param model_control: ``explicit`` lets clients load and unload models through Triton's
+        model repository extension; ``none`` refuses it (:mod:`ketch.http.repository`).
     """
 
     source: str | None
@@ -112,6 +115,7 @@ class ServeOptions:
     broker_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     http: HttpLimits = field(default_factory=HttpLimits)
     grpc_port: int | None = DEFAULT_GRPC_PORT
+    model_control: ModelControl = "none"
 
     def __post_init__(self) -> None:
         if self.workers_per_model < 0:
@@ -261,17 +265,6 @@ async def serve(
         deployer = Deployer(
             store, environments, plugins, pools, dispatcher, report, options.workers_per_model
         )
-        await deployer.restore()
-        if grpc_server is not None:
-            service = InferenceService(
-                dispatcher, deadlines, TokenGuard(tokens), dispatcher.metrics
-            )
-            await grpc_server.start(service)
-            report(events.grpc_listening(grpc_server.address))
-        pools.start()
-        report.is_ready = dispatcher.settled
-        report.announce_if_ready()
-        apps.start()
         admin = Admin(
             dispatcher,
             pools,
@@ -282,11 +275,30 @@ async def serve(
             options.workers_per_model,
             on_roll=deployer.rolled,
         )
+        repository = Repository(dispatcher, admin, options.model_control)
+        await deployer.restore()
+        if grpc_server is not None:
+            service = InferenceService(
+                dispatcher, deadlines, TokenGuard(tokens), dispatcher.metrics, repository
+            )
+            await grpc_server.start(service)
+            report(events.grpc_listening(grpc_server.address))
+        pools.start()
+        report.is_ready = dispatcher.settled
+        report.announce_if_ready()
+        apps.start()
         deployments = DeploymentRoutes(
             deployer, admin, options.max_deploy_bytes, options.http.read_timeout_s
         )
         app = Gateway(
-            dispatcher, apps, deadlines, admin, deployments, tokens, options.http.max_body_bytes
+            dispatcher,
+            apps,
+            deadlines,
+            admin,
+            deployments,
+            tokens,
+            repository,
+            options.http.max_body_bytes,
         ).app()
         # What was built at start lives as long as the server: out of the collector's
         # generations, the collections requests cause walk only what requests allocate.

@@ -109,6 +109,7 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "host",
         "port",
         "grpc_port",
+        "model_control",
         "broker",
         "workers_per_model",
         "request_timeout",

@@ -99,7 +99,13 @@ def test_health_and_server_metadata(client: triton.InferenceServerClient) -> Non
     assert client.get_server_metadata() == {
         "name": "ketch",
         "version": ketch.__version__,
-        "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
+        "extensions": [
+            "binary_tensor_data",
+            "classification",
+            "model_configuration",
+            "model_repository",
+            "statistics",
+        ],
     }
 
 

@@ -17,6 +17,7 @@ from ketch.http.admin import Admin
 from ketch.http.auth import Tokens
 from ketch.http.deployments import DeploymentRoutes
 from ketch.http.openapi import document
+from ketch.http.repository import Repository
 from ketch.http.routes import Gateway
 from ketch.plugin_manager import load_plugins
 from ketch.pools.scaling import PoolManager
@@ -42,7 +43,8 @@ def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:
         store, Environments(store.envs), plugins, pools, dispatcher, lambda event: None
     )
     deployments = DeploymentRoutes(deployer, admin, 2**20, 30.0)
-    gateway = Gateway(dispatcher, apps, Deadlines(60.0), admin, deployments, Tokens())
+    repository = Repository(dispatcher, admin, "none")
+    gateway = Gateway(dispatcher, apps, Deadlines(60.0), admin, deployments, Tokens(), repository)
     served = set()
     for route in gateway.app().routes:
         assert isinstance(route, Route)

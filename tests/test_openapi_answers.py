@@ -59,6 +59,9 @@ def _requests(folder: Path) -> list[tuple[str, str, Any]]:
         ("GET", "/v2", None),
         ("GET", "/v2/health/live", None),
         ("GET", "/v2/health/ready", None),
+        ("POST", "/v2/repository/index", {}),
+        ("POST", "/v2/repository/models/plus_one/load", {}),  # refused: --model-control none
+        ("POST", "/v2/repository/models/plus_one/unload", {}),
         ("GET", "/v1/models/plus_one", None),
         ("GET", "/v1/models/plus_one/versions/1", None),
         ("POST", "/v1/models/plus_one:predict", {"instances": [1, 2]}),

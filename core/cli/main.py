@@ -153,6 +153,13 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         help="HTTP port, 0 for any free port (default %(default)s)",
     )
     serve_cmd.add_argument(
+        "--model-control",
+        choices=["none", "explicit"],
+        default="none",
+        help="explicit lets clients load and unload models (Triton's model repository "
+        "extension, over HTTP and gRPC); none refuses it (default %(default)s)",
+    )
+    serve_cmd.add_argument(
         "--grpc-port",
         type=port_or_off,
         default=DEFAULT_GRPC_PORT,
@@ -415,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 host=args.host,
                 port=args.port,
                 grpc_port=args.grpc_port,
+                model_control=args.model_control,
                 broker=args.broker,
                 workers_per_model=args.workers_per_model,
                 heartbeat=heartbeat,

@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ketch.grpc.tensors import infer_response, input_tensors, parameters_of
 from ketch.http.auth import Needs, TokenGuard, bearer_token
+from ketch.http.repository import IndexAnswer, Repository, config_override
 from ketch.inference.calls import (
     InferCall,
     class_count_of,
@@ -75,8 +76,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
     ``UNIMPLEMENTED``, as the stubs' base class does."""
 
     def __init__(
-        self, dispatcher: Dispatcher, deadlines: Deadlines, guard: TokenGuard, metrics: Metrics
+        self,
+        dispatcher: Dispatcher,
+        deadlines: Deadlines,
+        guard: TokenGuard,
+        metrics: Metrics,
+        repository: Repository,
     ) -> None:
+        self._repository = repository
         self._dispatcher = dispatcher
         self._deadlines = deadlines
         self._guard = guard
@@ -134,6 +141,28 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         async def answer() -> Any:
             found = statistics(self._dispatcher, request.name or None, request.version or None)
             return _parsed(found, pb.ModelStatisticsResponse())
+
+        return await self._served(context, "predict", answer)
+
+    async def RepositoryIndex(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            entries = self._repository.index(request.ready)
+            return _parsed(IndexAnswer(models=entries), pb.RepositoryIndexResponse())
+
+        return await self._served(context, "predict", answer)
+
+    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            parameters = parameters_of(request.parameters)
+            await self._repository.load(request.model_name, config_override(parameters))
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._served(context, "predict", answer)
+
+    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            await self._repository.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
 
         return await self._served(context, "predict", answer)
 

@@ -40,6 +40,7 @@ from ketch.serving.queue import ModelQueue
 from ketch.serving.status import ModelStatus
 from ketch.specs.apps import AppSpec
 from ketch.specs.deployments import declared_deployment
+from ketch.specs.models import ModelSpec
 
 
 class Admin:
@@ -146,6 +147,20 @@ class Admin:
             },
             201,
         )
+
+    async def serve_again(self, specs: list[ModelSpec], default: str | None) -> None:
+        """Serve the versions ``specs`` of one model again (a model loaded back), requests
+        without a version going to ``default`` as before they were taken out."""
+        name = specs[0].name
+        async with self._model_locks[name]:
+            for spec in specs:
+                if self._dispatcher.has_model(spec.key):
+                    continue
+                self._dispatcher.pin_default(name)
+                self._pools.manage(spec)
+                self._report(events.model_added(spec, self._dispatcher.default_version(name)))
+            if default is not None and self._dispatcher.has_model((name, default)):
+                self._dispatcher.set_default(name, default)
 
     async def remove_model(self, request: Request) -> Response:
         name = request.path_params["name"]

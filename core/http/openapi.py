@@ -16,7 +16,7 @@ from typing import Any
 import ketch
 from ketch.http import admin_shapes as admin
 from ketch.http import oip_shapes as oip
-from ketch.http import shapes
+from ketch.http import repository, shapes
 from ketch.http import v1_shapes as v1
 from ketch.http.auth import OPEN_PATHS, is_admin_path
 from ketch.http.openapi_admin import admin_operations, deploy_operations
@@ -32,6 +32,9 @@ from ketch.http.openapi_parts import (
 )
 from ketch.inference.extensions import ModelConfig, Statistics
 from ketch.inference.metadata import ModelMetadata, ModelReadiness, ServerMetadata
+
+#: Why a load or unload can conflict.
+_LINKED = {409: "An application links the model: unlink it first."}
 
 
 def _v1_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -280,6 +283,33 @@ def document() -> dict[str, Any]:
                 "summary": "Server metadata (Open Inference Protocol).",
                 "responses": answers_of(
                     "Name, version and extensions.", schema_ref(ServerMetadata)
+                ),
+            }
+        },
+        "/v2/repository/index": {
+            "post": {
+                "summary": "Every model version the server knows, loaded or not (Triton's "
+                "model repository extension).",
+                "responses": answers_of(
+                    "The models.", {"type": "array", "items": schema_ref(repository.IndexEntry)}
+                ),
+            }
+        },
+        "/v2/repository/models/{name}/load": {
+            "post": {
+                "summary": "Load a model back, with an optional config override (needs "
+                "--model-control explicit).",
+                "parameters": [NAME_PARAM],
+                "responses": answers_of("Loaded.", {"type": "object"}, 400, 404, 409, why=_LINKED),
+            }
+        },
+        "/v2/repository/models/{name}/unload": {
+            "post": {
+                "summary": "Take a model's versions out of service (needs --model-control "
+                "explicit).",
+                "parameters": [NAME_PARAM],
+                "responses": answers_of(
+                    "Unloaded.", {"type": "object"}, 400, 404, 409, why=_LINKED
                 ),
             }
         },

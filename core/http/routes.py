@@ -58,6 +58,7 @@ from ketch.http.endpoints import (
 )
 from ketch.http.limits import DEFAULT_MAX_BODY_BYTES
 from ketch.http.oip import OpenInference
+from ketch.http.repository import Repository
 from ketch.http.shapes import AppRequest, FeedbackRequest, PredictRequest
 from ketch.http.v1 import V1Routes
 from ketch.serving.admission import Deadlines, predict
@@ -74,6 +75,7 @@ class Gateway:
     :param admin: the management API's routes.
     :param deployments: the routes that take deploys (``/admin/deployments``).
     :param tokens: the bearer tokens the routes need.
+    :param repository: Triton's model repository routes (``/v2/repository/...``).
     :param max_body_bytes: the largest body, also once a compressed one is inflated.
     """
 
@@ -85,6 +87,7 @@ class Gateway:
         admin: Admin,
         deployments: DeploymentRoutes,
         tokens: Tokens,
+        repository: Repository,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.dispatcher = dispatcher
@@ -93,6 +96,7 @@ class Gateway:
         self._admin = admin
         self._deployments = deployments
         self._tokens = tokens
+        self._repository = repository
         self._max_body_bytes = max_body_bytes
         self._openapi = openapi.document()
         self._query_ids = QueryIds()
@@ -118,6 +122,7 @@ class Gateway:
                     endpoints
                 ),
                 *V1Routes(self.dispatcher, self.deadlines).routes(endpoints),
+                *self._repository.routes(endpoints),
                 route("/metrics", self.dispatcher.metrics.endpoint, ["GET"]),
                 route("/openapi.json", self.openapi, ["GET"]),
                 *self._admin.routes(endpoints),

@@ -17,7 +17,13 @@ from ketch.serving.status import ready_to_serve
 from ketch.specs.signature import TensorSpec
 
 #: The extensions of Triton's protocol that ketch serves, as its server metadata lists them.
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+]
 
 
 class TensorMeta(msgspec.Struct, kw_only=True):
