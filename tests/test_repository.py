@@ -100,6 +100,13 @@ def test_unload_and_load_with_a_config_override(server: KetchServer) -> None:
         with pytest.raises(InferenceServerException) as bad:
             http.load_model("double", config=json.dumps({"backend": "onnx"}))
         assert "ketch cannot change" in bad.value.message()
+        assert "failed to load 'double'" in bad.value.message()  # Triton's clients look for it
+        # Numbers as text, as protobuf's JSON writes 64-bit integers.
+        http.load_model("double", config=json.dumps({"max_batch_size": "8"}))
+        assert http.get_model_config("double")["max_batch_size"] == 8
+        with pytest.raises(InferenceServerException) as files:
+            http.load_model("double", config="{}", files={"file:1/model.py": b"x"})
+        assert "takes no model files" in files.value.message()
         with pytest.raises(InferenceServerException) as unknown:
             grpc.unload_model("nope")
         assert unknown.value.status() == "StatusCode.NOT_FOUND"

@@ -28,7 +28,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ketch.grpc.tensors import infer_response, input_tensors, parameters_of
 from ketch.http.auth import Needs, TokenGuard, bearer_token
-from ketch.http.repository import IndexAnswer, Repository, config_override
+from ketch.http.repository import IndexAnswer, Repository
 from ketch.inference.calls import (
     InferCall,
     class_count_of,
@@ -154,7 +154,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
     async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
         async def answer() -> Any:
             parameters = parameters_of(request.parameters)
-            await self._repository.load(request.model_name, config_override(parameters))
+            await self._repository.load(request.model_name, parameters)
             return pb.RepositoryModelLoadResponse()
 
         return await self._served(context, "predict", answer)

@@ -99,8 +99,26 @@ class Repository:
         await self._admin.remove_versions(name, None, frozenset(versions))
         self._unloaded[name] = (specs, default)
 
-    async def load(self, name: str, override: dict[str, Any] | None) -> None:
+    async def load(self, name: str, parameters: dict[str, Any]) -> None:
+        """Load ``name`` back (see the module's docstring), its load request's ``parameters``
+        holding the config override; errors read ``failed to load``, as Triton's do (its
+        clients look for the words)."""
         self._allowed("load")
+        try:
+            await self._load(name, config_override(parameters), model_files(parameters))
+        except PredictionError as exc:
+            error = exc.body["error"]
+            raise PredictionError(
+                exc.status, f"failed to load {name!r}: {error}", model=name
+            ) from None
+
+    async def _load(self, name: str, override: dict[str, Any] | None, files: list[str]) -> None:
+        if files:
+            raise PredictionError(
+                400,
+                f"failed to poll from model repository: ketch takes no model files with a load "
+                f"(got {files[:3]}); push code and artifacts with ketch deploy",
+            )
         if name in self._unloaded:
             specs, default = self._unloaded[name]
         elif self._dispatcher.knows_model(name):
@@ -145,12 +163,17 @@ class Repository:
     async def load_route(self, request: Request) -> Response:
         raw = await request.body()
         body = decode_body(raw, LoadRequest) if raw.strip() else LoadRequest()
-        await self.load(request.path_params["name"], config_override(body.parameters))
+        await self.load(request.path_params["name"], body.parameters)
         return json_response({})
 
     async def unload_route(self, request: Request) -> Response:
         await self.unload(request.path_params["name"])
         return json_response({})
+
+
+def model_files(parameters: dict[str, Any]) -> list[str]:
+    """The ``file:...`` parameters of a load: model files pushed with it (Triton's way)."""
+    return [key for key in parameters if key.startswith("file:")]
 
 
 def config_override(parameters: dict[str, Any]) -> dict[str, Any] | None:
@@ -168,7 +191,25 @@ def config_override(parameters: dict[str, Any]) -> dict[str, Any] | None:
     return config
 
 
+def _numbers(override: dict[str, Any]) -> dict[str, Any]:
+    """Numbers given as text (``{"max_batch_size": "16"}``: protobuf's JSON writes 64-bit
+    integers so, and Triton's clients send them so) as numbers."""
+    values = {}
+    for key, value in override.items():
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+        values[key] = value
+    return values
+
+
 def _overridden(spec: ModelSpec, override: dict[str, Any]) -> ModelSpec:
+    override = _numbers(override)
     if unknown := sorted(set(override) - _SETTINGS - _POOL_SETTINGS):
         raise PredictionError(
             400,
