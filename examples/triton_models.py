@@ -73,3 +73,55 @@ def simple_string(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def simple_identity(rows: list[list[str]]) -> list[list[str]]:
     """Its input, unchanged."""
     return rows
+
+
+# -- sequences (Triton's sequence batcher): every request names its sequence ------------------
+
+ONE = (1,)
+SEQUENCE_TENSORS = {
+    "inputs": [TensorSpec("INPUT", "int32", ONE)],
+    "outputs": [TensorSpec("OUTPUT", "int32", ONE)],
+}
+
+
+@ketch.model(name="simple_sequence", sequence=True, max_batch_size=8, **SEQUENCE_TENSORS)
+def simple_sequence(rows: list[list[int]], params: list[dict[str, Any]]) -> list[list[int]]:
+    """Triton's ``simple_sequence``: a sequence's first value plus one, then each value."""
+    return [
+        [row[0] + 1 if p["sequence_start"] else row[0]] for row, p in zip(rows, params, strict=True)
+    ]
+
+
+@ketch.model(name="simple_dyna_sequence", sequence=True, max_batch_size=8, **SEQUENCE_TENSORS)
+def simple_dyna_sequence(rows: list[list[int]], params: list[dict[str, Any]]) -> list[list[int]]:
+    """``simple_sequence``, with the sequence's id added to its last answer."""
+    answers = simple_sequence(rows, params)
+    return [
+        [answer[0] + int(p["sequence_id"]) if p["sequence_end"] else answer[0]]
+        for answer, p in zip(answers, params, strict=True)
+    ]
+
+
+#: What ``simple_string_dyna_sequence`` has added up so far, per sequence. It lives in the
+#: worker's process: ketch keeps every request of a sequence on the worker that has its sum.
+_totals: dict[int | str, int] = {}
+
+
+@ketch.model(
+    name="simple_string_dyna_sequence", sequence=True, max_batch_size=8, **SEQUENCE_TENSORS
+)
+def simple_string_dyna_sequence(
+    rows: list[list[int]], params: list[dict[str, Any]]
+) -> list[list[int]]:
+    """The running sum of a sequence's values, with its id (a number as text) added to the
+    last answer; the sum is forgotten when the sequence ends."""
+    answers = []
+    for row, p in zip(rows, params, strict=True):
+        sequence_id = p["sequence_id"]
+        total = row[0] if p["sequence_start"] else _totals.get(sequence_id, 0) + row[0]
+        _totals[sequence_id] = total
+        if p["sequence_end"]:
+            del _totals[sequence_id]
+            total += int(sequence_id)
+        answers.append([total])
+    return answers

@@ -28,6 +28,7 @@ from ketch.inference.tensors import (
 from ketch.serving.admission import Deadlines, predict
 from ketch.serving.jobs import PredictionError
 from ketch.serving.queue import ModelQueue
+from ketch.serving.sequence_queue import SequenceQueue
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,14 @@ async def infer(queue: ModelQueue, deadlines: Deadlines, call: InferCall) -> lis
         )
     items = _items(queue, inputs)
     deadline = deadlines.deadline(call.timeout_ms, queue.spec.slo_ms)
-    outputs = await predict(queue, items, deadline, params)
+    if isinstance(queue, SequenceQueue):
+        outputs = await queue.sequences.step(
+            params or {},
+            deadline,
+            lambda given, binding: predict(queue, items, deadline, given, binding),
+        )
+    else:
+        outputs = await predict(queue, items, deadline, params)
     tensors = _output_tensors(queue, list(outputs), call.outputs)
     if call.classifications:
         tensors = [_classified(queue, t, call.classifications.get(t.name)) for t in tensors]

@@ -53,6 +53,10 @@ class DynamicBatching(msgspec.Struct, kw_only=True):
     max_queue_delay_microseconds: int
 
 
+class SequenceBatching(msgspec.Struct, kw_only=True):
+    max_sequence_idle_microseconds: int
+
+
 class ModelConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     """``GET /v2/models/{name}[/versions/{version}]/config``: Triton's ``ModelConfig``."""
 
@@ -66,6 +70,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     instance_group: list[InstanceGroup]
     parameters: dict[str, dict[str, str]]
     dynamic_batching: DynamicBatching | UnsetType = UNSET
+    sequence_batching: SequenceBatching | UnsetType = UNSET
 
 
 class Statistics(msgspec.Struct, kw_only=True):
@@ -78,7 +83,7 @@ def model_config(queue: ModelQueue) -> ModelConfig:
     """The model version's configuration as Triton describes a model: its batch size, tensors
     (per item, as Triton's ``dims`` are when ``max_batch_size`` > 0), its workers as the
     instance group (at most ``max_replicas`` of them, on the GPUs it is given, else CPUs) and
-    its batching delay as dynamic batching."""
+    its batching delay as dynamic batching (a sequence model's as sequence batching)."""
     spec = queue.spec
     gpus = spec.resources.gpus
     group = InstanceGroup(
@@ -100,7 +105,12 @@ def model_config(queue: ModelQueue) -> ModelConfig:
         instance_group=[group],
         parameters=_parameters(queue),
         dynamic_batching=DynamicBatching(max_queue_delay_microseconds=int(spec.max_delay_ms * 1000))
-        if spec.max_batch_size > 1
+        if spec.max_batch_size > 1 and not spec.sequence
+        else UNSET,
+        sequence_batching=SequenceBatching(
+            max_sequence_idle_microseconds=int(spec.sequence_idle_timeout_s * 1e6)
+        )
+        if spec.sequence
         else UNSET,
     )
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ketch.serving.cache import input_key
-from ketch.serving.jobs import Deadline, Inputs, PredictionError
+from ketch.serving.jobs import Binding, Deadline, Inputs, PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.specs.signature import item_problem
 from ketch.types import Outputs
@@ -51,13 +51,23 @@ async def predict(
     inputs: list[Any],
     deadline: Deadline,
     params: dict[str, Any] | None = None,
+    binding: Binding | None = None,
 ) -> Outputs:
     """The outputs for ``inputs``, one each, from the cache or the model's workers, by
     ``deadline`` (see :class:`Deadlines`); ``params`` go with each input to a model that
-    takes them (and past the cache, whose keys are the inputs alone)."""
+    takes them (and past the cache, whose keys are the inputs alone). A sequence model's
+    requests are steps of a sequence (``binding``, from :mod:`ketch.serving.sequences`)."""
+    if queue.spec.sequence and binding is None:
+        raise PredictionError(
+            400,
+            f"model {queue.spec.label()!r} is a sequence model: each request names its "
+            f"sequence (sequence_id) through the Open Inference Protocol, "
+            f"POST /v2/models/{queue.spec.name}/infer or gRPC ModelInfer",
+            **queue.labels(),
+        )
     cache = queue.cache
     if cache is None or params:
-        return await queue.submit(_batchable(queue, inputs), deadline, params)
+        return await queue.submit(_batchable(queue, inputs), deadline, params, binding)
     looked_up = time.perf_counter()
     keys = [input_key(x) for x in inputs]
     outputs: list[Any] = [None] * len(inputs)

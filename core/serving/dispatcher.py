@@ -16,6 +16,7 @@ from ketch.observability.metrics import Metrics
 from ketch.serving import announced, status
 from ketch.serving.jobs import Backoff, PredictionError
 from ketch.serving.queue import ModelQueue
+from ketch.serving.sequence_queue import queue_class
 from ketch.serving.sink import Worker, WorkerLink
 from ketch.specs.models import ModelSpec
 
@@ -78,7 +79,8 @@ class Dispatcher:
         if queue is None:
             assert self._broker is not None, "attach a broker before adding models"
             model_metrics = self.metrics.for_model(spec.name, spec.version)
-            queue = ModelQueue(spec, self._broker, self._batch_ids, model_metrics, self._observers)
+            make = queue_class(spec)
+            queue = make(spec, self._broker, self._batch_ids, model_metrics, self._observers)
             self._queues[spec.key] = queue
             self._removed.discard(spec.key)
             self._choose_default(spec.name)

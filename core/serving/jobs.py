@@ -50,15 +50,29 @@ class Deadline:
     budget_s: float
 
 
+@dataclass(slots=True, eq=False)
+class Binding:
+    """The worker every request of one sequence goes to: the one its first request was sent
+    to (None until then); see :mod:`ketch.serving.sequences`."""
+
+    sequence_id: int | str
+    worker: bytes | None = None
+    #: Why the sequence is over, once it is (its last request, idleness, its worker lost).
+    ended: str | None = None
+
+
 class Job:
     """The inputs of one request and the future its handler awaits.
 
     :param deadline: by when it must be answered (or get a 504).
     :param params: the request's parameters, for a model that takes them.
+    :param binding: the sequence it is a step of, for a sequence model: it goes to the
+        sequence's worker only.
     """
 
     __slots__ = (
         "arrived",
+        "binding",
         "chunks",
         "cold_deadline",
         "deadline",
@@ -78,8 +92,10 @@ class Job:
         arrived: float,
         deadline: Deadline,
         params: dict[str, Any] | None = None,
+        binding: Binding | None = None,
     ) -> None:
         self.inputs = inputs
+        self.binding = binding
         #: The request's parameters, which each of its inputs takes to a model that takes them.
         self.params = params
         self.future = future
@@ -154,21 +170,30 @@ class Part:
 _SCAN_AHEAD = 64
 
 
-def take_batch(pending: deque[Part], limit: int) -> list[Part]:
+def take_batch(pending: deque[Part], limit: int, worker: bytes | None = None) -> list[Part]:
     """Up to ``limit`` waiting inputs out of ``pending``, oldest first (a part larger than
     the room left is split, its rest left at the front); for numpy models, only inputs of the
     first one's shape, the others waiting for a batch of their own shape. Parts of requests
-    already answered (timed out, or failed through another part) are dropped."""
+    already answered (timed out, or failed through another part) are dropped.
+
+    With ``worker`` (a sequence model's), only parts of sequences bound to that worker or to
+    none yet: the others wait for their own worker, however many they are."""
     parts: list[Part] = []
-    skipped: list[Part] = []
+    skipped: list[Part] = []  # left where they were, in their order
+    other_shapes = 0
     room = limit
     shape: tuple[int, ...] | None = None
-    while pending and room and len(skipped) < _SCAN_AHEAD:
+    while pending and room and other_shapes < _SCAN_AHEAD:
         part = pending.popleft()
         if part.job.future.done():
             continue  # no longer counted as queued
+        binding = part.job.binding
+        if worker is not None and binding is not None and binding.worker not in (None, worker):
+            skipped.append(part)
+            continue
         if parts and part.item_shape() != shape:
             skipped.append(part)
+            other_shapes += 1
             continue
         shape = part.item_shape()
         if part.size > room:
@@ -179,6 +204,16 @@ def take_batch(pending: deque[Part], limit: int) -> list[Part]:
         room -= part.size
     pending.extendleft(reversed(skipped))
     return parts
+
+
+def batch_inputs(parts: list[Part]) -> Inputs:
+    """The inputs of ``parts`` as one batch: an array for a numpy model, else a list."""
+    first = parts[0]
+    if len(parts) == 1 and first.size == len(first.job.inputs):
+        return first.job.inputs
+    if isinstance(first.job.inputs, np.ndarray):
+        return np.concatenate([part.inputs() for part in parts])
+    return [x for part in parts for x in part.inputs()]
 
 
 def wake_all(waiters: list[asyncio.Future[None]]) -> None:

@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from msgspec.structs import replace
 
 from ketch.observability.metrics import ModelMetrics
@@ -34,11 +33,13 @@ from ketch.serving.batching import BatchSizer, batch_latency_target_s
 from ketch.serving.cache import PredictionCache
 from ketch.serving.jobs import (
     Backoff,
+    Binding,
     Deadline,
     Inputs,
     Job,
     Part,
     PredictionError,
+    batch_inputs,
     take_batch,
     wait_until_woken,
     wake_all,
@@ -132,16 +133,20 @@ class ModelQueue:
     # -- requests ---------------------------------------------------------------------------
 
     def submit(
-        self, inputs: Inputs, deadline: Deadline, params: dict[str, Any] | None = None
+        self,
+        inputs: Inputs,
+        deadline: Deadline,
+        params: dict[str, Any] | None = None,
+        binding: Binding | None = None,
     ) -> asyncio.Future[Outputs]:
-        """Queue a request's inputs (with its ``params``, for a model that takes them); the
-        future resolves to one output per input, or fails with a :class:`PredictionError`
-        (429 when the queue is full, 504 at ``deadline``).
+        """Queue a request's inputs (with its ``params``, for a model that takes them; a
+        sequence step with its ``binding``); the future resolves to one output per input, or
+        fails with a :class:`PredictionError` (429 when the queue is full, 504 at ``deadline``).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
         now = time.monotonic()
-        job = Job(inputs, future, now, deadline, params)
+        job = Job(inputs, future, now, deadline, params, binding)
         if self.removed_because is not None:
             job.fail(refusals.removed(self.spec, self.removed_because))
             return future
@@ -378,13 +383,7 @@ class ModelQueue:
         self.pump()
 
     def _send(self, worker: WorkerSlot, parts: list[Part]) -> None:
-        first = parts[0]
-        if len(parts) == 1 and first.size == len(first.job.inputs):
-            inputs: Inputs = first.job.inputs
-        elif isinstance(first.job.inputs, np.ndarray):
-            inputs = np.concatenate([part.inputs() for part in parts])
-        else:
-            inputs = [x for part in parts for x in part.inputs()]
+        inputs = batch_inputs(parts)
         params = None
         if self.spec.takes_params:
             # Every input its request's parameters (none: an empty dict), in batch order.
@@ -582,6 +581,10 @@ class ModelQueue:
     @property
     def ready_replicas(self) -> int:
         return len(self._workers)
+
+    def holds_state(self, worker: bytes) -> bool:
+        """Whether ``worker`` keeps state here that would be lost with it (sequences)."""
+        return False
 
     def worker_slots(self) -> list[WorkerSlot]:
         """Its workers, with the batches each is computing (for status)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ketch.serving.jobs import Backoff, PredictionError
+from ketch.serving.jobs import Backoff, Binding, PredictionError
 from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import RemoteError
 from ketch.zmq_transport.protocol import ErrorKind
@@ -139,3 +139,14 @@ def batch_failed(spec: ModelSpec, remote: RemoteError) -> PredictionError:
 
 def unsendable(spec: ModelSpec, why: str) -> PredictionError:
     return PredictionError(400, why, **labels(spec))
+
+
+def sequence_lost(spec: ModelSpec, binding: Binding) -> PredictionError:
+    """503: a sequence's worker was lost (or stalled) with its step, and the state it kept."""
+    return PredictionError(
+        503,
+        f"sequence {binding.sequence_id!r} of model {spec.label()!r} is over: {binding.ended}, "
+        "and with it the state the sequence had; start it again with sequence_start",
+        **labels(spec),
+        sequence_id=binding.sequence_id,
+    )

@@ -15,6 +15,7 @@ from msgspec import Meta
 
 from ketch.observability.metrics import QueueSample
 from ketch.serving.queue import ModelQueue
+from ketch.serving.sequence_queue import SequenceQueue
 from ketch.serving.sink import Worker
 from ketch.specs.models import BatchInput, PoolSpec, WorkerStart
 from ketch.specs.resources import Resources
@@ -110,6 +111,16 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     capacity: Annotated[int, Meta(description="Batches it takes at once.")]
     batches_in_flight: int
     batch_limit: Annotated[int, Meta(description="Its batch size now (adaptive with slo_ms).")]
+    sequences: Annotated[
+        int, Meta(description="Active sequences whose state it holds (a sequence model's).")
+    ] = 0
+
+
+class SequencesStatus(msgspec.Struct, kw_only=True):
+    """A sequence model's sequences (None for other models)."""
+
+    active: Annotated[int, Meta(description="Sequences started and not yet ended.")]
+    idle_timeout_s: Annotated[float, Meta(description="A sequence idle this long ends.")]
 
 
 class ModelStatus(msgspec.Struct, kw_only=True):
@@ -144,6 +155,7 @@ class ModelStatus(msgspec.Struct, kw_only=True):
     resources: Resources
     start: WorkerStart
     template: TemplateStatus | None
+    sequences: SequencesStatus | None
     workers: list[WorkerStatus]
 
 
@@ -152,6 +164,7 @@ def describe(queue: ModelQueue, default_version: str) -> ModelStatus:
     slots = queue.worker_slots()
     cache = queue.cache
     template = queue.template
+    sequences = queue.sequences if isinstance(queue, SequenceQueue) else None
     return ModelStatus(
         name=spec.name,
         version=spec.version,
@@ -187,6 +200,11 @@ def describe(queue: ModelQueue, default_version: str) -> ModelStatus:
         resources=spec.resources,
         start=spec.start,
         template=msgspec.convert(template, TemplateStatus) if template is not None else None,
+        sequences=SequencesStatus(
+            active=sequences.active, idle_timeout_s=spec.sequence_idle_timeout_s
+        )
+        if sequences is not None
+        else None,
         workers=[
             WorkerStatus(
                 pid=slot.info.pid,
@@ -194,6 +212,7 @@ def describe(queue: ModelQueue, default_version: str) -> ModelStatus:
                 capacity=slot.info.capacity,
                 batches_in_flight=len(slot.batches),
                 batch_limit=slot.sizer.limit if slot.sizer is not None else spec.batch_limit,
+                sequences=sequences.held_by(slot.info.identity) if sequences is not None else 0,
             )
             for slot in slots
         ],
@@ -238,11 +257,15 @@ def sample(queue: ModelQueue) -> QueueSample:
 
 
 def idle_local_workers(queue: ModelQueue, count: int, local_pids: set[int]) -> list[Worker]:
-    """Up to ``count`` of ``queue``'s local workers with no batch in flight, to scale down."""
+    """Up to ``count`` of ``queue``'s local workers with no batch in flight (nor, for a
+    sequence model, a sequence it holds the state of), to scale down."""
     hostname = socket.gethostname()
     idle = [
         slot.info
         for slot in queue.worker_slots()
-        if not slot.batches and slot.info.pid in local_pids and slot.info.host == hostname
+        if not slot.batches
+        and slot.info.pid in local_pids
+        and slot.info.host == hostname
+        and not queue.holds_state(slot.info.identity)
     ]
     return idle[:count]

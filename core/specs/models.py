@@ -39,6 +39,9 @@ DEFAULT_MAX_BATCH_SIZE = 32
 #: Inputs a model's queue holds before new requests get 429: enough for bursts, small enough
 #: that an overloaded gateway's memory stays bounded.
 DEFAULT_MAX_QUEUE = 4096
+#: A sequence idle this long is ended. Triton's default is 1 s, which a client that thinks
+#: between steps (a chat, a person) outlives; a minute still frees a worker soon.
+DEFAULT_SEQUENCE_IDLE_TIMEOUT_S = 60.0
 _CACHE_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*$", re.IGNORECASE)
 _BYTE_UNITS = {"k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
@@ -170,6 +173,11 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     :param takes_params: whether the function takes each item's request parameters as a
         second argument, ``params`` (a list of dicts, one per item); a request with parameters
         to a model that does not is a 400.
+    :param sequence: a stateful model (Triton's sequence batcher): every request of one
+        ``sequence_id`` goes to the same worker, one at a time and in order, and the model
+        sees ``sequence_id``, ``sequence_start`` and ``sequence_end`` in each item's params.
+    :param sequence_idle_timeout_s: a sequence with no request for this long is ended (its
+        next request must start it again).
     :param pool: how many workers serve it, and when.
     :param resources: what each worker may use (cores, memory, threads, GPUs).
     :param start: how its workers start (a preloaded template, another interpreter).
@@ -198,6 +206,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_queue: int = DEFAULT_MAX_QUEUE
     cache_size: int | str | None = None
     stall_timeout_s: float | None = None
+    sequence: bool = False
+    sequence_idle_timeout_s: float = DEFAULT_SEQUENCE_IDLE_TIMEOUT_S
     pool: PoolSpec = msgspec.field(default_factory=PoolSpec)
     resources: Resources = msgspec.field(default_factory=Resources)
     start: WorkerStart = msgspec.field(default_factory=WorkerStart)
@@ -269,6 +279,8 @@ def validated_spec(
     max_queue: int = DEFAULT_MAX_QUEUE,
     cache_size: int | str | None = None,
     stall_timeout_s: float | None = None,
+    sequence: bool = False,
+    sequence_idle_timeout_s: float = DEFAULT_SEQUENCE_IDLE_TIMEOUT_S,
     pool: PoolSpec | None = None,
     resources: Resources | None = None,
     start: WorkerStart | None = None,
@@ -316,6 +328,18 @@ def validated_spec(
         raise ValueError(
             f"stall_timeout_s of {name!r} must be a number of seconds > 0, got {stall_timeout_s!r}"
         )
+    if not isinstance(sequence, bool):
+        raise TypeError(f"sequence of {name!r} must be True or False, got {sequence!r}")
+    if sequence and not takes_params:
+        raise ValueError(
+            f"model {name!r} is a sequence model, so its function must take a second "
+            "argument, params: that is where it finds each item's sequence_id and flags"
+        )
+    if not _is_number(sequence_idle_timeout_s) or not sequence_idle_timeout_s > 0:
+        raise ValueError(
+            f"sequence_idle_timeout_s of {name!r} must be a number of seconds > 0, "
+            f"got {sequence_idle_timeout_s!r}"
+        )
     return ModelSpec(
         name=name,
         version=version,
@@ -328,6 +352,8 @@ def validated_spec(
         max_queue=max_queue,
         cache_size=cache_size,
         stall_timeout_s=float(stall_timeout_s) if stall_timeout_s is not None else None,
+        sequence=sequence,
+        sequence_idle_timeout_s=float(sequence_idle_timeout_s),
         pool=pool or PoolSpec(),
         resources=resources or Resources(),
         start=start or WorkerStart(),
@@ -396,6 +422,8 @@ def model(
     max_queue: int = DEFAULT_MAX_QUEUE,
     cache_size: int | str | None = None,
     stall_timeout_s: float | None = None,
+    sequence: bool = False,
+    sequence_idle_timeout_s: float = DEFAULT_SEQUENCE_IDLE_TIMEOUT_S,
     min_replicas: int = 0,
     max_replicas: int = 1,
     idle_timeout_s: float = 300.0,
@@ -425,6 +453,8 @@ def model(
     max_queue: int = DEFAULT_MAX_QUEUE,
     cache_size: int | str | None = None,
     stall_timeout_s: float | None = None,
+    sequence: bool = False,
+    sequence_idle_timeout_s: float = DEFAULT_SEQUENCE_IDLE_TIMEOUT_S,
     min_replicas: int = 0,
     max_replicas: int = 1,
     idle_timeout_s: float = 300.0,
@@ -449,6 +479,9 @@ def model(
         whole (not cut along their first dimension), and each call gets a batch of one.
     :param max_delay_ms, slo_ms, max_queue, cache_size, stall_timeout_s: batching, deadlines,
         backpressure, the prediction cache and stalled batches, see :class:`ModelSpec`.
+    :param sequence, sequence_idle_timeout_s: a stateful model whose requests come in
+        sequences (``sequence_id``), each kept on one worker, see :class:`ModelSpec` and
+        ``docs/protocols.md``; its function takes ``params``.
     :param min_replicas, max_replicas, idle_timeout_s, target_inflight, cold_start_timeout_s:
         the model's worker pool, see :class:`PoolSpec`. By default a model has no worker
         until its first request, one while it has traffic, and none again after 5 idle
@@ -506,6 +539,8 @@ def model(
             max_queue=max_queue,
             cache_size=cache_size,
             stall_timeout_s=stall_timeout_s,
+            sequence=sequence,
+            sequence_idle_timeout_s=sequence_idle_timeout_s,
             batch_input=batch_input,
             is_async=inspect.iscoroutinefunction(func),
             takes_params=takes_params(func),
