@@ -30,6 +30,7 @@ from ketch.http.limits import HttpLimits
 from ketch.http.repository import ModelControl, Repository
 from ketch.http.routes import Gateway
 from ketch.http.server import bind_tcp, serve_asgi
+from ketch.inference.shared_memory import SharedMemory
 from ketch.observability import events
 from ketch.plugin_manager import Plugins, load_plugins
 from ketch.pools.cgroups import MemoryCgroups
@@ -276,10 +277,16 @@ async def serve(
             on_roll=deployer.rolled,
         )
         repository = Repository(dispatcher, admin, options.model_control)
+        shared_memory = SharedMemory()
         await deployer.restore()
         if grpc_server is not None:
             service = InferenceService(
-                dispatcher, deadlines, TokenGuard(tokens), dispatcher.metrics, repository
+                dispatcher,
+                deadlines,
+                TokenGuard(tokens),
+                dispatcher.metrics,
+                repository,
+                shared_memory,
             )
             await grpc_server.start(service)
             report(events.grpc_listening(grpc_server.address))
@@ -298,6 +305,7 @@ async def serve(
             deployments,
             tokens,
             repository,
+            shared_memory,
             options.http.max_body_bytes,
         ).app()
         # What was built at start lives as long as the server: out of the collector's

@@ -105,6 +105,8 @@ def test_health_and_server_metadata(client: triton.InferenceServerClient) -> Non
             "model_configuration",
             "model_repository",
             "statistics",
+            "system_shared_memory",
+            "sequence_batching",
         ],
     }
 

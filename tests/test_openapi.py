@@ -19,6 +19,7 @@ from ketch.http.deployments import DeploymentRoutes
 from ketch.http.openapi import document
 from ketch.http.repository import Repository
 from ketch.http.routes import Gateway
+from ketch.inference.shared_memory import SharedMemory
 from ketch.plugin_manager import load_plugins
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import LocalWorkers, ProcessEvents
@@ -44,7 +45,9 @@ def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:
     )
     deployments = DeploymentRoutes(deployer, admin, 2**20, 30.0)
     repository = Repository(dispatcher, admin, "none")
-    gateway = Gateway(dispatcher, apps, Deadlines(60.0), admin, deployments, Tokens(), repository)
+    gateway = Gateway(
+        dispatcher, apps, Deadlines(60.0), admin, deployments, Tokens(), repository, SharedMemory()
+    )
     served = set()
     for route in gateway.app().routes:
         assert isinstance(route, Route)

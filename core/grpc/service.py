@@ -26,7 +26,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from ketch.grpc.tensors import infer_response, input_tensors, parameters_of
+from ketch.grpc.tensors import infer_response, input_tensors, output_placements, parameters_of
 from ketch.http.auth import Needs, TokenGuard, bearer_token
 from ketch.http.repository import IndexAnswer, Repository
 from ketch.inference.calls import (
@@ -38,6 +38,7 @@ from ketch.inference.calls import (
 )
 from ketch.inference.extensions import model_config, statistics
 from ketch.inference.metadata import ModelReadiness, model_metadata, server_metadata
+from ketch.inference.shared_memory import SharedMemory, cuda_refused
 from ketch.observability.metrics import Metrics
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
@@ -82,8 +83,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         guard: TokenGuard,
         metrics: Metrics,
         repository: Repository,
+        shared_memory: SharedMemory,
     ) -> None:
         self._repository = repository
+        self._shared_memory = shared_memory
         self._dispatcher = dispatcher
         self._deadlines = deadlines
         self._guard = guard
@@ -166,6 +169,59 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
 
         return await self._served(context, "predict", answer)
 
+    # -- shared memory ----------------------------------------------------------------------
+
+    async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            regions = self._shared_memory.status(request.name or None)
+            response = pb.SystemSharedMemoryStatusResponse()
+            for region in regions:
+                response.regions[region.name].CopyFrom(
+                    pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                        name=region.name,
+                        key=region.key,
+                        offset=region.offset,
+                        byte_size=region.byte_size,
+                    )
+                )
+            return response
+
+        return await self._served(context, "predict", answer)
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            self._shared_memory.register(
+                request.name, request.key, request.offset, request.byte_size
+            )
+            return pb.SystemSharedMemoryRegisterResponse()
+
+        return await self._served(context, "predict", answer)
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            self._shared_memory.unregister(request.name or None)
+            return pb.SystemSharedMemoryUnregisterResponse()
+
+        return await self._served(context, "predict", answer)
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            return pb.CudaSharedMemoryStatusResponse()  # none is ever registered
+
+        return await self._served(context, "predict", answer)
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            raise cuda_refused()
+
+        return await self._served(context, "predict", answer)
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
+        async def answer() -> Any:
+            return pb.CudaSharedMemoryUnregisterResponse()  # nothing to let go
+
+        return await self._served(context, "predict", answer)
+
     # -- inference --------------------------------------------------------------------------
 
     async def ModelInfer(self, request: Any, context: Context) -> Any:
@@ -222,7 +278,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         try:
             queue = self._queue(request.model_name, request.model_version)
             model, version = queue.spec.name, queue.spec.version
-            tensors = input_tensors(request)
+            tensors = input_tensors(request, self._shared_memory)
             parameters = parameters_of(request.parameters)
             timeout_ms = timeout_ms_of_parameters(parameters)
             if remaining_s is not None:
@@ -239,7 +295,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
             )
             outputs = await infer(queue, self._deadlines, call)
             status = 200
-            return infer_response(model, version, request.id, outputs)
+            placements = output_placements(request)
+            return infer_response(
+                model, version, request.id, outputs, placements, self._shared_memory
+            )
         except PredictionError as exc:
             status = exc.status
             raise

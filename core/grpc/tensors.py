@@ -14,6 +14,14 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from ketch.inference.calls import OutputTensor
+from ketch.inference.shared_memory import (
+    BYTE_SIZE,
+    OFFSET,
+    REGION,
+    Placement,
+    SharedMemory,
+    placement_of,
+)
 from ketch.inference.tensors import (
     V2_TO_NUMPY,
     tensor_from_binary,
@@ -39,20 +47,24 @@ _CONTENTS_FIELD = {
 }
 
 
-def input_tensors(request: Any) -> dict[str, np.ndarray]:
+def input_tensors(request: Any, shared_memory: SharedMemory) -> dict[str, np.ndarray]:
     """The input tensors of a ``ModelInferRequest`` by name, the batch axis first; a 400
-    naming the input for anything it cannot be."""
+    naming the input for anything it cannot be. An input placed in a shared memory region is
+    read from it, and has no entry in ``raw_input_contents`` (as tritonclient sends it)."""
     raw: Sequence[bytes] = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    placements = [placement_of(t.name, parameters_of(t.parameters)) for t in request.inputs]
+    in_message = sum(placed is None for placed in placements)
+    if raw and len(raw) != in_message:
         raise PredictionError(
             400,
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: "
-            "give every input's raw contents, or none",
+            f"raw_input_contents has {len(raw)} entries for {in_message} inputs not in shared "
+            "memory: give every such input's raw contents, or none",
         )
     if not request.inputs:
         raise PredictionError(400, "the request has no inputs")
     tensors: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(request.inputs):
+    raw_index = 0
+    for tensor, placed in zip(request.inputs, placements, strict=True):
         name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
         if name in tensors:
             raise PredictionError(400, f"input {name!r} is given twice")
@@ -60,9 +72,13 @@ def input_tensors(request: Any) -> dict[str, np.ndarray]:
             raise PredictionError(
                 400, f"input {name!r}: 'shape' must be a list of sizes >= 0, the batch first"
             )
+        if placed is not None:
+            tensors[name] = shared_memory.read(name, datatype, shape, placed)
+            continue
         try:
             if raw:
-                tensors[name] = tensor_from_binary(datatype, shape, raw[index])
+                tensors[name] = tensor_from_binary(datatype, shape, raw[raw_index])
+                raw_index += 1
             else:
                 tensors[name] = _from_contents(datatype, shape, tensor.contents)
         except ValueError as exc:
@@ -106,12 +122,38 @@ def set_parameter(target: Any, name: str, value: bool | int | float | str) -> No
         parameter.string_param = value
 
 
-def infer_response(model: str, version: str, request_id: str, outputs: list[OutputTensor]) -> Any:
-    """The ``ModelInferResponse`` carrying ``outputs`` as raw contents."""
+def output_placements(request: Any) -> dict[str, Placement]:
+    """The outputs a ``ModelInferRequest`` asks for in a shared memory region, by name."""
+    placed = ((o.name, placement_of(o.name, parameters_of(o.parameters))) for o in request.outputs)
+    return {name: placement for name, placement in placed if placement is not None}
+
+
+def infer_response(
+    model: str,
+    version: str,
+    request_id: str,
+    outputs: list[OutputTensor],
+    placements: Mapping[str, Placement],
+    shared_memory: SharedMemory,
+) -> Any:
+    """The ``ModelInferResponse`` carrying ``outputs`` as raw contents, but those written
+    into the shared memory region ``placements`` names: they come last, with no raw contents
+    (each raw entry belongs to the output of its index), and the region and size they took."""
     response = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
-    for output in outputs:
+    in_regions = [o for o in outputs if o.name in placements]
+    for output in [o for o in outputs if o.name not in placements]:
         response.outputs.add(
             name=output.name, datatype=output.datatype, shape=list(output.array.shape)
         )
         response.raw_output_contents.append(tensor_to_binary(output.datatype, output.array))
+    for output in in_regions:
+        placed = placements[output.name]
+        size = shared_memory.write(output.name, output.datatype, output.array, placed)
+        added = response.outputs.add(
+            name=output.name, datatype=output.datatype, shape=list(output.array.shape)
+        )
+        set_parameter(added.parameters, REGION, placed.region)
+        set_parameter(added.parameters, BYTE_SIZE, size)
+        if placed.offset:
+            set_parameter(added.parameters, OFFSET, placed.offset)
     return response

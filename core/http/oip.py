@@ -51,6 +51,14 @@ from ketch.inference.calls import (
 )
 from ketch.inference.extensions import model_config, statistics
 from ketch.inference.metadata import ModelReadiness, model_metadata, server_metadata
+from ketch.inference.shared_memory import (
+    BYTE_SIZE,
+    OFFSET,
+    REGION,
+    Placement,
+    SharedMemory,
+    placement_of,
+)
 from ketch.inference.tensors import (
     FLOAT_DTYPES,
     tensor_from_binary,
@@ -70,11 +78,19 @@ BINARY_HEADER = "inference-header-content-length"
 class OpenInference:
     """The V2 handlers over one :class:`Dispatcher` (see the module's docstring)."""
 
-    def __init__(self, dispatcher: Dispatcher, deadlines: Deadlines, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        deadlines: Deadlines,
+        max_body_bytes: int,
+        shared_memory: SharedMemory,
+    ) -> None:
         self.dispatcher = dispatcher
         self.deadlines = deadlines
         #: What a compressed request may inflate to (the limit of any body).
         self.max_body_bytes = max_body_bytes
+        #: The regions that inputs are read from and outputs written to, when placed there.
+        self.shared_memory = shared_memory
 
     def routes(self, endpoints: Endpoints) -> list[Route]:
         routes = [
@@ -115,7 +131,7 @@ class OpenInference:
         # Known from the path: even a request failing below is counted under this version.
         reached.set(queue.spec.name, queue.spec.version)
         raw = inflated(await request.body(), request.headers, self.max_body_bytes)
-        body, tensors = _parse_request(raw, request.headers)
+        body, tensors = _parse_request(raw, request.headers, self.shared_memory)
         timeout_ms = timeout_ms_of(
             timeout_ms_of_parameters(body.parameters), request.headers.get(TIMEOUT_HEADER)
         )
@@ -127,7 +143,7 @@ class OpenInference:
             _classifications(body),
         )
         outputs = await infer(queue, self.deadlines, call)
-        answer = _answer(queue, body, outputs)
+        answer = _answer(queue, body, outputs, self.shared_memory)
         encoding = chosen_encoding(request.headers.get("accept-encoding"))
         if encoding is not None:
             answer.body = compressed(bytes(answer.body), encoding)
@@ -143,9 +159,10 @@ class OpenInference:
 
 
 def _parse_request(
-    raw: bytes, headers: Mapping[str, str]
+    raw: bytes, headers: Mapping[str, str], shared_memory: SharedMemory
 ) -> tuple[InferRequest, dict[str, np.ndarray]]:
-    """The request and its input tensors by name, each with the batch axis first."""
+    """The request and its input tensors by name, each with the batch axis first: from
+    JSON, from the binary data after it, or from a shared memory region."""
     binary = b""
     if (header_size := headers.get(BINARY_HEADER)) is not None:
         if not header_size.isdigit() or int(header_size) > len(raw):
@@ -161,6 +178,9 @@ def _parse_request(
         if name in tensors:
             raise PredictionError(400, f"input {name!r} is given twice")
         size = tensor.parameters.get("binary_data_size")
+        if (placed := placement_of(name, tensor.parameters)) is not None:
+            tensors[name] = shared_memory.read(name, datatype, shape, placed)
+            continue
         try:
             if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
                 if offset + size > len(binary):
@@ -205,8 +225,11 @@ def _goes_binary(body: InferRequest) -> Callable[[str], bool]:
     return lambda name: asked.get(name, default)
 
 
-def _answer(queue: ModelQueue, body: InferRequest, outputs: list[OutputTensor]) -> Response:
+def _answer(
+    queue: ModelQueue, body: InferRequest, outputs: list[OutputTensor], shared: SharedMemory
+) -> Response:
     goes_binary = _goes_binary(body)
+    placements = _placements(body)
     chunks: list[bytes] = []
     tensors: list[dict[str, Any]] = []
     for output in outputs:
@@ -215,7 +238,12 @@ def _answer(queue: ModelQueue, body: InferRequest, outputs: list[OutputTensor]) 
             "datatype": output.datatype,
             "shape": list(output.array.shape),
         }
-        if goes_binary(output.name):
+        if (placed := placements.get(output.name)) is not None:
+            size = shared.write(output.name, output.datatype, output.array, placed)
+            tensor["parameters"] = {REGION: placed.region, BYTE_SIZE: size}
+            if placed.offset:
+                tensor["parameters"][OFFSET] = placed.offset
+        elif goes_binary(output.name):
             chunk = tensor_to_binary(output.datatype, output.array)
             tensor["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
@@ -238,6 +266,14 @@ def _answer(queue: ModelQueue, body: InferRequest, outputs: list[OutputTensor]) 
         {BINARY_HEADER: str(len(header))},
         media_type="application/octet-stream",
     )
+
+
+def _placements(body: InferRequest) -> dict[str, Placement]:
+    """The outputs asked for in a shared memory region, by name."""
+    if isinstance(body.outputs, UnsetType):
+        return {}
+    placed = ((o.name, placement_of(o.name, o.parameters)) for o in body.outputs)
+    return {name: placement for name, placement in placed if placement is not None}
 
 
 def _json_data(queue: ModelQueue, output: OutputTensor) -> list[Any]:

@@ -32,6 +32,7 @@ from ketch.http.openapi_parts import (
 )
 from ketch.inference.extensions import ModelConfig, Statistics
 from ketch.inference.metadata import ModelMetadata, ModelReadiness, ServerMetadata
+from ketch.inference.shared_memory import RegionStatus, RegisterRequest
 
 #: Why a load or unload can conflict.
 _LINKED = {409: "An application links the model: unlink it first."}
@@ -231,6 +232,59 @@ _SECURITY_SCHEMES = {
 }
 
 
+def _shared_memory_operations() -> dict[str, dict[str, Any]]:
+    """Triton's system and CUDA shared memory extensions."""
+    region = {"name": "region", "in": "path", "required": True, "schema": {"type": "string"}}
+    regions = {"type": "array", "items": schema_ref(RegionStatus)}
+    done = {"type": "object"}
+    paths: dict[str, dict[str, Any]] = {}
+    for kind, which in (("system", "systemsharedmemory"), ("CUDA", "cudasharedmemory")):
+        prefix = f"/v2/{which}"
+        status_of = f"The {kind} shared memory regions registered"
+        paths[f"{prefix}/status"] = {
+            "get": {"summary": f"{status_of}.", "responses": answers_of("The regions.", regions)}
+        }
+        paths[f"{prefix}/region/{{region}}/status"] = {
+            "get": {
+                "summary": f"{status_of}: one of them.",
+                "parameters": [region],
+                "responses": answers_of("The region.", regions, 400),
+            }
+        }
+        paths[f"{prefix}/unregister"] = {
+            "post": {
+                "summary": f"Unregister every {kind} shared memory region.",
+                "responses": answers_of("Unregistered.", done),
+            }
+        }
+        paths[f"{prefix}/region/{{region}}/unregister"] = {
+            "post": {
+                "summary": f"Unregister a {kind} shared memory region (unknown: no error).",
+                "parameters": [region],
+                "responses": answers_of("Unregistered.", done),
+            }
+        }
+    paths["/v2/systemsharedmemory/region/{region}/register"] = {
+        "post": {
+            "summary": "Register a POSIX shared memory object (its shm_open name, an offset "
+            "and a size) as a region inputs are read from and outputs written to.",
+            "parameters": [region],
+            "requestBody": request_body(RegisterRequest),
+            "responses": answers_of(
+                "Registered.", done, 400, 409, why={409: "A region of that name is registered."}
+            ),
+        }
+    }
+    paths["/v2/cudasharedmemory/region/{region}/register"] = {
+        "post": {
+            "summary": "Refused: ketch hands clients no GPU memory (a 400 that says so).",
+            "parameters": [region],
+            "responses": answers_of("Never.", done, 400),
+        }
+    }
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route the gateway serves."""
     paths: dict[str, Any] = {
@@ -367,6 +421,7 @@ def document() -> dict[str, Any]:
     ):
         for suffix, operations in _v1_model_operations(parameters).items():
             paths[prefix + suffix] = operations
+    paths.update(_shared_memory_operations())
     paths.update(admin_operations())
     paths.update(deploy_operations())
     _bounded(paths)

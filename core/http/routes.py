@@ -60,7 +60,9 @@ from ketch.http.limits import DEFAULT_MAX_BODY_BYTES
 from ketch.http.oip import OpenInference
 from ketch.http.repository import Repository
 from ketch.http.shapes import AppRequest, FeedbackRequest, PredictRequest
+from ketch.http.shared_memory import SharedMemoryRoutes
 from ketch.http.v1 import V1Routes
+from ketch.inference.shared_memory import SharedMemory
 from ketch.serving.admission import Deadlines, predict
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
@@ -76,6 +78,7 @@ class Gateway:
     :param deployments: the routes that take deploys (``/admin/deployments``).
     :param tokens: the bearer tokens the routes need.
     :param repository: Triton's model repository routes (``/v2/repository/...``).
+    :param shared_memory: the system shared memory regions clients registered.
     :param max_body_bytes: the largest body, also once a compressed one is inflated.
     """
 
@@ -88,6 +91,7 @@ class Gateway:
         deployments: DeploymentRoutes,
         tokens: Tokens,
         repository: Repository,
+        shared_memory: SharedMemory,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.dispatcher = dispatcher
@@ -97,6 +101,7 @@ class Gateway:
         self._deployments = deployments
         self._tokens = tokens
         self._repository = repository
+        self._shared_memory = shared_memory
         self._max_body_bytes = max_body_bytes
         self._openapi = openapi.document()
         self._query_ids = QueryIds()
@@ -118,9 +123,10 @@ class Gateway:
                 route("/apps/{name}/feedback", self.app_feedback, ["POST"]),
                 route("/v2/health/live", self.live, ["GET"]),
                 route("/v2/health/ready", self.ready, ["GET"]),
-                *OpenInference(self.dispatcher, self.deadlines, self._max_body_bytes).routes(
-                    endpoints
-                ),
+                *OpenInference(
+                    self.dispatcher, self.deadlines, self._max_body_bytes, self._shared_memory
+                ).routes(endpoints),
+                *SharedMemoryRoutes(self._shared_memory).routes(endpoints),
                 *V1Routes(self.dispatcher, self.deadlines).routes(endpoints),
                 *self._repository.routes(endpoints),
                 route("/metrics", self.dispatcher.metrics.endpoint, ["GET"]),

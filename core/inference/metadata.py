@@ -23,6 +23,8 @@ EXTENSIONS = [
     "model_configuration",
     "model_repository",
     "statistics",
+    "system_shared_memory",
+    "sequence_batching",
 ]
 
 
