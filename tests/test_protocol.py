@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import pickle
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +23,12 @@ from ketch.zmq_transport.protocol import (
     decode,
     encode,
     split_envelope,
+)
+from ketch.zmq_transport.shared_arrays import (
+    SHM_FOLDER,
+    SharedArray,
+    SharedMappings,
+    SharedPlace,
 )
 
 
@@ -385,3 +393,35 @@ def test_split_envelope_returns_identity_and_message() -> None:
 def test_split_envelope_refuses_missing_envelope(frames: list[bytes]) -> None:
     with pytest.raises(ProtocolError, match=r"lacks the \[identity, head\] envelope"):
         split_envelope(frames)
+
+
+def test_an_array_in_shared_memory_goes_by_its_place_to_a_peer_that_shares_it() -> None:
+    """By reference: no buffer, and the peer maps the object itself; otherwise its bytes go."""
+    name = f"ketch-protocol-test-{os.getpid()}"
+    path = os.path.join(SHM_FOLDER, name)
+    values = np.arange(8, dtype=np.float32)
+    with open(path, "wb") as file:
+        file.write(b"\0" * 16 + values.tobytes())
+    try:
+        with open(path, "r+b") as file:
+            mapping = mmap.mmap(file.fileno(), 0)
+        view = np.frombuffer(mapping, dtype=np.float32, count=8, offset=16).reshape(2, 4)
+        shared = SharedArray.over(view, name, 16)
+
+        by_bytes = encode(Command.REQUEST, {"id": 1, "inputs": shared})
+        assert len(by_bytes) == 2, "its bytes travel as a frame"
+        by_place = encode(Command.REQUEST, {"id": 1, "inputs": shared}, by_reference=True)
+        assert len(by_place) == 1, "only the head: no buffer"
+        place = decode(as_wire(by_place)).header["inputs"]
+        assert isinstance(place, SharedPlace)
+        mapped = SharedMappings().array(place)
+        np.testing.assert_array_equal(mapped, values.reshape(2, 4))
+        assert not mapped.flags.writeable
+        # A slice of it is no longer where the object says: its bytes go, by reference or not.
+        part = encode(Command.REQUEST, {"id": 1, "inputs": shared[1:]}, by_reference=True)
+        assert len(part) == 2
+        np.testing.assert_array_equal(decode(as_wire(part)).header["inputs"], values[4:][None])
+    finally:
+        os.unlink(path)
+    with pytest.raises(ValueError, match="holding an input is gone"):
+        SharedMappings().array(place)

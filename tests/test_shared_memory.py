@@ -19,6 +19,8 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 from tests.conftest import KetchServer
 
 MODELS = """
+import mmap
+
 import numpy as np
 
 import ketch
@@ -40,6 +42,18 @@ def scale(batch: np.ndarray) -> np.ndarray:
 )
 def describe(items: list[list[int]]) -> list[dict]:
     return [{"total": sum(a), "text": f"sum {sum(a)}"} for a in items]
+
+
+@ketch.model(
+    inputs=[TensorSpec("x", "float32", (4,))], outputs=[TensorSpec("in_place", "bool", ())]
+)
+def where(batch: np.ndarray) -> list[bool]:
+    # Whether the batch's bytes lie in a mapping of shared memory, not in a message.
+    base = batch
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    owner = base.obj if isinstance(base, memoryview) else base
+    return [isinstance(owner, mmap.mmap)] * len(batch)
 
 
 @ketch.model(inputs=[TensorSpec("blob", "bytes", ())], outputs=[TensorSpec("back", "bytes", ())])
@@ -139,6 +153,30 @@ def _registered(client: Any) -> dict[str, tuple[str, int]]:
         return {r["name"]: (r["key"], r["byte_size"]) for r in listed}
     regions = client.get_system_shared_memory_status(as_json=True).get("regions", {})
     return {n: (r["key"], int(r["byte_size"])) for n, r in regions.items()}
+
+
+def test_a_local_worker_reads_the_input_where_it_lies(
+    protocol: tuple[Any, Any], regions: Regions
+) -> None:
+    """The worker maps the client's region itself: the model's batch is a view of it. The
+    same tensor sent in the request reaches the model as the bytes of a message."""
+    module, client = protocol
+    x = np.full((2, 4), 1.5, dtype=np.float32)
+    name, key, handle = regions.make(x.nbytes)
+    shm.set_shared_memory_region(handle, [x])
+    client.register_system_shared_memory(name, key, x.nbytes)
+    placed = module.InferInput("x", [2, 4], "FP32")
+    placed.set_shared_memory(name, x.nbytes)
+    assert client.infer("where", [placed]).as_numpy("in_place").tolist() == [True, True]
+    sent = module.InferInput("x", [2, 4], "FP32")
+    sent.set_data_from_numpy(x)
+    assert client.infer("where", [sent]).as_numpy("in_place").tolist() == [False, False]
+    # The client removes the object while it is registered: the worker says it is gone.
+    shm.destroy_shared_memory_region(handle)
+    regions.handles.remove(handle)
+    gone = _refused(lambda: client.infer("where", [placed]))
+    assert f"shared memory object /{key.lstrip('/')} holding an input is gone" in gone
+    assert client.infer("where", [sent]).as_numpy("in_place").tolist() == [False, False]
 
 
 def test_one_output_in_shared_memory_the_other_in_the_answer(

@@ -33,6 +33,7 @@ import contextlib
 import errno
 import logging
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,6 +63,7 @@ from ketch.zmq_transport.protocol import (
     worth_zero_copy,
 )
 from ketch.zmq_transport.security import BrokerKeys
+from ketch.zmq_transport.shared_arrays import shm_identity
 
 log = logging.getLogger("ketch.broker")
 
@@ -107,6 +109,8 @@ class WorkerInfo(Generic[M]):
     #: Who gets this worker's REPLY and ERROR messages: the queue of its model, set when the
     #: dispatcher places the worker. A worker not placed has sent no batch to reply to.
     receiver: BatchReceiver[Any] | None = None
+    #: It sees the gateway's ``/dev/shm``: inputs in shared memory go to it by their place.
+    shares_memory: bool = False
 
     def describe(self) -> str:
         return f"worker pid {self.pid} on {self.host} ({self.spec.label()})"
@@ -201,6 +205,9 @@ class Broker(Generic[M]):
         #: faster heartbeat joins (it must hear from the broker within its own liveness).
         self._tick_now = heartbeat.interval_s / 2
         self._faster_worker = asyncio.Event()
+        #: This gateway's ``/dev/shm``, which workers that share it say in READY.
+        self._shm = shm_identity()
+        self._hostname = socket.gethostname()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -304,7 +311,7 @@ class Broker(Generic[M]):
             header: dict[str, Any] = {"id": batch_id, "inputs": inputs}
             if params is not None:
                 header["params"] = params
-            frames = encode(Command.REQUEST, header)
+            frames = encode(Command.REQUEST, header, by_reference=worker.shares_memory)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"inputs cannot be sent to {worker.spec.label()}: {exc}") from exc
         return self._send_frames(worker.identity, frames)
@@ -431,6 +438,9 @@ class Broker(Generic[M]):
                 ready.host,
                 ready.capacity,
                 self._worker_heartbeat(ready.heartbeat_ms),
+                shares_memory=ready.shm is not None
+                and ready.shm == self._shm
+                and ready.host == self._hostname,
             )
         except (KeyError, TypeError, ValueError) as exc:
             self._refuse(identity, f"invalid READY: {exc}", None)

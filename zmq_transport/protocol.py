@@ -19,7 +19,9 @@ Frames
       are msgpack extension values (type :data:`NDARRAY_EXT`) holding ``[buffer index,
       dtype string, shape]``; the array's bytes travel raw as ``buffers[index]``, one frame
       each, so no array is copied into the header and nothing is pickled. Numpy scalars
-      travel as plain numbers.
+      travel as plain numbers. An array in POSIX shared memory that the worker can map too
+      (READY's ``shm``) may instead be a value of type :data:`SHARED_EXT`, ``[object name,
+      byte offset, dtype, shape]``, with no buffer: :mod:`ketch.zmq_transport.shared_arrays`.
 
 Commands and their header fields (each command's header is a Struct below, :data:`HEADERS`;
 :func:`read` checks a received header against it)
@@ -27,7 +29,8 @@ Commands and their header fields (each command's header is a Struct below, :data
         ``model`` (the model's spec as a map: the transport carries it, the core decodes it),
         ``pid``, ``host``, ``capacity`` (batches the worker accepts at once, at most
         :data:`MAX_CAPACITY`), ``heartbeat_ms`` (the worker's heartbeat interval, which the
-        broker keeps to with this worker). At most :data:`MAX_READY_BYTES` in all.
+        broker keeps to with this worker), ``shm`` (which ``/dev/shm`` it sees, if any). At
+        most :data:`MAX_READY_BYTES` in all.
     ``REQUEST`` (broker -> worker): ``id`` (batch id, unique per broker), ``inputs`` (list, one
         entry per input in the batch).
     ``REPLY`` (worker -> broker): ``id``, ``outputs`` (list or array, one entry per input),
@@ -60,8 +63,11 @@ import msgpack
 import msgspec
 import numpy as np
 
+from ketch.zmq_transport.shared_arrays import SharedPlace, shared_place
+
 PROTOCOL = b"KETCH/2"
 NDARRAY_EXT = 1
+SHARED_EXT = 2
 #: Where the command byte and the header start in a message's head frame.
 _COMMAND_AT = len(PROTOCOL)
 _HEADER_AT = _COMMAND_AT + 1
@@ -146,6 +152,8 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_ms: (
         Annotated[float, msgspec.Meta(ge=MIN_HEARTBEAT_MS, le=MAX_HEARTBEAT_MS)] | None
     ) = None
+    #: Which ``/dev/shm`` the worker sees (:func:`~ketch.zmq_transport.shared_arrays.shm_identity`).
+    shm: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
@@ -212,15 +220,18 @@ class Message:
 
 
 def encode(
-    command: Command, header: msgspec.Struct | Mapping[str, Any] | None = None
+    command: Command,
+    header: msgspec.Struct | Mapping[str, Any] | None = None,
+    *,
+    by_reference: bool = False,
 ) -> list[Frame]:
     """Frames for one message, without envelope: ``[head, *buffers]``; the header is the
-    command's Struct (or, for tests of malformed peers, a plain map)."""
+    command's Struct (or, for tests of malformed peers, a plain map). With ``by_reference``
+    (a peer that sees this process's ``/dev/shm``), arrays in shared memory go by their place."""
     buffers: list[Frame] = []
     fields = msgspec.structs.asdict(header) if isinstance(header, msgspec.Struct) else header
-    packed = msgpack.packb(
-        fields or {}, default=functools.partial(_pack_extension, buffers), use_bin_type=True
-    )
+    pack = functools.partial(_pack_extension, buffers, by_reference)
+    packed = msgpack.packb(fields or {}, default=pack, use_bin_type=True)
     return [b"".join((PROTOCOL, command.value, packed)), *buffers]
 
 
@@ -277,20 +288,16 @@ def split_envelope(frames: Sequence[bytes]) -> tuple[bytes, Sequence[bytes]]:
     return frames[0], frames[1:]
 
 
-def _pack_extension(buffers: list[Frame], value: Any) -> Any:
+def _pack_extension(buffers: list[Frame], by_reference: bool, value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             return value.tolist()  # object arrays have no raw byte form; send their items
+        if by_reference and (place := shared_place(value)) is not None:
+            name, offset = place
+            shared = [name, offset, _dtype_description(value.dtype), list(value.shape)]
+            return msgpack.ExtType(SHARED_EXT, msgpack.packb(shared))
         array = value if value.flags.c_contiguous else value.copy(order="C")
-        # ml_dtypes' types (bfloat16) say only "<V2" in their str: they go by name.
-        dtype = (
-            array.dtype.descr
-            if array.dtype.fields
-            else array.dtype.name
-            if array.dtype.kind == "V"
-            else array.dtype.str
-        )
-        meta = msgpack.packb([len(buffers), dtype, list(array.shape)])
+        meta = msgpack.packb([len(buffers), _dtype_description(array.dtype), list(array.shape)])
         # A uint8 view gives a flat byte buffer for every dtype, datetime64 included.
         buffers.append(array.reshape(-1).view(np.uint8).data if array.size else b"")
         return msgpack.ExtType(NDARRAY_EXT, meta)
@@ -301,7 +308,17 @@ def _pack_extension(buffers: list[Frame], value: Any) -> Any:
     raise TypeError(f"cannot send a value of type {type(value).__qualname__}")
 
 
+def _dtype_description(dtype: np.dtype[Any]) -> Any:
+    # ml_dtypes' types (bfloat16) say only "<V2" in their str: they go by name.
+    if dtype.fields:
+        return dtype.descr
+    return dtype.name if dtype.kind == "V" else dtype.str
+
+
 def _unpack_extension(buffers: Sequence[bytes], code: int, data: bytes) -> Any:
+    if code == SHARED_EXT:
+        name, offset, dtype, shape = msgpack.unpackb(data)
+        return SharedPlace(name, offset, _dtype_of(dtype), shape)
     if code != NDARRAY_EXT:
         raise ProtocolError(f"unknown msgpack extension type {code}")
     index, dtype, shape = msgpack.unpackb(data)

@@ -28,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ketch.zmq_transport.liveness import Heartbeat, peer_expired
 from ketch.zmq_transport.protocol import (
     BatchError,
+    BatchInputError,
     BatchOutputError,
     Command,
     Disconnect,
@@ -46,6 +47,7 @@ from ketch.zmq_transport.protocol import (
     worth_zero_copy,
 )
 from ketch.zmq_transport.security import WorkerKeys
+from ketch.zmq_transport.shared_arrays import SharedMappings, SharedPlace, shm_identity
 
 log = logging.getLogger("ketch.worker")
 
@@ -99,13 +101,23 @@ def serve(model: Mapping[str, Any], label: str, predict: Predict, options: Worke
         context.term()
 
 
+#: This worker's mappings of the shared-memory objects that inputs lie in.
+_SHARED = SharedMappings()
+
+
 def run_batch(frames: Sequence[bytes], predict: Predict, label: str) -> list[Frame]:
     """Decode one REQUEST, run it, and return the encoded REPLY or ERROR (with envelope)."""
     request = read(decode(frames), Request)
     batch_id = request.id
     started = time.perf_counter()
+    inputs = request.inputs
+    if isinstance(inputs, SharedPlace):
+        try:
+            inputs = _SHARED.array(inputs)
+        except (OSError, ValueError) as exc:
+            return _error(batch_id, ErrorKind.BAD_INPUT, BatchInputError(f"model {label!r}: {exc}"))
     try:
-        outputs = predict(request.inputs, request.params)
+        outputs = predict(inputs, request.params)
     except BatchError as exc:
         return _error(batch_id, exc.kind, exc)
     except Exception as exc:
@@ -131,6 +143,7 @@ def _ready_header(model: Mapping[str, Any], options: WorkerOptions) -> Ready:
         host=socket.gethostname(),
         capacity=options.capacity,
         heartbeat_ms=options.heartbeat.interval_s * 1000,
+        shm=shm_identity(),
     )
 
 

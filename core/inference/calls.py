@@ -26,7 +26,7 @@ from ketch.inference.tensors import (
     v2_datatype_of,
 )
 from ketch.serving.admission import Deadlines, predict
-from ketch.serving.jobs import PredictionError
+from ketch.serving.jobs import Inputs, PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sequence_queue import SequenceQueue
 
@@ -163,7 +163,7 @@ def timeout_ms_of_parameters(parameters: Mapping[str, Any]) -> float | None:
     raise PredictionError(400, f"'parameters.timeout' must be microseconds > 0, got {timeout_us!r}")
 
 
-def _items(queue: ModelQueue, tensors: dict[str, np.ndarray]) -> list[Any]:
+def _items(queue: ModelQueue, tensors: dict[str, np.ndarray]) -> Inputs:
     """The request's tensors cut into the items the model's queue takes (see the module's
     docstring); checked against the model's declared tensors first, for errors naming them."""
     declared = {t.name: t for t in queue.spec.inputs}
@@ -202,7 +202,9 @@ def _items(queue: ModelQueue, tensors: dict[str, np.ndarray]) -> list[Any]:
     )
     if len(tensors) == 1 and len(declared) <= 1:
         (array,) = tensors.values()
-        return list(array) if as_arrays else array.tolist()
+        # The tensor itself, not its rows: stacking them again would copy what may lie in a
+        # client's shared memory, which a worker on this machine reads where it lies.
+        return array if as_arrays else array.tolist()
     columns = {name: array.tolist() for name, array in tensors.items()}
     batch = len(next(iter(columns.values())))
     return [{name: column[i] for name, column in columns.items()} for i in range(batch)]

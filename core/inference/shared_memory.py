@@ -2,9 +2,13 @@
 shared-memory objects (``shm_open``'s names, ``/dev/shm`` here) as named regions, then name a
 region, an offset and a size in place of an input's data or as where an output goes.
 
-The gateway maps each region once, at registration, and reads an input's bytes out of the
-mapping (no copy through a socket or the request body); it writes an output's bytes into its
-region and answers with the output's shape and size only. A region stays mapped until it is
+The gateway maps each region once, at registration. An input of numbers is a read-only view
+of the client's bytes (no copy through a socket or the request body), and when it makes a batch
+by itself, a worker that sees the same ``/dev/shm`` gets its place in the object instead of its
+bytes and maps it in turn (:mod:`ketch.zmq_transport.shared_arrays`): the model reads the
+client's memory. Batched with other requests, or sent to a worker elsewhere, its bytes go as
+any input's do. BYTES inputs are copied out as ``bytes``. The gateway writes an output's bytes
+into its region and answers with the output's shape and size only. A region stays mapped until it is
 unregistered; one still read by a request in flight is closed when that request lets go.
 
 Trust: a client allowed to predict may map any shared-memory object the server's user may
@@ -17,6 +21,7 @@ import mmap
 import os
 import re
 import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +29,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from ketch.inference.tensors import tensor_from_binary, tensor_to_binary
+from ketch.inference.tensors import V2_TO_NUMPY, tensor_from_binary, tensor_to_binary
 from ketch.serving.jobs import PredictionError
+from ketch.zmq_transport.shared_arrays import SharedArray
 
 #: Where Linux keeps POSIX shared-memory objects: ``shm_open("/name")`` is this folder's file.
 SHM_FOLDER = "/dev/shm"
@@ -67,6 +73,8 @@ class Placement:
 class _Region:
     status: RegionStatus
     mapping: mmap.mmap
+    #: The object's name in ``/dev/shm`` (its key without the slash).
+    object_name: str
 
 
 def placement_of(name: str, parameters: Mapping[str, Any]) -> Placement | None:
@@ -132,7 +140,7 @@ class SharedMemory:
         finally:
             os.close(descriptor)
         status = RegionStatus(name=name, key=key, offset=offset, byte_size=byte_size)
-        self._regions[name] = _Region(status, mapping)
+        self._regions[name] = _Region(status, mapping, match.group(1))
 
     def unregister(self, name: str | None) -> None:
         """Let region ``name`` go (every region with None); an unknown name is no error."""
@@ -152,13 +160,24 @@ class SharedMemory:
 
     def read(self, name: str, datatype: str, shape: list[int], where: Placement) -> np.ndarray:
         """Input ``name``'s tensor out of the region ``where`` places it in."""
+        region = self._region(where.region)
         mapping, start = self._span(name, where)
-        end = start + where.byte_size
-        # Numbers are read from the mapping itself (numpy copies them once, into the batch's
-        # byte order); BYTES elements become bytes objects, so they are copied here.
-        raw = mapping[start:end] if datatype == "BYTES" else memoryview(mapping)[start:end]
+        dtype = V2_TO_NUMPY.get(datatype)
+        if dtype is not None and datatype != "BYTES" and sys.byteorder == "little":
+            # Numbers stay where they lie: a view of the client's bytes (read-only), which a
+            # worker that sees this /dev/shm maps itself rather than receiving them.
+            count = int(np.prod(shape)) if shape else 1
+            if count * dtype.itemsize != where.byte_size:
+                raise PredictionError(
+                    400,
+                    f"input {name!r}: shape {shape} of {datatype} takes "
+                    f"{count * dtype.itemsize} bytes, its shared memory gives {where.byte_size}",
+                )
+            array = np.frombuffer(mapping, dtype=dtype, count=count, offset=start).reshape(shape)
+            array.flags.writeable = False
+            return SharedArray.over(array, region.object_name, start)
         try:
-            return tensor_from_binary(datatype, shape, raw)  # type: ignore[arg-type]
+            return tensor_from_binary(datatype, shape, mapping[start : start + where.byte_size])
         except ValueError as exc:
             raise PredictionError(400, f"input {name!r}: {exc}") from None
 

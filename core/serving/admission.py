@@ -48,7 +48,7 @@ class Deadlines:
 
 async def predict(
     queue: ModelQueue,
-    inputs: list[Any],
+    inputs: Inputs,
     deadline: Deadline,
     params: dict[str, Any] | None = None,
     binding: Binding | None = None,
@@ -91,12 +91,13 @@ async def predict(
     return outputs
 
 
-def _batchable(queue: ModelQueue, inputs: list[Any]) -> Inputs:
+def _batchable(queue: ModelQueue, inputs: Inputs) -> Inputs:
     if queue.spec.batch_input != "numpy":
         _check_items(queue, inputs)
         return inputs
     try:
-        array = np.asarray(inputs)
+        # asanyarray: an array in shared memory stays one (a worker may read it in place).
+        array = np.asanyarray(inputs)
     except (ValueError, TypeError) as exc:
         raise _not_stackable(queue, str(exc)) from None
     if array.dtype == object:
@@ -122,7 +123,7 @@ def _check_tensor(queue: ModelQueue, array: np.ndarray) -> None:
     )
 
 
-def _check_items(queue: ModelQueue, inputs: list[Any]) -> None:
+def _check_items(queue: ModelQueue, inputs: Inputs) -> None:
     """A 400 for a request whose inputs cannot be what the model's runtime announced, before
     they can share a batch with other requests' (and fail it)."""
     tensors = queue.spec.inputs
