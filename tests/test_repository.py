@@ -72,6 +72,7 @@ def test_unload_and_load_with_a_config_override(server: KetchServer) -> None:
         assert _infer(http, "double") == [2.0, 5.0]
         http.unload_model("double")
         assert not http.is_model_ready("double")
+        assert not grpc.is_model_ready("double")  # known, unloaded: not ready (no NOT_FOUND)
         with pytest.raises(InferenceServerException) as gone:
             _infer(http, "double")
         assert "Request for unknown model" in gone.value.message()
@@ -107,6 +108,7 @@ def test_unload_and_load_with_a_config_override(server: KetchServer) -> None:
         with pytest.raises(InferenceServerException) as files:
             http.load_model("double", config="{}", files={"file:1/model.py": b"x"})
         assert "takes no model files" in files.value.message()
+        assert files.value.status() == "500"  # as Triton answers it (gRPC: INTERNAL)
         with pytest.raises(InferenceServerException) as unknown:
             grpc.unload_model("nope")
         assert unknown.value.status() == "StatusCode.NOT_FOUND"

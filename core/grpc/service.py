@@ -113,6 +113,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
 
     async def ModelReady(self, request: Any, context: Context) -> Any:
         async def answer() -> Any:
+            if self._repository.is_unloaded(request.name):
+                return pb.ModelReadyResponse(ready=False)  # known, out of service: not ready
             ready = ModelReadiness.of(self._queue(request.name, request.version))
             return pb.ModelReadyResponse(ready=ready.ready)
 

@@ -36,6 +36,11 @@ from ketch.inference.shared_memory import RegionStatus, RegisterRequest
 
 #: Why a load or unload can conflict.
 _LINKED = {409: "An application links the model: unlink it first."}
+_LOAD_ERRORS = {
+    **_LINKED,
+    500: "The load names model files (file: parameters), which ketch does not take; Triton "
+    "answers them so.",
+}
 
 
 def _v1_model_operations(parameters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -354,7 +359,9 @@ def document() -> dict[str, Any]:
                 "summary": "Load a model back, with an optional config override (needs "
                 "--model-control explicit).",
                 "parameters": [NAME_PARAM],
-                "responses": answers_of("Loaded.", {"type": "object"}, 400, 404, 409, why=_LINKED),
+                "responses": answers_of(
+                    "Loaded.", {"type": "object"}, 400, 404, 409, 500, why=_LOAD_ERRORS
+                ),
             }
         },
         "/v2/repository/models/{name}/unload": {

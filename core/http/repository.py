@@ -88,6 +88,10 @@ class Repository:
             ]
         return sorted(entries, key=lambda e: (e.name, e.version))
 
+    def is_unloaded(self, name: str) -> bool:
+        """Whether ``name`` is a model taken out of service by :meth:`unload`."""
+        return name in self._unloaded and not self._dispatcher.knows_model(name)
+
     async def unload(self, name: str) -> None:
         self._allowed("unload")
         if name in self._unloaded and not self._dispatcher.knows_model(name):
@@ -114,8 +118,10 @@ class Repository:
 
     async def _load(self, name: str, override: dict[str, Any] | None, files: list[str]) -> None:
         if files:
+            # Triton answers a load whose files it cannot take INTERNAL (500), and its
+            # clients check for that status: ketch answers as Triton does.
             raise PredictionError(
-                400,
+                500,
                 f"failed to poll from model repository: ketch takes no model files with a load "
                 f"(got {files[:3]}); push code and artifacts with ketch deploy",
             )
