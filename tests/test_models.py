@@ -422,6 +422,8 @@ def test_spec_to_dict_is_plain_data() -> None:
         "max_queue": 4096,
         "cache_size": None,
         "stall_timeout_s": None,
+        "sequence": False,
+        "sequence_idle_timeout_s": 60.0,
         "pool": {
             "min_replicas": 0,
             "max_replicas": 1,
