@@ -353,7 +353,7 @@ class ModelQueue:
         """Send waiting inputs to every worker that has room: up to its batch size limit, and
         once ``max_delay_ms`` has passed for the oldest unless the batch is already full."""
         while self._pending:
-            worker = next((w for w in self._workers.values() if w.has_room), None)
+            worker = self._pick_worker()
             if worker is None:
                 return
             limit = worker.sizer.limit if worker.sizer is not None else self.spec.batch_limit
@@ -364,6 +364,18 @@ class ModelQueue:
             if not parts:
                 return
             self._send(worker, parts)
+
+    def _pick_worker(self) -> WorkerSlot | None:
+        """The worker with room and the fewest batches in flight; among equals, the one sent
+        to longest ago, so that every worker takes its share (not only the first to join)."""
+        best: WorkerSlot | None = None
+        for slot in self._workers.values():
+            if slot.has_room and (
+                best is None
+                or (len(slot.batches), slot.last_batch_id) < (len(best.batches), best.last_batch_id)
+            ):
+                best = slot
+        return best
 
     def _should_wait(self, limit: int) -> bool:
         """Whether to hold a batch smaller than ``limit`` for more inputs (``max_delay_ms``);
@@ -409,6 +421,7 @@ class ModelQueue:
                 self.statistics.queued(sent_at - part.job.arrived)
         batch = Batch(batch_id, worker.info, parts, len(inputs), sent_at)
         worker.batches[batch.id] = batch
+        worker.last_batch_id = batch_id
         self.last_batch_size = batch.size
         self._metrics.batch_sent(batch.size)
         if self._stall_timer is None:

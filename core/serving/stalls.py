@@ -59,6 +59,8 @@ class WorkerSlot:
     stalls: int = 0
     #: Stalled batches it still holds: while it does, it gets no more.
     stalled_batches: int = 0
+    #: The last batch sent to it (0: none yet): who waited longest for one.
+    last_batch_id: int = 0
 
     @property
     def has_room(self) -> bool:

@@ -85,6 +85,36 @@ async def test_a_lone_request_is_sent_at_once_and_answered() -> None:
 
 
 @in_loop
+async def test_one_request_at_a_time_goes_to_every_worker_in_turn() -> None:
+    # A worker that joined later (a hand-started one beside a local one) takes its share:
+    # the free worker sent to longest ago gets the next batch, not always the first to join.
+    queue, sink, _ = new_queue()
+    local, remote = make_worker(queue.spec), make_worker(queue.spec, host="elsewhere")
+    queue.add_worker(local)
+    queue.add_worker(remote)
+    for n in range(6):
+        answer = queue.submit([n], within())
+        sent = sink.sent[-1]
+        queue.batch_replied(sent.worker, sent.batch_id, [n])
+        assert await asyncio.wait_for(answer, 1) == [n]
+    assert [sent.worker for sent in sink.sent] == [local, remote] * 3
+
+
+@in_loop
+async def test_a_batch_goes_to_the_worker_with_the_fewest_in_flight() -> None:
+    queue, sink, _ = new_queue()
+    first, second = make_worker(queue.spec, capacity=4), make_worker(queue.spec, capacity=4)
+    queue.add_worker(first)
+    queue.add_worker(second)
+    for n in range(4):
+        queue.submit([n], within())
+    assert [sent.worker for sent in sink.sent] == [first, second, first, second]
+    queue.batch_replied(second, sink.sent[1].batch_id, [1])
+    queue.submit([4], within())
+    assert sink.sent[-1].worker is second  # one in flight against the first's two
+
+
+@in_loop
 async def test_requests_waiting_for_a_busy_worker_share_batches_up_to_max_batch_size() -> None:
     queue, sink, _ = new_queue(max_batch_size=4)
     worker = make_worker(queue.spec)
