@@ -36,7 +36,7 @@ from ketch.plugin_manager import Plugins, load_plugins
 from ketch.pools.cgroups import MemoryCgroups
 from ketch.pools.discovery import Served, discover
 from ketch.pools.scaling import PoolManager
-from ketch.pools.supervisor import LocalWorkers, ProcessEvents
+from ketch.pools.supervisor import ProcessEvents, WorkerProcesses
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.specs.deployments import parse_model_argument
@@ -202,7 +202,7 @@ async def serve(
         raise
     tokens = Tokens(options.admin_token, options.predict_token)
     deadlines = Deadlines(options.request_timeout_s)
-    workers: LocalWorkers | None = None
+    workers: WorkerProcesses | None = None
     pools: PoolManager | None = None
     apps: Applications | None = None
     deployer: Deployer | None = None
@@ -245,7 +245,7 @@ async def serve(
         report(events.listening(f"http://{_url_host(host)}:{port}"))
         for app_spec in served.apps:
             report(events.app_started(app_spec.name, app_spec.policy, list(app_spec.models)))
-        workers = LocalWorkers(
+        workers = WorkerProcesses(
             options.source or "",
             broker.local_endpoint,
             options.heartbeat,

@@ -22,7 +22,7 @@ from ketch.http.routes import Gateway
 from ketch.inference.shared_memory import SharedMemory
 from ketch.plugin_manager import load_plugins
 from ketch.pools.scaling import PoolManager
-from ketch.pools.supervisor import LocalWorkers, ProcessEvents
+from ketch.pools.supervisor import ProcessEvents, WorkerProcesses
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.zmq_transport.liveness import Heartbeat
@@ -36,7 +36,7 @@ def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:
     dispatcher = Dispatcher(lambda event: None)
     plugins = load_plugins()
     apps = Applications(StateStore(tmp_path), plugins, dispatcher, Deadlines(60.0))
-    workers = LocalWorkers("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS, plugins)
+    workers = WorkerProcesses("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS, plugins)
     pools = PoolManager(dispatcher, workers)
     admin = Admin(dispatcher, pools, apps, plugins, lambda event: None, 60.0)
     store = Store(tmp_path / "store")

@@ -46,6 +46,14 @@ class WorkerProcess(Protocol):
     def pid(self) -> int: ...
 
     @property
+    def host(self) -> str:
+        """The machine it runs on (its hostname, as its READY says)."""
+
+    @property
+    def lost_because(self) -> str | None:
+        """Why it ended where no exit code says (its machine went away), once it has."""
+
+    @property
     def sentinel(self) -> int: ...
 
     def exitcode(self) -> int | None:
@@ -91,7 +99,14 @@ def start_process(context: Any, target: Any, args: tuple[Any, ...], name: str) -
     return process
 
 
+#: This machine, where the processes started here run.
+HOSTNAME = socket.gethostname()
+
+
 class _ForkserverChild:
+    host = HOSTNAME
+    lost_because = None
+
     def __init__(self, process: Any) -> None:
         self._process = process
         self.pid: int = process.pid
@@ -113,6 +128,9 @@ class _ForkserverChild:
 
 
 class _InterpreterChild:
+    host = HOSTNAME
+    lost_because = None
+
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self._popen = popen
         self.pid = popen.pid

@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import socket
 import time
 from dataclasses import dataclass
 
-from ketch.pools.supervisor import LocalWorkers
+from ketch.pools.supervisor import WorkerProcesses
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.queue import ModelQueue
-from ketch.serving.sink import Worker
-from ketch.serving.status import idle_local_workers
+from ketch.serving.sink import ProcessKey, Worker, process_of
+from ketch.serving.status import idle_started_workers
 from ketch.specs.models import ModelSpec, PoolSpec
 
 #: How often workers' resident memory is compared with their model's ``memory_mb``.
@@ -75,7 +74,7 @@ class PoolManager:
     event says a process grew.
     """
 
-    def __init__(self, dispatcher: Dispatcher, workers: LocalWorkers) -> None:
+    def __init__(self, dispatcher: Dispatcher, workers: WorkerProcesses) -> None:
         self._dispatcher = dispatcher
         self._workers = workers
         self._states: dict[tuple[str, str], ScaleState] = {}
@@ -97,8 +96,8 @@ class PoolManager:
         self._states.pop(spec.key, None)
         self._cancel_timer(spec.key)
         queue.managed_by(None)
-        for pid in self._workers.pids(spec):
-            self._workers.retire(pid)
+        for process in self._workers.started(spec):
+            self._workers.retire(process)
         self._dispatcher.retire_all(spec.key, reason)
         self._workers.release(spec, still_starting=set(queue.starting))
         self._dispatcher.forget(spec.key)
@@ -117,15 +116,14 @@ class PoolManager:
     async def _check_memory(self) -> None:
         while True:
             await asyncio.sleep(MEMORY_CHECK_S)  # a sampling period, not a wait for a peer
-            for spec, pid, why in self._workers.over_memory():
-                self._dispatcher.recycle(spec, pid, why)
+            for spec, process, why in self._workers.over_memory():
+                self._dispatcher.recycle(spec, process, why)
 
-    def process_joined(self, pid: int) -> None:
-        self._workers.joined(pid)
+    def process_joined(self, process: ProcessKey) -> None:
+        self._workers.joined(process)
 
     def process_stalled(self, worker: Worker, why: str) -> None:
-        if worker.host == socket.gethostname():
-            self._workers.kill(worker.pid, why)
+        self._workers.kill(process_of(worker), why)  # nothing for a worker started by hand
 
     def pool_changed(self, queue: ModelQueue) -> None:
         """Start or stop workers as ``queue``'s load asks, and set the timer for the next
@@ -147,9 +145,9 @@ class PoolManager:
 
     def _scale_down(self, queue: ModelQueue, count: int, current: int) -> None:
         spec = queue.spec
-        retired = idle_local_workers(queue, count, local_pids=self._workers.pids(spec))
+        retired = idle_started_workers(queue, count, started=self._workers.started(spec))
         for worker in retired:
-            self._workers.retire(worker.pid)
+            self._workers.retire(process_of(worker))
             self._dispatcher.retire(
                 worker,
                 f"scaled down after {spec.pool.idle_timeout_s:g} s with more workers than load",

@@ -24,6 +24,7 @@ from ketch import __version__
 from ketch.plugin_manager import Plugins
 from ketch.pools.cgroups import MemoryCgroups
 from ketch.pools.processes import (
+    HOSTNAME,
     Kind,
     LaunchError,
     WorkerProcess,
@@ -35,6 +36,7 @@ from ketch.pools.processes import (
 from ketch.pools.restarts import KILLED_FROM_OUTSIDE, CrashHistory, RestartPolicy
 from ketch.pools.templates import control_pair, fork_worker, read_ready
 from ketch.pools.worker_output import OutputTail
+from ketch.serving.sink import ProcessKey
 from ketch.specs.models import ModelSpec
 from ketch.specs.resources import over_memory_cap
 from ketch.worker.plan import WorkerPlan
@@ -46,7 +48,7 @@ log = logging.getLogger("ketch.workers")
 
 @dataclass(frozen=True, slots=True)
 class ProcessEvents:
-    """Where :class:`LocalWorkers` reports what happens to its processes (the dispatcher).
+    """Where :class:`WorkerProcesses` reports what happens to its processes (the dispatcher).
 
     ``exited`` gets the exit described for people (exit code or signal, and the last lines the
     worker printed) and whether it was expected (scaled down, shutting down); ``unhealthy`` is
@@ -57,8 +59,8 @@ class ProcessEvents:
     (None: it is gone).
     """
 
-    started: Callable[[ModelSpec, int], None]
-    exited: Callable[[ModelSpec, int, str, bool], None]
+    started: Callable[[ModelSpec, ProcessKey], None]
+    exited: Callable[[ModelSpec, ProcessKey, str, bool], None]
     unhealthy: Callable[[ModelSpec, str], None]
     crash_looping: Callable[[ModelSpec, str, int, float], None]
     template: Callable[[ModelSpec, dict[str, Any] | None], None]
@@ -71,7 +73,8 @@ class _Process:
     handle: WorkerProcess
     output: OutputTail
     started: float
-    watched: psutil.Process
+    #: Its memory, read here; None where it runs on another machine.
+    watched: psutil.Process | None
     #: Why the gateway killed it (over its memory cap), for the exit's description.
     killed_because: str | None = None
     #: It said READY: killed from outside afterwards, it did not crash.
@@ -87,7 +90,7 @@ class _Template:
     ready: bool = False
 
 
-class LocalWorkers:
+class WorkerProcesses:
     """Starts and watches the worker processes the pool manager asks for.
 
     A process that exits unasked is reported at once (so its batches are retried without
@@ -127,9 +130,9 @@ class LocalWorkers:
         self._events = events
         self._policy = restart_policy or RestartPolicy()
         self._context = forkserver_context()
-        self._processes: dict[int, _Process] = {}
+        self._processes: dict[ProcessKey, _Process] = {}
         self._templates: dict[tuple[str, str], _Template] = {}
-        self._retired: set[int] = set()
+        self._retired: set[ProcessKey] = set()
         self._crashes: dict[tuple[str, str, Kind], CrashHistory] = {}
         self._not_before: dict[tuple[str, str], float] = {}
         #: Models no longer served: a template restart that was pending is skipped.
@@ -137,11 +140,11 @@ class LocalWorkers:
         self._stopping = False
         self._all_exited: asyncio.Event | None = None
 
-    def pids(self, spec: ModelSpec) -> set[int]:
-        """The pids of ``spec``'s local workers (not its template)."""
+    def started(self, spec: ModelSpec) -> set[ProcessKey]:
+        """The worker processes started for ``spec`` (not its template)."""
         return {
-            pid
-            for pid, entry in self._processes.items()
+            process
+            for process, entry in self._processes.items()
             if entry.spec.key == spec.key and entry.kind == "worker"
         }
 
@@ -159,9 +162,9 @@ class LocalWorkers:
         if spec.start.preload and spec.key not in self._templates:
             self._start_template(spec)
 
-    def joined(self, pid: int) -> None:
-        """Worker ``pid`` said READY."""
-        entry = self._processes.get(pid)
+    def joined(self, process: ProcessKey) -> None:
+        """Worker ``process`` said READY."""
+        entry = self._processes.get(process)
         if entry is not None:
             entry.joined = True
 
@@ -200,7 +203,7 @@ class LocalWorkers:
         finally:
             os.close(output_w)
         self._watch(spec, "worker", handle, output_r)
-        self._events.started(spec, handle.pid)
+        self._events.started(spec, (handle.host, handle.pid))
         return True
 
     def _plan(self, spec: ModelSpec) -> WorkerPlan:
@@ -269,31 +272,36 @@ class LocalWorkers:
         self._not_before[spec.key] = time.monotonic() + self._policy.first_delay_s
         template = self._templates.get(spec.key)
         if template is not None:
-            self._processes[template.pid].handle.kill()
+            self._processes[(HOSTNAME, template.pid)].handle.kill()
 
     def _watch(self, spec: ModelSpec, kind: Kind, handle: WorkerProcess, output_r: int) -> None:
         name = f"{spec.label()} {'' if kind == 'worker' else kind + ' '}pid {handle.pid}"
         cap = spec.resources.memory_mb
         cgroup = None
-        if kind == "worker" and cap is not None and self._cgroups is not None:
+        local = handle.host == HOSTNAME
+        if kind == "worker" and cap is not None and self._cgroups is not None and local:
             cgroup = self._cgroups.confine(handle.pid, cap)
-        self._processes[handle.pid] = _Process(
+        process = (handle.host, handle.pid)
+        self._processes[process] = _Process(
             spec,
             kind,
             handle,
             OutputTail(output_r, name),
             time.monotonic(),
-            psutil.Process(handle.pid),
+            psutil.Process(handle.pid) if local else None,
             cgroup=cgroup,
         )
-        asyncio.get_running_loop().add_reader(handle.sentinel, self._on_exit, handle.pid)
+        asyncio.get_running_loop().add_reader(handle.sentinel, self._on_exit, process)
 
-    def over_memory(self) -> list[tuple[ModelSpec, int, str]]:
-        """Kill every worker over its model's ``memory_mb``; returns (spec, pid, why) of each."""
+    def over_memory(self) -> list[tuple[ModelSpec, ProcessKey, str]]:
+        """Kill every worker of this machine over its model's ``memory_mb``; returns (spec,
+        process, why) of each. (A worker placed elsewhere is watched where it runs.)"""
         killed = []
-        for pid, entry in self._processes.items():
+        for (host, pid), entry in self._processes.items():
             cap = entry.spec.resources.memory_mb
             if cap is None or entry.kind != "worker" or entry.killed_because is not None:
+                continue
+            if entry.watched is None:
                 continue
             rss_mb = over_memory_cap(entry.watched, cap)
             if rss_mb is None:
@@ -303,22 +311,23 @@ class LocalWorkers:
                 f"over its memory_mb cap of {cap} MB"
             )
             entry.handle.kill()
-            killed.append((entry.spec, pid, entry.killed_because))
+            killed.append((entry.spec, (host, pid), entry.killed_because))
         return killed
 
-    def retire(self, pid: int) -> None:
-        """``pid`` is about to be told DISCONNECT: its exit is expected, not a crash."""
-        self._retired.add(pid)
+    def retire(self, process: ProcessKey) -> None:
+        """``process`` is about to be told DISCONNECT: its exit is expected, not a crash."""
+        self._retired.add(process)
 
-    def kill(self, pid: int, why: str) -> None:
-        """Kill worker ``pid`` for cause (it hung); its exit is described with ``why``."""
-        entry = self._processes.get(pid)
+    def kill(self, process: ProcessKey, why: str) -> None:
+        """Kill worker ``process`` for cause (it hung); its exit is described with ``why``.
+        Nothing for a process it did not start."""
+        entry = self._processes.get(process)
         if entry is None or entry.kind != "worker" or entry.killed_because is not None:
             return
-        entry.killed_because = f"worker pid {pid} was killed: {why}"
+        entry.killed_because = f"worker pid {process[1]} was killed: {why}"
         entry.handle.kill()
 
-    def release(self, spec: ModelSpec, still_starting: set[int]) -> None:
+    def release(self, spec: ModelSpec, still_starting: set[ProcessKey]) -> None:
         """``spec`` is no longer served: stop its template and its workers still starting
         (``still_starting``), and forget its restart history (the model may be added again,
         afresh). Its ready workers were told DISCONNECT and exit by themselves."""
@@ -330,15 +339,16 @@ class LocalWorkers:
             if not template.ready:
                 asyncio.get_running_loop().remove_reader(template.control.fileno())
             template.control.close()
-        for pid, entry in self._processes.items():
+        for process, entry in self._processes.items():
             if entry.spec.key != spec.key:
                 continue
-            self._retired.add(pid)
-            if entry.kind == "template" or pid in still_starting:
+            self._retired.add(process)
+            if entry.kind == "template" or process in still_starting:
                 entry.handle.terminate()
 
-    def _on_exit(self, pid: int) -> None:
-        entry = self._processes.pop(pid)
+    def _on_exit(self, process: ProcessKey) -> None:
+        entry = self._processes.pop(process)
+        pid = process[1]
         asyncio.get_running_loop().remove_reader(entry.handle.sentinel)
         exitcode = entry.handle.exitcode()
         entry.handle.close()
@@ -350,7 +360,11 @@ class LocalWorkers:
                     f"{entry.spec.resources.memory_mb} MB (its cgroup's memory.max)"
                 )
             MemoryCgroups.remove(entry.cgroup)
-        how = entry.killed_because or describe_exit(entry.kind, pid, exitcode)
+        how = (
+            entry.killed_because
+            or entry.handle.lost_because
+            or describe_exit(entry.kind, pid, exitcode)
+        )
         if entry.killed_because is None and (tail := entry.output.tail()):
             how = f"{how}; its last output:\n{tail}"
             if entry.spec.start.python is not None and "No module named 'ketch'" in tail:
@@ -359,17 +373,17 @@ class LocalWorkers:
                     "to run this model's workers there)"
                 )
         entry.output.close()
-        expected = self._stopping or pid in self._retired
-        self._retired.discard(pid)
+        expected = self._stopping or process in self._retired
+        self._retired.discard(process)
         if entry.kind == "template":
             self._template_exited(entry, how, expected)
         else:
-            self._worker_exited(entry, pid, how, expected, exitcode)
+            self._worker_exited(entry, process, how, expected, exitcode)
         if self._stopping and not self._processes and self._all_exited is not None:
             self._all_exited.set()
 
     def _worker_exited(
-        self, entry: _Process, pid: int, how: str, expected: bool, exitcode: int | None
+        self, entry: _Process, process: ProcessKey, how: str, expected: bool, exitcode: int | None
     ) -> None:
         spec = entry.spec
         looping: tuple[str, int, float] | None = None
@@ -379,7 +393,7 @@ class LocalWorkers:
             delay, looping = self._restart_delay(entry, how, exitcode)
             log.warning("%s; its replacement may start in %.1f s", how, delay)
             self._not_before[spec.key] = time.monotonic() + delay
-        self._events.exited(spec, pid, how, expected)
+        self._events.exited(spec, process, how, expected)
         if looping is not None:
             # After the exit: the model then has no process starting, which is what makes
             # it unhealthy while it waits.

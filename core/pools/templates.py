@@ -28,6 +28,9 @@ def control_pair() -> tuple[socket.socket, socket.socket]:
 class TemplateChild:
     """A worker forked by a template, as the gateway sees it (see :class:`WorkerProcess`)."""
 
+    host = socket.gethostname()
+    lost_because = None
+
     def __init__(self, pid: int, status_fd: int) -> None:
         self.pid = pid
         self.sentinel = status_fd

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ from ketch.serving import announced, status
 from ketch.serving.jobs import Backoff, PredictionError
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sequence_queue import queue_class
-from ketch.serving.sink import Worker, WorkerLink
+from ketch.serving.sink import ProcessKey, Worker, WorkerLink, process_of
 from ketch.specs.models import ModelSpec
 
 if TYPE_CHECKING:
@@ -63,7 +62,6 @@ class Dispatcher:
         self._batch_ids = itertools.count(1).__next__
         self._broker: WorkerLink | None = None
         self._observers: Plugins | None = None
-        self._hostname = socket.gethostname()
         #: This server's Prometheus metrics; the gauges read the queues at scrape time.
         self.metrics = Metrics()
         self.metrics.watch_queues(lambda: [status.sample(queue) for queue in self.queues()])
@@ -201,12 +199,13 @@ class Dispatcher:
     def queues(self) -> list[ModelQueue]:
         return list(self._queues.values())
 
-    def recycle(self, spec: ModelSpec, pid: int, why: str) -> None:
-        """A local worker was killed for cause: its batches fail with ``why`` (retrying them
-        would likely kill the next worker the same way) and it leaves its pool at once."""
+    def recycle(self, spec: ModelSpec, process: ProcessKey, why: str) -> None:
+        """A worker the pool started was killed for cause: its batches fail with ``why``
+        (retrying them would likely kill the next worker the same way) and it leaves its pool
+        at once."""
         queue = self._queue_of(spec.key)
         assert self._broker is not None
-        for worker in self._local_workers(pid):
+        for worker in self._workers_of(process):
             if queue is not None:
                 queue.fail_in_flight(worker, PredictionError(503, why, **queue.labels()))
             self._broker.drop(worker, why)
@@ -229,28 +228,30 @@ class Dispatcher:
         assert self._broker is not None
         self._broker.drop(worker, reason)
 
-    # -- local processes (from the supervisor) ----------------------------------------------
+    # -- the processes the pools started (from the supervisor) ------------------------------
 
     # A process event of a version no longer served (removed, or removed and forgotten) must
     # not bring it back: these look its queue up, never add one.
 
-    def process_started(self, spec: ModelSpec, pid: int) -> None:
+    def process_started(self, spec: ModelSpec, process: ProcessKey) -> None:
         queue = self._queue_of(spec.key)
         if queue is not None:
-            queue.process_started(pid)
+            queue.process_started(process)
 
-    def process_exited(self, spec: ModelSpec, pid: int, how: str, expected: bool) -> None:
+    def process_exited(
+        self, spec: ModelSpec, process: ProcessKey, how: str, expected: bool
+    ) -> None:
         assert self._broker is not None
-        for worker in self._local_workers(pid):
+        for worker in self._workers_of(process):
             self._broker.drop(worker, how)
         queue = self._queue_of(spec.key)
         if queue is not None:
-            queue.process_exited(pid, how, expected)
+            queue.process_exited(process, how, expected)
 
-    def _local_workers(self, pid: int) -> list[Worker]:
-        """The broker's workers that are process ``pid`` of this machine (one, or none yet)."""
+    def _workers_of(self, process: ProcessKey) -> list[Worker]:
+        """The broker's workers that are ``process`` (one, or none yet)."""
         assert self._broker is not None
-        return [w for w in self._broker.workers() if w.pid == pid and w.host == self._hostname]
+        return [w for w in self._broker.workers() if process_of(w) == process]
 
     def template_changed(self, spec: ModelSpec, template: dict[str, Any] | None) -> None:
         queue = self._queue_of(spec.key)
@@ -324,8 +325,7 @@ class Dispatcher:
             # A worker started by hand for a model the served file does not define, admitted
             # with --allow-worker-models: the model lasts as long as such workers do.
             queue = self.add_model(worker.spec, served_from_file=False)
-        if worker.host == self._hostname:
-            queue.process_ready(worker.pid)
+        queue.process_ready(process_of(worker))
         queue.spec = announced.learnt(queue.spec, worker.spec)
         queue.add_worker(worker)
         self._report(events.model_ready(worker))

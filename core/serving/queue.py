@@ -44,7 +44,7 @@ from ketch.serving.jobs import (
     wait_until_woken,
     wake_all,
 )
-from ketch.serving.sink import BatchSink, PoolListener, Worker
+from ketch.serving.sink import BatchSink, PoolListener, ProcessKey, Worker
 from ketch.serving.stalls import STALL_CHECK_S, Batch, StallWatch, WorkerSlot
 from ketch.specs.models import ModelSpec, PoolSpec, cache_limit
 from ketch.types import Outputs
@@ -85,8 +85,8 @@ class ModelQueue:
         self._next_batch_id = batch_ids
         self._pending: deque[Part] = deque()
         self._workers: dict[bytes, WorkerSlot] = {}
-        #: Local processes started for this version that have not said READY yet.
-        self._starting: set[int] = set()
+        #: Processes started for this version that have not said READY yet.
+        self._starting: set[ProcessKey] = set()
         self.served_from_file = False
         #: Why the model cannot be served at all (its workers cannot start).
         self.unhealthy_because: str | None = None
@@ -317,24 +317,26 @@ class ModelQueue:
             self._pending.popleft().job.fail(error)
         wake_all(self._ready_waiters)
 
-    # -- local processes (from the supervisor, through the dispatcher) -----------------------
+    # -- the processes its pool started (from the supervisor, through the dispatcher) --------
 
     @property
-    def starting(self) -> frozenset[int]:
-        """Local processes started for this version that have not said READY yet."""
+    def starting(self) -> frozenset[ProcessKey]:
+        """Processes started for this version that have not said READY yet."""
         return frozenset(self._starting)
 
-    def process_started(self, pid: int) -> None:
-        self._starting.add(pid)
+    def process_started(self, process: ProcessKey) -> None:
+        self._starting.add(process)
 
-    def process_ready(self, pid: int) -> None:
-        """Local process ``pid`` said READY (its worker is added separately)."""
-        self._starting.discard(pid)
-        if self._pool is not None:
-            self._pool.process_joined(pid)
+    def process_ready(self, process: ProcessKey) -> None:
+        """``process`` said READY (its worker is added separately); nothing for a worker
+        the pool did not start."""
+        if process in self._starting:
+            self._starting.discard(process)
+            if self._pool is not None:
+                self._pool.process_joined(process)
 
-    def process_exited(self, pid: int, how: str, expected: bool) -> None:
-        self._starting.discard(pid)
+    def process_exited(self, process: ProcessKey, how: str, expected: bool) -> None:
+        self._starting.discard(process)
         if not expected:
             self.worker_exits += 1
             self.last_error = how

@@ -48,6 +48,16 @@ class WorkerLink(BatchSink, Protocol):
     def workers(self) -> Iterator[Worker]: ...
 
 
+#: A worker process wherever it runs: its host and its pid (a pid names a process on one
+#: machine only).
+ProcessKey = tuple[str, int]
+
+
+def process_of(worker: Worker) -> ProcessKey:
+    """The process ``worker`` is."""
+    return (worker.host, worker.pid)
+
+
 class PoolListener(Protocol):
     """Who sizes a queue's pool (the pool manager); told when what the pool needs may have
     changed, it decides what to do."""
@@ -56,9 +66,9 @@ class PoolListener(Protocol):
         """``queue`` (a :class:`~ketch.serving.queue.ModelQueue`, which imports this module)
         may need another pool size."""
 
-    def process_joined(self, pid: int) -> None:
-        """Local process ``pid`` of this pool said READY."""
+    def process_joined(self, process: ProcessKey) -> None:
+        """``process``, which the pool started, said READY."""
 
     def process_stalled(self, worker: Worker, why: str) -> None:
-        """``worker`` of this pool was dropped for stalling; if it is a local process, it may
+        """``worker`` of this pool was dropped for stalling; if the pool started it, it may
         be hung, and must not linger."""

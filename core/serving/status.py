@@ -4,7 +4,6 @@ metrics read it at scrape time: :class:`ModelStatus`, built from its queue by :f
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -16,7 +15,7 @@ from msgspec import Meta
 from ketch.observability.metrics import QueueSample
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sequence_queue import SequenceQueue
-from ketch.serving.sink import Worker
+from ketch.serving.sink import ProcessKey, Worker, process_of
 from ketch.specs.models import BatchInput, PoolSpec, WorkerStart
 from ketch.specs.resources import Resources
 from ketch.specs.signature import TensorSpec
@@ -256,16 +255,15 @@ def sample(queue: ModelQueue) -> QueueSample:
     )
 
 
-def idle_local_workers(queue: ModelQueue, count: int, local_pids: set[int]) -> list[Worker]:
-    """Up to ``count`` of ``queue``'s local workers with no batch in flight (nor, for a
-    sequence model, a sequence it holds the state of), to scale down."""
-    hostname = socket.gethostname()
+def idle_started_workers(queue: ModelQueue, count: int, started: set[ProcessKey]) -> list[Worker]:
+    """Up to ``count`` of ``queue``'s workers that its pool started (``started``: not those
+    started by hand) with no batch in flight (nor, for a sequence model, a sequence it holds
+    the state of), to scale down."""
     idle = [
         slot.info
         for slot in queue.worker_slots()
         if not slot.batches
-        and slot.info.pid in local_pids
-        and slot.info.host == hostname
+        and process_of(slot.info) in started
         and not queue.holds_state(slot.info.identity)
     ]
     return idle[:count]

@@ -18,15 +18,15 @@ import msgspec
 
 from ketch.observability.events import Event
 from ketch.pools.scaling import PoolManager
-from ketch.pools.supervisor import LocalWorkers
+from ketch.pools.supervisor import WorkerProcesses
 from ketch.serving import status
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import Deadline
 from ketch.serving.queue import ModelQueue
-from ketch.serving.sink import Worker
+from ketch.serving.sink import ProcessKey, Worker
 from ketch.specs.models import ModelSpec
-from tests.unit.fakes import FakeSink, described, in_loop, make_spec, make_worker, receiver_of
+from tests.unit.fakes import HOST, FakeSink, described, in_loop, make_spec, make_worker, receiver_of
 
 
 def within() -> Deadline:
@@ -34,62 +34,66 @@ def within() -> Deadline:
 
 
 class FakeProcesses:
-    """LocalWorkers as the pool manager uses it. A spawn is reported to the dispatcher as
-    started, as LocalWorkers reports it; while ``not_before`` has not passed (a crash
+    """WorkerProcesses as the pool manager uses it. A spawn is reported to the dispatcher as
+    started, as WorkerProcesses reports it; while ``not_before`` has not passed (a crash
     back-off), or while ``loading`` (a template not ready yet), spawns are refused."""
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
         self._pids = itertools.count(7001)
-        self._running: dict[int, ModelSpec] = {}
-        self.spawned: list[tuple[int, float]] = []
+        self._running: dict[ProcessKey, ModelSpec] = {}
+        self.spawned: list[tuple[ProcessKey, float]] = []
         self.refused = 0
+        #: The pids of the processes retired (all of this machine).
         self.retired: list[int] = []
         self.retired_at: list[float] = []
         self.not_before = 0.0
         self.loading = False
-        self.joined_pids: list[int] = []
+        self.joined_processes: list[ProcessKey] = []
         self._waiters: list[asyncio.Future[None]] = []
 
     def prepare(self, spec: ModelSpec) -> None:
         pass
 
-    def pids(self, spec: ModelSpec) -> set[int]:
-        return {pid for pid, running in self._running.items() if running.key == spec.key}
+    def started(self, spec: ModelSpec) -> set[ProcessKey]:
+        return {key for key, running in self._running.items() if running.key == spec.key}
 
     def retry_at(self, spec: ModelSpec) -> float | None:
         return self.not_before if self.not_before > time.monotonic() else None
 
-    def joined(self, pid: int) -> None:
-        self.joined_pids.append(pid)
+    def joined(self, process: ProcessKey) -> None:
+        self.joined_processes.append(process)
 
     def spawn(self, spec: ModelSpec) -> bool:
         now = time.monotonic()
         if self.loading or now < self.not_before:
             self.refused += 1
             return False
-        pid = next(self._pids)
-        self._running[pid] = spec
-        self.spawned.append((pid, now))
-        self._dispatcher.process_started(spec, pid)
+        process = (HOST, next(self._pids))
+        self._running[process] = spec
+        self.spawned.append((process, now))
+        self._dispatcher.process_started(spec, process)
         self._changed()
         return True
 
-    def retire(self, pid: int) -> None:
-        self.retired.append(pid)
+    def retire(self, process: ProcessKey) -> None:
+        self.retired.append(process[1])
         self.retired_at.append(time.monotonic())
         self._changed()
 
-    def release(self, spec: ModelSpec, still_starting: set[int]) -> None:
+    def release(self, spec: ModelSpec, still_starting: set[ProcessKey]) -> None:
         pass
 
-    def over_memory(self) -> list[tuple[ModelSpec, int, str]]:
+    def over_memory(self) -> list[tuple[ModelSpec, ProcessKey, str]]:
         return []
+
+    def kill(self, process: ProcessKey, why: str) -> None:
+        pass
 
     def exited(self, pid: int) -> None:
         """Process ``pid`` exited, as it does after it was told DISCONNECT."""
-        spec = self._running.pop(pid)
-        self._dispatcher.process_exited(spec, pid, "exit code 0", pid in self.retired)
+        spec = self._running.pop((HOST, pid))
+        self._dispatcher.process_exited(spec, (HOST, pid), "exit code 0", pid in self.retired)
 
     def _changed(self) -> None:
         for waiter in self._waiters:
@@ -114,7 +118,7 @@ class Pools:
         self.sink = FakeSink(self.dispatcher)
         self.dispatcher.attach(self.sink)
         self.processes = FakeProcesses(self.dispatcher)
-        self.manager = PoolManager(self.dispatcher, cast(LocalWorkers, self.processes))
+        self.manager = PoolManager(self.dispatcher, cast(WorkerProcesses, self.processes))
 
     def manage(self, **spec: Any) -> ModelQueue:
         model = make_spec(**spec)
@@ -126,7 +130,7 @@ class Pools:
         return self.sink.join(make_worker(queue.spec, pid=pid))
 
     def started(self) -> list[int]:
-        return [pid for pid, _ in self.processes.spawned]
+        return [pid for (_, pid), _ in self.processes.spawned]
 
     def reply_all(self) -> None:
         """Every batch sent so far is answered (with its inputs)."""
@@ -237,7 +241,7 @@ async def test_a_spawn_refused_during_a_back_off_is_retried_when_it_ends() -> No
         assert (harness.started(), harness.processes.refused) == ([], 1)
         await harness.processes.wait_until(lambda: bool(harness.processes.spawned))
         assert harness.processes.refused == 1  # waited for the back-off, did not poll
-        ((pid, at),) = harness.processes.spawned
+        (((_, pid), at),) = harness.processes.spawned
         assert at >= harness.processes.not_before
         harness.ready(queue, pid)
         harness.reply_all()
