@@ -111,6 +111,8 @@ class WorkerInfo(Generic[M]):
     receiver: BatchReceiver[Any] | None = None
     #: It sees the gateway's ``/dev/shm``: inputs in shared memory go to it by their place.
     shares_memory: bool = False
+    #: The id the gateway gave its process when it started it (None: started by hand).
+    launch: str | None = None
 
     def describe(self) -> str:
         return f"worker pid {self.pid} on {self.host} ({self.spec.label()})"
@@ -441,6 +443,7 @@ class Broker(Generic[M]):
                 shares_memory=ready.shm is not None
                 and ready.shm == self._shm
                 and ready.host == self._hostname,
+                launch=ready.launch,
             )
         except (KeyError, TypeError, ValueError) as exc:
             self._refuse(identity, f"invalid READY: {exc}", None)

@@ -154,6 +154,8 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True):
     ) = None
     #: Which ``/dev/shm`` the worker sees (:func:`~ketch.zmq_transport.shared_arrays.shm_identity`).
     shm: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    #: The id the gateway gave this process when it started it; None when started by hand.
+    launch: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):

@@ -67,6 +67,8 @@ class WorkerOptions:
     :param capacity: batches the broker may send before getting their replies.
     :param keys: the broker's public key and this worker's CURVE pair; None for a broker
         started with ``--insecure-broker``.
+    :param launch: the id the gateway gave this process when it started it, announced in
+        READY so that it knows which of its starting processes joined (None: started by hand).
     """
 
     broker: str
@@ -74,6 +76,7 @@ class WorkerOptions:
     rejoin: bool = False
     capacity: int = 1
     keys: WorkerKeys | None = None
+    launch: str | None = None
 
 
 def serve(model: Mapping[str, Any], label: str, predict: Predict, options: WorkerOptions) -> None:
@@ -144,6 +147,7 @@ def _ready_header(model: Mapping[str, Any], options: WorkerOptions) -> Ready:
         capacity=options.capacity,
         heartbeat_ms=options.heartbeat.interval_s * 1000,
         shm=shm_identity(),
+        launch=options.launch,
     )
 
 

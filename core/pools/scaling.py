@@ -123,7 +123,9 @@ class PoolManager:
         self._workers.joined(process)
 
     def process_stalled(self, worker: Worker, why: str) -> None:
-        self._workers.kill(process_of(worker), why)  # nothing for a worker started by hand
+        process = process_of(worker)
+        if process is not None:  # a worker started by hand is not the pool's to kill
+            self._workers.kill(process, why)
 
     def pool_changed(self, queue: ModelQueue) -> None:
         """Start or stop workers as ``queue``'s load asks, and set the timer for the next
@@ -147,7 +149,8 @@ class PoolManager:
         spec = queue.spec
         retired = idle_started_workers(queue, count, started=self._workers.started(spec))
         for worker in retired:
-            self._workers.retire(process_of(worker))
+            assert worker.launch is not None  # the pool started it
+            self._workers.retire(worker.launch)
             self._dispatcher.retire(
                 worker,
                 f"scaled down after {spec.pool.idle_timeout_s:g} s with more workers than load",

@@ -8,8 +8,10 @@ and reports them to the dispatcher.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -86,6 +88,8 @@ class _Process:
 @dataclass(slots=True)
 class _Template:
     pid: int
+    #: The id it was launched with, its key among the processes.
+    launch: ProcessKey
     control: socket.socket
     ready: bool = False
 
@@ -131,6 +135,8 @@ class WorkerProcesses:
         self._policy = restart_policy or RestartPolicy()
         self._context = forkserver_context()
         self._processes: dict[ProcessKey, _Process] = {}
+        self._launch_prefix = secrets.token_hex(4)
+        self._launches = itertools.count(1)
         self._templates: dict[tuple[str, str], _Template] = {}
         self._retired: set[ProcessKey] = set()
         self._crashes: dict[tuple[str, str, Kind], CrashHistory] = {}
@@ -183,14 +189,16 @@ class WorkerProcesses:
         if spec.start.preload and (template is None or not template.ready):
             self.prepare(spec)
             return False
+        launch_id = self._launch_id()
         output_r, output_w = os.pipe()
         try:
             if template is not None:
-                handle: WorkerProcess = fork_worker(template.control, self._plan(spec), output_w)
+                plan = self._plan(spec, launch_id)
+                handle: WorkerProcess = fork_worker(template.control, plan, output_w)
             else:
                 handle = launch(
                     "worker",
-                    self._plan(spec),
+                    self._plan(spec, launch_id),
                     output_w,
                     spec.start.python,
                     self._context,
@@ -202,11 +210,16 @@ class WorkerProcesses:
             return False
         finally:
             os.close(output_w)
-        self._watch(spec, "worker", handle, output_r)
-        self._events.started(spec, (handle.host, handle.pid))
+        self._watch(spec, "worker", handle, output_r, launch_id)
+        self._events.started(spec, launch_id)
         return True
 
-    def _plan(self, spec: ModelSpec) -> WorkerPlan:
+    def _launch_id(self) -> ProcessKey:
+        """A new process's id: this supervisor's prefix (random, so that the ids of several
+        gateways never meet) and a count."""
+        return f"{self._launch_prefix}-{next(self._launches)}"
+
+    def _plan(self, spec: ModelSpec, launch_id: ProcessKey) -> WorkerPlan:
         return WorkerPlan(
             target=f"{self._source}:{spec.name}",
             version=spec.version,
@@ -218,17 +231,19 @@ class WorkerProcesses:
             plugins=self._plugins.references,
             autoload=self._plugins.autoload,
             broker_keys=self._broker_keys,
+            launch=launch_id,
         )
 
     def _start_template(self, spec: ModelSpec) -> None:
         if self._stopping:
             return
         gateway_end, template_end = control_pair()
+        launch_id = self._launch_id()
         output_r, output_w = os.pipe()
         try:
             handle = launch(
                 "template",
-                self._plan(spec),
+                self._plan(spec, launch_id),
                 output_w,
                 spec.start.python,
                 self._context,
@@ -243,8 +258,8 @@ class WorkerProcesses:
         finally:
             os.close(output_w)
             template_end.close()
-        self._watch(spec, "template", handle, output_r)
-        template = _Template(handle.pid, gateway_end)
+        self._watch(spec, "template", handle, output_r, launch_id)
+        template = _Template(handle.pid, launch_id, gateway_end)
         self._templates[spec.key] = template
         asyncio.get_running_loop().add_reader(
             gateway_end.fileno(), self._on_template_ready, spec, template
@@ -272,16 +287,22 @@ class WorkerProcesses:
         self._not_before[spec.key] = time.monotonic() + self._policy.first_delay_s
         template = self._templates.get(spec.key)
         if template is not None:
-            self._processes[(HOSTNAME, template.pid)].handle.kill()
+            self._processes[template.launch].handle.kill()
 
-    def _watch(self, spec: ModelSpec, kind: Kind, handle: WorkerProcess, output_r: int) -> None:
+    def _watch(
+        self,
+        spec: ModelSpec,
+        kind: Kind,
+        handle: WorkerProcess,
+        output_r: int,
+        process: ProcessKey,
+    ) -> None:
         name = f"{spec.label()} {'' if kind == 'worker' else kind + ' '}pid {handle.pid}"
         cap = spec.resources.memory_mb
         cgroup = None
         local = handle.host == HOSTNAME
         if kind == "worker" and cap is not None and self._cgroups is not None and local:
             cgroup = self._cgroups.confine(handle.pid, cap)
-        process = (handle.host, handle.pid)
         self._processes[process] = _Process(
             spec,
             kind,
@@ -297,7 +318,7 @@ class WorkerProcesses:
         """Kill every worker of this machine over its model's ``memory_mb``; returns (spec,
         process, why) of each. (A worker placed elsewhere is watched where it runs.)"""
         killed = []
-        for (host, pid), entry in self._processes.items():
+        for process, entry in self._processes.items():
             cap = entry.spec.resources.memory_mb
             if cap is None or entry.kind != "worker" or entry.killed_because is not None:
                 continue
@@ -307,11 +328,11 @@ class WorkerProcesses:
             if rss_mb is None:
                 continue
             entry.killed_because = (
-                f"worker pid {pid} was recycled: it used {rss_mb} MB of resident memory, "
-                f"over its memory_mb cap of {cap} MB"
+                f"worker pid {entry.handle.pid} was recycled: it used {rss_mb} MB of resident "
+                f"memory, over its memory_mb cap of {cap} MB"
             )
             entry.handle.kill()
-            killed.append((entry.spec, (host, pid), entry.killed_because))
+            killed.append((entry.spec, process, entry.killed_because))
         return killed
 
     def retire(self, process: ProcessKey) -> None:
@@ -324,7 +345,7 @@ class WorkerProcesses:
         entry = self._processes.get(process)
         if entry is None or entry.kind != "worker" or entry.killed_because is not None:
             return
-        entry.killed_because = f"worker pid {process[1]} was killed: {why}"
+        entry.killed_because = f"worker pid {entry.handle.pid} was killed: {why}"
         entry.handle.kill()
 
     def release(self, spec: ModelSpec, still_starting: set[ProcessKey]) -> None:
@@ -348,7 +369,7 @@ class WorkerProcesses:
 
     def _on_exit(self, process: ProcessKey) -> None:
         entry = self._processes.pop(process)
-        pid = process[1]
+        pid = entry.handle.pid
         asyncio.get_running_loop().remove_reader(entry.handle.sentinel)
         exitcode = entry.handle.exitcode()
         entry.handle.close()

@@ -325,7 +325,9 @@ class Dispatcher:
             # A worker started by hand for a model the served file does not define, admitted
             # with --allow-worker-models: the model lasts as long as such workers do.
             queue = self.add_model(worker.spec, served_from_file=False)
-        queue.process_ready(process_of(worker))
+        process = process_of(worker)
+        if process is not None:
+            queue.process_ready(process)
         queue.spec = announced.learnt(queue.spec, worker.spec)
         queue.add_worker(worker)
         self._report(events.model_ready(worker))

@@ -48,14 +48,15 @@ class WorkerLink(BatchSink, Protocol):
     def workers(self) -> Iterator[Worker]: ...
 
 
-#: A worker process wherever it runs: its host and its pid (a pid names a process on one
-#: machine only).
-ProcessKey = tuple[str, int]
+#: A process a pool started, wherever it runs: the id the supervisor gave it at launch, which
+#: its READY announces (a pid names a process on one machine only, and a worker placed by Ray
+#: has none until it runs).
+ProcessKey = str
 
 
-def process_of(worker: Worker) -> ProcessKey:
-    """The process ``worker`` is."""
-    return (worker.host, worker.pid)
+def process_of(worker: Worker) -> ProcessKey | None:
+    """The process ``worker`` is, when a pool started it (None: started by hand)."""
+    return worker.launch
 
 
 class PoolListener(Protocol):

@@ -15,7 +15,7 @@ from msgspec import Meta
 from ketch.observability.metrics import QueueSample
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sequence_queue import SequenceQueue
-from ketch.serving.sink import ProcessKey, Worker, process_of
+from ketch.serving.sink import ProcessKey, Worker
 from ketch.specs.models import BatchInput, PoolSpec, WorkerStart
 from ketch.specs.resources import Resources
 from ketch.specs.signature import TensorSpec
@@ -263,7 +263,7 @@ def idle_started_workers(queue: ModelQueue, count: int, started: set[ProcessKey]
         slot.info
         for slot in queue.worker_slots()
         if not slot.batches
-        and process_of(slot.info) in started
+        and slot.info.launch in started
         and not queue.holds_state(slot.info.identity)
     ]
     return idle[:count]

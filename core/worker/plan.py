@@ -40,6 +40,7 @@ class WorkerPlan:
     :param broker_keys: the broker's public key and this worker's CURVE pair
         (:meth:`WorkerKeys.to_dict`); None for a broker started with ``--insecure-broker``.
         A secret, so a plan never travels on a command line.
+    :param launch: the id the supervisor gave this process, which its READY announces.
     """
 
     target: str
@@ -53,6 +54,7 @@ class WorkerPlan:
     plugins: tuple[str, ...] = ()
     autoload: bool = True
     broker_keys: dict[str, str] | None = field(default=None, repr=False)
+    launch: str | None = None
 
     def __post_init__(self) -> None:
         # From JSON, a list.
@@ -61,7 +63,9 @@ class WorkerPlan:
     def options(self) -> worker.WorkerOptions:
         heartbeat = Heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
         keys = WorkerKeys.from_dict(self.broker_keys) if self.broker_keys is not None else None
-        return worker.WorkerOptions(self.broker, heartbeat, rejoin=not self.managed, keys=keys)
+        return worker.WorkerOptions(
+            self.broker, heartbeat, rejoin=not self.managed, keys=keys, launch=self.launch
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

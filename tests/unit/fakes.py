@@ -55,8 +55,10 @@ def make_worker(
     pid: int | None = None,
     host: str = HOST,
     heartbeat: Heartbeat | None = None,
+    launch: str | None = None,
 ) -> Worker:
-    """A worker of ``spec`` as the broker registers it from a READY (a local one by default)."""
+    """A worker of ``spec`` as the broker registers it from a READY (a local one by default;
+    ``launch``: the id its pool started it with, None for one started by hand)."""
     number = next(_worker_numbers)
     return WorkerInfo(
         f"worker-{number}".encode(),
@@ -65,6 +67,7 @@ def make_worker(
         host,
         capacity,
         heartbeat or Heartbeat(),
+        launch=launch,
     )
 
 

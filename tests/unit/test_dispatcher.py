@@ -23,7 +23,6 @@ from ketch.specs.signature import TensorSpec
 from ketch.zmq_transport.broker import RemoteError
 from ketch.zmq_transport.protocol import ErrorKind
 from tests.unit.fakes import (
-    HOST,
     FakeSink,
     batches_counted,
     described,
@@ -305,13 +304,13 @@ async def test_a_local_process_is_starting_until_its_worker_is_ready() -> None:
     gateway = Gateway()
     dispatcher = gateway.dispatcher
     dispatcher.add_model(V1)  # as the pool manager does before it starts a process
-    dispatcher.process_started(V1, (HOST, 501))
+    dispatcher.process_started(V1, "p-501")
     queue = dispatcher.queue_for("m", None)
     assert (status.state_of(queue), status.sample(queue).starting) == ("starting", 1)
     assert not dispatcher.settled()
-    gateway.ready(V1, pid=501, host="elsewhere")  # the same pid on another machine
-    assert queue.starting == {(HOST, 501)}
-    gateway.ready(V1, pid=501)
+    gateway.ready(V1, pid=501, host="elsewhere")  # the same pid, started by hand elsewhere
+    assert queue.starting == {"p-501"}
+    gateway.ready(V1, pid=501, launch="p-501")
     assert (queue.starting, status.state_of(queue), queue.ready_replicas) == (
         frozenset(),
         "ready",
@@ -325,12 +324,12 @@ async def test_a_local_process_exit_drops_its_worker_and_its_batch_is_retried() 
     gateway = Gateway()
     dispatcher = gateway.dispatcher
     gateway.serve(V1)
-    dispatcher.process_started(V1, (HOST, 501))
-    crashed = gateway.ready(V1, pid=501)
+    dispatcher.process_started(V1, "p-501")
+    crashed = gateway.ready(V1, pid=501, launch="p-501")
     remote_twin = gateway.ready(V1, pid=501, host="elsewhere")
     answer = gateway.ask("m", [1])
     assert gateway.sink.sent[0].worker is crashed
-    dispatcher.process_exited(V1, (HOST, 501), "killed by SIGKILL", False)
+    dispatcher.process_exited(V1, "p-501", "killed by SIGKILL", False)
     assert gateway.sink.dropped == [(crashed, "killed by SIGKILL")]
     assert gateway.sink.sent[1].worker is remote_twin  # retried at once, not at a timeout
     gateway.reply(1, ["retried"])
@@ -344,10 +343,10 @@ async def test_a_local_process_exit_drops_its_worker_and_its_batch_is_retried() 
 async def test_a_recycled_worker_fails_its_batches_without_retrying_them() -> None:
     gateway = Gateway()
     gateway.serve(V1)
-    gateway.ready(V1, pid=601)
+    gateway.ready(V1, pid=601, launch="p-601")
     other = gateway.ready(V1)
     answer = gateway.ask("m", [1])
-    gateway.dispatcher.recycle(V1, (HOST, 601), "over its memory_mb of 100 (230 MB)")
+    gateway.dispatcher.recycle(V1, "p-601", "over its memory_mb of 100 (230 MB)")
     with pytest.raises(PredictionError) as caught:
         await answer
     assert caught.value.body == {

@@ -26,7 +26,7 @@ from ketch.serving.jobs import Deadline
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import ProcessKey, Worker
 from ketch.specs.models import ModelSpec
-from tests.unit.fakes import HOST, FakeSink, described, in_loop, make_spec, make_worker, receiver_of
+from tests.unit.fakes import FakeSink, described, in_loop, make_spec, make_worker, receiver_of
 
 
 def within() -> Deadline:
@@ -69,7 +69,7 @@ class FakeProcesses:
         if self.loading or now < self.not_before:
             self.refused += 1
             return False
-        process = (HOST, next(self._pids))
+        process = f"p-{next(self._pids)}"
         self._running[process] = spec
         self.spawned.append((process, now))
         self._dispatcher.process_started(spec, process)
@@ -77,7 +77,7 @@ class FakeProcesses:
         return True
 
     def retire(self, process: ProcessKey) -> None:
-        self.retired.append(process[1])
+        self.retired.append(int(process.removeprefix("p-")))
         self.retired_at.append(time.monotonic())
         self._changed()
 
@@ -92,8 +92,8 @@ class FakeProcesses:
 
     def exited(self, pid: int) -> None:
         """Process ``pid`` exited, as it does after it was told DISCONNECT."""
-        spec = self._running.pop((HOST, pid))
-        self._dispatcher.process_exited(spec, (HOST, pid), "exit code 0", pid in self.retired)
+        spec = self._running.pop(f"p-{pid}")
+        self._dispatcher.process_exited(spec, f"p-{pid}", "exit code 0", pid in self.retired)
 
     def _changed(self) -> None:
         for waiter in self._waiters:
@@ -127,10 +127,10 @@ class Pools:
 
     def ready(self, queue: ModelQueue, pid: int) -> Worker:
         """The worker of process ``pid`` says READY."""
-        return self.sink.join(make_worker(queue.spec, pid=pid))
+        return self.sink.join(make_worker(queue.spec, pid=pid, launch=f"p-{pid}"))
 
     def started(self) -> list[int]:
-        return [pid for (_, pid), _ in self.processes.spawned]
+        return [int(process.removeprefix("p-")) for process, _ in self.processes.spawned]
 
     def reply_all(self) -> None:
         """Every batch sent so far is answered (with its inputs)."""
@@ -241,7 +241,8 @@ async def test_a_spawn_refused_during_a_back_off_is_retried_when_it_ends() -> No
         assert (harness.started(), harness.processes.refused) == ([], 1)
         await harness.processes.wait_until(lambda: bool(harness.processes.spawned))
         assert harness.processes.refused == 1  # waited for the back-off, did not poll
-        (((_, pid), at),) = harness.processes.spawned
+        ((process, at),) = harness.processes.spawned
+        pid = int(process.removeprefix("p-"))
         assert at >= harness.processes.not_before
         harness.ready(queue, pid)
         harness.reply_all()

@@ -23,7 +23,6 @@ from ketch.serving.sink import ProcessKey
 from ketch.zmq_transport.broker import RemoteError
 from ketch.zmq_transport.protocol import ErrorKind
 from tests.unit.fakes import (
-    HOST,
     FakeSink,
     batches_counted,
     described,
@@ -475,12 +474,12 @@ async def test_a_request_to_a_pool_at_zero_starts_a_cold_start_and_waits_for_it(
     answer = queue.submit([1], within())
     assert pool.told == [1]  # told at once that a request found no worker
     assert (queue.cold_starts, status.sample(queue).cold_starts) == (1, 1)
-    queue.process_started((HOST, 4242))
+    queue.process_started("p-4242")
     assert described(queue)["state"] == "starting"
     queue.submit([2], within())
     assert queue.cold_starts == 1  # one already starting: not another cold start
     worker = make_worker(queue.spec, pid=4242)
-    queue.process_ready((HOST, 4242))
+    queue.process_ready("p-4242")
     queue.add_worker(worker)
     queue.batch_replied(worker, sink.sent[0].batch_id, [10, 20])
     assert await answer == [10]
@@ -504,10 +503,10 @@ async def test_a_cold_start_that_takes_too_long_is_a_503_saying_why(
 ) -> None:
     queue, _, _ = new_queue(cold_start_timeout_s=0.02)
     if exit_how is not None:
-        queue.process_started((HOST, 1))
-        queue.process_exited((HOST, 1), exit_how, expected=False)
+        queue.process_started("p-1")
+        queue.process_exited("p-1", exit_how, expected=False)
     if starting:
-        queue.process_started((HOST, 2))
+        queue.process_started("p-2")
     error = await refusal(queue.submit([1], within()))
     assert error.status == 503
     assert error.body["error"] == f"model 'm:1' got no worker within 0.02 s ({cause})"
