@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO
 
 import msgspec
 
@@ -35,6 +35,7 @@ from ketch.observability import events
 from ketch.plugin_manager import Plugins, load_plugins
 from ketch.pools.cgroups import MemoryCgroups
 from ketch.pools.discovery import Served, discover
+from ketch.pools.ray_placement import RayPlacement
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import ProcessEvents, WorkerProcesses
 from ketch.serving.admission import Deadlines
@@ -93,6 +94,8 @@ class ServeOptions:
         (Triton's 8001 by default; 0 picks a free one; None turns gRPC off).
     :param model_control: ``explicit`` lets clients load and unload models through Triton's
         model repository extension; ``none`` refuses it (:mod:`ketch.http.repository`).
+    :param placement: ``local`` starts workers as processes of this machine; ``ray`` asks the
+        Ray cluster at ``ray_address`` to place each (:mod:`ketch.pools.ray_placement`).
     """
 
     source: str | None
@@ -117,6 +120,8 @@ class ServeOptions:
     http: HttpLimits = field(default_factory=HttpLimits)
     grpc_port: int | None = DEFAULT_GRPC_PORT
     model_control: ModelControl = "none"
+    placement: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers_per_model < 0:
@@ -132,6 +137,12 @@ class ServeOptions:
             )
         if self.insecure_broker and self.broker_keys is not None:
             raise ValueError("--broker-keys and --insecure-broker contradict each other")
+        if self.placement == "ray" and not self.broker.startswith("tcp://"):
+            raise ValueError(
+                f"--placement ray needs a --broker on tcp that the nodes reach, not {self.broker}"
+            )
+        if self.placement != "ray" and self.ray_address is not None:
+            raise ValueError("--ray-address is for --placement ray")
 
 
 class _Reporter:
@@ -203,6 +214,7 @@ async def serve(
     tokens = Tokens(options.admin_token, options.predict_token)
     deadlines = Deadlines(options.request_timeout_s)
     workers: WorkerProcesses | None = None
+    placement: RayPlacement | None = None
     pools: PoolManager | None = None
     apps: Applications | None = None
     deployer: Deployer | None = None
@@ -245,8 +257,13 @@ async def serve(
         report(events.listening(f"http://{_url_host(host)}:{port}"))
         for app_spec in served.apps:
             report(events.app_started(app_spec.name, app_spec.policy, list(app_spec.models)))
+        placement = (
+            RayPlacement(options.ray_address or "auto", endpoint)
+            if options.placement == "ray"
+            else None
+        )
         workers = WorkerProcesses(
-            options.source or "",
+            _absolute_source(options.source) if placement is not None else options.source or "",
             broker.local_endpoint,
             options.heartbeat,
             ProcessEvents(
@@ -259,6 +276,7 @@ async def serve(
             plugins,
             broker_keys=keys.local_worker_keys() if keys is not None else None,
             memory_cgroups=cgroups,
+            placement=placement,
         )
         pools = PoolManager(dispatcher, workers)
         for spec in specs:
@@ -334,8 +352,19 @@ async def serve(
         if workers is not None:
             await workers.stop()
         log.info("workers stopped")
+        if placement is not None:
+            placement.shutdown()
         report.is_ready = lambda: False
         report(events.stopped())
+
+
+def _absolute_source(source: str | None) -> str:
+    """The served file as a path any node's worker can import from (a worker Ray places
+    does not start in this directory); a module name as it is."""
+    if source is None:
+        return ""
+    path = Path(source)
+    return str(path.resolve()) if path.suffix == ".py" or path.exists() else source
 
 
 async def _stop_grpc(

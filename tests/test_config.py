@@ -111,6 +111,8 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "grpc_port",
         "model_control",
         "broker",
+        "placement",
+        "ray_address",
         "workers_per_model",
         "request_timeout",
         "state_dir",

@@ -113,6 +113,8 @@ class WorkerInfo(Generic[M]):
     shares_memory: bool = False
     #: The id the gateway gave its process when it started it (None: started by hand).
     launch: str | None = None
+    #: The node of a cluster it runs on, as its placement named it (Ray's node id).
+    node: str | None = None
 
     def describe(self) -> str:
         return f"worker pid {self.pid} on {self.host} ({self.spec.label()})"
@@ -444,6 +446,7 @@ class Broker(Generic[M]):
                 and ready.shm == self._shm
                 and ready.host == self._hostname,
                 launch=ready.launch,
+                node=ready.node,
             )
         except (KeyError, TypeError, ValueError) as exc:
             self._refuse(identity, f"invalid READY: {exc}", None)

@@ -156,6 +156,8 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True):
     shm: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     #: The id the gateway gave this process when it started it; None when started by hand.
     launch: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    #: The node of a cluster it was placed on (Ray's node id); None elsewhere.
+    node: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):

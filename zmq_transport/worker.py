@@ -69,6 +69,7 @@ class WorkerOptions:
         started with ``--insecure-broker``.
     :param launch: the id the gateway gave this process when it started it, announced in
         READY so that it knows which of its starting processes joined (None: started by hand).
+    :param node: the node of a cluster it was placed on (Ray's node id), announced in READY.
     """
 
     broker: str
@@ -77,6 +78,7 @@ class WorkerOptions:
     capacity: int = 1
     keys: WorkerKeys | None = None
     launch: str | None = None
+    node: str | None = None
 
 
 def serve(model: Mapping[str, Any], label: str, predict: Predict, options: WorkerOptions) -> None:
@@ -148,6 +150,7 @@ def _ready_header(model: Mapping[str, Any], options: WorkerOptions) -> Ready:
         heartbeat_ms=options.heartbeat.interval_s * 1000,
         shm=shm_identity(),
         launch=options.launch,
+        node=options.node,
     )
 
 

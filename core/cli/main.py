@@ -175,6 +175,22 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "(default %(default)s)",
     )
     serve_cmd.add_argument(
+        "--placement",
+        choices=("local", "ray"),
+        default="local",
+        help="where the pools start workers: processes of this machine, or on the nodes of a "
+        "Ray cluster, which picks one with each model's resources (needs ketch[ray] and a "
+        "--broker on tcp the nodes reach; default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="the Ray cluster to place workers on, as ray.init takes it (HOST:PORT, "
+        "ray://HOST:10001); with --placement ray (default: auto, the cluster this machine "
+        "belongs to)",
+    )
+    serve_cmd.add_argument(
         "--allow-worker-models",
         action="store_true",
         default=False,
@@ -438,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 broker_keys=args.broker_keys,
                 insecure_broker=args.insecure_broker,
                 allow_worker_models=args.allow_worker_models,
+                placement=args.placement,
+                ray_address=args.ray_address,
                 broker_max_message_bytes=args.broker_max_message_mb * 2**20,
                 http=HttpLimits(
                     max_body_bytes=args.max_body_mb * MIB,

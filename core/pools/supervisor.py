@@ -35,6 +35,7 @@ from ketch.pools.processes import (
     launch,
     resolve_python,
 )
+from ketch.pools.ray_placement import RayPlacement
 from ketch.pools.restarts import KILLED_FROM_OUTSIDE, CrashHistory, RestartPolicy
 from ketch.pools.templates import control_pair, fork_worker, read_ready
 from ketch.pools.worker_output import OutputTail
@@ -112,6 +113,9 @@ class WorkerProcesses:
     :param broker_keys: the CURVE keys the workers join with; None for an insecure broker.
     :param memory_cgroups: where workers with a ``memory_mb`` get a cgroup ``memory.max``;
         None where the machine does not let ketch make one.
+    :param placement: Ray, which places every worker on a node of its cluster; None starts
+        them here. Placed workers start as fresh interpreters (no template: a template
+        lives on one machine).
     """
 
     def __init__(
@@ -124,8 +128,10 @@ class WorkerProcesses:
         restart_policy: RestartPolicy | None = None,
         broker_keys: WorkerKeys | None = None,
         memory_cgroups: MemoryCgroups | None = None,
+        placement: RayPlacement | None = None,
     ) -> None:
         self._cgroups = memory_cgroups
+        self._placement = placement
         self._source = source
         self._broker_keys = broker_keys.to_dict() if broker_keys is not None else None
         self._plugins = plugins
@@ -158,6 +164,9 @@ class WorkerProcesses:
         """Get ``spec`` ready for its first worker: check its interpreter, start its template
         if it has one. A model that cannot start is reported unhealthy now, not at its first
         request."""
+        if self._placement is not None:
+            self._released.discard(spec.key)
+            return  # its interpreter is looked for on the node Ray picks
         if spec.start.python is not None:
             try:
                 resolve_python(spec.start.python)
@@ -185,16 +194,20 @@ class WorkerProcesses:
         template still loading) or at all (then the model has been reported unhealthy)."""
         if self._stopping or time.monotonic() < self._not_before.get(spec.key, 0.0):
             return False
-        template = self._templates.get(spec.key) if spec.start.preload else None
-        if spec.start.preload and (template is None or not template.ready):
+        preload = spec.start.preload and self._placement is None
+        template = self._templates.get(spec.key) if preload else None
+        if preload and (template is None or not template.ready):
             self.prepare(spec)
             return False
         launch_id = self._launch_id()
         output_r, output_w = os.pipe()
         try:
-            if template is not None:
+            if self._placement is not None:
+                plan = self._plan(spec, launch_id, broker=self._placement.broker)
+                handle: WorkerProcess = self._placement.launch(spec, plan, output_w)
+            elif template is not None:
                 plan = self._plan(spec, launch_id)
-                handle: WorkerProcess = fork_worker(template.control, plan, output_w)
+                handle = fork_worker(template.control, plan, output_w)
             else:
                 handle = launch(
                     "worker",
@@ -219,11 +232,13 @@ class WorkerProcesses:
         gateways never meet) and a count."""
         return f"{self._launch_prefix}-{next(self._launches)}"
 
-    def _plan(self, spec: ModelSpec, launch_id: ProcessKey) -> WorkerPlan:
+    def _plan(
+        self, spec: ModelSpec, launch_id: ProcessKey, broker: str | None = None
+    ) -> WorkerPlan:
         return WorkerPlan(
             target=f"{self._source}:{spec.name}",
             version=spec.version,
-            broker=self._broker,
+            broker=broker or self._broker,
             heartbeat_interval_s=self._heartbeat.interval_s,
             heartbeat_liveness=self._heartbeat.liveness,
             resources=msgspec.to_builtins(spec.resources),

@@ -113,6 +113,9 @@ class WorkerStatus(msgspec.Struct, kw_only=True):
     sequences: Annotated[
         int, Meta(description="Active sequences whose state it holds (a sequence model's).")
     ] = 0
+    node: Annotated[
+        str | None, Meta(description="The Ray node it runs on, when Ray placed it.")
+    ] = None
 
 
 class SequencesStatus(msgspec.Struct, kw_only=True):
@@ -212,6 +215,7 @@ def describe(queue: ModelQueue, default_version: str) -> ModelStatus:
                 batches_in_flight=len(slot.batches),
                 batch_limit=slot.sizer.limit if slot.sizer is not None else spec.batch_limit,
                 sequences=sequences.held_by(slot.info.identity) if sequences is not None else 0,
+                node=slot.info.node,
             )
             for slot in slots
         ],

@@ -178,7 +178,12 @@ def declared_deployment(
         version=version,
         pool=PoolSpec(**pool),
         resources=Resources(**resources),
-        start=declared_start(start.get("preload", False), start.get("python"), start.get("env")),
+        start=declared_start(
+            start.get("preload", False),
+            start.get("python"),
+            start.get("env"),
+            start.get("placement"),
+        ),
         runtime=runtime,
         artifact=artifact,
         options=runtime_options,

@@ -92,6 +92,21 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True):
         return replace(self, min_replicas=replicas, max_replicas=max(self.max_replicas, replicas))
 
 
+class Placement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where a model's workers may run when Ray places them (``ketch serve --placement ray``).
+
+    :param resources: Ray custom resources each worker needs beyond its CPUs, GPUs and memory
+        (``{"accelerator_v2": 1}``): Ray starts it on a node that has them.
+    """
+
+    resources: dict[str, float] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, amount in self.resources.items():
+            if not name or not _is_number(amount) or not amount > 0:
+                raise ValueError(f"resources must map names to amounts > 0 ({name!r}: {amount!r})")
+
+
 class WorkerStart(msgspec.Struct, frozen=True, kw_only=True):
     """How a model's worker processes start.
 
@@ -107,11 +122,14 @@ class WorkerStart(msgspec.Struct, frozen=True, kw_only=True):
         ``pyproject.toml`` beside it (relative to the declaring file). Once built, ``python``
         is the environment's interpreter. Written as a literal, since the server reads it
         before the module's imports can resolve. See ``docs/deploying.md``.
+    :param placement: what Ray must find on a node to start a worker there (custom
+        resources), with ``--placement ray``; see ``docs/cluster.md``.
     """
 
     preload: bool = False
     python: str | None = None
     env: tuple[str, ...] | str | None = None
+    placement: Placement = msgspec.field(default_factory=Placement)
 
     def __post_init__(self) -> None:
         if not isinstance(self.preload, bool):
@@ -129,16 +147,27 @@ class WorkerStart(msgspec.Struct, frozen=True, kw_only=True):
             )
 
 
-def declared_start(preload: bool, python: str | None, env: Any) -> WorkerStart:
+def declared_start(
+    preload: bool, python: str | None, env: Any, placement: Any = None
+) -> WorkerStart:
     """How a declaration's workers start: ``python=`` names an interpreter, ``env=`` one
-    the server builds, so a declaration gives at most one of them."""
+    the server builds, so a declaration gives at most one of them; ``placement``, a map
+    (``{"resources": {...}}``), says where Ray may place them."""
     if python is not None and env is not None:
         raise ValueError("give python= (an interpreter) or env= (an environment), not both")
     if isinstance(env, list | tuple):
         env = tuple(line.strip() for line in env if isinstance(line, str) and line.strip())
         if not env:
             raise TypeError("env must hold at least one requirement line")
-    return WorkerStart(preload=preload, python=python, env=env)
+    where = Placement()
+    if placement is not None:
+        try:
+            where = msgspec.convert(placement, Placement)
+        except msgspec.ValidationError as exc:
+            raise ValueError(
+                f'placement must be {{"resources": {{name: amount}}}}: {exc}, got {placement!r}'
+            ) from None
+    return WorkerStart(preload=preload, python=python, env=env, placement=where)
 
 
 def plain_data(shape: msgspec.Struct) -> dict[str, Any]:
@@ -436,6 +465,7 @@ def model(
     preload: bool = False,
     python: str | None = None,
     env: Sequence[str] | str | None = None,
+    placement: Mapping[str, Any] | None = None,
     inputs: Sequence[TensorSpec] | None = None,
     outputs: Sequence[TensorSpec] | None = None,
 ) -> Callable[[Callable[P, R]], Model[P, R]]: ...
@@ -467,6 +497,7 @@ def model(
     preload: bool = False,
     python: str | None = None,
     env: Sequence[str] | str | None = None,
+    placement: Mapping[str, Any] | None = None,
     inputs: Sequence[TensorSpec] | None = None,
     outputs: Sequence[TensorSpec] | None = None,
 ) -> Model[P, R] | Callable[[Callable[P, R]], Model[P, R]]:
@@ -487,7 +518,8 @@ def model(
         until its first request, one while it has traffic, and none again after 5 idle
         minutes.
     :param cpus, memory_mb, threads, gpus: what each worker may use, see :class:`Resources`.
-    :param preload, python, env: how its workers start and in which environment, see
+    :param preload, python, env, placement: how its workers start, in which environment, and
+        where Ray may place them (``{"resources": {"accelerator_v2": 1}}``), see
         :class:`WorkerStart`.
     :param inputs, outputs: the model's tensors, per item (:class:`TensorSpec`, shapes without
         the batch axis): requests are checked against the inputs (a 400 naming the expected
@@ -513,7 +545,7 @@ def model(
         threads=threads,
         gpus=tuple(gpus) if gpus is not None else None,
     )
-    start = declared_start(preload, python, env)
+    start = declared_start(preload, python, env, placement)
 
     def decorate(func: Callable[P, R]) -> Model[P, R]:
         if isinstance(func, Model):

@@ -41,6 +41,7 @@ class WorkerPlan:
         (:meth:`WorkerKeys.to_dict`); None for a broker started with ``--insecure-broker``.
         A secret, so a plan never travels on a command line.
     :param launch: the id the supervisor gave this process, which its READY announces.
+    :param node: the Ray node it was placed on (set there, by the launcher).
     """
 
     target: str
@@ -55,6 +56,7 @@ class WorkerPlan:
     autoload: bool = True
     broker_keys: dict[str, str] | None = field(default=None, repr=False)
     launch: str | None = None
+    node: str | None = None
 
     def __post_init__(self) -> None:
         # From JSON, a list.
@@ -64,7 +66,12 @@ class WorkerPlan:
         heartbeat = Heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
         keys = WorkerKeys.from_dict(self.broker_keys) if self.broker_keys is not None else None
         return worker.WorkerOptions(
-            self.broker, heartbeat, rejoin=not self.managed, keys=keys, launch=self.launch
+            self.broker,
+            heartbeat,
+            rejoin=not self.managed,
+            keys=keys,
+            launch=self.launch,
+            node=self.node,
         )
 
     def to_dict(self) -> dict[str, Any]:

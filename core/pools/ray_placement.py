@@ -1,0 +1,158 @@
+"""Workers placed by Ray (``ketch serve --placement ray --ray-address ADDRESS``).
+
+Each worker starts as a :class:`~ketch.pools.ray_launcher.WorkerLauncher` actor that asks Ray
+for the model's resources (CPUs, GPUs, memory, the custom resources of its ``placement=``), so
+Ray picks the node; the launcher starts the worker there, and the worker dials the gateway's
+broker over TCP with its CURVE keys. The gateway watches it through :class:`RayWorker`, a
+:class:`~ketch.pools.processes.WorkerProcess` like a local one: its sentinel becomes
+readable when the worker has ended, however it ended (its exit, or its node's loss).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from ketch.pools.processes import LaunchError
+from ketch.specs.models import ModelSpec
+from ketch.worker.plan import WorkerPlan
+
+log = logging.getLogger("ketch.workers")
+
+#: Ray's namespace for ketch's actors, so that other jobs of the cluster are told apart.
+RAY_NAMESPACE = "ketch"
+
+
+class RayPlacement:
+    """Where the pools' workers go when Ray places them: connected to the cluster once."""
+
+    def __init__(self, address: str, broker: str) -> None:
+        """:param broker: the broker endpoint the workers dial (TCP, reachable from the
+        cluster's nodes)."""
+        ray = _ray()
+        ray.init(
+            address=address,
+            namespace=RAY_NAMESPACE,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        self.broker = _reachable(broker, ray.util.get_node_ip_address())
+        from ketch.pools.ray_launcher import WorkerLauncher
+
+        # Threaded, so that wait() blocks one thread while signal() is still answered.
+        self._launcher = ray.remote(max_concurrency=4, max_restarts=0)(WorkerLauncher)
+        log.info("ray: connected to %s", address)
+
+    def launch(self, spec: ModelSpec, plan: WorkerPlan, output_fd: int) -> RayWorker:
+        """Ask Ray for a node with ``spec``'s resources and start a worker there. Returns at
+        once; the worker's pid and host are known once it runs."""
+        actor = self._launcher.options(
+            name=None,
+            num_cpus=ray_cpus(spec),
+            num_gpus=len(spec.resources.gpus or ()),
+            memory=(spec.resources.memory_mb or 0) * 1024 * 1024 or None,
+            resources=dict(spec.start.placement.resources) or None,
+        ).remote()
+        return RayWorker(actor, plan, spec, output_fd)
+
+    def shutdown(self) -> None:
+        _ray().shutdown()
+
+
+def ray_cpus(spec: ModelSpec) -> float:
+    """The CPUs Ray reserves for one worker: as many as its ``cpus=`` names, else one."""
+    return float(len(spec.resources.cpus)) if spec.resources.cpus else 1.0
+
+
+class RayWorker:
+    """A worker Ray placed, as the supervisor watches it (see :class:`WorkerProcess`)."""
+
+    def __init__(self, actor: Any, plan: WorkerPlan, spec: ModelSpec, output_fd: int) -> None:
+        self._actor = actor
+        self._lock = threading.Lock()
+        self.pid = 0
+        self.host = ""
+        self.node: str | None = None
+        self.lost_because: str | None = None
+        self._exitcode: int | None = None
+        # The worker's last lines, written to the supervisor's output pipe when it ends.
+        self._output_fd = os.dup(output_fd)
+        self._sentinel_r, self._sentinel_w = os.pipe()
+        self.sentinel = self._sentinel_r
+        # cpus and gpus are indices on the gateway's machine: on the node Ray assigns them.
+        resources = {k: v for k, v in (plan.resources or {}).items() if k not in ("cpus", "gpus")}
+        placed = WorkerPlan(**{**plan.to_dict(), "resources": resources})
+        started = actor.start.remote(placed.to_json(), spec.start.python, spec.resources.memory_mb)
+        started.future().add_done_callback(self._started)
+        self._ended = actor.wait.remote()
+        self._ended.future().add_done_callback(self._finished)
+
+    # Both callbacks run on Ray's threads: they only set fields and write to pipes.
+
+    def _started(self, future: Any) -> None:
+        try:
+            where = future.result()
+        except Exception:
+            return
+        with self._lock:
+            self.pid, self.host, self.node = where["pid"], where["host"], where["node"]
+
+    def _finished(self, future: Any) -> None:
+        try:
+            ended = future.result()
+        except Exception as exc:
+            self.lost_because = (
+                f"worker on Ray node {self.node or '(not yet placed)'} was lost: {_brief(exc)}"
+            )
+        else:
+            self._exitcode = ended["exitcode"]
+            self.lost_because = ended["killed_because"]
+            if ended["output"]:
+                os.write(self._output_fd, ("\n".join(ended["output"]) + "\n").encode())
+        os.close(self._output_fd)
+        os.write(self._sentinel_w, b"x")
+
+    def exitcode(self) -> int | None:
+        return self._exitcode
+
+    def kill(self) -> None:
+        self._actor.signal.remote(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self._actor.signal.remote(signal.SIGTERM)
+
+    def close(self) -> None:
+        """The worker has ended: let its actor go, which gives its resources back to Ray."""
+        os.close(self._sentinel_r)
+        os.close(self._sentinel_w)
+        _ray().kill(self._actor, no_restart=True)
+
+
+def _ray() -> Any:
+    """Ray, an extra: imported only with ``--placement ray`` (typed loosely, since the
+    type check runs without it)."""
+    try:
+        return importlib.import_module("ray")
+    except ImportError:
+        raise LaunchError("--placement ray needs Ray: pip install 'ketch[ray]'") from None
+
+
+def _reachable(broker: str, node_ip: str) -> str:
+    """The broker endpoint as the nodes dial it: a wildcard host (``0.0.0.0``, ``*``)
+    becomes this machine's address in the cluster."""
+    if not broker.startswith("tcp://"):
+        raise LaunchError(f"--placement ray needs a TCP broker the nodes reach, not {broker}")
+    host, _, port = broker.removeprefix("tcp://").rpartition(":")
+    if host in ("0.0.0.0", "*", "[::]", "::"):
+        return f"tcp://{node_ip}:{port}"
+    return broker
+
+
+def _brief(exc: BaseException) -> str:
+    """The last line of one of Ray's errors (they run to many lines; the cause is last)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,47 @@
+"""A real local Ray cluster for the cluster tests: a head and two nodes with different custom
+resources, all on loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+# Keeps every Ray process on loopback (left alone, Ray advertises the machine's address).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+# The `ray` tox environment installs ketch[ray]: without it these tests fail, never skip.
+from ray.cluster_utils import Cluster
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class RayCluster:
+    cluster: Cluster
+    address: str
+    #: Ray's node id of the node with each custom resource.
+    node_with: dict[str, str]
+
+    def remove_node_with(self, resource: str) -> None:
+        node = next(n for n in self.cluster.worker_nodes if n.node_id == self.node_with[resource])
+        self.cluster.remove_node(node, allow_graceful=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "node_ip_address": LOOPBACK, "include_dashboard": False},
+    )
+    try:
+        node_with = {}
+        for resource in ("red", "blue"):
+            node = cluster.add_node(num_cpus=2, resources={resource: 2}, node_ip_address=LOOPBACK)
+            node_with[resource] = node.node_id
+        cluster.wait_for_nodes()
+        yield RayCluster(cluster, cluster.address, node_with)
+    finally:
+        cluster.shutdown()
