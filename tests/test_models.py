@@ -432,7 +432,12 @@ def test_spec_to_dict_is_plain_data() -> None:
             "cold_start_timeout_s": 60.0,
         },
         "resources": {"cpus": None, "memory_mb": None, "threads": None, "gpus": None},
-        "start": {"preload": False, "python": None, "env": None},
+        "start": {
+            "preload": False,
+            "python": None,
+            "env": None,
+            "placement": {"resources": {}, "strategy": "spread"},
+        },
         "runtime": "python",
         "artifact": None,
         "options": {},
@@ -484,3 +489,16 @@ def test_from_dict_validates_like_the_decorator() -> None:
 
 def test_from_dict_accepts_integer_version() -> None:
     assert ModelSpec.from_dict({"name": "m", "version": 5}).version == "5"
+
+
+def test_placement_names_what_ray_must_find_and_refuses_what_it_cannot_use() -> None:
+    @ketch.model(placement={"resources": {"red": 0.5}, "strategy": "pack"})
+    def placed(xs: list[int]) -> list[int]:
+        return xs
+
+    assert placed.spec.start.placement.resources == {"red": 0.5}
+    assert placed.spec.start.placement.strategy == "pack"
+    with pytest.raises(ValueError, match=r"Invalid enum value 'everywhere' - at `\$.strategy`"):
+        ketch.model(placement={"strategy": "everywhere"})(lambda xs: xs)
+    with pytest.raises(ValueError, match=r"amounts > 0 \('red': 0.0\)"):
+        ketch.model(placement={"resources": {"red": 0}})(lambda xs: xs)

@@ -25,6 +25,8 @@ log = logging.getLogger("ketch.workers")
 
 #: Ray's namespace for ketch's actors, so that other jobs of the cluster are told apart.
 RAY_NAMESPACE = "ketch"
+#: Ray's scheduling strategy for each of :class:`~ketch.specs.models.Placement`'s.
+_RAY_STRATEGY = {"spread": "SPREAD", "pack": "DEFAULT"}
 
 
 class RayPlacement:
@@ -56,6 +58,7 @@ class RayPlacement:
             num_gpus=len(spec.resources.gpus or ()),
             memory=(spec.resources.memory_mb or 0) * 1024 * 1024 or None,
             resources=dict(spec.start.placement.resources) or None,
+            scheduling_strategy=_RAY_STRATEGY[spec.start.placement.strategy],
         ).remote()
         return RayWorker(actor, plan, spec, output_fd)
 

@@ -12,7 +12,7 @@ import functools
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import msgspec
 from msgspec.structs import replace
@@ -97,9 +97,13 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     :param resources: Ray custom resources each worker needs beyond its CPUs, GPUs and memory
         (``{"accelerator_v2": 1}``): Ray starts it on a node that has them.
+    :param strategy: ``spread`` puts the model's replicas on as many nodes as Ray can, so that
+        a node's loss takes the fewest of them (Ray's ``SPREAD``); ``pack`` fills a node
+        before the next (Ray's default scheduling), leaving whole nodes free for others.
     """
 
     resources: dict[str, float] = msgspec.field(default_factory=dict)
+    strategy: Literal["spread", "pack"] = "spread"
 
     def __post_init__(self) -> None:
         for name, amount in self.resources.items():
@@ -152,7 +156,7 @@ def declared_start(
 ) -> WorkerStart:
     """How a declaration's workers start: ``python=`` names an interpreter, ``env=`` one
     the server builds, so a declaration gives at most one of them; ``placement``, a map
-    (``{"resources": {...}}``), says where Ray may place them."""
+    (``{"resources": {...}, "strategy": "spread"}``), says where Ray may place them."""
     if python is not None and env is not None:
         raise ValueError("give python= (an interpreter) or env= (an environment), not both")
     if isinstance(env, list | tuple):
@@ -165,7 +169,8 @@ def declared_start(
             where = msgspec.convert(placement, Placement)
         except msgspec.ValidationError as exc:
             raise ValueError(
-                f'placement must be {{"resources": {{name: amount}}}}: {exc}, got {placement!r}'
+                'placement must be {"resources": {name: amount}, "strategy": "spread" or '
+                f'"pack"}}: {exc}, got {placement!r}'
             ) from None
     return WorkerStart(preload=preload, python=python, env=env, placement=where)
 

@@ -25,9 +25,18 @@ class RayCluster:
     #: Ray's node id of the node with each custom resource.
     node_with: dict[str, str]
 
-    def remove_node_with(self, resource: str) -> None:
-        node = next(n for n in self.cluster.worker_nodes if n.node_id == self.node_with[resource])
-        self.cluster.remove_node(node, allow_graceful=False)
+    def add_node(self, **resources: float) -> str:
+        """A node of a test's own (removed by the test), with ``resources``; its node id."""
+        node = self.cluster.add_node(num_cpus=1, resources=resources, node_ip_address=LOOPBACK)
+        self.cluster.wait_for_nodes()
+        return str(node.node_id)
+
+    def remove_node(self, node_id: str) -> None:
+        """Kill a node's raylet and everything it runs, as a machine that dies would."""
+        for node in self.cluster.worker_nodes:
+            if node.node_id == node_id:
+                self.cluster.remove_node(node, allow_graceful=False)
+                return
 
 
 @pytest.fixture(scope="session")

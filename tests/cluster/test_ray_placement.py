@@ -4,9 +4,13 @@ node that dies takes its workers with it while the pool places replacements else
 
 from __future__ import annotations
 
+import collections
+import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.cluster.conftest import RayCluster
@@ -49,3 +53,114 @@ def test_a_worker_runs_on_the_node_with_its_resources_and_scales_to_zero(
     again = server.predict("on_red", {"inputs": [3]})
     assert again.status_code == 200, again.text
     assert workers_of(server, "on_red")[0]["node"] == ray_cluster.node_with["red"]
+
+
+SPREAD_MODELS = """
+import os
+import time
+
+import ketch
+
+
+@ketch.model(
+    placement={"resources": {"slot": 1}}, min_replicas=2, max_replicas=2, max_batch_size=4
+)
+def spread(xs):
+    time.sleep(0.02)
+    return [os.getpid() for _ in xs]
+"""
+
+
+def wait_for_ready_workers(server: KetchServer, model: str, count: int) -> None:
+    """Wait until ``count`` workers of ``model`` have announced themselves ready so far."""
+    line = rf"model {model}:1 ready: "
+    seen = sum(1 for printed in server.seen if re.search(line, printed))
+    for _ in range(count - seen):
+        server.wait_for(line, timeout=60)
+
+
+class Load:
+    """Clients sending predictions without pause from threads, counting what comes back."""
+
+    def __init__(self, server: KetchServer, model: str, clients: int = 4) -> None:
+        self._url = f"{server.url}/models/{model}/predict"
+        self._stop = threading.Event()
+        self.sent = 0
+        self.statuses: collections.Counter[int] = collections.Counter()
+        self.failures: list[str] = []
+        self._counted = threading.Condition()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                with self._counted:
+                    self.sent += 1
+                try:
+                    answer = client.post(self._url, json={"inputs": [1]})
+                except httpx.HTTPError as exc:
+                    failure = repr(exc)
+                    status = 0
+                else:
+                    failure = "" if answer.status_code == 200 else answer.text
+                    status = answer.status_code
+                with self._counted:
+                    self.statuses[status] += 1
+                    if failure:
+                        self.failures.append(failure)
+                    self._counted.notify_all()
+
+    def answered(self) -> int:
+        with self._counted:
+            return self.statuses[200]
+
+    def wait_answered(self, count: int, timeout: float = 60) -> None:
+        """Until ``count`` answers (200) have come back in all."""
+        with self._counted:
+            if not self._counted.wait_for(lambda: self.statuses[200] >= count, timeout):
+                pytest.fail(f"{self.statuses[200]} of {count} answers in {timeout} s")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=90)
+
+
+def test_a_node_that_dies_under_load_loses_no_request_and_its_worker_is_replaced(
+    ray_cluster: RayCluster,
+    write_models: Callable[[str], Path],
+    start_server: Callable[..., KetchServer],
+) -> None:
+    nodes = [ray_cluster.add_node(slot=1) for _ in range(3)]
+    try:
+        server = start_server(
+            write_models(SPREAD_MODELS),
+            "--placement",
+            "ray",
+            "--ray-address",
+            ray_cluster.address,
+        )
+        # Two replicas, spread: on two of the three nodes (each has room for one).
+        wait_for_ready_workers(server, "spread", 2)
+        placed = {str(w["node"]) for w in workers_of(server, "spread")}
+        assert len(placed) == 2 and placed <= set(nodes), placed
+        load = Load(server, "spread")
+        try:
+            load.wait_answered(50)
+            doomed = sorted(placed)[0]
+            ray_cluster.remove_node(doomed)
+            server.wait_for(r"model spread:1 lost .*", timeout=60)
+            server.wait_for(r"model spread:1 ready: ", timeout=60)
+            load.wait_answered(load.answered() + 50)
+        finally:
+            load.stop()
+        assert load.failures == [], load.failures[:3]
+        assert load.answered() == load.sent
+        now = {str(w["node"]) for w in workers_of(server, "spread")}
+        # The replacement went to the node that had room, never to the dead one.
+        assert now == (set(nodes) - {doomed}), (now, nodes, doomed)
+    finally:
+        for node in nodes:
+            ray_cluster.remove_node(node)
