@@ -64,6 +64,13 @@ def test_without_traffic_the_pool_goes_straight_to_zero() -> None:
     assert scale_step(POOL, current=3, active=0, idle_s=60, now=130, state=state) == -3
 
 
+def test_a_pool_over_its_bound_sheds_the_excess_at_once() -> None:
+    # Only workers started by hand bring a pool past max_replicas: no idle period to wait.
+    state = ScaleState()
+    assert scale_step(POOL, current=6, active=100, idle_s=0, now=0, state=state) == -2
+    assert scale_step(POOL, current=4, active=100, idle_s=0, now=1, state=state) == 0
+
+
 # -- real pools ---------------------------------------------------------------------------------
 
 POOLED = """

@@ -17,8 +17,17 @@ SERVED = """
     import os
     import ketch
 
-    @ketch.model
+    @ketch.model(max_replicas=2)
     def whoami(xs):
+        return [os.getpid()] * len(xs)
+"""
+
+BOUNDED = """
+    import os
+    import ketch
+
+    @ketch.model(max_replicas=1)
+    def bounded(xs):
         return [os.getpid()] * len(xs)
 """
 
@@ -62,6 +71,28 @@ def test_hand_started_worker_joins_the_pool_of_a_served_model(
     assert answer != remote_pid and answer in {
         w["pid"] for w in server.model_status("whoami")["workers"]
     }
+
+
+def test_a_hand_started_worker_counts_against_the_pools_bound_and_takes_the_load(
+    start_server: StartServer, start_worker: StartWorker, write_models: WriteModels
+) -> None:
+    models = write_models(BOUNDED)
+    server = start_server(models)
+    cold = server.predict("bounded", {"inputs": [0]})  # starts the pool's own worker
+    assert cold.status_code == 200, cold.text
+    (local_pid,) = cold.json()["outputs"]
+    worker = start_worker(f"{models}:bounded", server.broker)
+    remote_pid = worker.process.pid
+    server.wait_for(rf"model bounded:1 ready: worker pid {remote_pid} ")
+    # max_replicas=1 counts both: the pool lets its own worker go, now, not after an idle time.
+    server.wait_for(
+        rf"model bounded:1 lost worker pid {local_pid} .*over max_replicas=1", seen_too=True
+    )
+    answers = [server.predict("bounded", {"inputs": [i]}) for i in range(20)]
+    assert {a.json()["outputs"][0] for a in answers} == {remote_pid}
+    status = server.model_status("bounded")
+    assert status["replicas"]["ready"] == 1
+    assert [w["pid"] for w in status["workers"]] == [remote_pid]
 
 
 def test_worker_for_a_model_the_gateway_does_not_serve_is_refused_and_says_so(

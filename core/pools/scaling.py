@@ -49,6 +49,11 @@ def scale_step(
     spec: PoolSpec, current: int, active: int, idle_s: float, now: float, state: ScaleState
 ) -> int:
     """Workers to start (> 0) or stop (< 0) now, for a pool of ``current`` workers."""
+    if current > spec.max_replicas:
+        # Over its bound, which only a worker started by hand can bring (it joined while the
+        # pool's own were up or starting): the bound holds now, not after an idle period.
+        state.surplus_since = now
+        return spec.max_replicas - current
     desired = desired_replicas(spec, active, idle_s)
     if desired >= current:
         state.surplus_since = None
@@ -61,6 +66,16 @@ def scale_step(
     state.surplus_since = now
     # Without traffic, go straight to the floor; under load, shed one worker per period.
     return desired - current if active == 0 else -1
+
+
+def _why_fewer(pool: PoolSpec, current: int) -> str:
+    """What a scale-down says of itself in the lost-worker line."""
+    if current > pool.max_replicas:
+        return (
+            f"scaled down: {current} workers with those started by hand, over "
+            f"max_replicas={pool.max_replicas}"
+        )
+    return f"scaled down after {pool.idle_timeout_s:g} s with more workers than load"
 
 
 class PoolManager:
@@ -142,19 +157,16 @@ class PoolManager:
         while started < step and self._workers.spawn(spec):
             started += 1
         if step < 0:
-            self._scale_down(queue, -step, current)
+            self._scale_down(queue, -step, current, _why_fewer(spec.pool, current))
         self._wake_later(queue, state, now, backing_off=started < step)
 
-    def _scale_down(self, queue: ModelQueue, count: int, current: int) -> None:
+    def _scale_down(self, queue: ModelQueue, count: int, current: int, why: str) -> None:
         spec = queue.spec
         retired = idle_started_workers(queue, count, started=self._workers.started(spec))
         for worker in retired:
             assert worker.launch is not None  # the pool started it
             self._workers.retire(worker.launch)
-            self._dispatcher.retire(
-                worker,
-                f"scaled down after {spec.pool.idle_timeout_s:g} s with more workers than load",
-            )
+            self._dispatcher.retire(worker, why)
         if retired and current == len(retired):
             self._dispatcher.scaled_to_zero(spec)
 
