@@ -11,12 +11,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
 import msgspec
 
-from ketch.applications.runner import Applications, build_applications
-from ketch.applications.state import StateStore, default_state_dir
+from ketch.applications.catalog import Applications, build_applications
+from ketch.applications.state import (
+    FileStateStore,
+    SharedStateError,
+    StateStore,
+    default_state_dir,
+)
 from ketch.deploys.deployer import Deployer
 from ketch.deploys.envs import EnvBuildError, Environments, EnvRequest, ensure_env
 from ketch.deploys.store import Store
@@ -47,6 +52,9 @@ from ketch.zmq_transport.broker import DEFAULT_MAX_MESSAGE_BYTES, Broker
 from ketch.zmq_transport.liveness import Heartbeat
 from ketch.zmq_transport.security import BrokerKeys
 
+if TYPE_CHECKING:
+    from ketch.applications.shared import SharedState
+
 log = logging.getLogger("ketch.server")
 #: Where an environment's build output goes while ``ketch serve`` starts.
 _env_log = logging.getLogger("ketch.envs")
@@ -73,6 +81,9 @@ class ServeOptions:
     :param plugins: modules or files to load as plugins, besides the installed ones.
     :param state_dir: where applications keep their policies' state across restarts
         (``None``: ``$KETCH_STATE_DIR``, else ``~/.local/state/ketch``).
+    :param state: a Redis URL where applications keep their policy state, answered queries
+        and feedback instead, shared with every gateway given the same one
+        (:mod:`ketch.applications.shared`).
     :param store_dir: the model store: deployed code, environments, records
         (``None``: ``STATE_DIR/store``), see :mod:`ketch.deploys.store`.
     :param max_deploy_bytes: the largest deploy archive (and the most it may unpack to).
@@ -107,6 +118,7 @@ class ServeOptions:
     request_timeout_s: float = 60.0
     plugins: tuple[str, ...] = ()
     state_dir: Path | None = None
+    state: str | None = None
     store_dir: Path | None = None
     max_deploy_bytes: int = DEFAULT_MAX_DEPLOY_BYTES
     models: tuple[str, ...] = ()
@@ -140,6 +152,12 @@ class ServeOptions:
         if self.placement == "ray" and not self.broker.startswith("tcp://"):
             raise ValueError(
                 f"--placement ray needs a --broker on tcp that the nodes reach, not {self.broker}"
+            )
+        if self.state is not None and not self.state.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"--state takes a Redis URL (redis://HOST:PORT/DB), not {self.state!r}"
             )
         if self.placement != "ray" and self.ray_address is not None:
             raise ValueError("--ray-address is for --placement ray")
@@ -217,6 +235,7 @@ async def serve(
     placement: RayPlacement | None = None
     pools: PoolManager | None = None
     apps: Applications | None = None
+    shared: SharedState | None = None
     deployer: Deployer | None = None
     try:
         endpoint = broker.bind()
@@ -244,13 +263,11 @@ async def serve(
         # Only now: a worker that joins knows which model it serves (and one that rejoins
         # after a restart cannot claim a name the served file declares).
         broker.start()
-        apps = build_applications(
-            served.apps,
-            plugins,
-            dispatcher,
-            StateStore(state_dir),
-            deadlines,
-        )
+        state_store: StateStore = FileStateStore(state_dir)
+        if options.state is not None:
+            shared = await _connect_shared(options.state)
+            state_store = shared.state_store()
+        apps = build_applications(served.apps, plugins, dispatcher, state_store, deadlines, shared)
         dispatcher.metrics.watch_apps(apps.samples)
         host, port = sock.getsockname()[:2]
         report(events.broker_listening(endpoint))
@@ -343,6 +360,8 @@ async def serve(
         sock.close()  # a no-op once serve_asgi has served on it (it closes the socket)
         if apps is not None:
             await apps.stop()
+        if shared is not None:
+            await shared.close()
         log.info("HTTP gateway stopped; stopping workers")
         if pools is not None:
             await pools.stop()
@@ -356,6 +375,17 @@ async def serve(
             placement.shutdown()
         report.is_ready = lambda: False
         report(events.stopped())
+
+
+async def _connect_shared(url: str) -> SharedState:
+    """The Redis of ``--state``; its client (0.3 s of imports) is imported only here."""
+    try:
+        from ketch.applications.shared import SharedState
+    except ImportError:
+        raise SharedStateError(
+            f"--state {url} needs Redis's client: pip install 'ketch[redis]'"
+        ) from None
+    return await SharedState.connect(url)
 
 
 def _absolute_source(source: str | None) -> str:

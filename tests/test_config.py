@@ -116,6 +116,7 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "workers_per_model",
         "request_timeout",
         "state_dir",
+        "state",
         "store",
         "max_deploy_mb",
         "log_format",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from starlette.routing import Route
 
-from ketch.applications.runner import Applications
-from ketch.applications.state import StateStore
+from ketch.applications.catalog import Applications
+from ketch.applications.state import FileStateStore
 from ketch.deploys.deployer import Deployer
 from ketch.deploys.envs import Environments
 from ketch.deploys.store import Store
@@ -35,7 +35,7 @@ _NO_EVENTS = ProcessEvents(*(lambda *_: None for _ in range(5)))
 def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:
     dispatcher = Dispatcher(lambda event: None)
     plugins = load_plugins()
-    apps = Applications(StateStore(tmp_path), plugins, dispatcher, Deadlines(60.0))
+    apps = Applications(FileStateStore(tmp_path), plugins, dispatcher, Deadlines(60.0))
     workers = WorkerProcesses("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS, plugins)
     pools = PoolManager(dispatcher, workers)
     admin = Admin(dispatcher, pools, apps, plugins, lambda event: None, 60.0)

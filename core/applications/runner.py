@@ -25,17 +25,13 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
-from ketch.applications.memory import QUERY_OVERHEAD_BYTES, QueryMemory, encoded_size
-from ketch.applications.saving import StateSaver
-from ketch.applications.state import StateStore
-from ketch.errors import AppError
-from ketch.observability.metrics import AppSample
+from ketch.applications.memory import AnsweredQuery, Queries, encoded_size
+from ketch.applications.state import SharedStateError
 from ketch.plugin_manager import PluginError, Plugins
 from ketch.policy import Combined, Feedback, Policy, Query
 from ketch.serving.admission import Deadlines, predict
@@ -43,22 +39,10 @@ from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import Deadline, PredictionError
 from ketch.specs.apps import AppSpec
 
+if TYPE_CHECKING:  # Redis's client takes 0.3 s to import: only with --state redis://
+    from ketch.applications.shared import FeedbackLog
+
 log = logging.getLogger("ketch.apps")
-
-
-@dataclass(slots=True)
-class _Record:
-    """A query after its answer: what feedback needs to reward each model."""
-
-    query: Query
-    #: Every model's prediction that reached the gateway, in time or late, mirrored or not.
-    predictions: dict[str, Any] = field(default_factory=dict)
-    used: list[str] = field(default_factory=list)
-    output: Any = None
-    default: bool = False
-    has_feedback: bool = False
-    #: Whether it is in the application's memory: a prediction arriving later adds its size.
-    kept: bool = False
 
 
 class Application:
@@ -71,16 +55,24 @@ class Application:
         plugins: Plugins,
         dispatcher: Dispatcher,
         deadlines: Deadlines,
+        queries: Queries,
+        feedback_log: FeedbackLog | None = None,
     ) -> None:
+        """:param queries: where its answered queries wait for their feedback.
+        :param feedback_log: with ``--state redis://``, the stream through which feedback
+            teaches every gateway's policy; None teaches this one's directly."""
         self.spec = spec
         self.policy = policy
         self._plugins = plugins
         self._dispatcher = dispatcher
         self._deadlines = deadlines
         self._plugin = plugins.plugin_of_policy(spec.policy)
-        self._memory: QueryMemory[_Record] = QueryMemory(*spec.query_bounds())
+        self._queries = queries
+        self._feedback_log = feedback_log
         self._background: set[asyncio.Future[Any]] = set()
         self.dirty = False
+        #: The feedback stream's position its policy has learnt up to (shared state only).
+        self.applied: str | None = None
         self.counts = {"queries": 0, "defaults": 0, "errors": 0, "feedback": 0}
 
     # -- predict ----------------------------------------------------------------------------
@@ -98,7 +90,7 @@ class Application:
         query = Query(uuid.uuid4().hex, self.spec.name, value)
         deadline = self._deadlines.deadline(timeout_ms, self.spec.slo_ms)
         budget_s = deadline.budget_s
-        record = _Record(query)
+        record = AnsweredQuery(query)
         failures: dict[str, PredictionError] = {}
         selected = self._models_from("select", self.policy.select, query, required=True)
         mirrored = [
@@ -138,7 +130,7 @@ class Application:
             answer = self._combined(query, in_time, missing, record)
         else:
             answer = self._default(query, missing, failures, budget_s, record)
-        self._remember(record)
+        await self._queries.remember(record)
         self._plugins.query_answered(self.spec.name, query, answer)
         return answer
 
@@ -146,13 +138,13 @@ class Application:
         self,
         models: Sequence[str],
         tasks: dict[str, asyncio.Future[Any]],
-        record: _Record,
+        record: AnsweredQuery,
         failures: dict[str, PredictionError],
         deadline: Deadline,
     ) -> None:
         for reference in models:
             task = asyncio.ensure_future(self._ask_model(reference, record.query.input, deadline))
-            task.add_done_callback(_arrival(reference, record, failures, self._memory))
+            task.add_done_callback(_arrival(reference, record, failures, self._queries))
             tasks[reference] = task
 
     async def _ask_model(self, reference: str, value: Any, deadline: Deadline) -> Any:
@@ -162,7 +154,7 @@ class Application:
         return _plain(outputs[0])
 
     def _combined(
-        self, query: Query, in_time: dict[str, Any], missing: dict[str, str], record: _Record
+        self, query: Query, in_time: dict[str, Any], missing: dict[str, str], record: AnsweredQuery
     ) -> dict[str, Any]:
         result = self._call("combine", self.policy.combine, query, in_time)
         combined = result if isinstance(result, Combined) else Combined(result)
@@ -197,7 +189,7 @@ class Application:
         missing: dict[str, str],
         failures: dict[str, PredictionError],
         budget_s: float,
-        record: _Record,
+        record: AnsweredQuery,
     ) -> dict[str, Any]:
         reasons = "; ".join(f"{m}: {why}" for m, why in missing.items())
         explanation = f"no model answered within {budget_s * 1000:g} ms ({reasons})"
@@ -227,7 +219,7 @@ class Application:
         query: Query,
         served: dict[str, Any],
         mirror_tasks: dict[str, asyncio.Future[Any]],
-        record: _Record,
+        record: AnsweredQuery,
     ) -> None:
         async def compare() -> None:
             await asyncio.wait(list(mirror_tasks.values()))
@@ -242,33 +234,48 @@ class Application:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _remember(self, record: _Record) -> None:
-        record.kept = True
-        self._memory.remember(record.query.id, record, _size_of(record))
-
     # -- feedback ---------------------------------------------------------------------------
 
-    def feedback(
+    async def feedback(
         self, query_id: str, reward: float | None, label: Any, has_label: bool
     ) -> dict[str, Any]:
         """Teach the policy about one answered query; raises :class:`PredictionError`."""
-        record = self._memory.get(query_id)
-        if record is None:
-            # Never answered, or forgotten past the bounds: the client cannot tell which, and
-            # the answer is the same.
-            memory = self._memory
-            raise PredictionError(
-                404,
-                f"application {self.spec.name!r} has no query {query_id!r}: feedback must "
-                f"name a query_id it answered, and it keeps only its latest queries (at most "
-                f"{memory.max_queries} and {memory.max_bytes} bytes of them, set by its "
-                f"query_memory {self.spec.query_memory!r})",
-                app=self.spec.name,
-            )
-        if record.has_feedback:
-            raise PredictionError(
-                409, f"query {query_id!r} already had its feedback", app=self.spec.name
-            )
+        try:
+            record = await self._queries.recall(query_id)
+            if record is None:
+                # Never answered, or forgotten past the bounds: the client cannot tell which,
+                # and the answer is the same.
+                max_queries, max_bytes = self.spec.query_bounds()
+                raise PredictionError(
+                    404,
+                    f"application {self.spec.name!r} has no query {query_id!r}: feedback must "
+                    f"name a query_id it answered, and it keeps only its latest queries (at "
+                    f"most {max_queries} and {max_bytes} bytes of them, set by its "
+                    f"query_memory {self.spec.query_memory!r})",
+                    app=self.spec.name,
+                )
+            if not await self._queries.claim(record):
+                raise PredictionError(
+                    409, f"query {query_id!r} already had its feedback", app=self.spec.name
+                )
+            feedback = self._feedback_of(record, reward, label, has_label)
+            if self._feedback_log is None:
+                self.observe(record.query, feedback)
+            else:
+                await self._feedback_log.publish(record.query, feedback)
+        except SharedStateError as exc:
+            raise PredictionError(503, str(exc), app=self.spec.name) from None
+        self._plugins.feedback_observed(self.spec.name, record.query, feedback)
+        return {
+            "query_id": query_id,
+            "app": self.spec.name,
+            "reward": feedback.reward,
+            "rewards": dict(feedback.rewards),
+        }
+
+    def _feedback_of(
+        self, record: AnsweredQuery, reward: float | None, label: Any, has_label: bool
+    ) -> Feedback:
         # A model unlinked since the query was answered is no longer the policy's to reward.
         predictions = {m: p for m, p in record.predictions.items() if m in self.spec.models}
         try:
@@ -284,15 +291,22 @@ class Application:
                 rewards = {m: reward for m in record.used if m in self.spec.models}
         except PluginError as exc:
             raise PredictionError(500, str(exc), app=self.spec.name) from None
-        feedback = Feedback(
-            reward, label if has_label else None, record.output, predictions, rewards
-        )
-        self._call("observe", self.policy.observe, record.query, feedback)
-        record.has_feedback = True
+        return Feedback(reward, label if has_label else None, record.output, predictions, rewards)
+
+    def observe(self, query: Query, feedback: Feedback, applied: str | None = None) -> None:
+        """Teach the policy one feedback: this gateway's, or (shared) any gateway's at
+        position ``applied`` of the feedback stream; raises :class:`PredictionError`."""
+        if applied is not None:
+            self.applied = applied
         self.dirty = True
+        rewards = {m: r for m, r in feedback.rewards.items() if m in self.spec.models}
+        if rewards != feedback.rewards:
+            predictions = {m: p for m, p in feedback.predictions.items() if m in self.spec.models}
+            feedback = Feedback(
+                feedback.reward, feedback.label, feedback.output, predictions, rewards
+            )
+        self._call("observe", self.policy.observe, query, feedback)
         self.counts["feedback"] += 1
-        self._plugins.feedback_observed(self.spec.name, record.query, feedback)
-        return {"query_id": query_id, "app": self.spec.name, "reward": reward, "rewards": rewards}
 
     # -- the policy's calls -----------------------------------------------------------------
 
@@ -336,11 +350,19 @@ class Application:
         """This application with a new spec and policy (an operator changed it): it keeps
         the queries answered so far, for their feedback, and the counts. Queries in flight
         finish with this one."""
-        after = Application(spec, policy, self._plugins, self._dispatcher, self._deadlines)
-        after._memory = self._memory
-        after._memory.bound(*spec.query_bounds())
+        after = Application(
+            spec,
+            policy,
+            self._plugins,
+            self._dispatcher,
+            self._deadlines,
+            self._queries,
+            self._feedback_log,
+        )
+        self._queries.bound(*spec.query_bounds())
         after._background = self._background
         after.counts = self.counts
+        after.applied = self.applied
         after.dirty = True
         return after
 
@@ -353,17 +375,17 @@ class Application:
             **self.spec.to_dict(),
             "plugin": self._plugin,
             **self.counts,
-            "queries_held": len(self._memory),
-            "query_bytes_held": self._memory.held_bytes,
+            "queries_held": self._queries.held()[0],
+            "query_bytes_held": self._queries.held()[1],
             "policy_state": state,
         }
 
 
 def _arrival(
     reference: str,
-    record: _Record,
+    record: AnsweredQuery,
     failures: dict[str, PredictionError],
-    memory: QueryMemory[_Record],
+    queries: Queries,
 ) -> Callable[[asyncio.Future[Any]], None]:
     """Done-callback of a model's task: keep its prediction, or why it has none."""
 
@@ -374,25 +396,13 @@ def _arrival(
         if error is None:
             prediction = record.predictions[reference] = task.result()
             if record.kept:  # a straggler or a mirror, after the answer
-                memory.grow(record.query.id, encoded_size(prediction))
+                queries.grew(record, encoded_size(prediction))
         elif isinstance(error, PredictionError):
             failures[reference] = error
         else:
             failures[reference] = PredictionError(500, f"{type(error).__name__}: {error}")
 
     return arrived
-
-
-def _size_of(record: _Record) -> int:
-    """What keeping ``record`` costs, as :mod:`ketch.applications.memory` counts it."""
-    size = QUERY_OVERHEAD_BYTES + encoded_size(record.query.input)
-    size += encoded_size(record.query.notes)
-    predictions = list(record.predictions.values())
-    size += sum(encoded_size(prediction) for prediction in predictions)
-    # The output is often one of the predictions, or the shared default_output: no new bytes.
-    if not record.default and not any(record.output is p for p in predictions):
-        size += encoded_size(record.output)
-    return size
 
 
 def _why_missing(error: PredictionError | None, budget_s: float) -> str:
@@ -408,168 +418,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-class Applications:
-    """Every application of the gateway: building them from their specs (the served file's,
-    or the management API's), and saving their policies' state."""
-
-    def __init__(
-        self,
-        store: StateStore,
-        plugins: Plugins,
-        dispatcher: Dispatcher,
-        deadlines: Deadlines,
-    ) -> None:
-        self._apps: dict[str, Application] = {}
-        self._store = store
-        self._plugins = plugins
-        self._dispatcher = dispatcher
-        self._deadlines = deadlines
-        self._saver = StateSaver(store, self._apps.values)
-
-    def build(self, spec: AppSpec) -> Application:
-        """An application for ``spec`` with a fresh policy; raises :class:`AppError` naming
-        the application and what is wrong (a model it lists is not served, an unknown
-        policy, params or models the policy rejects)."""
-        for reference in spec.models:
-            name, _, version = reference.partition(":")
-            try:
-                self._dispatcher.queue_for(name, version or None)
-            except PredictionError as exc:
-                raise AppError(f"application {spec.name!r} lists {reference!r}: {exc}") from None
-        try:
-            policy_class = self._plugins.policy_class(spec.policy)
-        except PluginError as exc:
-            raise AppError(f"application {spec.name!r}: {exc}") from None
-        try:
-            policy = policy_class(spec.models, **spec.params)
-        except (TypeError, ValueError) as exc:
-            raise AppError(
-                f"application {spec.name!r}: policy {spec.policy!r} rejects its models "
-                f"{list(spec.models)} or params {dict(spec.params)}: {exc}"
-            ) from None
-        return Application(spec, policy, self._plugins, self._dispatcher, self._deadlines)
-
-    def add(self, spec: AppSpec) -> Application:
-        """Build and serve an application, with the policy state saved for it by the same
-        policy restored (see :mod:`ketch.applications.state`); raises :class:`AppError`."""
-        if spec.name in self._apps:
-            raise AppError(f"application {spec.name!r} already exists")
-        application = self.build(spec)
-        saved = self._store.load(spec)
-        if saved is not None:
-            try:
-                application.policy.load_state_dict(saved.state)
-            except Exception as exc:
-                why = f"policy {spec.policy!r} cannot load it: {type(exc).__name__}: {exc}"
-                if saved.models == spec.models:
-                    raise AppError(
-                        f"application {spec.name!r}: {why}, from "
-                        f"{self._store.path_of(spec.name)}; move the file away to start afresh"
-                    ) from None
-                # Learnt with other models (changed through the management API): expected
-                # to be unusable by some policies, so not a reason to refuse to start.
-                self._store.set_aside(spec.name, f"it was learnt with models {saved.models}; {why}")
-                application = self.build(spec)
-        self._apps[spec.name] = application
-        return application
-
-    def change(self, spec: AppSpec) -> tuple[Application, str | None]:
-        """Serve application ``spec.name`` with a new spec from now on; returns it and why
-        its policy starts afresh (None when it kept what it learnt: same policy, and its
-        ``load_state_dict`` takes the old state for the new models and params). Raises
-        :class:`AppError`, leaving the application as it was."""
-        before = self.get(spec.name)
-        policy = self.build(spec).policy
-        afresh: str | None = None
-        if spec.policy != before.spec.policy:
-            afresh = f"the policy changed from {before.spec.policy!r} to {spec.policy!r}"
-        else:
-            try:
-                policy.load_state_dict(before.policy.state_dict())
-            except Exception as exc:
-                afresh = (
-                    f"policy {spec.policy!r} cannot take its previous state: "
-                    f"{type(exc).__name__}: {exc}"
-                )
-                policy = self.build(spec).policy  # a failed load may have left it half-changed
-        after = before.successor(spec, policy)
-        if afresh is not None:
-            log.warning("application %r starts learning afresh: %s", spec.name, afresh)
-        self._apps[spec.name] = after
-        return after, afresh
-
-    def remove(self, name: str) -> Application:
-        """Stop serving an application (queries in flight finish); its policy state is saved
-        first, so adding it back with the same policy resumes it."""
-        application = self.get(name)
-        del self._apps[name]
-        self._saver.save_now(application)
-        return application
-
-    def linking(self, name: str, version: str | None) -> list[str]:
-        """Applications that would lose a model if version ``version`` (None: every version)
-        of model ``name`` went away: those listing it by that version, and, when it is the
-        last one, those listing it by name."""
-        remaining = [v for v in self._dispatcher.versions(name) if v != version]
-        found = []
-        for app_name, application in sorted(self._apps.items()):
-            for reference in application.spec.models:
-                model, _, pinned = reference.partition(":")
-                if model != name:
-                    continue
-                if (pinned and (version is None or pinned == version)) or (
-                    not pinned and (version is None or not remaining)
-                ):
-                    found.append(app_name)
-                    break
-        return found
-
-    def get(self, name: str) -> Application:
-        try:
-            return self._apps[name]
-        except KeyError:
-            raise PredictionError(
-                404, f"unknown application {name!r}", apps=sorted(self._apps)
-            ) from None
-
-    def describe(self) -> list[dict[str, Any]]:
-        return [self._apps[name].describe() for name in sorted(self._apps)]
-
-    def __len__(self) -> int:
-        return len(self._apps)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._apps
-
-    def samples(self) -> list[AppSample]:
-        """What the metrics read of each application at scrape time."""
-        return [AppSample(name, app.counts["defaults"]) for name, app in self.items()]
-
-    def items(self) -> list[tuple[str, Application]]:
-        """``(name, application)`` pairs, sorted by name (for ``GET /metrics``)."""
-        return sorted(self._apps.items())
-
-    def start(self) -> None:
-        """Save the policies' state as it changes (:mod:`ketch.applications.saving`)."""
-        self._saver.start()
-
-    async def stop(self) -> None:
-        """Save what changed since the last save; no more saving after."""
-        await self._saver.stop()
-
-
-def build_applications(
-    specs: Sequence[AppSpec],
-    plugins: Plugins,
-    dispatcher: Dispatcher,
-    store: StateStore,
-    deadlines: Deadlines,
-) -> Applications:
-    """Every declared application with its policy, its saved state restored; raises
-    :class:`AppError` naming the application and what is wrong with it."""
-    applications = Applications(store, plugins, dispatcher, deadlines)
-    for spec in specs:
-        applications.add(spec)
-    return applications

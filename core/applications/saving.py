@@ -1,4 +1,5 @@
-"""When the applications' policy state is written: about once a second what changed, when an
+"""When the applications' policy state is written (to disk or Redis, its
+:class:`~ketch.applications.state.StateStore`): about once a second what changed, when an
 application is removed, and when the gateway stops.
 
 Each round takes the changed policies' state in the event loop (a policy is not thread-safe)
@@ -34,10 +35,12 @@ class Saved(Protocol):
     spec: AppSpec
     policy: Policy
     dirty: bool
+    #: The position in the shared feedback stream its policy has learnt up to (Redis).
+    applied: str | None
 
 
-#: Applications whose state was taken, with the file content it makes.
-_Pending = list[tuple[Saved, bytes]]
+#: Applications whose state was taken, with what is stored for it and its stream position.
+_Pending = list[tuple[Saved, bytes, str | None]]
 
 
 class StateSaver:
@@ -93,22 +96,24 @@ class StateSaver:
             if not application.dirty:
                 continue
             application.dirty = False
+            applied = application.applied
             try:
-                content = self._store.encode(application.spec, application.policy.state_dict())
+                state = application.policy.state_dict()
+                content = self._store.encode(application.spec, state, applied)
             except Exception:
                 log.exception(
                     "the policy state of application %r cannot be saved", application.spec.name
                 )
                 continue
-            pending.append((application, content))
+            pending.append((application, content, applied))
         return pending
 
     def _write(self, pending: _Pending) -> dict[int, str]:
         """In the writer thread: write each file; why each that failed did, by its index."""
         failures: dict[int, str] = {}
-        for index, (application, content) in enumerate(pending):
+        for index, (application, content, applied) in enumerate(pending):
             try:
-                self._store.write(application.spec.name, content)
+                self._store.write(application.spec.name, content, applied)
             except StateNotSaved as exc:
                 failures[index] = str(exc)
         return failures
@@ -116,7 +121,7 @@ class StateSaver:
     def _report(self, pending: _Pending, failures: dict[int, str], final: bool) -> None:
         """In the loop: log what failed, and mark it to be written again; ``final`` when no
         round follows (the gateway stops, or the application is removed)."""
-        for index, (application, _) in enumerate(pending):
+        for index, (application, _, _) in enumerate(pending):
             name = application.spec.name
             why = failures.get(index)
             if why is None:

@@ -1,14 +1,19 @@
-"""Keep each application's policy state on disk, so a restarted gateway goes on learning.
+"""Keep each application's policy state, so a restarted gateway goes on learning.
 
-One JSON file per application under the state directory (``apps/{name}.json``), written
-atomically and durably: a temporary file, flushed to the disk (``fsync``), renamed over the old
-one, and the directory flushed too, so that the rename itself survives a power cut. A crash
-mid-write leaves the previous state (and perhaps a ``.{name}.*.tmp`` file, never read); once
-:meth:`StateStore.write` has returned, the new state is on the disk.
-The file records the policy and models it was learnt with: state saved for another policy is
-not loaded into this one (it is kept aside as ``.stale``). State saved for other models (an
-operator linked or unlinked some through the management API) is offered to the same policy,
-whose ``load_state_dict`` keeps what it knows of the models it still has.
+Where it is kept is a :class:`StateStore`: on disk (:class:`FileStateStore`, the default), or
+in Redis with ``--state redis://`` (:mod:`ketch.applications.shared`).
+
+On disk it is one JSON file per application under the state directory
+(``apps/{name}.json``), written atomically and durably: a temporary file, flushed to the disk
+(``fsync``), renamed over the old one, and the directory flushed too, so that the rename itself
+survives a power cut. A crash mid-write leaves the previous state (and perhaps a
+``.{name}.*.tmp`` file, never read); once :meth:`FileStateStore.write` has returned, the new
+state is on the disk.
+
+What is saved records the policy and models it was learnt with: state saved for another
+policy is not loaded into this one (it is kept aside as ``.stale``). State saved for other
+models (an operator linked or unlinked some through the management API) is offered to the
+same policy, whose ``load_state_dict`` keeps what it knows of the models it still has.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
+from ketch.errors import KetchError
 from ketch.specs.apps import AppSpec
 
 log = logging.getLogger("ketch.apps")
@@ -40,6 +46,11 @@ def default_state_dir() -> Path:
     return Path(base) / "ketch"
 
 
+class SharedStateError(KetchError):
+    """The Redis that gateways share state in could not be reached or refused a command: the
+    message says which and why."""
+
+
 class StateNotSaved(Exception):
     """The policy state of an application could not be written: the message names the
     application, the file, the step that failed and the operating system's reason."""
@@ -52,13 +63,63 @@ _DIRECTORY_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, er
 
 @dataclass(frozen=True, slots=True)
 class SavedState:
-    """A policy's state as saved, and the models it was learnt with."""
+    """A policy's state as saved, the models it was learnt with, and (shared through Redis)
+    the position in the feedback stream it includes."""
 
     state: dict[str, Any]
     models: tuple[str, ...]
+    applied: str | None = None
 
 
-class StateStore:
+def encode_saved(spec: AppSpec, state: dict[str, Any], applied: str | None) -> bytes:
+    """What is stored for ``state``; raises ``TypeError`` when it is not JSON."""
+    saved: dict[str, Any] = {"app": spec.name, "policy": spec.policy, "models": list(spec.models)}
+    if applied is not None:
+        saved["applied"] = applied
+    saved["state"] = state
+    return orjson.dumps(saved, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2)
+
+
+def decode_saved(content: bytes, spec: AppSpec) -> tuple[SavedState | None, str]:
+    """The state in ``content`` if it was saved by ``spec``'s policy; else None and why not."""
+    try:
+        saved = orjson.loads(content)
+    except orjson.JSONDecodeError as exc:
+        return None, f"it cannot be read ({exc})"
+    if not isinstance(saved, dict):
+        return None, "it is not a JSON object"
+    if (
+        saved.get("policy") != spec.policy
+        or not isinstance(saved.get("models"), list)
+        or not isinstance(saved.get("state"), dict)
+    ):
+        return None, f"it was saved for policy {saved.get('policy')!r}, not {spec.policy!r}"
+    applied = saved.get("applied")
+    return SavedState(
+        saved["state"], tuple(saved["models"]), applied if isinstance(applied, str) else None
+    ), ""
+
+
+class StateStore(Protocol):
+    """Where applications' policy state is kept."""
+
+    def where(self, app_name: str) -> str:
+        """Where the application's state is, for messages."""
+
+    def load(self, spec: AppSpec) -> SavedState | None:
+        """The state saved for this application with the same policy, or None."""
+
+    def set_aside(self, app_name: str, why: str) -> None:
+        """Keep the application's saved state out of the way, saying ``why``."""
+
+    def encode(self, spec: AppSpec, state: dict[str, Any], applied: str | None) -> bytes:
+        """What is written for ``state``; raises ``TypeError`` when it is not JSON."""
+
+    def write(self, app_name: str, content: bytes, applied: str | None) -> None:
+        """Replace the application's state with ``content``; raises :class:`StateNotSaved`."""
+
+
+class FileStateStore:
     """Reads and writes the policy state of applications under ``directory``."""
 
     def __init__(self, directory: Path) -> None:
@@ -67,30 +128,23 @@ class StateStore:
     def path_of(self, app_name: str) -> Path:
         return self.directory / "apps" / f"{app_name}.json"
 
+    def where(self, app_name: str) -> str:
+        return str(self.path_of(app_name))
+
     def load(self, spec: AppSpec) -> SavedState | None:
         """The state saved for this application with the same policy, or None."""
         path = self.path_of(spec.name)
         try:
-            saved = orjson.loads(path.read_bytes())
+            content = path.read_bytes()
         except FileNotFoundError:
             return None
-        except (OSError, orjson.JSONDecodeError) as exc:
+        except OSError as exc:
             self._set_aside(path, f"it cannot be read ({exc})")
             return None
-        if (
-            not isinstance(saved, dict)
-            or saved.get("policy") != spec.policy
-            or not isinstance(saved.get("models"), list)
-            or not isinstance(saved.get("state"), dict)
-        ):
-            self._set_aside(
-                path,
-                f"it was saved for policy {saved.get('policy')!r}, not {spec.policy!r}"
-                if isinstance(saved, dict)
-                else "it is not a JSON object",
-            )
-            return None
-        return SavedState(saved["state"], tuple(saved["models"]))
+        saved, why = decode_saved(content, spec)
+        if saved is None:
+            self._set_aside(path, why)
+        return saved
 
     def set_aside(self, app_name: str, why: str) -> None:
         """Keep the application's saved state out of the way (``.stale``), saying ``why``."""
@@ -99,17 +153,12 @@ class StateStore:
     def save(self, spec: AppSpec, state: dict[str, Any]) -> None:
         """Write ``state`` for the application; raises ``TypeError`` when it is not JSON,
         :class:`StateNotSaved` when it cannot be written."""
-        self.write(spec.name, self.encode(spec, state))
+        self.write(spec.name, self.encode(spec, state, None), None)
 
-    @staticmethod
-    def encode(spec: AppSpec, state: dict[str, Any]) -> bytes:
-        """The file's content for ``state``; raises ``TypeError`` when it is not JSON."""
-        return orjson.dumps(
-            {"app": spec.name, "policy": spec.policy, "models": list(spec.models), "state": state},
-            option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2,
-        )
+    def encode(self, spec: AppSpec, state: dict[str, Any], applied: str | None) -> bytes:
+        return encode_saved(spec, state, applied)
 
-    def write(self, app_name: str, content: bytes) -> None:
+    def write(self, app_name: str, content: bytes, applied: str | None) -> None:
         """Replace the application's file with ``content``, on the disk when this returns;
         raises :class:`StateNotSaved`, leaving the previous file as it was."""
         path = self.path_of(app_name)

@@ -256,6 +256,14 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "$KETCH_STATE_DIR, else ~/.local/state/ketch)",
     )
     serve_cmd.add_argument(
+        "--state",
+        default=None,
+        metavar="URL",
+        help="keep applications' policy state, the queries they answered and their feedback "
+        "in the Redis at URL (redis://HOST:PORT/DB, rediss:// for TLS), shared by every "
+        "gateway given the same URL (default: this gateway's own, in --state-dir)",
+    )
+    serve_cmd.add_argument(
         "--store",
         type=Path,
         default=None,
@@ -445,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 request_timeout_s=args.request_timeout,
                 plugins=tuple(args.plugin),
                 state_dir=args.state_dir,
+                state=args.state,
                 store_dir=args.store,
                 max_deploy_bytes=args.max_deploy_mb * MIB,
                 models=tuple(args.model),

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ketch.applications.runner import Applications
+from ketch.applications.catalog import Applications
 from ketch.errors import AppError
 from ketch.http.admin_shapes import AddApp, AddModel, AppChange, Link, PoolChange, Roll, given
 from ketch.http.endpoints import Endpoints, decode_body, json_response

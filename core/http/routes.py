@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ketch.applications.runner import Applications
+from ketch.applications.catalog import Applications
 from ketch.http import openapi
 from ketch.http.admin import Admin
 from ketch.http.auth import TokenGuard, Tokens
@@ -185,7 +185,7 @@ class Gateway:
                 400, "feedback needs a 'reward' (a number in [0, 1]) or a 'label'"
             )
         label = body.label if has_label else None
-        answer = application.feedback(query_id, body.reward, label, has_label)
+        answer = await application.feedback(query_id, body.reward, label, has_label)
         return json_response(answer)
 
     async def list_apps(self, request: Request) -> Response:

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from ketch.applications.runner import Application, Applications
-from ketch.applications.state import StateStore
+from ketch.applications.catalog import Applications
+from ketch.applications.runner import Application
+from ketch.applications.state import FileStateStore
 from ketch.errors import AppError
 from ketch.observability.metrics import AppSample
 from ketch.plugin_manager import load_plugins
@@ -39,7 +40,7 @@ class Gateway:
         self.dispatcher.attach(self.sink)
         self._answers: dict[str, Answer] = {}
         self.apps = Applications(
-            StateStore(state_dir),
+            FileStateStore(state_dir),
             load_plugins(autoload=False),
             self.dispatcher,
             Deadlines(request_timeout_s=30.0),
@@ -216,17 +217,17 @@ async def test_feedback_with_a_reward_reaches_the_policy(gateway: Gateway) -> No
     app = gateway.add(["a", "b"], "epsilon_greedy", params={"epsilon": 0.0, "seed": 1})
     answer = await app.predict(1, None)
     (used,) = answer["models"]
-    taught = app.feedback(answer["query_id"], 0.8, None, has_label=False)
+    taught = await app.feedback(answer["query_id"], 0.8, None, has_label=False)
     assert taught["rewards"] == {used: 0.8}
     state = app.describe()["policy_state"]
     assert state["pulls"][used] == 1
     assert state["mean_reward"][used] == pytest.approx(0.8)
     assert app.describe()["feedback"] == 1
     with pytest.raises(PredictionError) as again:
-        app.feedback(answer["query_id"], 1.0, None, has_label=False)
+        await app.feedback(answer["query_id"], 1.0, None, has_label=False)
     assert again.value.status == 409
     with pytest.raises(PredictionError) as unknown:
-        app.feedback("no-such-query", 1.0, None, has_label=False)
+        await app.feedback("no-such-query", 1.0, None, has_label=False)
     assert unknown.value.status == 404
 
 
@@ -236,7 +237,7 @@ async def test_feedback_with_a_label_rewards_each_models_own_prediction(gateway:
     gateway.serve("wrong", lambda x: x * 3)
     app = gateway.add(["right", "wrong"], "ensemble", params={"method": "vote"})
     answer = await app.predict(2, None)
-    taught = app.feedback(answer["query_id"], None, 4, has_label=True)
+    taught = await app.feedback(answer["query_id"], None, 4, has_label=True)
     assert taught["rewards"] == {"right": 1.0, "wrong": 0.0}
     assert taught["reward"] == (1.0 if answer["output"] == 4 else 0.0)
 

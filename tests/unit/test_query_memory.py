@@ -121,12 +121,12 @@ async def test_feedback_for_a_query_pushed_out_by_bytes_is_the_404_of_an_unknown
     assert status["queries_held"] == 3
     assert status["query_bytes_held"] == 3 * each
     with pytest.raises(PredictionError) as forgotten:
-        app.feedback(ids[0], 1.0, None, has_label=False)
+        await app.feedback(ids[0], 1.0, None, has_label=False)
     with pytest.raises(PredictionError) as unknown:
-        app.feedback("never-asked", 1.0, None, has_label=False)
+        await app.feedback("never-asked", 1.0, None, has_label=False)
     assert forgotten.value.status == unknown.value.status == 404
     assert forgotten.value.body["error"] == unknown.value.body["error"].replace(
         "'never-asked'", repr(ids[0])
     )
     assert "at most 100000 and" in forgotten.value.body["error"]
-    assert app.feedback(ids[-1], 1.0, None, has_label=False)["rewards"] == {"length": 1.0}
+    assert (await app.feedback(ids[-1], 1.0, None, has_label=False))["rewards"] == {"length": 1.0}

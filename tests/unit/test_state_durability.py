@@ -21,7 +21,7 @@ import pytest
 import ketch
 from ketch.applications import saving
 from ketch.applications.saving import StateSaver
-from ketch.applications.state import StateNotSaved, StateStore
+from ketch.applications.state import FileStateStore, StateNotSaved
 from ketch.policy import Policy
 from ketch.specs.apps import AppSpec
 from tests.unit.fakes import in_loop
@@ -36,6 +36,7 @@ class Learner:
         self.spec: AppSpec = SPEC
         self.policy: Policy = _StatePolicy(state)
         self.dirty = True
+        self.applied: str | None = None
 
 
 class _StatePolicy(Policy):
@@ -73,7 +74,7 @@ def steps(monkeypatch: pytest.MonkeyPatch) -> Steps:
 def test_a_write_flushes_the_file_renames_it_then_flushes_the_directory(
     tmp_path: Path, steps: Steps
 ) -> None:
-    store = StateStore(tmp_path)
+    store = FileStateStore(tmp_path)
     store.save(SPEC, {"pulls": {"a": 3, "b": 1}})
     assert steps == [("fsync", "file"), ("replace", "learner.json"), ("fsync", "directory")]
     saved = orjson.loads(store.path_of("learner").read_bytes())
@@ -104,7 +105,7 @@ def _failing_fsync(monkeypatch: pytest.MonkeyPatch, kind: str, code: int) -> Cal
 def test_a_file_that_cannot_be_flushed_leaves_the_previous_state_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = StateStore(tmp_path)
+    store = FileStateStore(tmp_path)
     store.save(SPEC, {"pulls": {"a": 1}})
     _failing_fsync(monkeypatch, "file", errno.EIO)
     with pytest.raises(StateNotSaved) as failed:
@@ -125,22 +126,22 @@ def test_a_directory_that_cannot_be_flushed_is_an_error(
 ) -> None:
     _failing_fsync(monkeypatch, "directory", errno.EIO)
     with pytest.raises(StateNotSaved, match=r"flushing the directory .* \(the file is renamed\)"):
-        StateStore(tmp_path).save(SPEC, {"pulls": {"a": 2}})
+        FileStateStore(tmp_path).save(SPEC, {"pulls": {"a": 2}})
 
 
 def test_a_file_system_that_cannot_flush_directories_still_saves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _failing_fsync(monkeypatch, "directory", errno.EINVAL)
-    StateStore(tmp_path).save(SPEC, {"pulls": {"a": 2}})
-    loaded = StateStore(tmp_path).load(SPEC)
+    FileStateStore(tmp_path).save(SPEC, {"pulls": {"a": 2}})
+    loaded = FileStateStore(tmp_path).load(SPEC)
     assert loaded is not None and loaded.state == {"pulls": {"a": 2}}
 
 
 def test_a_state_directory_that_cannot_be_made_is_named(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("a file, not a folder")
     with pytest.raises(StateNotSaved, match=r"creating .*state/apps failed: "):
-        StateStore(tmp_path / "state").save(SPEC, {})
+        FileStateStore(tmp_path / "state").save(SPEC, {})
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -155,14 +156,14 @@ async def test_a_failed_save_is_logged_once_and_tried_again_until_it_succeeds(
     monkeypatch.setattr(saving, "SAVE_INTERVAL_S", 0.01)
     blocked = tmp_path / "state"
     blocked.write_text("a file, not a folder")
-    store = StateStore(blocked)
+    store = FileStateStore(blocked)
     learner = Learner({"pulls": {"a": 5}})
     attempts: list[str] = []
     write = store.write
 
-    def counted_write(app_name: str, content: bytes) -> None:
+    def counted_write(app_name: str, content: bytes, applied: str | None) -> None:
         attempts.append(app_name)
-        write(app_name, content)
+        write(app_name, content, applied)
 
     monkeypatch.setattr(store, "write", counted_write)
     saver = StateSaver(store, lambda: [learner])
@@ -186,7 +187,7 @@ async def test_stopping_writes_what_changed_since_the_last_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(saving, "SAVE_INTERVAL_S", 0.01)
-    store = StateStore(tmp_path)
+    store = FileStateStore(tmp_path)
     learner = Learner({"pulls": {"a": 1}})
     saver = StateSaver(store, lambda: [learner])
     saver.start()

@@ -1,0 +1,233 @@
+"""Every application of a gateway: built from its spec (the served file's, or the management
+API's), its policy's saved state restored, its answered queries kept for feedback, its state
+saved as it learns. With ``--state redis://`` the queries, the feedback and the state are
+shared with the other gateways (:mod:`ketch.applications.shared`); otherwise they live in this
+gateway and its state directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ketch.applications.memory import LocalQueries, Queries
+from ketch.applications.runner import Application
+from ketch.applications.saving import StateSaver
+from ketch.applications.state import StateStore
+from ketch.errors import AppError
+from ketch.observability.metrics import AppSample
+from ketch.plugin_manager import PluginError, Plugins
+from ketch.policy import Feedback, Query
+from ketch.serving.admission import Deadlines
+from ketch.serving.dispatcher import Dispatcher
+from ketch.serving.jobs import PredictionError
+from ketch.specs.apps import AppSpec
+
+if TYPE_CHECKING:  # Redis's client takes 0.3 s to import: only with --state redis://
+    from ketch.applications.shared import SharedState
+
+log = logging.getLogger("ketch.apps")
+
+
+class Applications:
+    """Every application of the gateway: building them from their specs (the served file's,
+    or the management API's), and saving their policies' state."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        plugins: Plugins,
+        dispatcher: Dispatcher,
+        deadlines: Deadlines,
+        shared: SharedState | None = None,
+    ) -> None:
+        """:param shared: the Redis that several gateways share (``--state redis://``);
+        ``store`` is then its :class:`~ketch.applications.shared.RedisStateStore`."""
+        self._apps: dict[str, Application] = {}
+        self._store = store
+        self._plugins = plugins
+        self._dispatcher = dispatcher
+        self._deadlines = deadlines
+        self._shared = shared
+        self._feedback_log = None if shared is None else shared.feedback_log(self._teach)
+        self._saver = StateSaver(store, self._apps.values)
+
+    def build(self, spec: AppSpec) -> Application:
+        """An application for ``spec`` with a fresh policy; raises :class:`AppError` naming
+        the application and what is wrong (a model it lists is not served, an unknown
+        policy, params or models the policy rejects)."""
+        for reference in spec.models:
+            name, _, version = reference.partition(":")
+            try:
+                self._dispatcher.queue_for(name, version or None)
+            except PredictionError as exc:
+                raise AppError(f"application {spec.name!r} lists {reference!r}: {exc}") from None
+        try:
+            policy_class = self._plugins.policy_class(spec.policy)
+        except PluginError as exc:
+            raise AppError(f"application {spec.name!r}: {exc}") from None
+        try:
+            policy = policy_class(spec.models, **spec.params)
+        except (TypeError, ValueError) as exc:
+            raise AppError(
+                f"application {spec.name!r}: policy {spec.policy!r} rejects its models "
+                f"{list(spec.models)} or params {dict(spec.params)}: {exc}"
+            ) from None
+        return Application(
+            spec,
+            policy,
+            self._plugins,
+            self._dispatcher,
+            self._deadlines,
+            self._queries_of(spec),
+            self._feedback_log,
+        )
+
+    def _queries_of(self, spec: AppSpec) -> Queries:
+        if self._shared is None:
+            return LocalQueries(*spec.query_bounds())
+        return self._shared.queries(spec.name, *spec.query_bounds())
+
+    def _teach(self, name: str, query: Query, feedback: Feedback, applied: str) -> bool:
+        """A feedback from the shared stream, for this gateway's policy of ``name``."""
+        application = self._apps.get(name)
+        if application is None:
+            return False
+        application.observe(query, feedback, applied)
+        return True
+
+    def add(self, spec: AppSpec) -> Application:
+        """Build and serve an application, with the policy state saved for it by the same
+        policy restored (see :mod:`ketch.applications.state`); raises :class:`AppError`."""
+        if spec.name in self._apps:
+            raise AppError(f"application {spec.name!r} already exists")
+        application = self.build(spec)
+        saved = self._store.load(spec)
+        if saved is not None:
+            try:
+                application.policy.load_state_dict(saved.state)
+            except Exception as exc:
+                why = f"policy {spec.policy!r} cannot load it: {type(exc).__name__}: {exc}"
+                if saved.models == spec.models:
+                    raise AppError(
+                        f"application {spec.name!r}: {why}, from "
+                        f"{self._store.where(spec.name)}; move it away to start afresh"
+                    ) from None
+                # Learnt with other models (changed through the management API): expected
+                # to be unusable by some policies, so not a reason to refuse to start.
+                self._store.set_aside(spec.name, f"it was learnt with models {saved.models}; {why}")
+                application = self.build(spec)
+                saved = None
+        application.applied = None if saved is None else saved.applied
+        self._apps[spec.name] = application
+        if self._feedback_log is not None:
+            self._feedback_log.follow(spec.name, application.applied)
+        return application
+
+    def change(self, spec: AppSpec) -> tuple[Application, str | None]:
+        """Serve application ``spec.name`` with a new spec from now on; returns it and why
+        its policy starts afresh (None when it kept what it learnt: same policy, and its
+        ``load_state_dict`` takes the old state for the new models and params). Raises
+        :class:`AppError`, leaving the application as it was."""
+        before = self.get(spec.name)
+        policy = self.build(spec).policy
+        afresh: str | None = None
+        if spec.policy != before.spec.policy:
+            afresh = f"the policy changed from {before.spec.policy!r} to {spec.policy!r}"
+        else:
+            try:
+                policy.load_state_dict(before.policy.state_dict())
+            except Exception as exc:
+                afresh = (
+                    f"policy {spec.policy!r} cannot take its previous state: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                policy = self.build(spec).policy  # a failed load may have left it half-changed
+        after = before.successor(spec, policy)
+        if afresh is not None:
+            log.warning("application %r starts learning afresh: %s", spec.name, afresh)
+        self._apps[spec.name] = after
+        return after, afresh
+
+    def remove(self, name: str) -> Application:
+        """Stop serving an application (queries in flight finish); its policy state is saved
+        first, so adding it back with the same policy resumes it."""
+        application = self.get(name)
+        del self._apps[name]
+        if self._feedback_log is not None:
+            self._feedback_log.unfollow(name)
+        self._saver.save_now(application)
+        return application
+
+    def linking(self, name: str, version: str | None) -> list[str]:
+        """Applications that would lose a model if version ``version`` (None: every version)
+        of model ``name`` went away: those listing it by that version, and, when it is the
+        last one, those listing it by name."""
+        remaining = [v for v in self._dispatcher.versions(name) if v != version]
+        found = []
+        for app_name, application in sorted(self._apps.items()):
+            for reference in application.spec.models:
+                model, _, pinned = reference.partition(":")
+                if model != name:
+                    continue
+                if (pinned and (version is None or pinned == version)) or (
+                    not pinned and (version is None or not remaining)
+                ):
+                    found.append(app_name)
+                    break
+        return found
+
+    def get(self, name: str) -> Application:
+        try:
+            return self._apps[name]
+        except KeyError:
+            raise PredictionError(
+                404, f"unknown application {name!r}", apps=sorted(self._apps)
+            ) from None
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [self._apps[name].describe() for name in sorted(self._apps)]
+
+    def __len__(self) -> int:
+        return len(self._apps)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._apps
+
+    def samples(self) -> list[AppSample]:
+        """What the metrics read of each application at scrape time."""
+        return [AppSample(name, app.counts["defaults"]) for name, app in self.items()]
+
+    def items(self) -> list[tuple[str, Application]]:
+        """``(name, application)`` pairs, sorted by name (for ``GET /metrics``)."""
+        return sorted(self._apps.items())
+
+    def start(self) -> None:
+        """Save the policies' state as it changes (:mod:`ketch.applications.saving`), and
+        learn from the other gateways' feedback (shared state)."""
+        self._saver.start()
+        if self._feedback_log is not None:
+            self._feedback_log.start()
+
+    async def stop(self) -> None:
+        """Save what changed since the last save; no more saving after."""
+        if self._feedback_log is not None:
+            await self._feedback_log.stop()
+        await self._saver.stop()
+
+
+def build_applications(
+    specs: Sequence[AppSpec],
+    plugins: Plugins,
+    dispatcher: Dispatcher,
+    store: StateStore,
+    deadlines: Deadlines,
+    shared: SharedState | None = None,
+) -> Applications:
+    """Every declared application with its policy, its saved state restored; raises
+    :class:`AppError` naming the application and what is wrong with it."""
+    applications = Applications(store, plugins, dispatcher, deadlines, shared)
+    for spec in specs:
+        applications.add(spec)
+    return applications
