@@ -23,7 +23,6 @@ from ketch.applications.state import (
     default_state_dir,
 )
 from ketch.deploys.deployer import Deployer
-from ketch.deploys.envs import EnvBuildError, Environments, EnvRequest, ensure_env
 from ketch.deploys.store import Store
 from ketch.errors import TargetLoadError
 from ketch.grpc.server import DEFAULT_GRPC_PORT, GrpcServer
@@ -40,6 +39,7 @@ from ketch.observability import events
 from ketch.plugin_manager import Plugins, load_plugins
 from ketch.pools.cgroups import MemoryCgroups
 from ketch.pools.discovery import Served, discover
+from ketch.pools.envs import EnvBuildError, Environments, EnvRequest, ensure_env
 from ketch.pools.ray_placement import RayPlacement
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import ProcessEvents, WorkerProcesses

@@ -11,7 +11,6 @@ from starlette.routing import Route
 from ketch.applications.catalog import Applications
 from ketch.applications.state import FileStateStore
 from ketch.deploys.deployer import Deployer
-from ketch.deploys.envs import Environments
 from ketch.deploys.store import Store
 from ketch.http.admin import Admin
 from ketch.http.auth import Tokens
@@ -21,6 +20,7 @@ from ketch.http.repository import Repository
 from ketch.http.routes import Gateway
 from ketch.inference.shared_memory import SharedMemory
 from ketch.plugin_manager import load_plugins
+from ketch.pools.envs import Environments
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import ProcessEvents, WorkerProcesses
 from ketch.serving.admission import Deadlines

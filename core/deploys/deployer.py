@@ -30,18 +30,18 @@ from typing import Literal
 import msgspec
 
 from ketch.deploys.archive import ArchiveError, tree_digest, unpack
-from ketch.deploys.envs import (
+from ketch.deploys.store import DeploymentRecord, Store
+from ketch.errors import TargetLoadError
+from ketch.observability import events
+from ketch.plugin_manager import Plugins
+from ketch.pools.discovery import discover
+from ketch.pools.envs import (
     BuiltEnv,
     EnvBuildError,
     Environments,
     EnvRequest,
     ensure_env,
 )
-from ketch.deploys.store import DeploymentRecord, Store
-from ketch.errors import TargetLoadError
-from ketch.observability import events
-from ketch.plugin_manager import Plugins
-from ketch.pools.discovery import discover
 from ketch.pools.scaling import PoolManager
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError

@@ -5,7 +5,7 @@ Layout::
 
     STORE/code/<digest>/          the code of a deploy, by the digest of its files (immutable;
                                   the same code deployed twice is stored once)
-    STORE/envs/<key>/             environments (:mod:`ketch.deploys.envs`)
+    STORE/envs/<key>/             environments (:mod:`ketch.pools.envs`)
     STORE/deployments/<name>/<version>.json
                                   one record per deployed version, written (and fsynced) only
                                   once its models were ready: a failed deploy leaves none

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -51,15 +52,44 @@ class WorkerLauncher:
         self._started = threading.Event()
         self._start_error: str | None = None
 
-    def start(self, plan_json: str, python: str | None, memory_mb: int | None) -> dict[str, Any]:
-        """Start the worker; answers where it runs (host, pid, Ray's node id)."""
+    def start(
+        self,
+        plan_json: str,
+        python: str | None,
+        memory_mb: int | None,
+        env: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Start the worker; answers where it runs (host, pid, Ray's node id).
+
+        :param env: the model's ``env=`` (what :func:`env_request` gives), built on this node
+            with uv, once per content, in the node's own store; its interpreter runs the
+            worker (``python`` is then not used: it names a path on the gateway's machine).
+        """
         try:
+            if env is not None:
+                python = self._build_env(env)
             return self._start(plan_json, python, memory_mb)
         except Exception as exc:
             self._start_error = f"could not start the worker on its node: {exc}"
             raise
         finally:
             self._started.set()
+
+    def _build_env(self, env: dict[str, Any]) -> str:
+        """The interpreter of the model's environment on this node, built here if it is not
+        yet (concurrent launchers on one node build it once: the build takes a file lock)."""
+        import asyncio
+
+        from ketch.applications.state import default_state_dir
+        from ketch.pools.envs import Environments, EnvRequest
+
+        store = os.environ.get("KETCH_STORE") or str(default_state_dir() / "store")
+        request = EnvRequest(
+            requirements=tuple(env["requirements"]), lock=env["lock"], project=env["project"]
+        )
+        envs = Environments(Path(store) / "envs")
+        built = envs.find(request.key()) or asyncio.run(envs.ensure(request, self._tail.append))
+        return built.python
 
     def _start(self, plan_json: str, python: str | None, memory_mb: int | None) -> dict[str, Any]:
         ray: Any = importlib.import_module("ray")  # on the node, where the actor runs

@@ -17,6 +17,7 @@ import signal
 import threading
 from typing import Any
 
+from ketch.pools.envs import EnvRequest
 from ketch.pools.processes import LaunchError
 from ketch.specs.models import ModelSpec
 from ketch.worker.plan import WorkerPlan
@@ -89,7 +90,13 @@ class RayWorker:
         # cpus and gpus are indices on the gateway's machine: on the node Ray assigns them.
         resources = {k: v for k, v in (plan.resources or {}).items() if k not in ("cpus", "gpus")}
         placed = WorkerPlan(**{**plan.to_dict(), "resources": resources})
-        started = actor.start.remote(placed.to_json(), spec.start.python, spec.resources.memory_mb)
+        env = env_request(spec)
+        started = actor.start.remote(
+            placed.to_json(),
+            None if env is not None else spec.start.python,
+            spec.resources.memory_mb,
+            env,
+        )
         started.future().add_done_callback(self._started)
         self._ended = actor.wait.remote()
         self._ended.future().add_done_callback(self._finished)
@@ -133,6 +140,19 @@ class RayWorker:
         os.close(self._sentinel_r)
         os.close(self._sentinel_w)
         _ray().kill(self._actor, no_restart=True)
+
+
+def env_request(spec: ModelSpec) -> dict[str, Any] | None:
+    """What the node builds for the model's ``env=`` (read here, where its file is), as plain
+    data for Ray to carry; None without one."""
+    if spec.start.env is None:
+        return None
+    request = EnvRequest.declared(spec.start.env)
+    return {
+        "requirements": list(request.requirements),
+        "lock": request.lock,
+        "project": request.project,
+    }
 
 
 def _ray() -> Any:

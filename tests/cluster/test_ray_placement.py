@@ -15,6 +15,7 @@ import pytest
 
 from tests.cluster.conftest import RayCluster
 from tests.conftest import KetchServer
+from tests.wheels import build_wheel
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -164,3 +165,52 @@ def test_a_node_that_dies_under_load_loses_no_request_and_its_worker_is_replaced
     finally:
         for node in nodes:
             ray_cluster.remove_node(node)
+
+
+def test_a_models_environment_is_built_on_the_node_ray_picks(
+    ray_cluster: RayCluster,
+    write_models: Callable[[str], Path],
+    start_server: Callable[..., KetchServer],
+    tmp_path: Path,
+) -> None:
+    wheelhouse = tmp_path / "wheelhouse"
+    build_wheel(
+        wheelhouse,
+        "ketchtest-greeting",
+        "1.0",
+        {"greeting.py": "def hello(name):\n    return f'hello {name}'\n"},
+    )
+    env = ["--no-index", f"--find-links {wheelhouse}", "ketchtest-greeting==1.0"]
+    models = write_models(
+        f"""
+        import sys
+
+        import ketch
+
+
+        @ketch.model(env={env!r}, placement={{"resources": {{"blue": 1}}}})
+        def greet(xs):
+            from greeting import hello
+
+            return [hello(x) + " from " + sys.executable for x in xs]
+        """
+    )
+    gateway_store = tmp_path / "gateway-store"
+    server = start_server(
+        models,
+        "--placement",
+        "ray",
+        "--ray-address",
+        ray_cluster.address,
+        "--store",
+        str(gateway_store),
+    )
+    answer = server.predict("greet", {"input": "ada"})
+    assert answer.status_code == 200, answer.text
+    greeting, _, python = answer.json()["output"].partition(" from ")
+    assert greeting == "hello ada"
+    # The node's own build, in its store, not the gateway's (which built it to import the file).
+    assert python.startswith(str(ray_cluster.node_store / "envs")), python
+    assert (gateway_store / "envs").is_dir()
+    (worker,) = workers_of(server, "greet")
+    assert worker["node"] == ray_cluster.node_with["blue"]
