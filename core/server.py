@@ -54,6 +54,7 @@ from ketch.zmq_transport.security import BrokerKeys
 
 if TYPE_CHECKING:
     from ketch.applications.shared import SharedState
+    from ketch.pools.gateways import Gateways
 
 log = logging.getLogger("ketch.server")
 #: Where an environment's build output goes while ``ketch serve`` starts.
@@ -236,6 +237,7 @@ async def serve(
     pools: PoolManager | None = None
     apps: Applications | None = None
     shared: SharedState | None = None
+    gateways: Gateways | None = None
     deployer: Deployer | None = None
     try:
         endpoint = broker.bind()
@@ -296,8 +298,12 @@ async def serve(
             placement=placement,
         )
         pools = PoolManager(dispatcher, workers)
+        if shared is not None:
+            gateways = _coordinate(shared, broker, keys, pools)
         for spec in specs:
             pools.manage(spec)
+        if gateways is not None:
+            await gateways.start()
         deployer = Deployer(
             store, environments, plugins, pools, dispatcher, report, options.workers_per_model
         )
@@ -360,6 +366,8 @@ async def serve(
         sock.close()  # a no-op once serve_asgi has served on it (it closes the socket)
         if apps is not None:
             await apps.stop()
+        if gateways is not None:
+            await gateways.stop()
         if shared is not None:
             await shared.close()
         log.info("HTTP gateway stopped; stopping workers")
@@ -375,6 +383,31 @@ async def serve(
             placement.shutdown()
         report.is_ready = lambda: False
         report(events.stopped())
+
+
+def _coordinate(
+    shared: SharedState, broker: Broker[ModelSpec], keys: BrokerKeys | None, pools: PoolManager
+) -> Gateways:
+    """This gateway among the others that share ``shared``'s Redis: its workers join them
+    all, and one of them at a time scales the pools (:mod:`ketch.pools.gateways`)."""
+    from ketch.pools.gateways import Announcement, Gateways, reachable_endpoint
+
+    def peers_changed(others: list[Announcement]) -> None:
+        broker.set_peers([other.peer() for other in others])
+        if keys is not None:
+            keys.authorized.trust_peers(
+                other.worker_key.encode() for other in others if other.worker_key
+            )
+
+    me = Announcement(
+        shared.gateway,
+        reachable_endpoint(broker.endpoint, shared.url),
+        keys.server.public.decode() if keys is not None else None,
+        keys.local_workers.public.decode() if keys is not None else None,
+    )
+    gateways = Gateways(shared.client, me, pools, peers_changed)
+    pools.share_load(gateways)
+    return gateways
 
 
 async def _connect_shared(url: str) -> SharedState:

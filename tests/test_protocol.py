@@ -321,7 +321,7 @@ def test_long_foreign_protocol_is_truncated_in_the_message() -> None:
     assert len(str(info.value)) < 120
 
 
-@pytest.mark.parametrize("command", [b"\x00", b"\x07", b"\xff", b""])
+@pytest.mark.parametrize("command", [b"\x00", b"\x08", b"\xff", b""])
 def test_unknown_command_byte_is_refused_naming_it(command: bytes) -> None:
     with pytest.raises(ProtocolError, match="unknown command byte") as info:
         decode([head(command, b"")])

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, cast
 
+import msgspec
 import numpy as np
 import zmq
 
@@ -52,6 +53,7 @@ from ketch.zmq_transport.protocol import (
     Failure,
     Message,
     Outputs,
+    PeerBroker,
     ProtocolError,
     Ready,
     Reply,
@@ -211,6 +213,8 @@ class Broker(Generic[M]):
         self._faster_worker = asyncio.Event()
         #: This gateway's ``/dev/shm``, which workers that share it say in READY.
         self._shm = shm_identity()
+        #: The other gateways' brokers, which every worker that joins here is told to join.
+        self._peers: list[PeerBroker] = []
         self._hostname = socket.gethostname()
 
     # -- life cycle -------------------------------------------------------------------------
@@ -319,6 +323,19 @@ class Broker(Generic[M]):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"inputs cannot be sent to {worker.spec.label()}: {exc}") from exc
         return self._send_frames(worker.identity, frames)
+
+    def set_peers(self, brokers: list[PeerBroker]) -> None:
+        """The other gateways' brokers from now on: told to every worker here, and to each
+        that joins, which joins them too (and leaves those no longer named)."""
+        if brokers == self._peers:
+            return
+        self._peers = list(brokers)
+        for identity in list(self._workers):
+            self._send_peers(identity)
+
+    def _send_peers(self, identity: bytes) -> None:
+        peers = {"brokers": [msgspec.structs.asdict(peer) for peer in self._peers]}
+        self._send(identity, Command.PEERS, peers)
 
     def drop(self, worker: WorkerInfo[M], reason: str) -> None:
         """Forget ``worker`` (telling it DISCONNECT) and report it lost; idempotent."""
@@ -464,6 +481,8 @@ class Broker(Generic[M]):
             self._faster_worker.set()
         log.info("%s is ready", worker.describe())
         self._events.worker_ready(worker)
+        if self._peers:
+            self._send_peers(identity)
 
     def _refuse(self, identity: bytes, reason: str, worker: WorkerInfo[M] | None) -> None:
         self._send(identity, Command.DISCONNECT, {"reason": reason, "refused": True})

@@ -90,6 +90,7 @@ class Command(bytes, enum.Enum):
     ERROR = b"\x04"
     HEARTBEAT = b"\x05"
     DISCONNECT = b"\x06"
+    PEERS = b"\x07"
 
 
 #: Each command by its byte: a dict lookup, where ``Command(byte)`` runs the enum machinery on
@@ -194,6 +195,22 @@ class Disconnect(msgspec.Struct, frozen=True, kw_only=True):
     refused: bool = False
 
 
+class PeerBroker(msgspec.Struct, frozen=True, kw_only=True):
+    """Another gateway's broker: where it listens, and its CURVE public key (Z85; None for an
+    insecure broker)."""
+
+    endpoint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    server_key: Annotated[str, msgspec.Meta(min_length=40, max_length=40)] | None = None
+
+
+class Peers(msgspec.Struct, frozen=True, kw_only=True):
+    """From a worker's first broker: the other gateways' brokers, which it joins as well, so
+    that every gateway of a cluster can send it batches. The whole list each time: a broker
+    no longer in it is left."""
+
+    brokers: Annotated[list[PeerBroker], msgspec.Meta(max_length=64)] = []
+
+
 #: The header shape of each command.
 HEADERS: dict[Command, type[msgspec.Struct]] = {
     Command.READY: Ready,
@@ -202,6 +219,7 @@ HEADERS: dict[Command, type[msgspec.Struct]] = {
     Command.ERROR: Failure,
     Command.HEARTBEAT: Beat,
     Command.DISCONNECT: Disconnect,
+    Command.PEERS: Peers,
 }
 H = TypeVar("H", bound=msgspec.Struct)
 

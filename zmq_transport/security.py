@@ -131,12 +131,20 @@ class AuthorizedKeys:
     def __init__(self, folder: Path | None, trusted: Iterable[bytes] = ()) -> None:
         self.folder = folder
         self._trusted = frozenset(trusted)
+        #: The keys of the workers that the other gateways of a cluster start.
+        self._peers: frozenset[bytes] = frozenset()
         self._lock = threading.Lock()
         self._loaded_at: int | None = None
         self._from_folder: frozenset[bytes] = frozenset()
 
     def allows(self, key: bytes) -> bool:
-        return key in self._trusted or key in self._folder_keys()
+        return key in self._trusted or key in self._peers or key in self._folder_keys()
+
+    def trust_peers(self, keys: Iterable[bytes]) -> None:
+        """Admit these too from now on, and no earlier ones: the keys of the workers that the
+        other gateways of a cluster start (they join every gateway). One assignment, so the
+        authentication thread sees the old set or the new one."""
+        self._peers = frozenset(keys)
 
     def _folder_keys(self) -> frozenset[bytes]:
         if self.folder is None:

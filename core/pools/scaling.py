@@ -14,6 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from ketch.pools.supervisor import WorkerProcesses
 from ketch.serving.dispatcher import Dispatcher
@@ -26,6 +27,23 @@ from ketch.specs.models import ModelSpec, PoolSpec
 MEMORY_CHECK_S = 0.1
 #: Added to a pool's timer so that the moment it waits for has surely passed when it fires.
 _TIMER_SLACK_S = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLoad:
+    """Another gateway's load on one pool, as this one last heard it."""
+
+    active: int
+    #: When its last request arrived, on this gateway's clock (``time.monotonic()``).
+    last_request_at: float
+
+
+class LoadSharing(Protocol):
+    """How a gateway that does not run the pools' scaling shares its load with the one that
+    does (:mod:`ketch.pools.gateways`)."""
+
+    def report(self, queue: ModelQueue) -> None:
+        """``queue``'s load may have changed: tell the gateway that scales its pool."""
 
 
 @dataclass(slots=True)
@@ -93,6 +111,13 @@ class PoolManager:
         self._dispatcher = dispatcher
         self._workers = workers
         self._states: dict[tuple[str, str], ScaleState] = {}
+        self._queues: dict[tuple[str, str], ModelQueue] = {}
+        #: Whether this gateway runs its pools' scaling: always, unless it shares its pools
+        #: with other gateways, where only the one holding the lease does.
+        self.leading = True
+        self._sharing: LoadSharing | None = None
+        #: The other gateways' load on each pool (when this one leads them).
+        self._remote: dict[tuple[str, str], dict[str, RemoteLoad]] = {}
         #: Each pool's pending look-again: when (``time.monotonic()``) and its timer.
         self._timers: dict[tuple[str, str], tuple[float, asyncio.TimerHandle]] = {}
         self._memory_task: asyncio.Task[None] | None = None
@@ -100,15 +125,65 @@ class PoolManager:
     def manage(self, spec: ModelSpec) -> None:
         queue = self._dispatcher.add_model(spec)
         self._states[spec.key] = ScaleState()
+        self._queues[spec.key] = queue
         queue.managed_by(self)
-        self._workers.prepare(spec)
+        if self.leading:
+            self._workers.prepare(spec)
         self.pool_changed(queue)
+
+    # -- pools shared by several gateways (ketch.pools.gateways) ------------------------------
+
+    def share_load(self, sharing: LoadSharing) -> None:
+        """From now on, scale only while this gateway holds the lease (:meth:`lead`), and
+        otherwise tell ``sharing`` the load; until :meth:`lead` says otherwise, follow."""
+        self._sharing = sharing
+        self.leading = False
+
+    def lead(self, leading: bool) -> None:
+        if leading == self.leading:
+            return
+        self.leading = leading
+        if not leading:
+            for key in list(self._timers):
+                self._cancel_timer(key)
+            return
+        for queue in list(self._queues.values()):
+            self._workers.prepare(queue.spec)
+            self.pool_changed(queue)
+
+    def remote_load(self, pool: tuple[str, str], gateway: str, load: RemoteLoad) -> None:
+        self._remote.setdefault(pool, {})[gateway] = load
+        queue = self._queues.get(pool)
+        if queue is not None:
+            self.pool_changed(queue)
+
+    def forget_gateways(self, alive: set[str]) -> None:
+        for pool, loads in list(self._remote.items()):
+            gone = set(loads) - alive
+            for gateway in gone:
+                del loads[gateway]
+            if gone and (queue := self._queues.get(pool)) is not None:
+                self.pool_changed(queue)
+
+    def loads(self) -> list[ModelQueue]:
+        return list(self._queues.values())
+
+    def _load_of(self, queue: ModelQueue) -> tuple[int, float]:
+        """Requests queued or computing for ``queue``'s pool, here and at the gateways this
+        one leads, and when the last of them arrived."""
+        active, last_request_at = queue.active_requests, queue.last_request_at
+        for load in self._remote.get(queue.spec.key, {}).values():
+            active += load.active
+            last_request_at = max(last_request_at, load.last_request_at)
+        return active, last_request_at
 
     def release(self, queue: ModelQueue, reason: str) -> None:
         """Stop managing a removed model version: its workers (local and remote) are told
         to leave, its starting processes and template are stopped."""
         spec = queue.spec
         self._states.pop(spec.key, None)
+        self._queues.pop(spec.key, None)
+        self._remote.pop(spec.key, None)
         self._cancel_timer(spec.key)
         queue.managed_by(None)
         for process in self._workers.started(spec):
@@ -148,11 +223,15 @@ class PoolManager:
         state = self._states.get(queue.spec.key)
         if state is None or queue.unhealthy_because is not None:
             return
+        if not self.leading:
+            if self._sharing is not None:
+                self._sharing.report(queue)
+            return
         now = time.monotonic()
         spec = queue.spec
         current = queue.ready_replicas + len(queue.starting)
-        idle_s = now - queue.last_request_at
-        step = scale_step(spec.pool, current, queue.active_requests, idle_s, now, state)
+        active, last_request_at = self._load_of(queue)
+        step = scale_step(spec.pool, current, active, now - last_request_at, now, state)
         started = 0
         while started < step and self._workers.spawn(spec):
             started += 1
@@ -179,8 +258,9 @@ class PoolManager:
         moments = []
         if state.surplus_since is not None:
             moments.append(state.surplus_since + spec.pool.idle_timeout_s)
-        if queue.active_requests == 0 and queue.ready_replicas > spec.pool.min_replicas:
-            moments.append(queue.last_request_at + spec.pool.idle_timeout_s)
+        active, last_request_at = self._load_of(queue)
+        if active == 0 and queue.ready_replicas > spec.pool.min_replicas:
+            moments.append(last_request_at + spec.pool.idle_timeout_s)
         if backing_off:
             retry_at = self._workers.retry_at(spec)
             # Without a back-off to wait out, a template still loading says when it is ready.

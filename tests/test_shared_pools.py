@@ -1,0 +1,86 @@
+"""Gateways that share one Redis (`--state redis://...`) share their workers too: each worker
+joins every gateway, one gateway at a time runs the pools' scaling (a lease in Redis), a
+request at a gateway whose pool is at zero cold-starts a worker at the lease holder, and when
+the holder goes, another takes the lease and starts what the load asks for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import KetchServer
+from tests.redis_server import RedisServer
+
+Start = Callable[..., KetchServer]
+
+MODELS = """
+import os
+
+import ketch
+
+
+@ketch.model(max_replicas=1)
+def whoami(xs):
+    return [os.getpid() for _ in xs]
+"""
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _shared_keys(monkeypatch: pytest.MonkeyPatch, broker_keys: Path) -> None:
+    """Every gateway here uses the keys `ketch keygen` wrote (--broker-keys, by its variable)."""
+    monkeypatch.setenv("KETCH_BROKER_KEYS", str(broker_keys))
+
+
+def pid_from(server: KetchServer) -> int:
+    answer = server.predict("whoami", {"inputs": [1]})
+    assert answer.status_code == 200, answer.text
+    (pid,) = answer.json()["outputs"]
+    return int(pid)
+
+
+def worker_pids(server: KetchServer) -> list[int]:
+    return [int(w["pid"]) for w in server.model_status("whoami")["workers"]]
+
+
+def test_a_request_at_either_gateway_is_served_by_the_one_pool_they_share(
+    start_server: Start, write_models: Callable[[str], Path], redis_server: RedisServer
+) -> None:
+    models = write_models(MODELS)
+    first = start_server(models, "--state", redis_server.url)
+    second = start_server(models, "--state", redis_server.url)
+    # The second gateway's pool is at zero: its request cold-starts the one worker at the
+    # first (which holds the lease), and that worker joins the second too.
+    pid = pid_from(second)
+    first.wait_for(rf"model whoami:1 ready: worker pid {pid} ", seen_too=True)
+    second.wait_for(rf"model whoami:1 ready: worker pid {pid} ", seen_too=True)
+    assert {pid_from(first) for _ in range(5)} == {pid}
+    assert {pid_from(second) for _ in range(5)} == {pid}
+    # One pool: max_replicas=1 holds across the two gateways.
+    assert worker_pids(first) == worker_pids(second) == [pid]
+
+
+def test_when_the_lease_holder_goes_another_gateway_takes_over_the_pool(
+    start_server: Start, write_models: Callable[[str], Path], redis_server: RedisServer
+) -> None:
+    models = write_models(MODELS)
+    first = start_server(models, "--state", redis_server.url)
+    second = start_server(models, "--state", redis_server.url)
+    pid = pid_from(second)
+    assert first.stop() == 0
+    # Its worker went with it; the second takes the lease and starts its own for the request.
+    second.wait_for(rf"model whoami:1 lost worker pid {pid} ", seen_too=True)
+    again = pid_from(second)
+    assert again != pid
+    second.wait_for(rf"model whoami:1 ready: worker pid {again} ", seen_too=True)
+    assert worker_pids(second) == [again]
