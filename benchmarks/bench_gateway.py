@@ -22,16 +22,22 @@ server could not be measured, or any run saw errors or no answers. Both servers 
 (SIGINT, then their process group killed) however the run ends: normally, on an exception, on
 Ctrl-C, SIGTERM or SIGHUP.
 
+With ``--gateways 1,2`` ketch is measured as one gateway process and as ``ketch serve
+--gateways 2`` (two processes on one port, sharing the worker), in the same rounds; the
+report adds each count's throughput at the highest connection count and its ratio to one
+gateway's, round by round and their median.
+
 Run from anywhere: ``python benchmarks/bench_gateway.py --duration 5 --rounds 5 [--json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 
-from gateway_report import print_report
+from gateway_report import gateways_target, print_gateways, print_report
 from gateway_run import (
     Target,
     baseline_command,
@@ -66,6 +72,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--body", default='{"input": 21}', help="request body")
     parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to ready")
     parser.add_argument("--json", action="store_true", help="also print results as JSON")
+    parser.add_argument(
+        "--gateways",
+        type=_parse_counts,
+        default=[1],
+        help="ketch's gateway processes to measure, e.g. 1,2 (ketch serve --gateways N)",
+    )
     args = parser.parse_args(argv)
     try:
         # Checked before any server starts, by the same rules the load generator applies.
@@ -93,7 +105,13 @@ def _announce(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    targets = [Target("ketch", ketch_command), Target("baseline", baseline_command)]
+    targets = [Target("ketch", ketch_command)]
+    targets += [
+        Target(gateways_target(n), functools.partial(ketch_command, n))
+        for n in args.gateways
+        if n > 1
+    ]
+    targets.append(Target("baseline", baseline_command))
     _announce(args)
     try:
         with ending_signals_unwind():
@@ -102,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; both servers were stopped", file=sys.stderr)
         return 130
     record_stops(targets)
-    return print_report(targets, args)
+    status = print_report(targets, args)
+    print_gateways(targets, args)
+    return status
 
 
 if __name__ == "__main__":

@@ -327,3 +327,51 @@ def print_report(targets: Sequence[Target], args: argparse.Namespace) -> int:
     if args.json:
         print(_json_report(args, targets, rows, summary))
     return _exit_status(targets, rows)
+
+
+def gateways_target(count: int) -> str:
+    """The target name of ``ketch serve --gateways COUNT`` (COUNT > 1; one is ``ketch``)."""
+    return f"ketch-g{count}"
+
+
+def print_gateways(targets: Sequence[Target], args: argparse.Namespace) -> None:
+    """With ``--gateways``: each count's throughput at the highest connection count, and its
+    ratio to one gateway's (``ketch``), round by round and the median."""
+    counts = [n for n in args.gateways if n > 1]
+    if not counts:
+        return
+    rows = [row for t in targets for row in t.rows]
+    busy = max(args.connections)
+    print()
+    header = f"{'round':<8}{'1 gateway req/s':>18}" + "".join(
+        f"{f'{n} gateways req/s':>20}{f'{n} / 1':>10}" for n in counts
+    )
+    print(header)
+    print("-" * len(header))
+    ratios: dict[int, list[float | None]] = {n: [] for n in counts}
+    for number in range(1, args.rounds + 1):
+        one = _find(rows, number, "ketch", busy)
+        cells = f"{number:<8}{_rate(one):>18}"
+        for n in counts:
+            more = _find(rows, number, gateways_target(n), busy)
+            ratio = _ratio(more.requests_per_s, one.requests_per_s) if more and one else None
+            ratios[n].append(ratio)
+            cells += f"{_rate(more):>20}{_times(ratio):>10}"
+        print(cells)
+    print("-" * len(header))
+    medians = "".join(f"{'':>20}{_times(_median(ratios[n])):>10}" for n in counts)
+    print(f"{'median':<8}{'':>18}{medians}")
+    print(f"(at {busy} connections; the load generator and the gateways share the machine's cores)")
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    spread = Spread.of(values)
+    return None if spread is None else spread.median
+
+
+def _rate(result: LoadResult | None) -> str:
+    return "n/a" if result is None else f"{result.requests_per_s:.1f}"
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"

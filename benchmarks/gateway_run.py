@@ -91,7 +91,7 @@ def _probe(url: str, body: bytes) -> dict[str, Any]:
     return payload
 
 
-def ketch_command() -> list[str]:
+def ketch_command(gateways: int = 1) -> list[str]:
     # The console script installed beside this interpreter, so both targets run on the same
     # Python, else whatever `ketch` is on PATH (a ServerError when there is none).
     found = ketch_executable()
@@ -105,6 +105,7 @@ def ketch_command() -> list[str]:
         "0",
         "--grpc-port",
         "0",
+        *(["--gateways", str(gateways), "--broker", "tcp://127.0.0.1:*"] if gateways > 1 else []),
     ]
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TextIO
+from typing import TYPE_CHECKING, Literal, Protocol, TextIO
 
 import msgspec
 
@@ -106,6 +106,8 @@ class ServeOptions:
         (Triton's 8001 by default; 0 picks a free one; None turns gRPC off).
     :param model_control: ``explicit`` lets clients load and unload models through Triton's
         model repository extension; ``none`` refuses it (:mod:`ketch.http.repository`).
+    :param reuse_port: share the HTTP and gRPC ports with the other gateway processes of
+        ``ketch serve --gateways N`` (``SO_REUSEPORT``; :mod:`ketch.cli.gateways`).
     :param placement: ``local`` starts workers as processes of this machine; ``ray`` asks the
         Ray cluster at ``ray_address`` to place each (:mod:`ketch.pools.ray_placement`).
     """
@@ -135,6 +137,7 @@ class ServeOptions:
     model_control: ModelControl = "none"
     placement: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if self.workers_per_model < 0:
@@ -190,11 +193,26 @@ class _Reporter:
             events.write_event(events.ready(), self._out, self._format)
 
 
+class Companions(Protocol):
+    """The other gateway processes of ``ketch serve --gateways N``, which this one starts
+    (:mod:`ketch.cli.gateways`)."""
+
+    async def start(self, port: int, grpc_port: int | None) -> None:
+        """Start them on this gateway's ports (now bound) and wait until they are ready."""
+
+    async def stop(self) -> None:
+        """Stop them, giving their requests in flight their grace."""
+
+
 async def serve(
-    options: ServeOptions, shutdown: asyncio.Event | None = None, out: TextIO = sys.stdout
+    options: ServeOptions,
+    shutdown: asyncio.Event | None = None,
+    out: TextIO = sys.stdout,
+    companions: Companions | None = None,
 ) -> None:
     """Run the gateway until ``shutdown`` is set (or SIGINT/SIGTERM when none is given), then
-    give the requests in flight the grace period; a second signal cuts it short."""
+    give the requests in flight the grace period; a second signal cuts it short. With
+    ``companions``, they start once this gateway serves, and it is ready once they are."""
     loop = asyncio.get_running_loop()
     hurry = asyncio.Event()
     if shutdown is None:
@@ -220,10 +238,12 @@ async def serve(
         options.broker_max_message_bytes,
     )
     # Every port first: a port in use fails at once, before any import of user code.
-    sock = bind_tcp(options.host, options.port)
+    sock = bind_tcp(options.host, options.port, options.reuse_port)
     try:
         grpc_server = (
-            GrpcServer(options.host, options.grpc_port, options.http.max_body_bytes)
+            GrpcServer(
+                options.host, options.grpc_port, options.http.max_body_bytes, options.reuse_port
+            )
             if options.grpc_port is not None
             else None
         )
@@ -332,6 +352,8 @@ async def serve(
             await grpc_server.start(service)
             report(events.grpc_listening(grpc_server.address))
         pools.start()
+        if companions is not None:
+            await companions.start(port, grpc_server.port if grpc_server is not None else None)
         report.is_ready = dispatcher.settled
         report.announce_if_ready()
         apps.start()
@@ -359,6 +381,8 @@ async def serve(
         finally:
             stopping.cancel()
     finally:
+        if companions is not None:
+            await companions.stop()
         if grpc_server is not None:
             await grpc_server.stop(0)
         if deployer is not None:

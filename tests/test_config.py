@@ -111,6 +111,7 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "grpc_port",
         "model_control",
         "broker",
+        "gateways",
         "placement",
         "ray_address",
         "workers_per_model",

@@ -175,6 +175,21 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "(default %(default)s)",
     )
     serve_cmd.add_argument(
+        "--gateways",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run N gateway processes on the same HTTP and gRPC ports (SO_REUSEPORT), sharing "
+        "the workers and the applications' state (in --state, else a private Redis: needs "
+        "ketch[redis] or a redis-server), so HTTP parsing uses N cores (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="listen on the HTTP and gRPC ports with SO_REUSEPORT, so that other gateways "
+        "given the same --state share them (--gateways N sets it for its own; default off)",
+    )
+    serve_cmd.add_argument(
         "--placement",
         choices=("local", "ray"),
         default="local",
@@ -465,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 allow_worker_models=args.allow_worker_models,
                 placement=args.placement,
                 ray_address=args.ray_address,
+                reuse_port=args.reuse_port,
                 broker_max_message_bytes=args.broker_max_message_mb * 2**20,
                 http=HttpLimits(
                     max_body_bytes=args.max_body_mb * MIB,
@@ -472,7 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shutdown_grace_s=args.shutdown_grace,
                 ),
             )
-            run_event_loop(serve(options))
+            if args.gateways > 1:
+                from ketch.cli.gateways import serve_gateways
+
+                run_event_loop(serve_gateways(options, arguments, args.gateways))
+            else:
+                run_event_loop(serve(options))
         else:
             keys = worker_keys(args)
             return _run_worker(args.target, args.model_version, args.connect, heartbeat, keys)

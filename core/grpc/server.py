@@ -20,13 +20,16 @@ DEFAULT_GRPC_PORT = 8001
 class GrpcServer:
     """One ``grpc.aio`` server on ``host:port`` (0 picks a free port)."""
 
-    def __init__(self, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(
+        self, host: str, port: int, max_message_bytes: int, reuse_port: bool = False
+    ) -> None:
+        """:param reuse_port: share the port with the other gateways of ``--gateways N``;
+        otherwise one gateway owns it, and a second one must fail, not share it."""
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
-                # One gateway owns the port: a second one must fail, not share it.
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(reuse_port)),
             ]
         )
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

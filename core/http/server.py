@@ -46,18 +46,21 @@ LISTEN_BACKLOG = 2048
 CLOSE_TIMEOUT_S = 5.0
 
 
-def bind_tcp(host: str, port: int) -> socket.socket:
-    """Bind a listening TCP socket; ``port=0`` picks a free ephemeral port."""
+def bind_tcp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """Bind a listening TCP socket; ``port=0`` picks a free ephemeral port. With
+    ``reuse_port``, other processes may listen on the same port (``SO_REUSEPORT``), and the
+    kernel spreads the connections over them (``ketch serve --gateways N``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     sock.listen(LISTEN_BACKLOG)
-    sock.set_inheritable(True)
     return sock
 
 

@@ -136,6 +136,8 @@ class Gateways:
         self._others: list[Announcement] = []
         self.leading = False
         self._tasks: list[asyncio.Task[None]] = []
+        #: Load messages on their way (each removes itself when sent).
+        self._publishing: set[asyncio.Future[None]] = set()
         self._failing: str | None = None
         #: What each of this follower's pools last reported, so an unchanged one is not sent.
         self._reported: dict[tuple[str, str], tuple[int, float]] = {}
@@ -149,7 +151,7 @@ class Gateways:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._publishing]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -177,8 +179,8 @@ class Gateways:
             "idle_s": max(0.0, idle_s) if math.isfinite(idle_s) else None,
         }
         task = asyncio.ensure_future(self._publish(orjson.dumps(message)))
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def _publish(self, message: bytes) -> None:
         try:
