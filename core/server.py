@@ -311,6 +311,7 @@ async def serve(
                 dispatcher.model_unhealthy,
                 dispatcher.model_crash_looping,
                 dispatcher.template_changed,
+                dispatcher.recycle,
             ),
             plugins,
             broker_keys=keys.local_worker_keys() if keys is not None else None,

@@ -29,7 +29,7 @@ from ketch.zmq_transport.liveness import Heartbeat
 from tests.conftest import KetchServer
 
 SERVABLE = Path(__file__).with_name("servable.py")
-_NO_EVENTS = ProcessEvents(*(lambda *_: None for _ in range(5)))
+_NO_EVENTS = ProcessEvents(*(lambda *_: None for _ in range(6)))
 
 
 def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:

@@ -54,6 +54,11 @@ class WorkerProcess(Protocol):
         """Why it ended where no exit code says (its machine went away), once it has."""
 
     @property
+    def recycled_because(self) -> str | None:
+        """Why it was killed for cause where it runs (over its memory cap, watched on the
+        node Ray placed it on), once it has; its batches must fail, not go to another."""
+
+    @property
     def sentinel(self) -> int: ...
 
     def exitcode(self) -> int | None:
@@ -106,6 +111,7 @@ HOSTNAME = socket.gethostname()
 class _ForkserverChild:
     host = HOSTNAME
     lost_because = None
+    recycled_because = None
 
     def __init__(self, process: Any) -> None:
         self._process = process
@@ -130,6 +136,7 @@ class _ForkserverChild:
 class _InterpreterChild:
     host = HOSTNAME
     lost_because = None
+    recycled_because = None
 
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self._popen = popen

@@ -124,12 +124,18 @@ class WorkerLauncher:
         (Ray may run it before :meth:`start`: it waits for the start first.)"""
         self._started.wait()
         if self._child is None:
-            return {"exitcode": None, "killed_because": self._start_error, "output": []}
+            return {
+                "exitcode": None,
+                "killed_because": None,
+                "start_error": self._start_error,
+                "output": [],
+            }
         exitcode = self._child.wait()
         self._ended.set()
         return {
             "exitcode": exitcode,
             "killed_because": self._killed_because,
+            "start_error": None,
             "output": list(self._tail),
         }
 

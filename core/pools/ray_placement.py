@@ -82,6 +82,7 @@ class RayWorker:
         self.host = ""
         self.node: str | None = None
         self.lost_because: str | None = None
+        self.recycled_because: str | None = None
         self._exitcode: int | None = None
         # The worker's last lines, written to the supervisor's output pipe when it ends.
         self._output_fd = os.dup(output_fd)
@@ -120,7 +121,8 @@ class RayWorker:
             )
         else:
             self._exitcode = ended["exitcode"]
-            self.lost_because = ended["killed_because"]
+            self.recycled_because = ended["killed_because"]
+            self.lost_because = ended["start_error"]
             if ended["output"]:
                 os.write(self._output_fd, ("\n".join(ended["output"]) + "\n").encode())
         os.close(self._output_fd)

@@ -53,8 +53,11 @@ log = logging.getLogger("ketch.workers")
 class ProcessEvents:
     """Where :class:`WorkerProcesses` reports what happens to its processes (the dispatcher).
 
-    ``exited`` gets the exit described for people (exit code or signal, and the last lines the
-    worker printed) and whether it was expected (scaled down, shutting down); ``unhealthy`` is
+    ``recycled`` is called when a worker placed elsewhere was killed for cause where it ran
+    (its memory cap), before its exit: its batches fail with the cause rather than go to
+    another worker, as for one recycled here. ``exited`` gets the exit described for people
+    (exit code or signal, and the last lines the worker printed) and whether it was expected
+    (scaled down, shutting down); ``unhealthy`` is
     called when the model cannot start at all (no such interpreter); ``crash_looping`` after
     each of its quick exits in a row once there are enough of them
     (:attr:`RestartPolicy.crash_loop_after`), with the cause, the count and the seconds until
@@ -67,6 +70,7 @@ class ProcessEvents:
     unhealthy: Callable[[ModelSpec, str], None]
     crash_looping: Callable[[ModelSpec, str, int, float], None]
     template: Callable[[ModelSpec, dict[str, Any] | None], None]
+    recycled: Callable[[ModelSpec, ProcessKey, str], None]
 
 
 @dataclass(slots=True)
@@ -389,6 +393,9 @@ class WorkerProcesses:
         exitcode = entry.handle.exitcode()
         entry.handle.close()
         entry.output.drain()
+        if entry.killed_because is None and entry.handle.recycled_because is not None:
+            entry.killed_because = entry.handle.recycled_because
+            self._events.recycled(entry.spec, process, entry.killed_because)
         if entry.cgroup is not None:
             if entry.killed_because is None and MemoryCgroups.oom_killed(entry.cgroup):
                 entry.killed_because = (

@@ -30,6 +30,7 @@ class TemplateChild:
 
     host = socket.gethostname()
     lost_because = None
+    recycled_because = None
 
     def __init__(self, pid: int, status_fd: int) -> None:
         self.pid = pid

@@ -5,6 +5,7 @@ node that dies takes its workers with it while the pool places replacements else
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import re
 import threading
 from collections.abc import Callable
@@ -214,3 +215,62 @@ def test_a_models_environment_is_built_on_the_node_ray_picks(
     assert (gateway_store / "envs").is_dir()
     (worker,) = workers_of(server, "greet")
     assert worker["node"] == ray_cluster.node_with["blue"]
+
+
+LOADED_MODELS = """
+import os
+import time
+
+import numpy as np
+
+import ketch
+
+KEEP = []
+
+
+@ketch.model(
+    placement={"resources": {"red": 1}},
+    max_replicas=2,
+    target_inflight=1,
+    max_batch_size=1,
+)
+def busy(xs):
+    time.sleep(0.5)
+    return [os.getpid() for _ in xs]
+
+
+@ketch.model(placement={"resources": {"blue": 1}}, memory_mb=150)
+def leaky(xs):
+    if xs[0] == "leak":
+        KEEP.append(np.ones(300 * 1024 * 1024 // 8))  # 300 MB, really touched
+        time.sleep(30)  # still computing when its launcher notices
+    return [os.getpid() for _ in xs]
+"""
+
+
+def test_a_ray_pool_scales_out_under_load_and_recycles_a_worker_over_its_memory_cap(
+    ray_cluster: RayCluster,
+    write_models: Callable[[str], Path],
+    start_server: Callable[..., KetchServer],
+) -> None:
+    server = start_server(
+        write_models(LOADED_MODELS), "--placement", "ray", "--ray-address", ray_cluster.address
+    )
+    # Four requests at once for a pool that aims at one per worker: a second worker, on red.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: server.predict("busy", {"inputs": [i]}), range(4)))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    wait_for_ready_workers(server, "busy", 2)
+    workers = workers_of(server, "busy")
+    assert len(workers) == 2
+    assert {w["node"] for w in workers} == {ray_cluster.node_with["red"]}
+
+    first = server.predict("leaky", {"input": "small"}).json()["output"]
+    leak = server.predict("leaky", {"input": "leak"})
+    assert leak.status_code == 503, leak.text
+    error = leak.json()["error"]
+    assert f"worker pid {first} was recycled" in error
+    assert "over its memory_mb cap of 150 MB" in error
+    again = server.predict("leaky", {"input": "small"})
+    assert again.status_code == 200, again.text
+    assert again.json()["output"] != first
