@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 import multiprocess
 from multiprocess.connection import Connection
 
+from ketch.errors import KetchError
 from ketch.plugins import BUILTIN_PLUGINS
 from ketch.runtimes import BUILTIN_RUNTIMES
 from ketch.worker.main import forked_main
@@ -37,8 +38,9 @@ from ketch.worker.plan import WorkerPlan
 Kind = Literal["worker", "template"]
 
 
-class LaunchError(Exception):
-    """A process could not be started at all (no such interpreter, fork failed)."""
+class LaunchError(KetchError):
+    """A process could not be started at all (no such interpreter, fork failed, Ray not
+    installed for ``--placement ray``)."""
 
 
 class WorkerProcess(Protocol):
