@@ -69,13 +69,16 @@ def test_two_gateway_processes_share_the_port_the_workers_and_the_state(
         with httpx.Client(base_url=server.url, timeout=30) as client:
             told = client.post("/apps/echo/feedback", json={"query_id": query_id, "reward": 1})
             assert told.status_code == 200, told.text
-    everything = group_of(server)
+    everything = [psutil.Process(pid) for pid in group_of(server)]
     assert server.stop() == 0
-    assert not [p for p in everything if psutil.pid_exists(p) and _alive(p)]
+    # The other gateway, the private Redis, the workers and their helpers all end with it
+    # (helpers such as a forkserver end when their parent's pipe closes: waited for).
+    _, alive = psutil.wait_procs(everything, timeout=20)
+    assert [p for p in alive if _running(p)] == []
 
 
-def _alive(pid: int) -> bool:
+def _running(process: psutil.Process) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
