@@ -32,6 +32,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from ketch.pools.endpoints import dialable
 from ketch.pools.scaling import RemoteLoad
 from ketch.zmq_transport.protocol import PeerBroker
 
@@ -103,14 +104,15 @@ class Coordinated(Protocol):
 def reachable_endpoint(endpoint: str, redis_url: str) -> str:
     """The broker endpoint as other machines dial it: a wildcard host (``0.0.0.0``, ``*``)
     becomes the address this machine reaches Redis from (where the others are too)."""
-    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if host not in ("0.0.0.0", "*", "[::]", "::"):
-        return endpoint
-    parts = urlsplit(redis_url)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        # No packet is sent: connecting a UDP socket only picks the route and its address.
-        probe.connect((parts.hostname or "127.0.0.1", parts.port or 6379))
-        return f"tcp://{probe.getsockname()[0]}:{port}"
+
+    def route_to_redis() -> str:
+        parts = urlsplit(redis_url)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            # No packet is sent: connecting a UDP socket only picks the route and its address.
+            probe.connect((parts.hostname or "127.0.0.1", parts.port or 6379))
+            return str(probe.getsockname()[0])
+
+    return dialable(endpoint, route_to_redis)
 
 
 class Gateways:

@@ -17,6 +17,7 @@ import signal
 import threading
 from typing import Any
 
+from ketch.pools.endpoints import dialable
 from ketch.pools.envs import EnvRequest
 from ketch.pools.processes import LaunchError
 from ketch.specs.models import ModelSpec
@@ -43,7 +44,10 @@ class RayPlacement:
             log_to_driver=False,
             configure_logging=False,
         )
-        self.broker = _reachable(broker, ray.util.get_node_ip_address())
+        if not broker.startswith("tcp://"):
+            raise LaunchError(f"--placement ray needs a TCP broker the nodes reach, not {broker}")
+        # A wildcard host becomes this machine's address in the cluster.
+        self.broker = dialable(broker, ray.util.get_node_ip_address)
         from ketch.pools.ray_launcher import WorkerLauncher
 
         # Threaded, so that wait() blocks one thread while signal() is still answered.
@@ -164,17 +168,6 @@ def _ray() -> Any:
         return importlib.import_module("ray")
     except ImportError:
         raise LaunchError("--placement ray needs Ray: pip install 'ketch[ray]'") from None
-
-
-def _reachable(broker: str, node_ip: str) -> str:
-    """The broker endpoint as the nodes dial it: a wildcard host (``0.0.0.0``, ``*``)
-    becomes this machine's address in the cluster."""
-    if not broker.startswith("tcp://"):
-        raise LaunchError(f"--placement ray needs a TCP broker the nodes reach, not {broker}")
-    host, _, port = broker.removeprefix("tcp://").rpartition(":")
-    if host in ("0.0.0.0", "*", "[::]", "::"):
-        return f"tcp://{node_ip}:{port}"
-    return broker
 
 
 def _brief(exc: BaseException) -> str:
