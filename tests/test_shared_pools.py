@@ -5,7 +5,7 @@ the holder goes, another takes the lease and starts what the load asks for."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,15 +27,6 @@ def whoami(xs):
 """
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(autouse=True)
 def _shared_keys(monkeypatch: pytest.MonkeyPatch, broker_keys: Path) -> None:
     """Every gateway here uses the keys `ketch keygen` wrote (--broker-keys, by its variable)."""
@@ -53,12 +44,20 @@ def worker_pids(server: KetchServer) -> list[int]:
     return [int(w["pid"]) for w in server.model_status("whoami")["workers"]]
 
 
-def test_a_request_at_either_gateway_is_served_by_the_one_pool_they_share(
+@pytest.fixture
+def gateways(
     start_server: Start, write_models: Callable[[str], Path], redis_server: RedisServer
-) -> None:
+) -> tuple[KetchServer, KetchServer]:
+    """Two gateways on one Redis, the first started first (so it takes the pools lease)."""
     models = write_models(MODELS)
     first = start_server(models, "--state", redis_server.url)
-    second = start_server(models, "--state", redis_server.url)
+    return first, start_server(models, "--state", redis_server.url)
+
+
+def test_a_request_at_either_gateway_is_served_by_the_one_pool_they_share(
+    gateways: tuple[KetchServer, KetchServer],
+) -> None:
+    first, second = gateways
     # The second gateway's pool is at zero: its request cold-starts the one worker at the
     # first (which holds the lease), and that worker joins the second too.
     pid = pid_from(second)
@@ -71,11 +70,9 @@ def test_a_request_at_either_gateway_is_served_by_the_one_pool_they_share(
 
 
 def test_when_the_lease_holder_goes_another_gateway_takes_over_the_pool(
-    start_server: Start, write_models: Callable[[str], Path], redis_server: RedisServer
+    gateways: tuple[KetchServer, KetchServer],
 ) -> None:
-    models = write_models(MODELS)
-    first = start_server(models, "--state", redis_server.url)
-    second = start_server(models, "--state", redis_server.url)
+    first, second = gateways
     pid = pid_from(second)
     assert first.stop() == 0
     # Its worker went with it; the second takes the lease and starts its own for the request.

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.conftest import KetchServer
 from tests.redis_server import RedisServer
@@ -35,15 +33,6 @@ def bad(xs):
 learner = ketch.app("learner", models=["good", "bad"], policy="ucb1")
 small = ketch.app("small", models=["good"], query_memory=2)
 """
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ask(server: KetchServer, value: Any = 1) -> dict[str, Any]:
