@@ -89,13 +89,24 @@ class Applications:
             return LocalQueries(*spec.query_bounds())
         return self._shared.queries(spec.name, *spec.query_bounds())
 
-    def _teach(self, name: str, query: Query, feedback: Feedback, applied: str) -> bool:
-        """A feedback from the shared stream, for this gateway's policy of ``name``."""
+    def _teach(self, name: str, query: Query, feedback: Feedback, applied: str) -> None:
+        """A feedback from the shared stream at position ``applied``, for this gateway's
+        policy of ``name`` (if it serves it): about the models its spec lists here, which an
+        operator may have changed at this gateway only."""
         application = self._apps.get(name)
         if application is None:
-            return False
-        application.observe(query, feedback, applied)
-        return True
+            return
+        application.applied = applied
+        models = application.spec.models
+        if not set(feedback.rewards) <= set(models):
+            feedback = Feedback(
+                feedback.reward,
+                feedback.label,
+                feedback.output,
+                {m: p for m, p in feedback.predictions.items() if m in models},
+                {m: r for m, r in feedback.rewards.items() if m in models},
+            )
+        application.observe(query, feedback)
 
     def add(self, spec: AppSpec) -> Application:
         """Build and serve an application, with the policy state saved for it by the same

@@ -293,18 +293,10 @@ class Application:
             raise PredictionError(500, str(exc), app=self.spec.name) from None
         return Feedback(reward, label if has_label else None, record.output, predictions, rewards)
 
-    def observe(self, query: Query, feedback: Feedback, applied: str | None = None) -> None:
-        """Teach the policy one feedback: this gateway's, or (shared) any gateway's at
-        position ``applied`` of the feedback stream; raises :class:`PredictionError`."""
-        if applied is not None:
-            self.applied = applied
+    def observe(self, query: Query, feedback: Feedback) -> None:
+        """Teach the policy one feedback, about its own models only; raises
+        :class:`PredictionError`."""
         self.dirty = True
-        rewards = {m: r for m, r in feedback.rewards.items() if m in self.spec.models}
-        if rewards != feedback.rewards:
-            predictions = {m: p for m, p in feedback.predictions.items() if m in self.spec.models}
-            feedback = Feedback(
-                feedback.reward, feedback.label, feedback.output, predictions, rewards
-            )
         self._call("observe", self.policy.observe, query, feedback)
         self.counts["feedback"] += 1
 

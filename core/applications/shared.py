@@ -282,9 +282,9 @@ def _answered_of(record: dict[str, Any]) -> AnsweredQuery:
     )
 
 
-#: Teaches one application its policy from a feedback entry at a stream position; returns
-#: False when this gateway serves no such application.
-Teach = Callable[[str, Query, Feedback, str], bool]
+#: Teaches one application's policy (if this gateway serves it) a feedback entry at a stream
+#: position.
+Teach = Callable[[str, Query, Feedback, str], None]
 
 
 class FeedbackLog:
