@@ -45,7 +45,7 @@ from ketch.serving.jobs import (
     wake_all,
 )
 from ketch.serving.sink import BatchSink, PoolListener, ProcessKey, Worker
-from ketch.serving.stalls import STALL_CHECK_S, Batch, StallWatch, WorkerSlot
+from ketch.serving.stalls import STALL_CHECK_S, Batch, StallWatch, WorkerSlot, pick_worker
 from ketch.specs.models import ModelSpec, PoolSpec, cache_limit
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import RemoteError
@@ -355,7 +355,7 @@ class ModelQueue:
         """Send waiting inputs to every worker that has room: up to its batch size limit, and
         once ``max_delay_ms`` has passed for the oldest unless the batch is already full."""
         while self._pending:
-            worker = self._pick_worker()
+            worker = pick_worker(self._workers.values())
             if worker is None:
                 return
             limit = worker.sizer.limit if worker.sizer is not None else self.spec.batch_limit
@@ -366,18 +366,6 @@ class ModelQueue:
             if not parts:
                 return
             self._send(worker, parts)
-
-    def _pick_worker(self) -> WorkerSlot | None:
-        """The worker with room and the fewest batches in flight; among equals, the one sent
-        to longest ago, so that every worker takes its share (not only the first to join)."""
-        best: WorkerSlot | None = None
-        for slot in self._workers.values():
-            if slot.has_room and (
-                best is None
-                or (len(slot.batches), slot.last_batch_id) < (len(best.batches), best.last_batch_id)
-            ):
-                best = slot
-        return best
 
     def _should_wait(self, limit: int) -> bool:
         """Whether to hold a batch smaller than ``limit`` for more inputs (``max_delay_ms``);

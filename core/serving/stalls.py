@@ -4,12 +4,14 @@ before the request's deadline; one that keeps stalling is dropped.
 
 :class:`StallWatch` keeps a model version's recent batch times and says which held batches are
 stalls; the queue (:mod:`ketch.serving.queue`) looks every :data:`STALL_CHECK_S` while it has
-batches in flight, and retries and drops what the watch names.
+batches in flight, and retries and drops what the watch names. Here too: each worker's slot
+(its batches in flight, its stalls) and :func:`pick_worker`, which slot the next batch goes to.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +71,19 @@ class WorkerSlot:
             and not self.stalled_batches
             and len(self.batches) < self.info.capacity
         )
+
+
+def pick_worker(slots: Iterable[WorkerSlot]) -> WorkerSlot | None:
+    """The worker with room and the fewest batches in flight; among equals, the one sent to
+    longest ago, so that every worker takes its share (not only the first to join)."""
+    best: WorkerSlot | None = None
+    for slot in slots:
+        if slot.has_room and (
+            best is None
+            or (len(slot.batches), slot.last_batch_id) < (len(best.batches), best.last_batch_id)
+        ):
+            best = slot
+    return best
 
 
 class StallWatch:
