@@ -26,10 +26,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ketch.applications.state import default_state_dir
 from ketch.errors import KetchError
-from ketch.server import ServeOptions
+
+if TYPE_CHECKING:  # the server (gRPC and its protos among it) is imported only to serve
+    from ketch.server import ServeOptions
 
 #: How long the private Redis and each other gateway may take to be ready.
 START_TIMEOUT_S = 120.0
