@@ -38,10 +38,16 @@ def ketch(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Complet
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are picked."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -61,7 +67,8 @@ def test_precedence_file_then_environment_then_command_line(
     tmp_path: Path, write_models: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_models(MODELS)
-    from_file, from_env = free_port(), free_port()
+    # Three named ports, not --port 0: an ephemeral port may be one just freed.
+    from_file, from_env, from_command_line = free_ports(3)
     (tmp_path / "ketch.toml").write_text(
         "[serve]\n"
         'source = "models.py"\n'
@@ -73,7 +80,7 @@ def test_precedence_file_then_environment_then_command_line(
     assert listening_port(tmp_path) == from_file
     monkeypatch.setenv("KETCH_PORT", str(from_env))
     assert listening_port(tmp_path) == from_env
-    assert listening_port(tmp_path, "--port", "0") not in (from_file, from_env)
+    assert listening_port(tmp_path, "--port", str(from_command_line)) == from_command_line
 
 
 def test_environment_over_file_in_process(tmp_path: Path) -> None:

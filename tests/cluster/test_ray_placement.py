@@ -265,12 +265,17 @@ def test_a_ray_pool_scales_out_under_load_and_recycles_a_worker_over_its_memory_
     assert len(workers) == 2
     assert {w["node"] for w in workers} == {ray_cluster.node_with["red"]}
 
-    first = server.predict("leaky", {"input": "small"}).json()["output"]
+    assert server.predict("leaky", {"input": "small"}).status_code == 200
     leak = server.predict("leaky", {"input": "leak"})
     assert leak.status_code == 503, leak.text
-    error = leak.json()["error"]
-    assert f"worker pid {first} was recycled" in error
-    assert "over its memory_mb cap of 150 MB" in error
+    # The worker that took the leak is named, whichever it was (on a busy machine a stalled
+    # worker may have been replaced in between, and the pool had another).
+    recycled = re.search(
+        r"worker pid (\d+) was recycled: it used \d+ MB of resident memory, over its "
+        r"memory_mb cap of 150 MB",
+        leak.json()["error"],
+    )
+    assert recycled is not None, leak.text
     again = server.predict("leaky", {"input": "small"})
     assert again.status_code == 200, again.text
-    assert again.json()["output"] != first
+    assert again.json()["output"] != int(recycled.group(1))
