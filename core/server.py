@@ -28,6 +28,7 @@ from ketch.errors import TargetLoadError
 from ketch.grpc.server import DEFAULT_GRPC_PORT, GrpcServer
 from ketch.grpc.service import InferenceService
 from ketch.http.admin import Admin
+from ketch.http.admin_changes import Changes
 from ketch.http.auth import TokenGuard, Tokens
 from ketch.http.deployments import DEFAULT_MAX_DEPLOY_BYTES, UPLOAD_PATH, DeploymentRoutes
 from ketch.http.limits import HttpLimits
@@ -54,6 +55,7 @@ from ketch.zmq_transport.security import BrokerKeys
 
 if TYPE_CHECKING:
     from ketch.applications.shared import SharedState
+    from ketch.http.shared_changes import SharedChanges
     from ketch.pools.gateways import Gateways
 
 log = logging.getLogger("ketch.server")
@@ -258,6 +260,7 @@ async def serve(
     apps: Applications | None = None
     shared: SharedState | None = None
     gateways: Gateways | None = None
+    shared_changes: SharedChanges | None = None
     deployer: Deployer | None = None
     try:
         endpoint = broker.bind()
@@ -328,17 +331,21 @@ async def serve(
         deployer = Deployer(
             store, environments, plugins, pools, dispatcher, report, options.workers_per_model
         )
+        changes = Changes()
         admin = Admin(
             dispatcher,
             pools,
             apps,
+            changes,
             plugins,
             report,
             options.request_timeout_s,
             options.workers_per_model,
             on_roll=deployer.rolled,
         )
-        repository = Repository(dispatcher, admin, options.model_control)
+        repository = Repository(dispatcher, admin, changes, options.model_control)
+        if shared is not None:
+            shared_changes = await _share_changes(shared, changes, report)
         shared_memory = SharedMemory()
         await deployer.restore()
         if grpc_server is not None:
@@ -391,6 +398,8 @@ async def serve(
         sock.close()  # a no-op once serve_asgi has served on it (it closes the socket)
         if apps is not None:
             await apps.stop()
+        if shared_changes is not None:
+            await shared_changes.stop()
         if gateways is not None:
             await gateways.stop()
         if shared is not None:
@@ -433,6 +442,27 @@ def _coordinate(
     gateways = Gateways(shared.client, me, pools, peers_changed)
     pools.share_load(gateways)
     return gateways
+
+
+async def _share_changes(
+    shared: SharedState, changes: Changes, report: events.Report
+) -> SharedChanges:
+    """Make the management API's changes through the log the gateways share, after applying
+    those already in it (this gateway then serves what the others serve)."""
+    import redis
+
+    from ketch.http.shared_changes import SharedChanges
+
+    log_of_changes = SharedChanges(shared, changes)
+    try:
+        applied = await log_of_changes.catch_up()
+    except redis.RedisError as exc:
+        raise SharedStateError(f"cannot read the management changes from Redis: {exc}") from None
+    if applied:
+        report(events.changes_applied(applied))
+    changes.share_through(log_of_changes)
+    log_of_changes.start()
+    return log_of_changes
 
 
 async def _connect_shared(url: str) -> SharedState:

@@ -82,3 +82,35 @@ def _running(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+ADDED = """
+import ketch
+
+
+@ketch.model(name="added")
+def added(xs):
+    return [x * 10 for x in xs]
+"""
+
+
+def test_a_management_change_reaches_every_gateway_process_and_ends_with_the_run(
+    start_server: Start, write_models: Callable[[str], Path]
+) -> None:
+    models = write_models(MODELS)
+    added = write_models(ADDED, "added.py")
+    token = {"Authorization": "Bearer test-admin-token"}
+    server = start_server(models, "--gateways", "2", "--admin-token", "test-admin-token")
+    body = {"name": "added", "runtime": "python", "path": f"{added}:added"}
+    made = server.client.post("/admin/models", json=body, headers=token)
+    assert made.status_code == 201, made.text
+    # Connections spread over both processes: each serves the model the other added.
+    for _ in range(40):
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            answer = client.post("/models/added/predict", json={"inputs": [2]})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["outputs"] == [20]
+    assert server.stop() == 0
+    # A new run serves its file, as a lone gateway's restart does.
+    again = start_server(models, "--gateways", "2")
+    assert again.predict("added", {"inputs": [2]}).status_code == 404

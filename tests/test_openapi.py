@@ -13,6 +13,7 @@ from ketch.applications.state import FileStateStore
 from ketch.deploys.deployer import Deployer
 from ketch.deploys.store import Store
 from ketch.http.admin import Admin
+from ketch.http.admin_changes import Changes
 from ketch.http.auth import Tokens
 from ketch.http.deployments import DeploymentRoutes
 from ketch.http.openapi import document
@@ -38,13 +39,14 @@ def routes_of_the_gateway(tmp_path: Path) -> set[tuple[str, str]]:
     apps = Applications(FileStateStore(tmp_path), plugins, dispatcher, Deadlines(60.0))
     workers = WorkerProcesses("", "tcp://127.0.0.1:0", Heartbeat(), _NO_EVENTS, plugins)
     pools = PoolManager(dispatcher, workers)
-    admin = Admin(dispatcher, pools, apps, plugins, lambda event: None, 60.0)
+    changes = Changes()
+    admin = Admin(dispatcher, pools, apps, changes, plugins, lambda event: None, 60.0)
     store = Store(tmp_path / "store")
     deployer = Deployer(
         store, Environments(store.envs), plugins, pools, dispatcher, lambda event: None
     )
     deployments = DeploymentRoutes(deployer, admin, 2**20, 30.0)
-    repository = Repository(dispatcher, admin, "none")
+    repository = Repository(dispatcher, admin, changes, "none")
     gateway = Gateway(
         dispatcher, apps, Deadlines(60.0), admin, deployments, Tokens(), repository, SharedMemory()
     )

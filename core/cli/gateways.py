@@ -101,6 +101,20 @@ class PrivateRedis:
             await self.stop()
             raise GatewaysError(f"the gateways' private Redis did not start: {printed}")
         self._drain = asyncio.ensure_future(_drain(self._process.stdout, None))
+        await self._forget_changes()
+
+    async def _forget_changes(self) -> None:
+        """The management changes end with the run that made them, as a lone gateway's do
+        (the policies' state is kept, as in the file store)."""
+        import redis.asyncio as aioredis
+
+        from ketch.http.shared_changes import STREAM
+
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            await client.delete(STREAM)
+        finally:
+            await client.aclose()
 
     async def stop(self) -> None:
         if self._process is not None and self._process.returncode is None:

@@ -6,9 +6,13 @@ another version (the target gets a ready worker before any request is sent to it
 requests already queued on the previous version finish there: none fails for the switch).
 Applications: list, add, remove, link and unlink models, change the policy and its params.
 
-Changes apply to the running server only; the served file and ``--model`` arguments are what
-a restart serves. Changes to one model run one at a time, as do changes to applications, so a
-removal cannot race a roll of the same model. Every route needs the admin token
+Each route checks its request and submits what it asks for as a change
+(:mod:`ketch.http.admin_changes`): applied at once by one gateway, and by every gateway in the
+same order when they share a Redis (``--state``), so that all of them serve the same models
+and applications. A lone gateway's changes apply to the running server only; the served file
+and ``--model`` arguments are what a restart serves (with ``--state``, see
+:mod:`ketch.http.shared_changes`). Changes to one model apply one at a time, as do changes to
+applications, so a removal cannot race a roll of the same model. Every route needs the admin token
 (:mod:`ketch.http.auth`). ``ketch models ...`` and ``ketch apps ...``
 (:mod:`ketch.cli.admin_client`) call these routes.
 """
@@ -28,6 +32,18 @@ from starlette.routing import Route
 
 from ketch.applications.catalog import Applications
 from ketch.errors import AppError
+from ketch.http.admin_changes import (
+    AppAdded,
+    AppChanged,
+    AppLinked,
+    AppRemoved,
+    AppUnlinked,
+    Changes,
+    ModelAdded,
+    PoolSet,
+    Rolled,
+    VersionsRemoved,
+)
 from ketch.http.admin_shapes import AddApp, AddModel, AppChange, Link, PoolChange, Roll, given
 from ketch.http.endpoints import Endpoints, decode_body, json_response
 from ketch.observability import events
@@ -46,6 +62,8 @@ from ketch.specs.models import ModelSpec
 class Admin:
     """The ``/admin`` routes over a server's dispatcher, pools and applications.
 
+    :param changes: where the routes submit their changes; the admin applies those of models
+        and applications.
     :param plugins: the server's plugins, whose runtimes check the models added.
     :param request_timeout_s: the server's request timeout: the longest a removed model's
         queued requests can take to finish.
@@ -59,6 +77,7 @@ class Admin:
         dispatcher: Dispatcher,
         pools: PoolManager,
         apps: Applications,
+        changes: Changes,
         plugins: Plugins,
         report: events.Report,
         request_timeout_s: float,
@@ -66,6 +85,7 @@ class Admin:
         on_roll: Callable[[str, str], None] | None = None,
     ) -> None:
         self._dispatcher = dispatcher
+        self._changes = changes
         self._plugins = plugins
         self._pools = pools
         self._apps = apps
@@ -77,6 +97,15 @@ class Admin:
         #: time to the applications; a slow roll of one model holds up no other change.
         self._model_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._apps_lock = asyncio.Lock()
+        changes.handle(ModelAdded, self._add_model)
+        changes.handle(VersionsRemoved, self._remove_versions)
+        changes.handle(PoolSet, self._set_pool)
+        changes.handle(Rolled, self._roll)
+        changes.handle(AppAdded, self._add_app)
+        changes.handle(AppRemoved, self._remove_app)
+        changes.handle(AppChanged, self._change_app)
+        changes.handle(AppLinked, self._link)
+        changes.handle(AppUnlinked, self._unlink)
 
     def routes(self, endpoints: Endpoints) -> list[Route]:
         model = "/admin/models/{name}"
@@ -115,20 +144,7 @@ class Admin:
         except (TypeError, ValueError) as exc:
             raise PredictionError(400, str(exc), model=name) from None
         spec = msgspec.structs.replace(spec, pool=spec.pool.with_floor(self._workers_per_model))
-        async with self._model_locks[spec.name]:
-            if self._dispatcher.has_model(spec.key):
-                raise PredictionError(
-                    409,
-                    f"model {spec.label()!r} is already served: remove it first, or add "
-                    "another version",
-                    model=name,
-                    version=spec.version,
-                )
-            # A new version takes no traffic until it is rolled to.
-            self._dispatcher.pin_default(spec.name)
-            self._pools.manage(spec)
-            queue = self._dispatcher.queue_for(spec.name, spec.version)
-            self._report(events.model_added(spec, self._dispatcher.default_version(spec.name)))
+        queue: ModelQueue = await self._changes.submit(ModelAdded(spec=spec))
         if wait:
             try:
                 await queue.wait_ready(spec.pool.cold_start_timeout_s)
@@ -148,6 +164,23 @@ class Admin:
             201,
         )
 
+    async def _add_model(self, change: ModelAdded) -> ModelQueue:
+        spec = change.spec
+        async with self._model_locks[spec.name]:
+            if self._dispatcher.has_model(spec.key):
+                raise PredictionError(
+                    409,
+                    f"model {spec.label()!r} is already served: remove it first, or add "
+                    "another version",
+                    model=spec.name,
+                    version=spec.version,
+                )
+            # A new version takes no traffic until it is rolled to.
+            self._dispatcher.pin_default(spec.name)
+            self._pools.manage(spec)
+            self._report(events.model_added(spec, self._dispatcher.default_version(spec.name)))
+            return self._dispatcher.queue_for(spec.name, spec.version)
+
     async def serve_again(self, specs: list[ModelSpec], default: str | None) -> None:
         """Serve the versions ``specs`` of one model again (a model loaded back), requests
         without a version going to ``default`` as before they were taken out."""
@@ -165,7 +198,12 @@ class Admin:
     async def remove_model(self, request: Request) -> Response:
         name = request.path_params["name"]
         version = request.path_params.get("version")
-        return json_response(await self.remove_versions(name, version))
+        return json_response(
+            await self._changes.submit(VersionsRemoved(name=name, version=version))
+        )
+
+    async def _remove_versions(self, change: VersionsRemoved) -> dict[str, Any]:
+        return await self.remove_versions(change.name, change.version)
 
     async def remove_versions(
         self, name: str, version: str | None, going: frozenset[str] = frozenset()
@@ -227,44 +265,51 @@ class Admin:
             raise PredictionError(
                 400, f"give at least one of {sorted(PoolChange.__struct_fields__)}"
             )
-        async with self._model_locks[request.path_params["name"]]:
-            queue = self._queue(request)
+        name, version = request.path_params["name"], request.path_params.get("version")
+        queue = await self._changes.submit(PoolSet(name=name, version=version, fields=body))
+        return json_response({"model": self._describe(queue)})
+
+    async def _set_pool(self, change: PoolSet) -> ModelQueue:
+        fields = dict(change.fields)
+        async with self._model_locks[change.name]:
+            queue = self._dispatcher.queue_for(change.name, change.version)
             current = queue.spec.pool
-            minimum = body.get("min_replicas")
-            if "max_replicas" not in body and isinstance(minimum, int):
+            minimum = fields.get("min_replicas")
+            if "max_replicas" not in fields and isinstance(minimum, int):
                 # Raising the floor above the ceiling raises the ceiling with it.
-                body["max_replicas"] = max(current.max_replicas, minimum)
+                fields["max_replicas"] = max(current.max_replicas, minimum)
             try:
-                pool = msgspec.structs.replace(current, **body)
+                pool = msgspec.structs.replace(current, **fields)
             except (TypeError, ValueError) as exc:
                 raise PredictionError(400, str(exc), **queue.labels()) from None
             queue.set_pool(pool)
             self._report(events.pool_changed(queue.spec))
-        return json_response({"model": self._describe(queue)})
+            return queue
 
     async def roll(self, request: Request) -> Response:
         body = decode_body(await request.body(), Roll)
         name = request.path_params["name"]
         version = _version(body.version)
-        timeout_s = body.timeout_s
+        queue = self._dispatcher.queue_for(name, version)
+        # The version gets a ready worker before any request without a version goes to it
+        # (its workers join every gateway, so it is ready wherever the roll then applies).
+        await queue.wait_ready(body.timeout_s or queue.spec.pool.cold_start_timeout_s)
+        previous = await self._changes.submit(Rolled(name=name, version=version))
+        return json_response({"model": name, "default": version, "previous": previous})
+
+    async def _roll(self, change: Rolled) -> str | None:
+        name, version = change.name, change.version
         async with self._model_locks[name]:
-            queue = self._dispatcher.queue_for(name, version)
-            # The version gets a ready worker before any request without a version goes to it.
-            await queue.wait_ready(timeout_s or queue.spec.pool.cold_start_timeout_s)
+            self._dispatcher.queue_for(name, version)  # a 404 if it went in the meantime
             previous = self._dispatcher.set_default(name, version)
             if previous != version:
                 self._report(events.default_version_changed(name, version, previous))
             if self._on_roll is not None:
                 self._on_roll(name, version)
-        return json_response({"model": name, "default": version, "previous": previous})
+            return previous
 
     def serves(self, key: tuple[str, str]) -> bool:
         return self._dispatcher.has_model(key)
-
-    def _queue(self, request: Request) -> ModelQueue:
-        return self._dispatcher.queue_for(
-            request.path_params["name"], request.path_params.get("version")
-        )
 
     def _describe(self, queue: ModelQueue) -> ModelStatus:
         return status.describe(queue, self._dispatcher.default_version(queue.spec.name) or "")
@@ -280,7 +325,11 @@ class Admin:
             raise PredictionError(400, f"the request body needs {missing}", keys=sorted(body))
         if "default_output" in body:
             body.setdefault("has_default_output", True)
-        spec = _app_spec(body)
+        added = await self._changes.submit(AppAdded(spec=_app_spec(body)))
+        return json_response(added, 201)
+
+    async def _add_app(self, change: AppAdded) -> dict[str, Any]:
+        spec = change.spec
         async with self._apps_lock:
             if spec.name in self._apps:
                 raise PredictionError(
@@ -291,14 +340,17 @@ class Admin:
             except AppError as exc:
                 raise PredictionError(400, str(exc), app=spec.name) from None
             self._report(events.app_started(spec.name, spec.policy, list(spec.models)))
-        return json_response({"app": application.describe()}, 201)
+            return {"app": application.describe()}
 
     async def remove_app(self, request: Request) -> Response:
         name = request.path_params["name"]
+        return json_response(await self._changes.submit(AppRemoved(name=name)))
+
+    async def _remove_app(self, change: AppRemoved) -> dict[str, Any]:
         async with self._apps_lock:
-            self._apps.remove(name)
-            self._report(events.app_removed(name))
-        return json_response({"removed": name})
+            self._apps.remove(change.name)
+            self._report(events.app_removed(change.name))
+        return {"removed": change.name}
 
     async def change_app(self, request: Request) -> Response:
         body = given(decode_body(await request.body(), AppChange))
@@ -308,11 +360,23 @@ class Admin:
             )
         if "default_output" in body:
             body.setdefault("has_default_output", True)
-        return await self._change(request.path_params["name"], lambda current: body)
+        change = AppChanged(name=request.path_params["name"], fields=body)
+        return json_response(await self._changes.submit(change))
+
+    async def _change_app(self, change: AppChanged) -> dict[str, Any]:
+        return await self._change(change.name, lambda current: change.fields)
 
     async def link(self, request: Request) -> Response:
         body = decode_body(await request.body(), Link)
-        reference, position = _text(body.model, "model"), body.position
+        change = AppLinked(
+            name=request.path_params["name"],
+            model=_text(body.model, "model"),
+            position=body.position,
+        )
+        return json_response(await self._changes.submit(change))
+
+    async def _link(self, change: AppLinked) -> dict[str, Any]:
+        reference, position = change.model, change.position
 
         def linked(current: AppSpec) -> Mapping[str, Any]:
             if position is not None and not 0 <= position <= len(current.models):
@@ -332,10 +396,14 @@ class Admin:
             models.insert(len(models) if position is None else position, reference)
             return {"models": models}
 
-        return await self._change(request.path_params["name"], linked)
+        return await self._change(change.name, linked)
 
     async def unlink(self, request: Request) -> Response:
-        reference = request.path_params["model"]
+        change = AppUnlinked(name=request.path_params["name"], model=request.path_params["model"])
+        return json_response(await self._changes.submit(change))
+
+    async def _unlink(self, change: AppUnlinked) -> dict[str, Any]:
+        reference = change.model
 
         def unlinked(current: AppSpec) -> Mapping[str, Any]:
             if reference not in current.models:
@@ -354,9 +422,11 @@ class Admin:
                 )
             return {"models": [m for m in current.models if m != reference]}
 
-        return await self._change(request.path_params["name"], unlinked)
+        return await self._change(change.name, unlinked)
 
-    async def _change(self, name: str, changes: Callable[[AppSpec], Mapping[str, Any]]) -> Response:
+    async def _change(
+        self, name: str, changes: Callable[[AppSpec], Mapping[str, Any]]
+    ) -> dict[str, Any]:
         """Apply ``changes(current spec)`` to application ``name``; the policy keeps its state
         when it is the same policy and can take it."""
         async with self._apps_lock:
@@ -374,7 +444,7 @@ class Admin:
         answer = {"app": application.describe(), "state": "kept" if afresh is None else "reset"}
         if afresh is not None:
             answer["reset_because"] = afresh
-        return json_response(answer)
+        return answer
 
 
 def _text(value: str, key: str) -> str:

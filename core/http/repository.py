@@ -7,7 +7,9 @@ management API's removal does: refused while an application links it); the serve
 them. Loading it brings them back, its default version as it was, with a configuration
 override when one is given (``{"max_batch_size": 16}``: the serving and pool settings of
 ``@ketch.model``, checked as the decorator checks them). Loading a model that is served with
-an override serves it anew under the new settings; without one it is already loaded.
+an override serves it anew under the new settings; without one it is already loaded. Loads
+and unloads are changes of the management API (:mod:`ketch.http.admin_changes`): gateways that
+share a Redis all make them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ketch.http.admin import Admin
+from ketch.http.admin_changes import Changes, ModelLoaded, ModelUnloaded
 from ketch.http.endpoints import Endpoints, decode_body, json_response
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
@@ -63,10 +66,15 @@ class IndexRequest(msgspec.Struct, kw_only=True):
 class Repository:
     """Index, load and unload over the management API's :class:`Admin`."""
 
-    def __init__(self, dispatcher: Dispatcher, admin: Admin, control: ModelControl) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, admin: Admin, changes: Changes, control: ModelControl
+    ) -> None:
         self._dispatcher = dispatcher
         self._admin = admin
+        self._changes = changes
         self._control = control
+        changes.handle(ModelUnloaded, self._unload)
+        changes.handle(ModelLoaded, self._load)
         #: The models taken out of service, by name: their versions and default version.
         self._unloaded: dict[str, tuple[list[ModelSpec], str | None]] = {}
 
@@ -94,6 +102,10 @@ class Repository:
 
     async def unload(self, name: str) -> None:
         self._allowed("unload")
+        await self._changes.submit(ModelUnloaded(name=name))
+
+    async def _unload(self, change: ModelUnloaded) -> None:
+        name = change.name
         if name in self._unloaded and not self._dispatcher.knows_model(name):
             return  # unloaded already
         versions = self._dispatcher.versions(name)
@@ -109,22 +121,24 @@ class Repository:
         clients look for the words)."""
         self._allowed("load")
         try:
-            await self._load(name, config_override(parameters), model_files(parameters))
+            if files := model_files(parameters):
+                # Triton answers a load whose files it cannot take INTERNAL (500), and its
+                # clients check for that status: ketch answers as Triton does.
+                raise PredictionError(
+                    500,
+                    f"failed to poll from model repository: ketch takes no model files with "
+                    f"a load (got {files[:3]}); push code and artifacts with ketch deploy",
+                )
+            override = config_override(parameters)
+            await self._changes.submit(ModelLoaded(name=name, override=override))
         except PredictionError as exc:
             error = exc.body["error"]
             raise PredictionError(
                 exc.status, f"failed to load {name!r}: {error}", model=name
             ) from None
 
-    async def _load(self, name: str, override: dict[str, Any] | None, files: list[str]) -> None:
-        if files:
-            # Triton answers a load whose files it cannot take INTERNAL (500), and its
-            # clients check for that status: ketch answers as Triton does.
-            raise PredictionError(
-                500,
-                f"failed to poll from model repository: ketch takes no model files with a load "
-                f"(got {files[:3]}); push code and artifacts with ketch deploy",
-            )
+    async def _load(self, change: ModelLoaded) -> None:
+        name, override = change.name, change.override
         if name in self._unloaded:
             specs, default = self._unloaded[name]
         elif self._dispatcher.knows_model(name):

@@ -200,6 +200,15 @@ def app_removed(name: str) -> Event:
     return Event("app_removed", f"app {name} removed", {"app": name})
 
 
+def changes_applied(count: int) -> Event:
+    """At start: the management changes the other gateways made, applied here too."""
+    return Event(
+        "changes_applied",
+        f"applied {count} management changes the gateways share",
+        {"changes": count},
+    )
+
+
 # -- output ----------------------------------------------------------------------------------
 
 
