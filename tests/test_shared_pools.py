@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.conftest import KetchServer
 from tests.redis_server import RedisServer
@@ -81,3 +82,27 @@ def test_when_the_lease_holder_goes_another_gateway_takes_over_the_pool(
     assert again != pid
     second.wait_for(rf"model whoami:1 ready: worker pid {again} ", seen_too=True)
     assert worker_pids(second) == [again]
+
+
+def test_a_gateway_that_loses_the_lease_while_alive_hands_its_workers_over(
+    gateways: tuple[KetchServer, KetchServer], redis_server: RedisServer
+) -> None:
+    first, second = gateways
+    pid = pid_from(second)  # started by the first, which holds the lease
+    # The lease taken by another while the first lives on (as when Redis was out of its reach
+    # for longer than the lease): the first stops sizing the pool, and lets its worker go.
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.set("ketch:pools:lease", "a-gateway-elsewhere", px=3000)
+    finally:
+        client.close()
+    first.wait_for(
+        rf"model whoami:1 lost worker pid {pid} .*: handed over: another gateway holds the "
+        "pools lease",
+        seen_too=True,
+    )
+    # Once that lease ends, one of the two takes it and starts the worker the load asks for.
+    again = pid_from(first)
+    assert again != pid
+    assert pid_from(second) == again
+    assert worker_pids(first) == worker_pids(second) == [again]

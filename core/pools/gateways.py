@@ -12,7 +12,9 @@ scaling decisions. The others (followers) start no workers; they publish their q
 (``ketch:pools:load``), which the holder adds to its own, so a request at a follower whose
 pool is at zero cold-starts a worker at the holder, which then joins the follower. When the
 holder goes, its workers go with it (a worker ends with its own gateway) and another gateway
-takes the lease and starts what the load asks for.
+takes the lease and starts what the load asks for. A holder that could not reach Redis for
+longer than the lease and finds another holding it hands its workers over: it lets them go as
+they become idle (:meth:`ketch.pools.scaling.PoolManager.lead`).
 """
 
 from __future__ import annotations

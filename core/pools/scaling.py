@@ -146,6 +146,8 @@ class PoolManager:
         if not leading:
             for key in list(self._timers):
                 self._cancel_timer(key)
+            for queue in list(self._queues.values()):
+                self._hand_over(queue)
             return
         for queue in list(self._queues.values()):
             self._workers.prepare(queue.spec)
@@ -224,6 +226,7 @@ class PoolManager:
         if state is None or queue.unhealthy_because is not None:
             return
         if not self.leading:
+            self._hand_over(queue)
             if self._sharing is not None:
                 self._sharing.report(queue)
             return
@@ -239,15 +242,28 @@ class PoolManager:
             self._scale_down(queue, -step, current, _why_fewer(spec.pool, current))
         self._wake_later(queue, state, now, backing_off=started < step)
 
+    def _hand_over(self, queue: ModelQueue) -> None:
+        """Let go of the workers this gateway started while it held the lease (it lost it
+        while alive: Redis was out of its reach), each once it has no batch in flight: the
+        holder now sizes the pool, and starts what the load asks for."""
+        started = self._workers.started(queue.spec)
+        if started:
+            why = "handed over: another gateway holds the pools lease and sizes the pool now"
+            self._retire_idle(queue, len(started), why)
+
     def _scale_down(self, queue: ModelQueue, count: int, current: int, why: str) -> None:
-        spec = queue.spec
-        retired = idle_started_workers(queue, count, started=self._workers.started(spec))
+        retired = self._retire_idle(queue, count, why)
+        if retired and current == len(retired):
+            self._dispatcher.scaled_to_zero(queue.spec)
+
+    def _retire_idle(self, queue: ModelQueue, count: int, why: str) -> list[Worker]:
+        """Let go of up to ``count`` of the workers this pool started that are idle now."""
+        retired = idle_started_workers(queue, count, started=self._workers.started(queue.spec))
         for worker in retired:
             assert worker.launch is not None  # the pool started it
             self._workers.retire(worker.launch)
             self._dispatcher.retire(worker, why)
-        if retired and current == len(retired):
-            self._dispatcher.scaled_to_zero(spec)
+        return retired
 
     def _wake_later(
         self, queue: ModelQueue, state: ScaleState, now: float, *, backing_off: bool
