@@ -300,12 +300,12 @@ async def serve(
         for app_spec in served.apps:
             report(events.app_started(app_spec.name, app_spec.policy, list(app_spec.models)))
         placement = (
-            RayPlacement(options.ray_address or "auto", endpoint)
+            RayPlacement(options.ray_address or "auto", endpoint, options.source)
             if options.placement == "ray"
             else None
         )
         workers = WorkerProcesses(
-            _absolute_source(options.source) if placement is not None else options.source or "",
+            placement.source if placement is not None else options.source or "",
             broker.local_endpoint,
             options.heartbeat,
             ProcessEvents(
@@ -474,15 +474,6 @@ async def _connect_shared(url: str) -> SharedState:
             f"--state {url} needs Redis's client: pip install 'ketch[redis]'"
         ) from None
     return await SharedState.connect(url)
-
-
-def _absolute_source(source: str | None) -> str:
-    """The served file as a path any node's worker can import from (a worker Ray places
-    does not start in this directory); a module name as it is."""
-    if source is None:
-        return ""
-    path = Path(source)
-    return str(path.resolve()) if path.suffix == ".py" or path.exists() else source
 
 
 async def _stop_grpc(

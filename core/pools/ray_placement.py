@@ -6,6 +6,11 @@ Ray picks the node; the launcher starts the worker there, and the worker dials t
 broker over TCP with its CURVE keys. The gateway watches it through :class:`RayWorker`, a
 :class:`~ketch.pools.processes.WorkerProcess` like a local one: its sentinel becomes
 readable when the worker has ended, however it ended (its exit, or its node's loss).
+
+The served file's folder travels to the nodes through Ray: it is the job's ``working_dir``
+(Ray's runtime environment), uploaded once when the gateway connects and unpacked on each node
+that runs a worker, which starts there and imports the file from it. Ray's rules for what goes
+(at most its size limit; ``.gitignore`` and ``.rayignore`` leave files out) are the user's.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 from ketch.pools.endpoints import dialable
@@ -34,18 +40,28 @@ _RAY_STRATEGY = {"spread": "SPREAD", "pack": "DEFAULT"}
 class RayPlacement:
     """Where the pools' workers go when Ray places them: connected to the cluster once."""
 
-    def __init__(self, address: str, broker: str) -> None:
+    def __init__(self, address: str, broker: str, source: str | None) -> None:
         """:param broker: the broker endpoint the workers dial (TCP, reachable from the
-        cluster's nodes)."""
-        ray = _ray()
-        ray.init(
-            address=address,
-            namespace=RAY_NAMESPACE,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        cluster's nodes).
+        :param source: the served file (its folder is shipped to the nodes) or module (which
+            the nodes must have installed)."""
         if not broker.startswith("tcp://"):
             raise LaunchError(f"--placement ray needs a TCP broker the nodes reach, not {broker}")
+        ray = _ray()
+        folder, self.source = shipped(source)
+        try:
+            ray.init(
+                address=address,
+                namespace=RAY_NAMESPACE,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"working_dir": str(folder)} if folder is not None else None,
+            )
+        except ValueError as exc:  # Ray's refusal of the folder (too large, unreadable)
+            raise LaunchError(
+                f"--placement ray ships {folder} to the nodes, and Ray refused it: {exc} "
+                "(a .rayignore there leaves files out)"
+            ) from None
         # A wildcard host becomes this machine's address in the cluster.
         self.broker = dialable(broker, ray.util.get_node_ip_address)
         from ketch.pools.ray_launcher import WorkerLauncher
@@ -69,6 +85,17 @@ class RayPlacement:
 
     def shutdown(self) -> None:
         _ray().shutdown()
+
+
+def shipped(source: str | None) -> tuple[Path | None, str]:
+    """The folder to ship for ``source`` (a file's: None for a module name), and ``source`` as
+    a worker started in that folder on a node imports it."""
+    if source is None:
+        return None, ""
+    path = Path(source)
+    if path.suffix != ".py" and not path.is_file():
+        return None, source  # a module, installed on the nodes
+    return path.resolve().parent, path.name
 
 
 def ray_cpus(spec: ModelSpec) -> float:

@@ -29,6 +29,11 @@ import ketch
 @ketch.model(placement={"resources": {"red": 1}}, idle_timeout_s=1)
 def on_red(xs):
     return [os.getpid() for _ in xs]
+
+
+@ketch.model(placement={"resources": {"blue": 1}})
+def imported_from(xs):
+    return [__file__ for _ in xs]
 """
 
 
@@ -55,6 +60,25 @@ def test_a_worker_runs_on_the_node_with_its_resources_and_scales_to_zero(
     again = server.predict("on_red", {"inputs": [3]})
     assert again.status_code == 200, again.text
     assert workers_of(server, "on_red")[0]["node"] == ray_cluster.node_with["red"]
+
+
+def test_the_served_files_folder_travels_to_the_node_through_ray(
+    ray_cluster: RayCluster,
+    write_models: Callable[[str], Path],
+    start_server: Callable[..., KetchServer],
+) -> None:
+    served = write_models(MODELS)
+    (served.parent / "helper.txt").write_text("beside the served file")
+    server = start_server(served, "--placement", "ray", "--ray-address", ray_cluster.address)
+    answer = server.predict("imported_from", {"inputs": [1]})
+    assert answer.status_code == 200, answer.text
+    (imported,) = answer.json()["outputs"]
+    # The worker imported the copy Ray unpacked on its node, not the gateway's file.
+    copy = Path(imported)
+    assert copy != served and copy.name == served.name
+    assert "runtime_resources" in copy.parts
+    assert copy.read_text() == served.read_text()
+    assert (copy.parent / "helper.txt").read_text() == "beside the served file"
 
 
 SPREAD_MODELS = """
