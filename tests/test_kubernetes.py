@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -304,6 +305,34 @@ def test_ketch_images_are_this_version(resources: list[Resource]) -> None:
     version = importlib.metadata.version("ketch")
     images = {c["image"] for _, spec in pod_specs(resources) for c in spec["containers"]}
     assert images == {f"{IMAGE}:{version}", "redis:7"}
+
+
+def test_the_ketch_image_is_what_deploy_dockerfile_builds(resources: list[Resource]) -> None:
+    root = DEPLOY.parents[1]
+    dockerfile = (root / "deploy" / "Dockerfile").read_text()
+    instructions = [line.split(None, 1) for line in dockerfile.splitlines() if line[:1].isupper()]
+    # The wheel is built from every folder the package maps, and nothing else is sent.
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    folders = set(project["tool"]["setuptools"]["package-dir"].values())
+    copied = {words[1].split()[0] for words in instructions if words[0] == "COPY"}
+    assert folders <= copied
+    allowed = {
+        line[1:] for line in (root / ".dockerignore").read_text().splitlines() if line[:1] == "!"
+    }
+    assert folders | {"pyproject.toml", "README.md"} <= allowed
+    # The extras the manifests use, the user every pod runs as, the gateway's working folder.
+    assert "[ray,redis]" in dockerfile
+    ray_version = find(resources, "RayCluster", "ketch-ray")["spec"]["rayVersion"]
+    assert ["ARG", f"RAY_VERSION={ray_version}"] in instructions
+    user = next(words[1] for words in instructions if words[0] == "USER")
+    for where, spec in pod_specs(resources):
+        if where.startswith(("Deployment/", "RayCluster/")):
+            context = spec["securityContext"]
+            assert user == f"{context['runAsUser']}:{context['runAsGroup']}", where
+    served = Path(flag(container(gateway(resources))["args"], "serve"))
+    assert ["WORKDIR", str(served.parent)] in instructions
+    bases = {words[1].split()[0] for words in instructions if words[0] == "FROM"}
+    assert bases == {"python:3.11-slim-bookworm"}
 
 
 def test_pods_run_unprivileged_and_write_only_to_volumes(resources: list[Resource]) -> None:
