@@ -300,7 +300,9 @@ async def serve(
         for app_spec in served.apps:
             report(events.app_started(app_spec.name, app_spec.policy, list(app_spec.models)))
         placement = (
-            RayPlacement(options.ray_address or "auto", endpoint, options.source)
+            RayPlacement(
+                options.ray_address or "auto", endpoint, options.source, (state_dir, store.root)
+            )
             if options.placement == "ray"
             else None
         )

@@ -10,7 +10,9 @@ readable when the worker has ended, however it ended (its exit, or its node's lo
 The served file's folder travels to the nodes through Ray: it is the job's ``working_dir``
 (Ray's runtime environment), uploaded once when the gateway connects and unpacked on each node
 that runs a worker, which starts there and imports the file from it. Ray's rules for what goes
-(at most its size limit; ``.gitignore`` and ``.rayignore`` leave files out) are the user's.
+(at most its size limit; ``.gitignore`` and ``.rayignore`` leave files out) are the user's;
+ketch leaves out what is never the model's code (:data:`NEVER_SHIPPED`) and the gateway's own
+store and state folders when they are inside it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ log = logging.getLogger("ketch.workers")
 
 #: Ray's namespace for ketch's actors, so that other jobs of the cluster are told apart.
 RAY_NAMESPACE = "ketch"
+#: What is left out of the shipped folder (gitignore patterns): version control, caches, and
+#: virtual environments, which are built for one machine (a model's env= is built on the node).
+NEVER_SHIPPED = (".git/", "__pycache__/", ".venv/", "venv/", ".tox/", ".mypy_cache/")
 #: Ray's scheduling strategy for each of :class:`~ketch.specs.models.Placement`'s.
 _RAY_STRATEGY = {"spread": "SPREAD", "pack": "DEFAULT"}
 
@@ -40,28 +45,40 @@ _RAY_STRATEGY = {"spread": "SPREAD", "pack": "DEFAULT"}
 class RayPlacement:
     """Where the pools' workers go when Ray places them: connected to the cluster once."""
 
-    def __init__(self, address: str, broker: str, source: str | None) -> None:
+    def __init__(
+        self, address: str, broker: str, source: str | None, own_folders: tuple[Path, ...] = ()
+    ) -> None:
         """:param broker: the broker endpoint the workers dial (TCP, reachable from the
         cluster's nodes).
         :param source: the served file (its folder is shipped to the nodes) or module (which
-            the nodes must have installed)."""
+            the nodes must have installed).
+        :param own_folders: the gateway's store and state folders, never shipped."""
         if not broker.startswith("tcp://"):
             raise LaunchError(f"--placement ray needs a TCP broker the nodes reach, not {broker}")
         ray = _ray()
         folder, self.source = shipped(source)
+        # Ray's init makes SIGTERM exit the process at once: the gateway's own handler (a
+        # graceful stop) is put back after it.
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(
                 address=address,
                 namespace=RAY_NAMESPACE,
                 log_to_driver=False,
                 configure_logging=False,
-                runtime_env={"working_dir": str(folder)} if folder is not None else None,
+                runtime_env=(
+                    {"working_dir": str(folder), "excludes": left_out(folder, own_folders)}
+                    if folder is not None
+                    else None
+                ),
             )
         except ValueError as exc:  # Ray's refusal of the folder (too large, unreadable)
             raise LaunchError(
                 f"--placement ray ships {folder} to the nodes, and Ray refused it: {exc} "
                 "(a .rayignore there leaves files out)"
             ) from None
+        finally:
+            signal.signal(signal.SIGTERM, on_sigterm)
         # A wildcard host becomes this machine's address in the cluster.
         self.broker = dialable(broker, ray.util.get_node_ip_address)
         from ketch.pools.ray_launcher import WorkerLauncher
@@ -96,6 +113,17 @@ def shipped(source: str | None) -> tuple[Path | None, str]:
     if path.suffix != ".py" and not path.is_file():
         return None, source  # a module, installed on the nodes
     return path.resolve().parent, path.name
+
+
+def left_out(folder: Path, own_folders: tuple[Path, ...]) -> list[str]:
+    """The gitignore patterns left out of ``folder`` as shipped: :data:`NEVER_SHIPPED`, and
+    those of ``own_folders`` that are inside it."""
+    patterns = list(NEVER_SHIPPED)
+    for own in own_folders:
+        resolved = own.resolve()
+        if resolved.is_relative_to(folder) and resolved != folder:
+            patterns.append(f"/{resolved.relative_to(folder).as_posix()}/")
+    return patterns
 
 
 def ray_cpus(spec: ModelSpec) -> float:

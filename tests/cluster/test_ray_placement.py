@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import re
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,10 @@ def test_a_worker_runs_on_the_node_with_its_resources_and_scales_to_zero(
     again = server.predict("on_red", {"inputs": [3]})
     assert again.status_code == 200, again.text
     assert workers_of(server, "on_red")[0]["node"] == ray_cluster.node_with["red"]
+    # SIGTERM (what Kubernetes sends) is a graceful stop, Ray connected or not.
+    server.process.send_signal(signal.SIGTERM)
+    server.wait_for(r"^ketch: stopped$")
+    assert server.process.wait(30) == 0
 
 
 def test_the_served_files_folder_travels_to_the_node_through_ray(
