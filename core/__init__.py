@@ -13,6 +13,7 @@ from ketch.runtime import Runtime
 from ketch.specs.apps import AppSpec, app
 from ketch.specs.deployments import Deployment, deploy
 from ketch.specs.models import Model, ModelSpec, model
+from ketch.specs.pipelines import PipelineSpec, parallel, pipeline, when_unsure
 from ketch.specs.signature import TensorSpec
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "Feedback",
     "Model",
     "ModelSpec",
+    "PipelineSpec",
     "Policy",
     "Query",
     "RegisterPolicy",
@@ -35,4 +37,7 @@ __all__ = [
     "deploy",
     "hookimpl",
     "model",
+    "parallel",
+    "pipeline",
+    "when_unsure",
 ]

@@ -65,10 +65,14 @@ class Feedback:
 
 @dataclass(frozen=True, slots=True)
 class Combined:
-    """An output and how sure the policy is of it (``None``: it cannot tell)."""
+    """An output, how sure the policy is of it (``None``: it cannot tell), and the models
+    whose predictions made it (``None``: every prediction :meth:`Policy.combine` got). The
+    answer's ``models`` are those, and a reward without a label goes to them alone: a cascade
+    that answers with its last stage names that stage, not the ones it went past."""
 
     output: Any
     confidence: float | None = None
+    models: Sequence[str] | None = None
 
 
 class Policy:
@@ -105,7 +109,7 @@ class Policy:
         (never empty: with no prediction the application answers its ``default_output``).
         Return a :class:`Combined` to report a confidence, or the output itself."""
         first = next(name for name in self.models if name in predictions)
-        return Combined(predictions[first], confidence_of(predictions[first]))
+        return Combined(predictions[first], confidence_of(predictions[first]), (first,))
 
     def compare(self, query: Query, served: Mapping[str, Any], mirrored: Mapping[str, Any]) -> None:
         """Called once the mirrored models answered (or gave up), with what the served ones

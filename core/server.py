@@ -274,7 +274,7 @@ async def serve(
         served = (
             await _discover_served(options.source, plugins, environments, report)
             if options.source is not None
-            else Served([], [])
+            else Served([], [], [])
         )
         given = [_model_argument(text, plugins) for text in options.models]
         specs = [
@@ -292,7 +292,9 @@ async def serve(
         if options.state is not None:
             shared = await _connect_shared(options.state)
             state_store = shared.state_store()
-        apps = build_applications(served.apps, plugins, dispatcher, state_store, deadlines, shared)
+        apps = build_applications(
+            served.apps, served.pipelines, plugins, dispatcher, state_store, deadlines, shared
+        )
         dispatcher.metrics.watch_apps(apps.samples)
         host, port = sock.getsockname()[:2]
         report(events.broker_listening(endpoint))
@@ -519,7 +521,7 @@ async def _discover_served(
         else spec
         for spec in served.models
     ]
-    return Served(models, served.apps)
+    return Served(models, served.apps, served.pipelines)
 
 
 def _model_argument(text: str, plugins: Plugins) -> ModelSpec:

@@ -78,12 +78,13 @@ class CascadePolicy(Policy):
         latest = self._latest(predictions)
         if latest is None:
             # Only models the policy does not know answered; answer rather than fail.
-            prediction = next(iter(predictions.values()))
+            model = next(iter(predictions))
         else:
             model = self.models[latest]
             self._answered_by[model] += 1
-            prediction = predictions[model]
-        return Combined(prediction, confidence_of(prediction))
+        prediction = predictions[model]
+        # The stage that answered made the output: the cheaper ones it went past did not.
+        return Combined(prediction, confidence_of(prediction), (model,))
 
     def _latest(self, predictions: Mapping[str, Any]) -> int | None:
         """Index of the costliest stage that answered, ``None`` if none did."""

@@ -201,7 +201,10 @@ def test_cascade_asks_the_large_model_only_when_the_cheap_one_is_unsure(
     assert all(a["models"] == ["cheap"] for a in sure)
     unsure = [ask(served, "casc", {"confidence": 0.3}) for _ in range(2)]
     assert [a["output"]["label"] for a in unsure] == ["large", "large"]
-    assert unsure[-1]["models"] == ["cheap", "large"]
+    # Only the large model's prediction made the answer: a reward alone credits it alone.
+    assert unsure[-1]["models"] == ["large"]
+    told = tell(served, "casc", unsure[-1]["query_id"], reward=1.0)
+    assert told["rewards"] == {"large": 1.0}
     # The large model's own count: it computed the two unsure queries and nothing else.
     assert unsure[-1]["output"]["calls"] == 2
     state = app_status(served, "casc")["policy_state"]

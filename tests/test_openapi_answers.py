@@ -98,6 +98,8 @@ def _requests(folder: Path) -> list[tuple[str, str, Any]]:
         ("PATCH", "/admin/models/echo/versions/2/pool", {"idle_timeout_s": 30}),
         ("POST", "/admin/models/echo/roll", {"version": "2"}),
         ("POST", "/admin/apps", {"name": "pair", "models": ["plus_one"], "policy": "single"}),
+        ("POST", "/apps/pipe/predict", {"input": 1}),
+        ("POST", "/apps/pipe/feedback", {"query_id": "unknown", "reward": 1}),
         ("GET", "/apps", None),
         ("GET", "/admin/apps", None),
         ("POST", "/apps/pair/predict", {"input": 1}),
@@ -151,7 +153,8 @@ def server(
     start_server: Callable[..., KetchServer], write_models: Callable[..., Path]
 ) -> KetchServer:
     write_models(ECHO_V2, "echo_v2.py")
-    return start_server(write_models(SERVED), "--admin-token", TOKEN)
+    pipeline = "\npipe = ketch.pipeline('pipe', steps=['plus_one', 'plus_two'])\n"
+    return start_server(write_models(SERVED + pipeline), "--admin-token", TOKEN)
 
 
 def test_every_answer_validates_against_the_served_document(

@@ -1,8 +1,11 @@
-"""Every application of a gateway: built from its spec (the served file's, or the management
-API's), its policy's saved state restored, its answered queries kept for feedback, its state
-saved as it learns. With ``--state redis://`` the queries, the feedback and the state are
-shared with the other gateways (:mod:`ketch.applications.shared`); otherwise they live in this
-gateway and its state directory.
+"""Every application and pipeline of a gateway: an application built from its spec (the
+served file's, or the management API's), its policy's saved state restored, its answered
+queries kept for feedback, its state saved as it learns; a pipeline
+(:mod:`ketch.applications.pipeline`) from the served file's declaration. They share one
+namespace: ``/apps/{name}/...`` is one or the other. With ``--state redis://`` the queries,
+the feedback and the state are shared with the other gateways
+(:mod:`ketch.applications.shared`); otherwise they live in this gateway and its state
+directory.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ketch.applications.memory import LocalQueries, Queries
+from ketch.applications.pipeline import Pipeline
 from ketch.applications.runner import Application
 from ketch.applications.saving import StateSaver
 from ketch.applications.state import StateStore
@@ -23,6 +27,7 @@ from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
 from ketch.specs.apps import AppSpec
+from ketch.specs.pipelines import PipelineSpec
 
 if TYPE_CHECKING:  # Redis's client takes 0.3 s to import: only with --state redis://
     from ketch.applications.shared import SharedState
@@ -45,6 +50,7 @@ class Applications:
         """:param shared: the Redis that several gateways share (``--state redis://``);
         ``store`` is then its :class:`~ketch.applications.shared.RedisStateStore`."""
         self._apps: dict[str, Application] = {}
+        self._pipelines: dict[str, Pipeline] = {}
         self._store = store
         self._plugins = plugins
         self._dispatcher = dispatcher
@@ -113,6 +119,8 @@ class Applications:
         policy restored (see :mod:`ketch.applications.state`); raises :class:`AppError`."""
         if spec.name in self._apps:
             raise AppError(f"application {spec.name!r} already exists")
+        if spec.name in self._pipelines:
+            raise AppError(f"application {spec.name!r}: a pipeline has that name")
         application = self.build(spec)
         saved = self._store.load(spec)
         if saved is not None:
@@ -136,12 +144,28 @@ class Applications:
             self._feedback_log.follow(spec.name, application.applied)
         return application
 
+    def add_pipeline(self, spec: PipelineSpec) -> Pipeline:
+        """Serve a pipeline; raises :class:`AppError` for a name taken or a model the server
+        does not serve."""
+        if spec.name in self._apps:
+            raise AppError(f"pipeline {spec.name!r}: an application has that name")
+        if spec.name in self._pipelines:
+            raise AppError(f"pipeline {spec.name!r} already exists")
+        for reference in spec.models():
+            name, _, version = reference.partition(":")
+            try:
+                self._dispatcher.queue_for(name, version or None)
+            except PredictionError as exc:
+                raise AppError(f"pipeline {spec.name!r} names {reference!r}: {exc}") from None
+        pipeline = self._pipelines[spec.name] = Pipeline(spec, self._dispatcher, self._deadlines)
+        return pipeline
+
     def change(self, spec: AppSpec) -> tuple[Application, str | None]:
         """Serve application ``spec.name`` with a new spec from now on; returns it and why
         its policy starts afresh (None when it kept what it learnt: same policy, and its
         ``load_state_dict`` takes the old state for the new models and params). Raises
         :class:`AppError`, leaving the application as it was."""
-        before = self.get(spec.name)
+        before = self.application(spec.name)
         policy = self.build(spec).policy
         afresh: str | None = None
         if spec.policy != before.spec.policy:
@@ -161,24 +185,28 @@ class Applications:
         self._apps[spec.name] = after
         return after, afresh
 
-    def remove(self, name: str) -> Application:
-        """Stop serving an application (queries in flight finish); its policy state is saved
-        first, so adding it back with the same policy resumes it."""
-        application = self.get(name)
+    def remove(self, name: str) -> None:
+        """Stop serving an application or a pipeline (queries in flight finish); an
+        application's policy state is saved first, so adding it back with the same policy
+        resumes it."""
+        if self._pipelines.pop(name, None) is not None:
+            return
+        application = self.application(name)
         del self._apps[name]
         if self._feedback_log is not None:
             self._feedback_log.unfollow(name)
         self._saver.save_now(application)
-        return application
 
     def linking(self, name: str, version: str | None) -> list[str]:
-        """Applications that would lose a model if version ``version`` (None: every version)
-        of model ``name`` went away: those listing it by that version, and, when it is the
-        last one, those listing it by name."""
+        """Applications and pipelines that would lose a model if version ``version`` (None:
+        every version) of model ``name`` went away: those naming it by that version, and,
+        when it is the last one, those naming it by name."""
         remaining = [v for v in self._dispatcher.versions(name) if v != version]
         found = []
-        for app_name, application in sorted(self._apps.items()):
-            for reference in application.spec.models:
+        named = {n: list(a.spec.models) for n, a in self._apps.items()}
+        named.update({n: p.spec.models() for n, p in self._pipelines.items()})
+        for app_name, references in sorted(named.items()):
+            for reference in references:
                 model, _, pinned = reference.partition(":")
                 if model != name:
                     continue
@@ -189,22 +217,40 @@ class Applications:
                     break
         return found
 
-    def get(self, name: str) -> Application:
-        try:
-            return self._apps[name]
-        except KeyError:
+    def get(self, name: str) -> Application | Pipeline:
+        """The application or pipeline of that name (a 404 for neither)."""
+        found = self._apps.get(name) or self._pipelines.get(name)
+        if found is None:
             raise PredictionError(
-                404, f"unknown application {name!r}", apps=sorted(self._apps)
-            ) from None
+                404,
+                f"unknown application {name!r}",
+                apps=sorted([*self._apps, *self._pipelines]),
+            )
+        return found
+
+    def application(self, name: str) -> Application:
+        """The application of that name: a 404 for an unknown one, a 400 for a pipeline
+        (which no policy runs)."""
+        if name in self._pipelines:
+            raise PredictionError(
+                400,
+                f"{name!r} is a pipeline, not an application with a policy: remove it and "
+                "declare it anew to change it",
+                app=name,
+            )
+        found = self.get(name)
+        assert isinstance(found, Application)
+        return found
 
     def describe(self) -> list[dict[str, Any]]:
-        return [self._apps[name].describe() for name in sorted(self._apps)]
+        every: dict[str, Application | Pipeline] = {**self._apps, **self._pipelines}
+        return [every[name].describe() for name in sorted(every)]
 
     def __len__(self) -> int:
-        return len(self._apps)
+        return len(self._apps) + len(self._pipelines)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._apps
+        return name in self._apps or name in self._pipelines
 
     def samples(self) -> list[AppSample]:
         """What the metrics read of each application at scrape time."""
@@ -230,15 +276,18 @@ class Applications:
 
 def build_applications(
     specs: Sequence[AppSpec],
+    pipelines: Sequence[PipelineSpec],
     plugins: Plugins,
     dispatcher: Dispatcher,
     store: StateStore,
     deadlines: Deadlines,
     shared: SharedState | None = None,
 ) -> Applications:
-    """Every declared application with its policy, its saved state restored; raises
-    :class:`AppError` naming the application and what is wrong with it."""
+    """Every declared application with its policy, its saved state restored, and every
+    declared pipeline; raises :class:`AppError` naming the one and what is wrong with it."""
     applications = Applications(store, plugins, dispatcher, deadlines, shared)
     for spec in specs:
         applications.add(spec)
+    for pipeline in pipelines:
+        applications.add_pipeline(pipeline)
     return applications

@@ -151,7 +151,7 @@ class Application:
         name, _, version = reference.partition(":")
         queue = self._dispatcher.queue_for(name, version or None)
         outputs = await predict(queue, [value], deadline)
-        return _plain(outputs[0])
+        return plain_value(outputs[0])
 
     def _combined(
         self, query: Query, in_time: dict[str, Any], missing: dict[str, str], record: AnsweredQuery
@@ -165,20 +165,27 @@ class Application:
             or not math.isfinite(confidence)
         ):
             raise self._policy_error("combine", f"gave a confidence of {confidence!r}")
-        output = _plain(combined.output)
+        used = list(in_time) if combined.models is None else list(combined.models)
+        if isinstance(combined.models, str) or not used or not set(used) <= set(in_time):
+            raise self._policy_error(
+                "combine",
+                f"named the models {combined.models!r} as making its output, not a non-empty "
+                f"list among those that answered {list(in_time)!r}",
+            )
+        output = plain_value(combined.output)
         try:
             orjson.dumps(output, option=orjson.OPT_SERIALIZE_NUMPY)
         except TypeError as exc:
             raise self._policy_error(
                 "combine", f"gave an output that is not JSON ({exc})"
             ) from None
-        record.output, record.used = output, list(in_time)
+        record.output, record.used = output, used
         return {
             "output": output,
             "query_id": query.id,
             "app": self.spec.name,
             "default": False,
-            "models": list(in_time),
+            "models": used,
             "confidence": confidence,
             "missing": missing,
         }
@@ -365,6 +372,7 @@ class Application:
             state = {"error": f"state_dict() raised {type(exc).__name__}: {exc}"}
         return {
             **self.spec.to_dict(),
+            "kind": "application",
             "plugin": self._plugin,
             **self.counts,
             "queries_held": self._queries.held()[0],
@@ -403,8 +411,9 @@ def _why_missing(error: PredictionError | None, budget_s: float) -> str:
     return f"{error.status}: {error.body['error']}"
 
 
-def _plain(value: Any) -> Any:
-    """Numpy values as the JSON-like values policies expect (lists and Python numbers)."""
+def plain_value(value: Any) -> Any:
+    """Numpy values as the JSON-like values policies and answers hold (lists and Python
+    numbers)."""
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):

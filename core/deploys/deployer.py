@@ -342,6 +342,11 @@ class Deployer:
                 f"ketch: applications are not deployed ({names}): add them over the deployed "
                 "models with ketch apps add"
             )
+        if served.pipelines:
+            names = ", ".join(pipeline.name for pipeline in served.pipelines)
+            state.say(
+                f"ketch: pipelines are not deployed ({names}): declare them in the served file"
+            )
         for spec in specs:
             if self._dispatcher.has_model(spec.key):
                 raise DeployError(

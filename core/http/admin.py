@@ -430,7 +430,7 @@ class Admin:
         """Apply ``changes(current spec)`` to application ``name``; the policy keeps its state
         when it is the same policy and can take it."""
         async with self._apps_lock:
-            current = self._apps.get(name).spec
+            current = self._apps.application(name).spec
             changed = dict(changes(current))
             if changed.get("policy", current.policy) != current.policy:
                 # Params belong to a policy: a new policy starts from its own defaults.

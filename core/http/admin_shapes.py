@@ -14,6 +14,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from ketch.deploys.deployer import DeploymentStatus
 from ketch.serving.status import ModelStatus
+from ketch.specs.pipelines import Step
 
 #: A version label; an integer is taken as its decimal text.
 VersionLabel = Annotated[
@@ -136,7 +137,7 @@ class Link(_Request):
     ) = None
 
 
-class AppDescription(msgspec.Struct, kw_only=True):
+class AppDescription(msgspec.Struct, kw_only=True, tag_field="kind", tag="application"):
     """An application: its spec, its counts and its policy's state."""
 
     name: str
@@ -161,12 +162,45 @@ class AppDescription(msgspec.Struct, kw_only=True):
     policy_state: Any
 
 
+class Percentiles(msgspec.Struct, kw_only=True):
+    """Latencies in milliseconds (null before any)."""
+
+    p50: float | None
+    p99: float | None
+
+
+class StepCounts(msgspec.Struct, kw_only=True):
+    """What one step of a pipeline did."""
+
+    step: Annotated[int, Meta(description="Its place in the pipeline, from 1.")]
+    models: list[str]
+    runs: int
+    skipped: Annotated[int, Meta(description="Queries it let pass (a when_unsure step).")]
+    errors: int
+    share: Annotated[
+        float | None, Meta(description="How often a query reaches it: runs / queries.")
+    ]
+    latency_ms: Percentiles
+
+
+class PipelineDescription(msgspec.Struct, kw_only=True, tag_field="kind", tag="pipeline"):
+    """A pipeline: its steps, and the counts and latencies of it and of each step."""
+
+    name: str
+    steps: list[Step]
+    slo_ms: float | None
+    queries: int
+    errors: int
+    latency_ms: Percentiles
+    step_counts: list[StepCounts]
+
+
 class ModelsList(msgspec.Struct, kw_only=True):
     models: list[ModelStatus]
 
 
 class AppsList(msgspec.Struct, kw_only=True):
-    apps: list[AppDescription]
+    apps: list[AppDescription | PipelineDescription]
 
 
 class ModelAdded(msgspec.Struct, kw_only=True):

@@ -312,18 +312,26 @@ def document() -> dict[str, Any]:
         },
         "/apps": {
             "get": {
-                "summary": "Every application: its policy, models, counts and policy state.",
+                "summary": "Every application (its policy, models, counts and policy state) "
+                "and pipeline (its steps, counts and latencies).",
                 "responses": answers_of("The applications.", schema_ref(admin.AppsList)),
             }
         },
         "/apps/{name}/predict": {
             "post": {
-                "summary": "Ask an application: its policy picks the models and combines what "
-                "they answer by its deadline.",
+                "summary": "Ask an application (its policy picks the models and combines what "
+                "they answer by its deadline) or a pipeline (its steps in turn).",
                 "parameters": [NAME_PARAM, TIMEOUT_PARAM],
                 "requestBody": request_body(shapes.AppRequest),
                 "responses": answers_of(
-                    "The combined output.", schema_ref(shapes.AppAnswer), 400, 404, 500, 503, 504
+                    "The combined output, or the pipeline's.",
+                    {"oneOf": [schema_ref(shapes.AppAnswer), schema_ref(shapes.PipelineAnswer)]},
+                    400,
+                    404,
+                    429,
+                    500,
+                    503,
+                    504,
                 ),
             }
         },

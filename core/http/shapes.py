@@ -87,6 +87,28 @@ class AppAnswer(msgspec.Struct, kw_only=True, omit_defaults=True):
     explanation: str | UnsetType = UNSET
 
 
+class StepReport(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What one step of a pipeline did for a query."""
+
+    step: int
+    models: list[str]
+    ran: bool
+    ms: Annotated[float, Meta(description="How long it took.")] | UnsetType = UNSET
+    skipped_because: str | UnsetType = UNSET
+
+
+class PipelineAnswer(msgspec.Struct, kw_only=True):
+    """A pipeline's answer."""
+
+    output: Any
+    query_id: str
+    app: str
+    default: bool
+    models: Annotated[list[str], Meta(description="The models whose outputs made it.")]
+    confidence: float | None
+    steps: list[StepReport]
+
+
 class FeedbackRequest(msgspec.Struct, kw_only=True):
     """``POST /apps/{name}/feedback``: a reward, a label, or both, for an answered query."""
 

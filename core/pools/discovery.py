@@ -22,6 +22,7 @@ from ketch.pools.processes import forkserver_context, resolve_python, start_proc
 from ketch.specs.apps import AppSpec
 from ketch.specs.deployments import Deployment
 from ketch.specs.models import ModelSpec
+from ketch.specs.pipelines import PipelineSpec
 from ketch.worker.discover import declared_payload
 
 #: Longest an import of the served code may take.
@@ -30,11 +31,12 @@ DISCOVERY_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """What a served file declares: its models (deployments checked by their runtimes) and
-    its applications."""
+    """What a served file declares: its models (deployments checked by their runtimes), its
+    applications and its pipelines."""
 
     models: list[ModelSpec]
     apps: list[AppSpec]
+    pipelines: list[PipelineSpec]
 
 
 def discover(
@@ -57,7 +59,11 @@ def discover(
             models.append(plugins.check_deployment(Deployment.from_dict(data)))
         except ValueError as exc:
             raise TargetLoadError(f"cannot load {source!r}: {exc}") from None
-    return Served(models, [AppSpec.from_dict(spec) for spec in payload["apps"]])
+    return Served(
+        models,
+        [AppSpec.from_dict(spec) for spec in payload["apps"]],
+        [PipelineSpec.from_dict(spec) for spec in payload["pipelines"]],
+    )
 
 
 def _discover_in_child(source: str, conn: Any) -> None:

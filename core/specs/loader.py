@@ -24,6 +24,7 @@ from ketch.errors import TargetLoadError
 from ketch.specs.apps import AppSpec
 from ketch.specs.deployments import Deployment
 from ketch.specs.models import Model
+from ketch.specs.pipelines import PipelineSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,14 +140,29 @@ def apps_in(module: ModuleType) -> list[AppSpec]:
     return list(found.values())
 
 
+def pipelines_in(module: ModuleType) -> list[PipelineSpec]:
+    """The pipelines a module declares at top level with ``ketch.pipeline``, in declaration
+    order, each once."""
+    found: dict[str, PipelineSpec] = {}
+    for value in vars(module).values():
+        if not isinstance(value, PipelineSpec):
+            continue
+        other = found.get(value.name)
+        if other is not None and other != value:
+            raise TargetLoadError(f"pipeline {value.name!r} is declared twice in {module.__name__}")
+        found[value.name] = value
+    return list(found.values())
+
+
 @dataclass(frozen=True, slots=True)
 class Declarations:
     """Everything a served module declares: decorated functions, deployments (not yet
-    checked by their runtimes) and applications."""
+    checked by their runtimes), applications and pipelines."""
 
     models: list[Model[..., Any]]
     deployments: list[Deployment]
     apps: list[AppSpec]
+    pipelines: list[PipelineSpec]
 
 
 def served_declarations(module: ModuleType) -> Declarations:
@@ -166,7 +182,7 @@ def served_declarations(module: ModuleType) -> Declarations:
             f"{module.__name__!r} defines no model: decorate a function with @ketch.model or "
             "assign a deployment, resnet = ketch.deploy(...), at its top level"
         )
-    return Declarations(models, deployments, apps_in(module))
+    return Declarations(models, deployments, apps_in(module), pipelines_in(module))
 
 
 def _folder_of(module: ModuleType) -> Path:

@@ -24,7 +24,8 @@ from ketch.specs.models import ModelSpec
 
 
 def declared_payload(source: str) -> tuple[str, Any]:
-    """``("ok", {"models", "deployments", "apps"})`` as plain data, or ``("error", why)``."""
+    """``("ok", {"models", "deployments", "apps", "pipelines"})`` as plain data, or
+    ``("error", why)``."""
     # What the served file prints as it is imported belongs with the workers' output on
     # stderr; the gateway's stdout carries its own status lines.
     sys.stdout.flush()
@@ -37,6 +38,7 @@ def declared_payload(source: str) -> tuple[str, Any]:
             "models": [_env_in(m.spec, folder).to_dict() for m in declared.models],
             "deployments": [d.to_dict() for d in declared.deployments],
             "apps": [a.to_dict() for a in declared.apps],
+            "pipelines": [p.to_dict() for p in declared.pipelines],
         }
     except BaseException as exc:
         return "error", str(exc) if isinstance(exc, TargetLoadError) else traceback.format_exc()

@@ -17,6 +17,7 @@ from ketch.applications.state import FileStateStore
 from ketch.errors import AppError
 from ketch.observability.metrics import AppSample
 from ketch.plugin_manager import load_plugins
+from ketch.policy import Combined
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.jobs import PredictionError
@@ -277,3 +278,20 @@ def test_an_application_listing_a_model_not_served_is_refused(gateway: Gateway) 
     with pytest.raises(AppError, match="policy 'single' rejects its models"):
         gateway.add(["a", "a:1"])
     assert len(gateway.apps) == 0
+
+
+@in_loop
+async def test_the_models_combine_names_are_the_answers_and_must_have_answered(
+    gateway: Gateway,
+) -> None:
+    gateway.serve("a", lambda x: 1.0)
+    gateway.serve("b", lambda x: 0.0)
+    app = gateway.add(["a", "b"], "ensemble")
+    assert (await app.predict(1, None))["models"] == ["a", "b"]  # None: every one combined
+    app.policy.combine = lambda query, predictions: Combined(1.0, None, ("b",))  # type: ignore[method-assign]
+    assert (await app.predict(1, None))["models"] == ["b"]
+    app.policy.combine = lambda query, predictions: Combined(1.0, None, ("c",))  # type: ignore[method-assign]
+    with pytest.raises(PredictionError) as refused:
+        await app.predict(1, None)
+    assert refused.value.status == 500
+    assert "named the models ('c',) as making its output" in refused.value.body["error"]
