@@ -29,6 +29,9 @@ def triple(xs):
     return [3 * x for x in xs]
 
 both = ketch.app("both", models=["double", "triple"], policy="split")
+chained = ketch.pipeline(
+    "chained", steps=["double", ketch.when_unsure("triple", below=0.5)]
+)
 """
 
 
@@ -124,6 +127,8 @@ def test_status_prints_models_and_apps(
     assert double[-2:] == ["-", "-"]  # no request yet
     app = next(line for line in lines if line.startswith("both "))
     assert "split" in app and "double, triple" in app
+    pipeline = next(line for line in lines if line.startswith("chained "))
+    assert "(pipeline)" in pipeline and "double -> triple?" in pipeline
 
 
 def test_status_of_an_unreachable_server_exits_2() -> None:

@@ -54,11 +54,14 @@ def model_rows(models: Sequence[dict[str, Any]]) -> list[list[str]]:
 def app_rows(apps: Sequence[dict[str, Any]]) -> list[list[str]]:
     rows = [["APP", "POLICY", "MODELS", "QUERIES", "DEFAULTS", "ERRORS", "FEEDBACK"]]
     for a in apps:
+        pipeline = a.get("kind") == "pipeline"
         rows.append(
             [
                 str(a["name"]),
-                str(a.get("policy", "?")),
-                ", ".join(a.get("models", [])),
+                "(pipeline)" if pipeline else str(a.get("policy", "?")),
+                " -> ".join(_step_models(a.get("steps", [])))
+                if pipeline
+                else ", ".join(a.get("models", [])),
                 _cell(a.get("queries")),
                 _cell(a.get("defaults")),
                 _cell(a.get("errors")),
@@ -66,6 +69,20 @@ def app_rows(apps: Sequence[dict[str, Any]]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def _step_models(steps: Sequence[dict[str, Any]]) -> list[str]:
+    """Each step of a pipeline as its model(s): ``a``, ``a + b`` (parallel), ``a?`` (when
+    the step before is unsure)."""
+    shown = []
+    for step in steps:
+        if step.get("step") == "parallel":
+            shown.append(" + ".join(step.get("models", [])))
+        else:
+            shown.append(
+                str(step.get("model")) + ("?" if step.get("step") == "when_unsure" else "")
+            )
+    return shown
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
