@@ -39,15 +39,14 @@ from ketch.inference.shared_memory import SharedMemory
 from ketch.observability import events
 from ketch.plugin_manager import Plugins, load_plugins
 from ketch.pools.cgroups import MemoryCgroups
-from ketch.pools.discovery import Served, discover
-from ketch.pools.envs import EnvBuildError, Environments, EnvRequest, ensure_env
+from ketch.pools.discovery import Served, discover_served
+from ketch.pools.envs import Environments
 from ketch.pools.ray_placement import RayPlacement
 from ketch.pools.scaling import PoolManager
 from ketch.pools.supervisor import ProcessEvents, WorkerProcesses
 from ketch.serving.admission import Deadlines
 from ketch.serving.dispatcher import Dispatcher
 from ketch.specs.deployments import parse_model_argument
-from ketch.specs.env_scan import declared_envs
 from ketch.specs.models import ModelSpec
 from ketch.zmq_transport.broker import DEFAULT_MAX_MESSAGE_BYTES, Broker
 from ketch.zmq_transport.liveness import Heartbeat
@@ -60,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ketch.server")
 #: Where an environment's build output goes while ``ketch serve`` starts.
-_env_log = logging.getLogger("ketch.envs")
 
 DEFAULT_BROKER = "tcp://127.0.0.1:7070"
 
@@ -272,7 +270,7 @@ async def serve(
         store.open()
         environments = Environments(store.envs)
         served = (
-            await _discover_served(options.source, plugins, environments, report)
+            await discover_served(options.source, plugins, environments, report)
             if options.source is not None
             else Served([], [], [])
         )
@@ -487,41 +485,6 @@ async def _stop_grpc(
     if grpc_server is not None:
         await shutdown.wait()
         await grpc_server.stop(limits.shutdown_grace_s)
-
-
-async def _discover_served(
-    source: str, plugins: Plugins, environments: Environments, report: events.Report
-) -> Served:
-    """What ``source`` declares, imported under the environment its ``env=`` asks for (built
-    first, once), with its models' workers under that environment's interpreter."""
-    declared = declared_envs(source)
-    if len(declared) > 1:
-        raise TargetLoadError(
-            f"{source!r} declares {len(declared)} different env=: the models of one file share "
-            "one environment (give each environment its own file, and ketch deploy each)"
-        )
-    built = None
-    if declared:
-        request = EnvRequest.declared(declared[0])
-        try:
-            built = await ensure_env(environments, request, report, _env_log.info)
-        except EnvBuildError as exc:
-            raise TargetLoadError(f"cannot serve {source!r}: {exc}\n{exc.log}") from None
-    python = built.python if built is not None else None
-    served = await asyncio.get_running_loop().run_in_executor(
-        None, discover, source, plugins, python
-    )
-    if built is None:
-        return served
-    models = [
-        msgspec.structs.replace(
-            spec, start=msgspec.structs.replace(spec.start, python=built.python)
-        )
-        if spec.start.env is not None
-        else spec
-        for spec in served.models
-    ]
-    return Served(models, served.apps, served.pipelines)
 
 
 def _model_argument(text: str, plugins: Plugins) -> ModelSpec:

@@ -372,10 +372,60 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "the bearer token of a server started with a predict token (default "
         "$KETCH_ADMIN_TOKEN, else $KETCH_PREDICT_TOKEN)",
     )
+    profile_cmd = commands.add_parser(
+        "profile",
+        help="measure each model of a file on this machine: latency and throughput per batch "
+        "size and per number of cores",
+    )
+    profile_cmd.add_argument("source", help="the served file (PATH.py) or module")
+    profile_cmd.add_argument(
+        "--models", type=_names, default=None, help="only these models, comma-separated"
+    )
+    profile_cmd.add_argument(
+        "--inputs",
+        type=Path,
+        default=None,
+        metavar="SAMPLES.json",
+        help="sample inputs: a JSON object of each model's name to a list of inputs (default: "
+        "made from a model's one declared numeric input tensor)",
+    )
+    profile_cmd.add_argument(
+        "--cpus",
+        type=_counts,
+        default=None,
+        metavar="N,M",
+        help="the numbers of cores to compare (default 1 and all of this machine's)",
+    )
+    profile_cmd.add_argument("--repeats", type=_positive, default=30, help="timed batches per size")
+    profile_cmd.add_argument("--warmup", type=_positive, default=3, help="untimed batches first")
+    profile_cmd.add_argument(
+        "--out", type=Path, default=Path("profile.json"), help="where the profile is written"
+    )
     add_models_commands(commands)
     add_apps_commands(commands)
     add_deploy_commands(commands)
     return parser, {"serve": serve_cmd, "worker": worker_cmd}
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"name at least one model, got {text!r}")
+    return names
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _counts(text: str) -> list[int]:
+    return sorted({_positive(part.strip()) for part in text.split(",")})
 
 
 def _add_config_option(parser: argparse.ArgumentParser, section: str) -> None:
@@ -439,6 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return print_status(args.url, args.token)
         if args.command == "deploy":
             return run_deploy(args)
+        if args.command == "profile":
+            from ketch.cli.profile import run_profile
+
+            return run_profile(args)
         if args.command == "deployments":
             return run_deployments(args)
         if args.command in ("models", "apps"):

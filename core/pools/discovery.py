@@ -9,21 +9,30 @@ runtimes, which import no framework to do so.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from ketch.errors import TargetLoadError
+from ketch.observability import events
 from ketch.plugin_manager import Plugins
+from ketch.pools.envs import EnvBuildError, Environments, EnvRequest, ensure_env
 from ketch.pools.processes import forkserver_context, resolve_python, start_process
 from ketch.specs.apps import AppSpec
 from ketch.specs.deployments import Deployment
+from ketch.specs.env_scan import declared_envs
 from ketch.specs.models import ModelSpec
 from ketch.specs.pipelines import PipelineSpec
 from ketch.worker.discover import declared_payload
+
+_env_log = logging.getLogger("ketch.envs")
 
 #: Longest an import of the served code may take.
 DISCOVERY_TIMEOUT_S = 120.0
@@ -64,6 +73,41 @@ def discover(
         [AppSpec.from_dict(spec) for spec in payload["apps"]],
         [PipelineSpec.from_dict(spec) for spec in payload["pipelines"]],
     )
+
+
+async def discover_served(
+    source: str, plugins: Plugins, environments: Environments, report: events.Report
+) -> Served:
+    """What ``source`` declares, imported under the environment its ``env=`` asks for (built
+    first, once), with its models' workers under that environment's interpreter."""
+    declared = declared_envs(source)
+    if len(declared) > 1:
+        raise TargetLoadError(
+            f"{source!r} declares {len(declared)} different env=: the models of one file share "
+            "one environment (give each environment its own file, and ketch deploy each)"
+        )
+    built = None
+    if declared:
+        request = EnvRequest.declared(declared[0])
+        try:
+            built = await ensure_env(environments, request, report, _env_log.info)
+        except EnvBuildError as exc:
+            raise TargetLoadError(f"cannot serve {source!r}: {exc}\n{exc.log}") from None
+    python = built.python if built is not None else None
+    served = await asyncio.get_running_loop().run_in_executor(
+        None, discover, source, plugins, python
+    )
+    if built is None:
+        return served
+    models = [
+        msgspec.structs.replace(
+            spec, start=msgspec.structs.replace(spec.start, python=built.python)
+        )
+        if spec.start.env is not None
+        else spec
+        for spec in served.models
+    ]
+    return Served(models, served.apps, served.pipelines)
 
 
 def _discover_in_child(source: str, conn: Any) -> None:
