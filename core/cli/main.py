@@ -401,10 +401,69 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     profile_cmd.add_argument(
         "--out", type=Path, default=Path("profile.json"), help="where the profile is written"
     )
+    plan_cmd = commands.add_parser(
+        "plan",
+        help="plan a pipeline's models (batch sizes, replicas, cores) to a p99 objective at the "
+        "least cost, from a profile",
+    )
+    plan_cmd.add_argument("source", help="the served file (PATH.py) or module")
+    plan_cmd.add_argument("pipeline", help="the pipeline to plan")
+    plan_cmd.add_argument("--profile", type=Path, required=True, help="what ketch profile wrote")
+    plan_cmd.add_argument(
+        "--slo-ms", type=_positive_number, required=True, help="the p99 objective (ms)"
+    )
+    arrivals = plan_cmd.add_mutually_exclusive_group(required=True)
+    arrivals.add_argument(
+        "--rate", type=_positive_number, help="queries per second, as a Poisson process"
+    )
+    arrivals.add_argument(
+        "--trace",
+        type=Path,
+        help="arrival moments in seconds: a JSON list, or one number per line",
+    )
+    plan_cmd.add_argument(
+        "--queries", type=_positive, default=4000, help="queries simulated with --rate"
+    )
+    plan_cmd.add_argument(
+        "--share",
+        type=_share,
+        action="append",
+        default=[],
+        metavar="MODEL=F",
+        help="how often a when_unsure step's model runs per query (GET /apps shows it)",
+    )
+    plan_cmd.add_argument(
+        "--cost", type=Path, default=None, help='the price of a core: {"core": 0.04, "unit": "$/h"}'
+    )
+    plan_cmd.add_argument("--seed", type=int, default=0, help="the simulation's seed")
+    plan_cmd.add_argument(
+        "--out", type=Path, default=Path("plan.json"), help="where the plan is written"
+    )
     add_models_commands(commands)
     add_apps_commands(commands)
     add_deploy_commands(commands)
     return parser, {"serve": serve_cmd, "worker": worker_cmd}
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _share(text: str) -> tuple[str, float]:
+    model, _, share = text.partition("=")
+    try:
+        value = float(share)
+    except ValueError:
+        value = -1.0
+    if not model or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"give MODEL=F with F in [0, 1], got {text!r}")
+    return model, value
 
 
 def _names(text: str) -> list[str]:
@@ -493,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ketch.cli.profile import run_profile
 
             return run_profile(args)
+        if args.command == "plan":
+            from ketch.cli.plan import run_plan
+
+            return run_plan(args)
         if args.command == "deployments":
             return run_deployments(args)
         if args.command in ("models", "apps"):

@@ -1,0 +1,143 @@
+"""`ketch plan`: a pipeline of the served file planned from a profile `ketch profile` measured,
+to a p99 objective under a Poisson rate or a trace; the plan written as JSON and printed; and
+the errors a user gets for what cannot be planned."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MODELS = """
+import time
+
+import ketch
+
+
+@ketch.model(max_batch_size=8, inputs=[ketch.TensorSpec("x", "float32", (2,))])
+def first(xs):
+    time.sleep(0.003 + 0.001 * len(xs))
+    return [[float(x.sum()), 1.0] for x in xs]
+
+
+@ketch.model(max_batch_size=8, inputs=[ketch.TensorSpec("x", "float32", (2,))])
+def second(xs):
+    time.sleep(0.005 + 0.002 * len(xs))
+    return [{"confidence": 0.5} for x in xs]
+
+
+@ketch.model(max_batch_size=8, inputs=[ketch.TensorSpec("x", "float32", (2,))])
+def third(xs):
+    time.sleep(0.006 + 0.003 * len(xs))
+    return [1.0 for x in xs]
+
+
+chain = ketch.pipeline("chain", steps=["first", "second", ketch.when_unsure("third", below=0.8)])
+"""
+
+
+def ketch_command(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ketch.cli.main", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def profiled(folder: Path) -> None:
+    done = ketch_command(folder, "profile", "models.py", "--cpus", "1", "--repeats", "5")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_pipeline_is_planned_from_its_profile_within_the_objective(
+    write_models: Callable[[str], Path], tmp_path: Path
+) -> None:
+    write_models(MODELS)
+    profiled(tmp_path)
+    done = ketch_command(
+        tmp_path,
+        "plan",
+        "models.py",
+        "chain",
+        "--profile",
+        "profile.json",
+        "--slo-ms",
+        "150",
+        "--rate",
+        "100",
+        "--share",
+        "third=0.25",
+    )
+    assert done.returncode == 0, done.stderr
+    plan: dict[str, Any] = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["pipeline"] == "chain" and plan["slo_ms"] == 150
+    assert set(plan["models"]) == {"first", "second", "third"}
+    assert plan["predicted_p99_ms"] <= 150
+    for model in plan["models"].values():
+        assert 1 <= model["max_batch_size"] <= 8 and model["replicas"] >= 1
+        assert model["resources"] == {"cpus": 1}
+        assert 0 < model["utilization"] < 1
+    # Cost counts cores by default: one per replica here.
+    assert plan["cost"] == sum(m["replicas"] for m in plan["models"].values())
+    assert plan["cost_unit"] == "cores"
+    assert "MODEL" in done.stdout and "predicted p99" in done.stdout
+
+    # A trace instead of a rate, a price per core, and no share given: planned as if every
+    # query reached the when_unsure step, which the plan says.
+    (tmp_path / "trace.txt").write_text("\n".join(str(i * 0.02) for i in range(500)))
+    (tmp_path / "cost.json").write_text(json.dumps({"core": 0.5, "unit": "$/h"}))
+    traced = ketch_command(
+        tmp_path,
+        "plan",
+        "models.py",
+        "chain",
+        "--profile",
+        "profile.json",
+        "--slo-ms",
+        "150",
+        "--trace",
+        "trace.txt",
+        "--cost",
+        "cost.json",
+        "--out",
+        "traced.json",
+    )
+    assert traced.returncode == 0, traced.stderr
+    assert "step 3 (third, when unsure) is planned as if every query took it" in traced.stdout
+    again = json.loads((tmp_path / "traced.json").read_text())
+    assert again["rate"] == 50 and again["arrivals"] == 500
+    assert again["cost_unit"] == "$/h"
+    assert again["cost"] == 0.5 * sum(m["replicas"] for m in again["models"].values())
+
+
+def test_what_cannot_be_planned_is_refused_with_the_reason(
+    write_models: Callable[[str], Path], tmp_path: Path
+) -> None:
+    write_models(MODELS)
+    profiled(tmp_path)
+    base = ["plan", "models.py", "chain", "--profile", "profile.json", "--rate", "50"]
+    unreachable = ketch_command(tmp_path, *base, "--slo-ms", "1")
+    assert unreachable.returncode == 2
+    assert "the objective of 1 ms is out of reach: one query alone takes" in unreachable.stderr
+    unknown = ketch_command(
+        tmp_path, "plan", "models.py", "nope", "--profile", "profile.json", "--slo-ms", "100",
+        "--rate", "5",
+    )  # fmt: skip
+    assert unknown.returncode == 2
+    assert "declares no pipeline 'nope' (its pipelines: ['chain'])" in unknown.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    bad = ketch_command(
+        tmp_path, "plan", "models.py", "chain", "--profile", "bad.json", "--slo-ms", "100",
+        "--rate", "5",
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "bad.json is not a profile ketch profile wrote" in bad.stderr
+    neither = ketch_command(tmp_path, "plan", "models.py", "chain", "--profile", "profile.json",
+                            "--slo-ms", "100")  # fmt: skip
+    assert neither.returncode == 2
+    assert "one of the arguments --rate --trace is required" in neither.stderr
