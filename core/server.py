@@ -37,6 +37,7 @@ from ketch.http.routes import Gateway
 from ketch.http.server import bind_tcp, serve_asgi
 from ketch.inference.shared_memory import SharedMemory
 from ketch.observability import events
+from ketch.planning.applied import apply_plan
 from ketch.plugin_manager import Plugins, load_plugins
 from ketch.pools.cgroups import MemoryCgroups
 from ketch.pools.discovery import Served, discover_served
@@ -77,6 +78,8 @@ class ServeOptions:
         from other machines, ``tcp://127.0.0.1:*`` picks a free port.
     :param workers_per_model: workers kept warm for each model version at least (raises each
         model's ``min_replicas``; 0 leaves the pools as the models declare them).
+    :param plan: a plan ``ketch plan`` wrote, applied to the models it names
+        (:mod:`ketch.planning.applied`).
     :param heartbeat: heartbeat interval and liveness between broker and workers.
     :param request_timeout_s: longest a request waits for its answer before a 504.
     :param plugins: modules or files to load as plugins, besides the installed ones.
@@ -117,6 +120,7 @@ class ServeOptions:
     port: int = 8000
     broker: str = DEFAULT_BROKER
     workers_per_model: int = 0
+    plan: Path | None = None
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     request_timeout_s: float = 60.0
     plugins: tuple[str, ...] = ()
@@ -279,6 +283,8 @@ async def serve(
             msgspec.structs.replace(spec, pool=spec.pool.with_floor(options.workers_per_model))
             for spec in [*served.models, *given]
         ]
+        if options.plan is not None:
+            specs = apply_plan(specs, options.plan)
         for spec in specs:
             if dispatcher.has_model(spec.key):
                 raise TargetLoadError(f"model {spec.label()!r} is declared twice")

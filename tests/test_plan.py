@@ -5,11 +5,14 @@ the errors a user gets for what cannot be planned."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tests.conftest import KetchServer
 
 MODELS = """
 import time
@@ -20,7 +23,7 @@ import ketch
 @ketch.model(max_batch_size=8, inputs=[ketch.TensorSpec("x", "float32", (2,))])
 def first(xs):
     time.sleep(0.003 + 0.001 * len(xs))
-    return [[float(x.sum()), 1.0] for x in xs]
+    return [[float(sum(x)), 1.0] for x in xs]
 
 
 @ketch.model(max_batch_size=8, inputs=[ketch.TensorSpec("x", "float32", (2,))])
@@ -141,3 +144,50 @@ def test_what_cannot_be_planned_is_refused_with_the_reason(
                             "--slo-ms", "100")  # fmt: skip
     assert neither.returncode == 2
     assert "one of the arguments --rate --trace is required" in neither.stderr
+
+
+def test_a_plan_is_served_with_its_batch_sizes_replicas_and_threads(
+    write_models: Callable[[str], Path],
+    tmp_path: Path,
+    start_server: Callable[..., KetchServer],
+) -> None:
+    models = write_models(MODELS)
+    plan = {
+        "pipeline": "chain",
+        "models": {
+            "first": {"max_batch_size": 4, "max_delay_ms": 2.0, "replicas": 2,
+                      "resources": {"cpus": 1}},
+            "third": {"max_batch_size": 8, "max_delay_ms": 0.0, "replicas": 1,
+                      "resources": {"cpus": 2}},
+        },
+    }  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    server = start_server(models, "--plan", str(tmp_path / "plan.json"))
+    first = server.model_status("first")
+    assert (first["max_batch_size"], first["pool"]["min_replicas"]) == (4, 2)
+    assert first["pool"]["max_replicas"] >= 2
+    assert first["resources"]["threads"] == 1
+    assert server.model_status("third")["resources"]["threads"] == 2
+    # The planned replicas are kept warm from the start: two of first, one of third.
+    warm = re.compile(r"model (first|third):1 ready: worker pid \d+")
+    for _ in range(3 - sum(1 for line in server.seen if warm.search(line))):
+        server.wait_for(warm.pattern)
+    # A model the plan leaves out keeps its own settings.
+    assert server.model_status("second")["pool"]["min_replicas"] == 0
+    answer = server.client.post("/apps/chain/predict", json={"input": [1.0, 2.0]})
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_plan_for_models_not_served_stops_the_start(
+    write_models: Callable[[str], Path], tmp_path: Path
+) -> None:
+    models = write_models(MODELS)
+    plan = {"models": {"fourth": {"max_batch_size": 4, "max_delay_ms": 0, "replicas": 1,
+                                  "resources": {"cpus": 1}}}}  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    server = KetchServer(models, "--plan", str(tmp_path / "plan.json"))
+    try:
+        assert server.process.wait(60) == 2
+        server.wait_for_stderr(r"plans \['fourth'\], which this server does not serve")
+    finally:
+        server.stop()

@@ -221,6 +221,14 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "disconnects it (default %(default)s)",
     )
     serve_cmd.add_argument(
+        "--plan",
+        type=Path,
+        default=None,
+        metavar="PLAN.json",
+        help="serve the models a plan names (ketch plan) with its batch sizes, delays, replicas "
+        "and threads",
+    )
+    serve_cmd.add_argument(
         "--workers-per-model",
         type=non_negative_int,
         default=0,
@@ -581,6 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model_control=args.model_control,
                 broker=args.broker,
                 workers_per_model=args.workers_per_model,
+                plan=args.plan,
                 heartbeat=heartbeat,
                 request_timeout_s=args.request_timeout,
                 plugins=tuple(args.plugin),

@@ -1,0 +1,72 @@
+"""A plan applied to the models a server serves (``ketch serve --plan plan.json``).
+
+Each model the plan names is served with the plan's batch size and delay, and its pool keeps
+the plan's replicas warm (``min_replicas``; ``max_replicas`` is raised to them if it was
+lower, so the pool can still grow past them under a burst), each worker with the plan's cores
+as its math libraries' threads. Every version of a named model takes the plan. A plan that
+names a model the server does not serve, or that is not a plan ``ketch plan`` wrote, stops
+the start with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ketch.errors import TargetLoadError
+from ketch.specs.models import ModelSpec
+
+
+def read_plan(path: Path) -> dict[str, dict[str, Any]]:
+    """The plan's models, each with ``max_batch_size``, ``max_delay_ms``, ``replicas`` and
+    ``resources``; raises :class:`TargetLoadError`."""
+    try:
+        data = json.loads(path.read_text())
+        models: dict[str, dict[str, Any]] = data["models"]
+        for name, model in models.items():
+            for key in ("max_batch_size", "max_delay_ms", "replicas"):
+                if not isinstance(model[key], int | float) or isinstance(model[key], bool):
+                    raise ValueError(f"model {name!r}: {key} must be a number")
+            int(model["resources"]["cpus"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TargetLoadError(f"--plan {path} is not a plan ketch plan wrote: {exc!r}") from None
+    return models
+
+
+def apply_plan(specs: list[ModelSpec], path: Path) -> list[ModelSpec]:
+    """``specs`` with the plan at ``path`` applied to the models it names."""
+    planned = read_plan(path)
+    served = {spec.name for spec in specs}
+    if unknown := sorted(set(planned) - served):
+        raise TargetLoadError(
+            f"--plan {path} plans {unknown}, which this server does not serve ({sorted(served)})"
+        )
+    applied = []
+    for spec in specs:
+        model = planned.get(spec.name)
+        if model is None:
+            applied.append(spec)
+            continue
+        replicas = int(model["replicas"])
+        pool = msgspec.structs.replace(
+            spec.pool, min_replicas=replicas, max_replicas=max(spec.pool.max_replicas, replicas)
+        )
+        resources = msgspec.structs.replace(spec.resources, threads=int(model["resources"]["cpus"]))
+        try:
+            applied.append(
+                ModelSpec.from_dict(
+                    {
+                        **spec.to_dict(),
+                        "max_batch_size": int(model["max_batch_size"]),
+                        "max_delay_ms": float(model["max_delay_ms"]),
+                        "pool": msgspec.to_builtins(pool),
+                        "resources": msgspec.to_builtins(resources),
+                    }
+                )
+            )
+        except (TypeError, ValueError, msgspec.ValidationError) as exc:
+            raise TargetLoadError(f"--plan {path}: model {spec.name!r}: {exc}") from None
+    return applied
