@@ -122,6 +122,7 @@ def test_every_option_is_a_file_key_and_a_variable() -> None:
         "placement",
         "ray_address",
         "workers_per_model",
+        "plan",
         "request_timeout",
         "state_dir",
         "state",

@@ -226,7 +226,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         default=None,
         metavar="PLAN.json",
         help="serve the models a plan names (ketch plan) with its batch sizes, delays, replicas "
-        "and threads",
+        "and threads (default none)",
     )
     serve_cmd.add_argument(
         "--workers-per-model",
