@@ -283,8 +283,9 @@ async def serve(
             msgspec.structs.replace(spec, pool=spec.pool.with_floor(options.workers_per_model))
             for spec in [*served.models, *given]
         ]
-        if options.plan is not None:
-            specs = apply_plan(specs, options.plan)
+        planned = apply_plan(specs, options.plan) if options.plan is not None else None
+        if planned is not None:
+            specs = planned.specs
         for spec in specs:
             if dispatcher.has_model(spec.key):
                 raise TargetLoadError(f"model {spec.label()!r} is declared twice")
@@ -334,6 +335,8 @@ async def serve(
             gateways = _coordinate(shared, broker, keys, pools)
         for spec in specs:
             pools.manage(spec)
+        for key, tuner in (planned.tuners if planned is not None else {}).items():
+            pools.tune(key, tuner)
         if gateways is not None:
             await gateways.start()
         deployer = Deployer(

@@ -85,6 +85,12 @@ def test_a_pipeline_is_planned_from_its_profile_within_the_objective(
         assert 1 <= model["max_batch_size"] <= 8 and model["replicas"] >= 1
         assert model["resources"] == {"cpus": 1}
         assert 0 < model["utilization"] < 1
+        # What the tuner compares live traffic with: the most arrivals each window held.
+        assert set(model["planned_peaks"]) == {"0.1", "1", "5", "30"}
+    assert (
+        plan["models"]["first"]["planned_peaks"]["1"]
+        >= plan["models"]["third"]["planned_peaks"]["1"]
+    )  # third sees a quarter of the queries
     # Cost counts cores by default: one per replica here.
     assert plan["cost"] == sum(m["replicas"] for m in plan["models"].values())
     assert plan["cost_unit"] == "cores"
@@ -191,3 +197,36 @@ def test_a_plan_for_models_not_served_stops_the_start(
         server.wait_for_stderr(r"plans \['fourth'\], which this server does not serve")
     finally:
         server.stop()
+
+
+TUNED = """
+import os
+
+import ketch
+
+
+@ketch.model(max_replicas=3)
+def quick(xs):
+    return [os.getpid() for _ in xs]
+"""
+
+
+def test_the_tuner_adds_replicas_when_traffic_exceeds_what_the_plan_was_proven_for(
+    write_models: Callable[[str], Path],
+    tmp_path: Path,
+    start_server: Callable[..., KetchServer],
+) -> None:
+    models = write_models(TUNED)
+    # Planned for at most 2 queries in any second, on one replica.
+    plan = {"models": {"quick": {"max_batch_size": 4, "max_delay_ms": 0, "replicas": 1,
+                                 "resources": {"cpus": 1}, "planned_peaks": {"1": 2}}}}  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    server = start_server(models, "--plan", str(tmp_path / "plan.json"))
+    # One request at a time: the autoscaler alone would keep one worker (its in-flight load
+    # never passes one), but 30 in a second is 15 times the plan.
+    for _ in range(30):
+        assert server.predict("quick", {"inputs": [1]}).status_code == 200
+    ready = re.compile(r"model quick:1 ready: worker pid \d+")
+    for _ in range(3 - sum(1 for line in server.seen if ready.search(line))):
+        server.wait_for(ready.pattern)
+    assert server.model_status("quick")["replicas"]["ready"] == 3  # its max_replicas

@@ -21,6 +21,7 @@ from ketch.errors import TargetLoadError
 from ketch.planning.planner import Plan, PlanError, plan
 from ketch.planning.profiles import ProfileError, load_profile
 from ketch.planning.simulator import SimStep, percentile, poisson_arrivals
+from ketch.planning.tuner import envelope
 from ketch.plugin_manager import load_plugins
 from ketch.pools.discovery import discover_served
 from ketch.pools.envs import Environments
@@ -93,6 +94,12 @@ def plan_document(
                 "simulated_p99_ms": round(
                     percentile(made.outcome.model_latencies_s[name], 99) * 1000, 3
                 ),
+                # What the plan was proven for: the most arrivals each window length held
+                # (the tuner's reference, live).
+                "planned_peaks": {
+                    f"{window:g}": count
+                    for window, count in envelope(made.outcome.model_arrivals_s[name]).items()
+                },
             }
             for name, config in made.configs.items()
         },

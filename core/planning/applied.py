@@ -3,7 +3,9 @@
 Each model the plan names is served with the plan's batch size and delay, and its pool keeps
 the plan's replicas warm (``min_replicas``; ``max_replicas`` is raised to them if it was
 lower, so the pool can still grow past them under a burst), each worker with the plan's cores
-as its math libraries' threads. Every version of a named model takes the plan. A plan that
+as its math libraries' threads, and its tuner (:mod:`ketch.planning.tuner`) scales it from
+the arrivals the plan was proven for (``planned_peaks``). Every version of a named model
+takes the plan. A plan that
 names a model the server does not serve, or that is not a plan ``ketch plan`` wrote, stops
 the start with the reason.
 """
@@ -11,13 +13,23 @@ the start with the reason.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ketch.errors import TargetLoadError
+from ketch.planning.tuner import Tuner
 from ketch.specs.models import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedPlan:
+    """The served models with the plan applied, and a tuner for each planned version."""
+
+    specs: list[ModelSpec]
+    tuners: dict[tuple[str, str], Tuner]
 
 
 def read_plan(path: Path) -> dict[str, dict[str, Any]]:
@@ -31,12 +43,13 @@ def read_plan(path: Path) -> dict[str, dict[str, Any]]:
                 if not isinstance(model[key], int | float) or isinstance(model[key], bool):
                     raise ValueError(f"model {name!r}: {key} must be a number")
             int(model["resources"]["cpus"])
+            {float(window): int(count) for window, count in model.get("planned_peaks", {}).items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TargetLoadError(f"--plan {path} is not a plan ketch plan wrote: {exc!r}") from None
     return models
 
 
-def apply_plan(specs: list[ModelSpec], path: Path) -> list[ModelSpec]:
+def apply_plan(specs: list[ModelSpec], path: Path) -> AppliedPlan:
     """``specs`` with the plan at ``path`` applied to the models it names."""
     planned = read_plan(path)
     served = {spec.name for spec in specs}
@@ -45,12 +58,16 @@ def apply_plan(specs: list[ModelSpec], path: Path) -> list[ModelSpec]:
             f"--plan {path} plans {unknown}, which this server does not serve ({sorted(served)})"
         )
     applied = []
+    tuners = {}
     for spec in specs:
         model = planned.get(spec.name)
         if model is None:
             applied.append(spec)
             continue
         replicas = int(model["replicas"])
+        peaks = {float(w): int(n) for w, n in model.get("planned_peaks", {}).items()}
+        if peaks:
+            tuners[spec.key] = Tuner(replicas, peaks)
         pool = msgspec.structs.replace(
             spec.pool, min_replicas=replicas, max_replicas=max(spec.pool.max_replicas, replicas)
         )
@@ -69,4 +86,4 @@ def apply_plan(specs: list[ModelSpec], path: Path) -> list[ModelSpec]:
             )
         except (TypeError, ValueError, msgspec.ValidationError) as exc:
             raise TargetLoadError(f"--plan {path}: model {spec.name!r}: {exc}") from None
-    return applied
+    return AppliedPlan(applied, tuners)

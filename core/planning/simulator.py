@@ -51,6 +51,8 @@ class Outcome:
     latencies_s: list[float]
     model_latencies_s: dict[str, list[float]]
     utilization: dict[str, float]
+    #: When queries reached each model's queue.
+    model_arrivals_s: dict[str, list[float]]
 
     @property
     def p99_s(self) -> float:
@@ -91,6 +93,7 @@ def simulate(
     order = 0
     latencies: list[float] = []
     model_latencies: dict[str, list[float]] = {name: [] for name in configs}
+    model_arrivals: dict[str, list[float]] = {name: [] for name in configs}
 
     def schedule(at: float, kind: str, payload: object) -> None:
         nonlocal order
@@ -103,6 +106,7 @@ def simulate(
             if step.share >= 1 or draws.random() < step.share:
                 query.outstanding = len(step.models)
                 for name in step.models:
+                    model_arrivals[name].append(now)
                     models[name].queue.append((query, now))
                     dispatch(name, now)
                 return
@@ -154,7 +158,7 @@ def simulate(
     utilization = {
         name: model.busy_s / (model.config.replicas * horizon) for name, model in models.items()
     }
-    return Outcome(latencies, model_latencies, utilization)
+    return Outcome(latencies, model_latencies, utilization, model_arrivals)
 
 
 def _batch_time(option: Option, size: int, draws: random.Random) -> float:

@@ -4,7 +4,9 @@ A pool grows at once when its load asks for more workers (a request to a pool at
 one immediately) and shrinks only after it has had more workers than it needs for
 ``idle_timeout_s``: that delay is the hysteresis that keeps a pool from flapping. After
 ``idle_timeout_s`` without any request, a pool with ``min_replicas=0`` is back to zero
-processes. The decision itself is :func:`scale_step`, a pure function.
+processes. The decision itself is :func:`scale_step`, a pure function. A pool a plan sized
+(``ketch serve --plan``) also follows its tuner (:mod:`ketch.planning.tuner`): it runs at
+least the replicas the tuner asks for from its arrival envelope, within ``max_replicas``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from ketch.planning.tuner import SAMPLE_S, Tuner
 from ketch.pools.supervisor import WorkerProcesses
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.queue import ModelQueue
@@ -64,15 +67,22 @@ def desired_replicas(spec: PoolSpec, active: int, idle_s: float) -> int:
 
 
 def scale_step(
-    spec: PoolSpec, current: int, active: int, idle_s: float, now: float, state: ScaleState
+    spec: PoolSpec,
+    current: int,
+    active: int,
+    idle_s: float,
+    now: float,
+    state: ScaleState,
+    tuned: int = 0,
 ) -> int:
-    """Workers to start (> 0) or stop (< 0) now, for a pool of ``current`` workers."""
+    """Workers to start (> 0) or stop (< 0) now, for a pool of ``current`` workers; ``tuned``:
+    the replicas a plan's tuner asks for (at least that many, within ``max_replicas``)."""
     if current > spec.max_replicas:
         # Over its bound, which only a worker started by hand can bring (it joined while the
         # pool's own were up or starting): the bound holds now, not after an idle period.
         state.surplus_since = now
         return spec.max_replicas - current
-    desired = desired_replicas(spec, active, idle_s)
+    desired = max(desired_replicas(spec, active, idle_s), min(tuned, spec.max_replicas))
     if desired >= current:
         state.surplus_since = None
         return desired - current
@@ -121,6 +131,9 @@ class PoolManager:
         #: Each pool's pending look-again: when (``time.monotonic()``) and its timer.
         self._timers: dict[tuple[str, str], tuple[float, asyncio.TimerHandle]] = {}
         self._memory_task: asyncio.Task[None] | None = None
+        #: The tuners of the pools a plan sized, and the task that samples their queues.
+        self._tuners: dict[tuple[str, str], Tuner] = {}
+        self._tuning: asyncio.Task[None] | None = None
 
     def manage(self, spec: ModelSpec) -> None:
         queue = self._dispatcher.add_model(spec)
@@ -194,16 +207,35 @@ class PoolManager:
         self._workers.release(spec, still_starting=set(queue.starting))
         self._dispatcher.forget(spec.key)
 
+    def tune(self, key: tuple[str, str], tuner: Tuner) -> None:
+        """Size pool ``key`` by ``tuner`` too (a plan's, :mod:`ketch.planning.tuner`)."""
+        self._tuners[key] = tuner
+
     def start(self) -> None:
         self._memory_task = asyncio.create_task(self._check_memory(), name="ketch-memory")
+        if self._tuners:
+            self._tuning = asyncio.create_task(self._follow_tuners(), name="ketch-tuner")
 
     async def stop(self) -> None:
         for key in list(self._timers):
             self._cancel_timer(key)
-        if self._memory_task is not None:
-            self._memory_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._memory_task
+        for task in (self._memory_task, self._tuning):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _follow_tuners(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_S)  # the envelope's sampling period, not a wait for a peer
+            now = time.monotonic()
+            for key, tuner in self._tuners.items():
+                queue = self._queues.get(key)
+                if queue is None:
+                    continue
+                before = tuner.wanted
+                if tuner.update(now, queue.arrived) != before:
+                    self.pool_changed(queue)
 
     async def _check_memory(self) -> None:
         while True:
@@ -234,7 +266,9 @@ class PoolManager:
         spec = queue.spec
         current = queue.ready_replicas + len(queue.starting)
         active, last_request_at = self._load_of(queue)
-        step = scale_step(spec.pool, current, active, now - last_request_at, now, state)
+        tuner = self._tuners.get(spec.key)
+        tuned = tuner.wanted if tuner is not None else 0
+        step = scale_step(spec.pool, current, active, now - last_request_at, now, state, tuned)
         started = 0
         while started < step and self._workers.spawn(spec):
             started += 1

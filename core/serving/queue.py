@@ -116,6 +116,7 @@ class ModelQueue:
         self._last_completion = -math.inf
         self._delay_timer: asyncio.TimerHandle | None = None
         self.rejected = 0
+        self.arrived = 0  # requests that reached it, refused ones too (a plan's tuner reads it)
         self.expired = 0
         self.last_batch_size = 0
         #: Seconds from arrival to answer of the last :data:`LATENCIES_KEPT` answered requests
@@ -147,6 +148,7 @@ class ModelQueue:
         future: asyncio.Future[Outputs] = loop.create_future()
         now = time.monotonic()
         job = Job(inputs, future, now, deadline, params, binding)
+        self.arrived += 1
         if self.removed_because is not None:
             job.fail(refusals.removed(self.spec, self.removed_because))
             return future
