@@ -85,7 +85,7 @@ def test_every_operation_documents_its_answers_and_every_reference_resolves() ->
 
 
 def test_adding_answers_201_a_deploy_202_and_everything_else_200() -> None:
-    created = {("/admin/models", "post"), ("/admin/apps", "post")}
+    created = {("/admin/models", "post"), ("/admin/apps", "post"), ("/admin/pipelines", "post")}
     accepted = {("/admin/deployments", "post")}  # the build goes on after the answer
     for path, operations in document()["paths"].items():
         for method, operation in operations.items():

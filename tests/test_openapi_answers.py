@@ -98,6 +98,8 @@ def _requests(folder: Path) -> list[tuple[str, str, Any]]:
         ("PATCH", "/admin/models/echo/versions/2/pool", {"idle_timeout_s": 30}),
         ("POST", "/admin/models/echo/roll", {"version": "2"}),
         ("POST", "/admin/apps", {"name": "pair", "models": ["plus_one"], "policy": "single"}),
+        ("POST", "/admin/pipelines", {"name": "pipe2", "steps": ["plus_one", "plus_two"]}),
+        ("POST", "/admin/pipelines", {"name": "pipe3", "steps": [{"step": "loop"}]}),
         ("POST", "/apps/pipe/predict", {"input": 1}),
         ("POST", "/apps/pipe/feedback", {"query_id": "unknown", "reward": 1}),
         ("GET", "/apps", None),

@@ -211,3 +211,28 @@ def test_a_pipeline_that_cannot_be_served_stops_the_start_with_the_reason(
         server.wait_for_stderr(re.escape(message))
     finally:
         server.stop()
+
+
+def test_a_pipeline_added_through_the_management_api_is_served_and_removed(
+    server: KetchServer,
+) -> None:
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"name": "added", "steps": ["double", {"step": "model", "model": "triple"}]}
+    made = server.client.post("/admin/pipelines", json=body, headers=admin)
+    assert made.status_code == 201, made.text
+    assert made.json()["pipeline"]["kind"] == "pipeline"
+    assert ask(server, "added", 2)["output"] == 12
+    again = server.client.post("/admin/pipelines", json=body, headers=admin)
+    assert again.status_code == 409, again.text
+    wrong = {"name": "wrong", "steps": ["double", {"step": "parallel", "models": ["triple"]}]}
+    refused = server.client.post("/admin/pipelines", json=wrong, headers=admin)
+    assert refused.status_code == 400, refused.text
+    assert "parallel needs two models or more" in refused.json()["error"]
+    missing = server.client.post(
+        "/admin/pipelines", json={"name": "m", "steps": ["nope"]}, headers=admin
+    )
+    assert missing.status_code == 400, missing.text
+    assert "pipeline 'm' names 'nope'" in missing.json()["error"]
+    removed = server.client.delete("/admin/apps/added", headers=admin)
+    assert removed.status_code == 200, removed.text
+    assert server.client.post("/apps/added/predict", json={"input": 2}).status_code == 404

@@ -154,3 +154,15 @@ def test_a_repository_unload_at_one_gateway_unloads_the_model_at_the_other(
     loaded = second.client.post("/v2/repository/models/plus_one/load")
     assert loaded.status_code == 200, loaded.text
     assert answer_of(first, "/models/plus_one/predict", {"inputs": [1.0]})["outputs"] == [2.0]
+
+
+def test_a_pipeline_added_at_one_gateway_is_served_by_the_other(
+    start_gateway: Callable[..., KetchServer],
+) -> None:
+    first, second = start_gateway(), start_gateway()
+    body = {"name": "both", "steps": ["plus_one", "plus_two"]}
+    made = admin(first, "POST", "/admin/pipelines", body)
+    assert made.status_code == 201, made.text
+    assert answer_of(second, "/apps/both/predict", {"input": 1.0})["output"] == 4.0
+    assert admin(second, "DELETE", "/admin/apps/both").status_code == 200
+    assert first.client.post("/apps/both/predict", json={"input": 1.0}).status_code == 404

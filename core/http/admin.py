@@ -5,6 +5,7 @@ first), set a pool's replica bounds, and roll requests without a version forward
 another version (the target gets a ready worker before any request is sent to it, and
 requests already queued on the previous version finish there: none fails for the switch).
 Applications: list, add, remove, link and unlink models, change the policy and its params.
+Pipelines: add one (``POST /admin/pipelines``); it is listed and removed as an application.
 
 Each route checks its request and submits what it asks for as a change
 (:mod:`ketch.http.admin_changes`): applied at once by one gateway, and by every gateway in the
@@ -40,11 +41,21 @@ from ketch.http.admin_changes import (
     AppUnlinked,
     Changes,
     ModelAdded,
+    PipelineAdded,
     PoolSet,
     Rolled,
     VersionsRemoved,
 )
-from ketch.http.admin_shapes import AddApp, AddModel, AppChange, Link, PoolChange, Roll, given
+from ketch.http.admin_shapes import (
+    AddApp,
+    AddModel,
+    AddPipeline,
+    AppChange,
+    Link,
+    PoolChange,
+    Roll,
+    given,
+)
 from ketch.http.endpoints import Endpoints, decode_body, json_response
 from ketch.observability import events
 from ketch.plugin_manager import Plugins
@@ -57,6 +68,7 @@ from ketch.serving.status import ModelStatus
 from ketch.specs.apps import AppSpec
 from ketch.specs.deployments import declared_deployment
 from ketch.specs.models import ModelSpec
+from ketch.specs.pipelines import PipelineSpec
 
 
 class Admin:
@@ -102,6 +114,7 @@ class Admin:
         changes.handle(PoolSet, self._set_pool)
         changes.handle(Rolled, self._roll)
         changes.handle(AppAdded, self._add_app)
+        changes.handle(PipelineAdded, self._add_pipeline)
         changes.handle(AppRemoved, self._remove_app)
         changes.handle(AppChanged, self._change_app)
         changes.handle(AppLinked, self._link)
@@ -121,6 +134,7 @@ class Admin:
             endpoints.route(model + "/roll", self.roll, ["POST"]),
             endpoints.route("/admin/apps", self.list_apps, ["GET"]),
             endpoints.route("/admin/apps", self.add_app, ["POST"]),
+            endpoints.route("/admin/pipelines", self.add_pipeline, ["POST"]),
             endpoints.route(app, self.change_app, ["PATCH"]),
             endpoints.route(app, self.remove_app, ["DELETE"]),
             endpoints.route(app + "/models", self.link, ["POST"]),
@@ -341,6 +355,31 @@ class Admin:
                 raise PredictionError(400, str(exc), app=spec.name) from None
             self._report(events.app_started(spec.name, spec.policy, list(spec.models)))
             return {"app": application.describe()}
+
+    async def add_pipeline(self, request: Request) -> Response:
+        body = decode_body(await request.body(), AddPipeline)
+        try:
+            spec = PipelineSpec.from_dict(
+                {"name": body.name, "steps": body.steps, "slo_ms": body.slo_ms}
+            )
+        except (TypeError, ValueError) as exc:
+            raise PredictionError(400, str(exc), app=body.name) from None
+        added = await self._changes.submit(PipelineAdded(spec=spec))
+        return json_response(added, 201)
+
+    async def _add_pipeline(self, change: PipelineAdded) -> dict[str, Any]:
+        spec = change.spec
+        async with self._apps_lock:
+            if spec.name in self._apps:
+                raise PredictionError(
+                    409, f"an application or pipeline {spec.name!r} exists", app=spec.name
+                )
+            try:
+                pipeline = self._apps.add_pipeline(spec)
+            except AppError as exc:
+                raise PredictionError(400, str(exc), app=spec.name) from None
+            self._report(events.pipeline_started(spec.name, spec.models()))
+            return {"pipeline": pipeline.describe()}
 
     async def remove_app(self, request: Request) -> Response:
         name = request.path_params["name"]

@@ -24,6 +24,7 @@ import msgspec
 
 from ketch.specs.apps import AppSpec
 from ketch.specs.models import ModelSpec
+from ketch.specs.pipelines import PipelineSpec
 
 
 class _Change(msgspec.Struct, kw_only=True, tag_field="change"):
@@ -62,6 +63,10 @@ class Rolled(_Change, tag="rolled"):
 
 class AppAdded(_Change, tag="app_added"):
     spec: AppSpec
+
+
+class PipelineAdded(_Change, tag="pipeline_added"):
+    spec: PipelineSpec
 
 
 class AppRemoved(_Change, tag="app_removed"):
@@ -105,6 +110,7 @@ Change = (
     | PoolSet
     | Rolled
     | AppAdded
+    | PipelineAdded
     | AppRemoved
     | AppChanged
     | AppLinked

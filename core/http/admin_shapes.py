@@ -128,6 +128,20 @@ class AddApp(AppChange):
     name: str | UnsetType = UNSET
 
 
+class AddPipeline(_Request):
+    """A new pipeline over models already served (``docs/pipelines.md``)."""
+
+    name: str
+    steps: Annotated[
+        list[Any],
+        Meta(
+            description='Each step: a model\'s name, or {"step": "model"|"parallel"|'
+            '"when_unsure", ...} as GET /apps shows them.'
+        ),
+    ]
+    slo_ms: Annotated[float, Meta(gt=0)] | None = None
+
+
 class Link(_Request):
     """Add a model to an application."""
 
@@ -193,6 +207,10 @@ class PipelineDescription(msgspec.Struct, kw_only=True, tag_field="kind", tag="p
     errors: int
     latency_ms: Percentiles
     step_counts: list[StepCounts]
+
+
+class PipelineAdded(msgspec.Struct, kw_only=True):
+    pipeline: PipelineDescription
 
 
 class ModelsList(msgspec.Struct, kw_only=True):

@@ -127,6 +127,25 @@ def admin_operations() -> dict[str, dict[str, Any]]:
                 ),
             },
         },
+        "/admin/pipelines": {
+            "post": {
+                "summary": "Serve a pipeline over models already served; it is listed and "
+                "removed as an application.",
+                "requestBody": request_body(admin.AddPipeline),
+                "responses": answers_of(
+                    "The pipeline added.",
+                    schema_ref(admin.PipelineAdded),
+                    400,
+                    409,
+                    status=201,
+                    why={
+                        400: "The body is malformed, a step is not valid, or a model is not "
+                        "served.",
+                        409: "An application or pipeline of that name exists.",
+                    },
+                ),
+            },
+        },
         "/admin/apps/{name}": {
             "patch": {
                 "summary": "Change an application's models, policy, params, slo_ms or default "

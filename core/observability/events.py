@@ -196,6 +196,14 @@ def app_changed(name: str, policy: str, models: list[str], afresh: str | None) -
     )
 
 
+def pipeline_started(name: str, models: list[str]) -> Event:
+    return Event(
+        "pipeline_started",
+        f"pipeline {name} serving {' -> '.join(models)}",
+        {"pipeline": name, "models": models},
+    )
+
+
 def app_removed(name: str) -> Event:
     return Event("app_removed", f"app {name} removed", {"app": name})
 

@@ -92,8 +92,10 @@ class PipelineSpec(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PipelineSpec:
         """Rebuild a spec from its plain form, with the checks of ``ketch.pipeline``."""
+        # A model's name alone is a model step, as in ketch.pipeline.
+        given = [{"step": "model", "model": s} if isinstance(s, str) else s for s in data["steps"]]
         try:
-            steps = msgspec.convert(list(data["steps"]), tuple[Step, ...])
+            steps = msgspec.convert(given, tuple[Step, ...])
         except (msgspec.ValidationError, TypeError) as exc:
             raise ValueError(f"steps of pipeline {data.get('name')!r}: {exc}") from None
         return pipeline(data["name"], steps=steps, slo_ms=data.get("slo_ms"))
