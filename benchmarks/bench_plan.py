@@ -10,8 +10,8 @@ the middle (1.5x). In one run the benchmark:
    (``ketch plan --trace``) on the trace's first half, the objective ``--slo-ms``;
 2. replays the whole trace, open loop, against three servers in turn: **plan** (``ketch serve
    --plan``, its tuner following the arrival envelope), **peak** (every stage at batch size 1,
-   with replicas for the trace's peak second, kept), and **autoscaler** (the served file as
-   it is, today's autoscaler alone);
+   with the replicas the simulator finds meet the objective on the whole trace, kept), and
+   **autoscaler** (the served file as it is, today's autoscaler alone);
 3. prints, for each: queries, the share past the objective (or failed), p99, and cost in
    replica-seconds (the stages' ready replicas, sampled every 0.25 s); the plan's cost over
    the peak's; and the simulator's p99 for the plan on the replayed trace next to the measured
@@ -46,11 +46,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ketch_server import KetchServer, ketch_executable, write_models
 
+from ketch.planning.planner import provision
 from ketch.planning.profiles import load_profile
 from ketch.planning.simulator import ModelConfig, SimStep, simulate
 
 STAGES = {"detect": (0.010, 0.002), "embed": (0.015, 0.003), "rerank": (0.030, 0.006)}
 UNSURE_SHARE = 0.3
+STEPS = [SimStep(("detect",)), SimStep(("embed",)), SimStep(("rerank",), UNSURE_SHARE)]
 MODELS = """
 import time
 
@@ -117,21 +119,20 @@ def ketch_command(folder: Path, *args: str) -> None:
     print(done.stdout.rstrip())
 
 
-def peak_plan(folder: Path, trace: list[float]) -> dict[str, Any]:
-    """Every stage at batch size 1, with replicas for the trace's busiest second."""
+def peak_plan(folder: Path, trace: list[float], slo_s: float) -> dict[str, Any]:
+    """Every stage at batch size 1, with the replicas the simulator finds meet the objective
+    on the whole trace (its peak included), kept: provisioned for the peak."""
     profiles = load_profile(folder / "profile.json")
-    peak = max(sum(1 for t in trace if s <= t < s + 1) for s in range(int(trace[-1]) + 1))
-    models = {}
-    for name in STAGES:
-        p99 = profiles[name].options[0].times(1)[1]
-        share = UNSURE_SHARE if name == "rerank" else 1.0
-        replicas = max(1, math.ceil(peak * share * p99))
-        models[name] = {
+    configs, _ = provision(STEPS, profiles, slo_s, trace, batch_size=1)
+    models = {
+        name: {
             "max_batch_size": 1,
             "max_delay_ms": 0,
-            "replicas": replicas,
-            "resources": {"cpus": 1},
+            "replicas": config.replicas,
+            "resources": {"cpus": config.option.cores},
         }
+        for name, config in configs.items()
+    }
     return {"pipeline": "search", "models": models}
 
 
@@ -215,8 +216,7 @@ def simulated_p99_ms(folder: Path, plan: dict[str, Any], trace: list[float]) -> 
         )
         for name, model in plan["models"].items()
     }
-    steps = [SimStep(("detect",)), SimStep(("embed",)), SimStep(("rerank",), UNSURE_SHARE)]
-    return simulate(steps, configs, trace).p99_s * 1000
+    return simulate(STEPS, configs, trace).p99_s * 1000
 
 
 def plot(path: Path, trace: list[float], runs: dict[str, dict[str, Any]]) -> None:
@@ -272,8 +272,8 @@ def main() -> int:
             "--share", f"rerank={UNSURE_SHARE}",
         )  # fmt: skip
         plan = json.loads((folder / "plan.json").read_text())
-        (folder / "peak.json").write_text(json.dumps(peak_plan(folder, trace)))
         slo_s = args.slo_ms / 1000
+        (folder / "peak.json").write_text(json.dumps(peak_plan(folder, trace, slo_s)))
         runs = {
             "plan": run(folder, trace, slo_s, ("--plan", "plan.json")),
             "peak": run(folder, trace, slo_s, ("--plan", "peak.json")),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from typing import Any
 from ketch.applications.state import default_state_dir
 from ketch.cli.status import table
 from ketch.errors import TargetLoadError
-from ketch.planning.planner import Plan, PlanError, plan
+from ketch.planning.planner import START_UTILIZATION, Plan, PlanError, plan
 from ketch.planning.profiles import ProfileError, load_profile
-from ketch.planning.simulator import SimStep, percentile, poisson_arrivals
+from ketch.planning.simulator import ModelConfig, SimStep, percentile, poisson_arrivals
 from ketch.planning.tuner import envelope
 from ketch.plugin_manager import load_plugins
 from ketch.pools.discovery import discover_served
@@ -94,10 +95,11 @@ def plan_document(
                 "simulated_p99_ms": round(
                     percentile(made.outcome.model_latencies_s[name], 99) * 1000, 3
                 ),
-                # What the plan was proven for: the most arrivals each window length held
-                # (the tuner's reference, live).
+                # What the plan was proven for, the tuner's reference live: per window length,
+                # the most arrivals the simulation saw, or what the replicas serve in that
+                # long at 70% utilization, whichever is more.
                 "planned_peaks": {
-                    f"{window:g}": count
+                    f"{window:g}": max(count, math.floor(served_per_s(config) * window))
                     for window, count in envelope(made.outcome.model_arrivals_s[name]).items()
                 },
             }
@@ -107,6 +109,13 @@ def plan_document(
         "cost": round(made.cost, 6),
         "cost_unit": unit,
     }
+
+
+def served_per_s(config: ModelConfig) -> float:
+    """The queries a model's replicas serve a second at its batch size, at the planner's
+    starting utilization (headroom for bursts)."""
+    p50, _ = config.option.times(config.batch_size)
+    return config.replicas * config.batch_size / p50 * START_UTILIZATION if p50 > 0 else 1e9
 
 
 def plan_table(document: dict[str, Any]) -> str:

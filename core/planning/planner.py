@@ -1,12 +1,14 @@
 """The planner: a configuration of a pipeline's models that keeps the simulated p99 within the
 objective, at the least cost it finds (InferLine's low-frequency planner, SoCC 2020).
 
-It starts feasible: every model on its fastest resource option at batch size 1, with replicas
-for its load at 70% utilization, then a replica more for the busiest model while the
-simulated p99 misses the objective. Then it lowers the cost step by step: at each step it
-simulates every single change (a replica less; a cheaper resource option; a doubled batch
-size with a replica less) and keeps the feasible one that saves the most, until none is
-feasible. Every simulation sees the same arrivals and the same draws.
+It starts feasible (:func:`provision`): every model on its fastest resource option at the
+largest batch size it was measured at (ketch's queues send what waits as soon as a replica is
+free, so a larger cap only batches what queued), with replicas for its load at 70%
+utilization, then a replica more for the busiest model while the simulated p99 misses the
+objective. Then it lowers the cost step by step: at each step it simulates every single
+change (a replica less; a cheaper resource option; a doubled batch size with a replica less)
+and keeps the feasible one that saves the most, until none is feasible. Every simulation sees
+the same arrivals and the same draws.
 """
 
 from __future__ import annotations
@@ -40,15 +42,18 @@ def cost_of(configs: dict[str, ModelConfig], core_cost: float) -> float:
     return sum(c.replicas * c.option.cores * core_cost for c in configs.values())
 
 
-def plan(
+def provision(
     steps: list[SimStep],
     profiles: dict[str, ModelProfile],
     slo_s: float,
     arrivals: list[float],
-    core_cost: float = 1.0,
+    batch_size: int | None = None,
     seed: int = 0,
-) -> Plan:
-    """The cheapest configuration found whose simulated p99 is within ``slo_s``."""
+) -> tuple[dict[str, ModelConfig], Outcome]:
+    """A configuration whose simulated p99 is within ``slo_s``, and its outcome: each model on
+    its fastest resource option, at ``batch_size`` (None: the largest it was measured at),
+    with the replicas its load needs at 70% utilization, then one more for the busiest model
+    while the objective is missed."""
     names = list(dict.fromkeys(m for step in steps for m in step.models))
     if missing := [n for n in names if n not in profiles]:
         raise PlanError(f"the profile has no measurements of {missing}: run ketch profile first")
@@ -64,17 +69,19 @@ def plan(
             f"{floor_s * 1000:.1f} ms at the p99 of its models' fastest batch-1 times"
         )
 
-    def run(configs: dict[str, ModelConfig]) -> Outcome:
-        return simulate(steps, configs, arrivals, seed)
-
     def replicas_for(name: str) -> int:
         busy = rate * share[name] * fastest[name].times(1)[0]  # replicas' worth of work
         return max(1, math.ceil(busy / START_UTILIZATION))
 
     configs = {
-        n: ModelConfig(batch_size=1, replicas=replicas_for(n), option=fastest[n]) for n in names
+        n: ModelConfig(
+            batch_size=min(batch_size or fastest[n].max_batch_size, fastest[n].max_batch_size),
+            replicas=replicas_for(n),
+            option=fastest[n],
+        )
+        for n in names
     }
-    outcome = run(configs)
+    outcome = simulate(steps, configs, arrivals, seed)
     while outcome.p99_s > slo_s:
         busiest = max(names, key=lambda n: outcome.utilization[n])
         if sum(c.replicas for c in configs.values()) >= MAX_REPLICAS:
@@ -85,7 +92,24 @@ def plan(
         configs[busiest] = dataclasses.replace(
             configs[busiest], replicas=configs[busiest].replicas + 1
         )
-        outcome = run(configs)
+        outcome = simulate(steps, configs, arrivals, seed)
+    return configs, outcome
+
+
+def plan(
+    steps: list[SimStep],
+    profiles: dict[str, ModelProfile],
+    slo_s: float,
+    arrivals: list[float],
+    core_cost: float = 1.0,
+    seed: int = 0,
+) -> Plan:
+    """The cheapest configuration found whose simulated p99 is within ``slo_s``."""
+    configs, outcome = provision(steps, profiles, slo_s, arrivals, None, seed)
+
+    def run(configs: dict[str, ModelConfig]) -> Outcome:
+        return simulate(steps, configs, arrivals, seed)
+
     while True:
         best: tuple[float, float, dict[str, ModelConfig], Outcome] | None = None
         current = cost_of(configs, core_cost)
