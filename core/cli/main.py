@@ -37,6 +37,7 @@ from ketch.cli.keys import (
     run_keygen,
     worker_keys,
 )
+from ketch.cli.planning_commands import add_planning_commands
 from ketch.errors import KetchError
 from ketch.grpc.server import DEFAULT_GRPC_PORT
 from ketch.http.deployments import DEFAULT_MAX_DEPLOY_BYTES
@@ -380,119 +381,11 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         "the bearer token of a server started with a predict token (default "
         "$KETCH_ADMIN_TOKEN, else $KETCH_PREDICT_TOKEN)",
     )
-    profile_cmd = commands.add_parser(
-        "profile",
-        help="measure each model of a file on this machine: latency and throughput per batch "
-        "size and per number of cores",
-    )
-    profile_cmd.add_argument("source", help="the served file (PATH.py) or module")
-    profile_cmd.add_argument(
-        "--models", type=_names, default=None, help="only these models, comma-separated"
-    )
-    profile_cmd.add_argument(
-        "--inputs",
-        type=Path,
-        default=None,
-        metavar="SAMPLES.json",
-        help="sample inputs: a JSON object of each model's name to a list of inputs (default: "
-        "made from a model's one declared numeric input tensor)",
-    )
-    profile_cmd.add_argument(
-        "--cpus",
-        type=_counts,
-        default=None,
-        metavar="N,M",
-        help="the numbers of cores to compare (default 1 and all of this machine's)",
-    )
-    profile_cmd.add_argument("--repeats", type=_positive, default=30, help="timed batches per size")
-    profile_cmd.add_argument("--warmup", type=_positive, default=3, help="untimed batches first")
-    profile_cmd.add_argument(
-        "--out", type=Path, default=Path("profile.json"), help="where the profile is written"
-    )
-    plan_cmd = commands.add_parser(
-        "plan",
-        help="plan a pipeline's models (batch sizes, replicas, cores) to a p99 objective at the "
-        "least cost, from a profile",
-    )
-    plan_cmd.add_argument("source", help="the served file (PATH.py) or module")
-    plan_cmd.add_argument("pipeline", help="the pipeline to plan")
-    plan_cmd.add_argument("--profile", type=Path, required=True, help="what ketch profile wrote")
-    plan_cmd.add_argument(
-        "--slo-ms", type=_positive_number, required=True, help="the p99 objective (ms)"
-    )
-    arrivals = plan_cmd.add_mutually_exclusive_group(required=True)
-    arrivals.add_argument(
-        "--rate", type=_positive_number, help="queries per second, as a Poisson process"
-    )
-    arrivals.add_argument(
-        "--trace",
-        type=Path,
-        help="arrival moments in seconds: a JSON list, or one number per line",
-    )
-    plan_cmd.add_argument(
-        "--queries", type=_positive, default=4000, help="queries simulated with --rate"
-    )
-    plan_cmd.add_argument(
-        "--share",
-        type=_share,
-        action="append",
-        default=[],
-        metavar="MODEL=F",
-        help="how often a when_unsure step's model runs per query (GET /apps shows it)",
-    )
-    plan_cmd.add_argument(
-        "--cost", type=Path, default=None, help='the price of a core: {"core": 0.04, "unit": "$/h"}'
-    )
-    plan_cmd.add_argument("--seed", type=int, default=0, help="the simulation's seed")
-    plan_cmd.add_argument(
-        "--out", type=Path, default=Path("plan.json"), help="where the plan is written"
-    )
+    add_planning_commands(commands)
     add_models_commands(commands)
     add_apps_commands(commands)
     add_deploy_commands(commands)
     return parser, {"serve": serve_cmd, "worker": worker_cmd}
-
-
-def _positive_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
-
-
-def _share(text: str) -> tuple[str, float]:
-    model, _, share = text.partition("=")
-    try:
-        value = float(share)
-    except ValueError:
-        value = -1.0
-    if not model or not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"give MODEL=F with F in [0, 1], got {text!r}")
-    return model, value
-
-
-def _names(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"name at least one model, got {text!r}")
-    return names
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def _counts(text: str) -> list[int]:
-    return sorted({_positive(part.strip()) for part in text.split(",")})
 
 
 def _add_config_option(parser: argparse.ArgumentParser, section: str) -> None:

@@ -12,10 +12,8 @@ the start with the reason.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -32,21 +30,30 @@ class AppliedPlan:
     tuners: dict[tuple[str, str], Tuner]
 
 
-def read_plan(path: Path) -> dict[str, dict[str, Any]]:
-    """The plan's models, each with ``max_batch_size``, ``max_delay_ms``, ``replicas`` and
-    ``resources``; raises :class:`TargetLoadError`."""
+class PlannedResources(msgspec.Struct):
+    cpus: int
+
+
+class PlannedModel(msgspec.Struct):
+    """One model of ``plan.json``, as ``ketch plan`` writes it (other keys are ignored)."""
+
+    max_batch_size: int
+    max_delay_ms: float
+    replicas: int
+    resources: PlannedResources
+    planned_peaks: dict[float, int] = msgspec.field(default_factory=dict)
+
+
+class _PlanFile(msgspec.Struct):
+    models: dict[str, PlannedModel]
+
+
+def read_plan(path: Path) -> dict[str, PlannedModel]:
+    """The plan's models; raises :class:`TargetLoadError`."""
     try:
-        data = json.loads(path.read_text())
-        models: dict[str, dict[str, Any]] = data["models"]
-        for name, model in models.items():
-            for key in ("max_batch_size", "max_delay_ms", "replicas"):
-                if not isinstance(model[key], int | float) or isinstance(model[key], bool):
-                    raise ValueError(f"model {name!r}: {key} must be a number")
-            int(model["resources"]["cpus"])
-            {float(window): int(count) for window, count in model.get("planned_peaks", {}).items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TargetLoadError(f"--plan {path} is not a plan ketch plan wrote: {exc!r}") from None
-    return models
+        return msgspec.json.decode(path.read_bytes(), type=_PlanFile).models
+    except (OSError, msgspec.DecodeError) as exc:
+        raise TargetLoadError(f"--plan {path} is not a plan ketch plan wrote: {exc}") from None
 
 
 def apply_plan(specs: list[ModelSpec], path: Path) -> AppliedPlan:
@@ -64,21 +71,20 @@ def apply_plan(specs: list[ModelSpec], path: Path) -> AppliedPlan:
         if model is None:
             applied.append(spec)
             continue
-        replicas = int(model["replicas"])
-        peaks = {float(w): int(n) for w, n in model.get("planned_peaks", {}).items()}
-        if peaks:
-            tuners[spec.key] = Tuner(replicas, peaks)
+        replicas = model.replicas
+        if model.planned_peaks:
+            tuners[spec.key] = Tuner(replicas, model.planned_peaks)
         pool = msgspec.structs.replace(
             spec.pool, min_replicas=replicas, max_replicas=max(spec.pool.max_replicas, replicas)
         )
-        resources = msgspec.structs.replace(spec.resources, threads=int(model["resources"]["cpus"]))
+        resources = msgspec.structs.replace(spec.resources, threads=model.resources.cpus)
         try:
             applied.append(
                 ModelSpec.from_dict(
                     {
                         **spec.to_dict(),
-                        "max_batch_size": int(model["max_batch_size"]),
-                        "max_delay_ms": float(model["max_delay_ms"]),
+                        "max_batch_size": model.max_batch_size,
+                        "max_delay_ms": model.max_delay_ms,
                         "pool": msgspec.to_builtins(pool),
                         "resources": msgspec.to_builtins(resources),
                     }
