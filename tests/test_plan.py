@@ -8,9 +8,12 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from tests.conftest import KetchServer
 
@@ -230,3 +233,91 @@ def test_the_tuner_adds_replicas_when_traffic_exceeds_what_the_plan_was_proven_f
     for _ in range(3 - sum(1 for line in server.seen if ready.search(line))):
         server.wait_for(ready.pattern)
     assert server.model_status("quick")["replicas"]["ready"] == 3  # its max_replicas
+
+
+RENEWED = """
+import os
+import time
+
+import ketch
+
+
+@ketch.model(max_batch_size=8, min_replicas=2, max_replicas=2, threads=1, idle_timeout_s=60)
+def sized(xs):
+    time.sleep(0.005)
+    return [
+        {"threads": os.environ["OMP_NUM_THREADS"], "pid": os.getpid(), "batch": len(xs)}
+        for _ in xs
+    ]
+"""
+PLANNED_SIZED = {"max_batch_size": 4, "max_delay_ms": 3.0, "replicas": 2,
+                 "resources": {"cpus": 2}, "planned_peaks": {"1": 50}}  # fmt: skip
+
+
+def test_a_plan_applied_live_resizes_batches_and_renews_workers_with_no_request_lost(
+    write_models: Callable[[str], Path],
+    tmp_path: Path,
+    start_server: Callable[..., KetchServer],
+) -> None:
+    server = start_server(write_models(RENEWED), "--admin-token", "plan-token")
+    ready = re.compile(r"model sized:1 ready: worker pid (\d+)")
+    while len({m.group(1) for line in server.seen if (m := ready.search(line))}) < 2:
+        server.wait_for(ready.pattern)
+    old_pids = {int(m.group(1)) for line in server.seen if (m := ready.search(line))}
+    ten = {"inputs": [1] * 10}
+    before = server.predict("sized", ten).json()["outputs"]
+    assert {o["threads"] for o in before} == {"1"} and max(o["batch"] for o in before) == 8
+
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            while not stop.is_set():
+                answers.append(client.post("/models/sized/predict", json=ten).status_code)
+
+    askers = [threading.Thread(target=keep_asking) for _ in range(3)]
+    for asker in askers:
+        asker.start()
+    try:
+        (tmp_path / "plan.json").write_text(
+            json.dumps({"pipeline": "p", "cost": 2, "models": {"sized": PLANNED_SIZED}})
+        )
+        applied = ketch_command(
+            tmp_path, "models", "plan", "plan.json", "--url", server.url, "--token", "plan-token"
+        )
+        assert applied.returncode == 0, applied.stderr
+        assert applied.stdout.strip() == (
+            "model sized:1 planned: batches of up to 4, 3 ms delay, 2-2 replicas, 2 threads"
+        )
+        # Each old worker leaves once idle and a new one (with two threads) is ready.
+        renewed = r"model sized:1 lost worker pid (\d+).*: renewed: the model's resources changed"
+        gone = {int(server.wait_for(renewed).group(1)) for _ in range(2)}
+        assert gone == old_pids
+    finally:
+        stop.set()
+        for asker in askers:
+            asker.join(60)
+    assert answers and set(answers) == {200}, f"{len(answers)} answers: {set(answers)}"
+
+    after = server.predict("sized", ten).json()["outputs"]
+    assert {o["threads"] for o in after} == {"2"}
+    assert {o["pid"] for o in after}.isdisjoint(old_pids)
+    assert max(o["batch"] for o in after) == 4  # ten inputs in batches of at most four
+    status = server.model_status("sized")
+    assert status["max_batch_size"] == 4 and status["batching"]["max_delay_ms"] == 3.0
+    assert status["resources"]["threads"] == 2 and status["replicas"]["ready"] == 2
+    server.wait_for(r"model sized:1 planned: batches of up to 4, 3 ms delay, 2 replicas, "
+                    r"2 threads, its workers renewed", seen_too=True)  # fmt: skip
+
+    # A plan that cannot apply changes nothing, and says why.
+    token = {"Authorization": "Bearer plan-token"}
+    unknown = {"models": {"sized": PLANNED_SIZED, "nope": PLANNED_SIZED}}
+    refused = server.client.post("/admin/plan", json=unknown, headers=token)
+    assert refused.status_code == 404
+    assert "the plan sizes model 'nope', which this server does not serve" in refused.text
+    negative = {"models": {"sized": {**PLANNED_SIZED, "replicas": -1}}}
+    malformed = server.client.post("/admin/plan", json=negative, headers=token)
+    assert malformed.status_code == 400 and "replicas" in malformed.text, malformed.text
+    assert server.model_status("sized")["pool"]["min_replicas"] == 2
+    assert server.predict("sized", ten).status_code == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 from typing import Any, TypeAlias
 
 from ketch.cli.admin_client import AdminClient, Outcome
@@ -98,8 +99,10 @@ def _json_value(text: str) -> Any:
 def add_models_commands(commands: _Subcommands) -> None:
     models = commands.add_parser(
         "models",
-        help="list, add, remove, scale and roll the models of a running server",
-        description=_ADMIN_DESCRIPTION.format(what="List, add, remove, scale and roll the models"),
+        help="list, add, remove, scale, plan and roll the models of a running server",
+        description=_ADMIN_DESCRIPTION.format(
+            what="List, add, remove, scale, plan and roll the models"
+        ),
     )
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
     _admin_action(actions, "list", "print the model versions served, with their state")
@@ -191,6 +194,15 @@ def add_models_commands(commands: _Subcommands) -> None:
         metavar="S",
         help="seconds a request waits for a worker to start before it is answered 503",
     )
+
+    plan = _admin_action(
+        actions,
+        "plan",
+        "serve the models a plan sizes (ketch plan's plan.json) as it plans them: batch size, "
+        "delay, replicas, threads and tuner, on every version; workers running with other "
+        "threads are replaced, each once a new one is ready",
+    )
+    plan.add_argument("plan", type=Path, metavar="PLAN.json", help="the plan ketch plan wrote")
 
     roll = _admin_action(
         actions,
@@ -335,6 +347,8 @@ def run_admin_action(args: argparse.Namespace) -> Outcome:
                     "--target-inflight, --cold-start-timeout"
                 )
             return client.scale(args.name, args.version, pool)
+        case "models", "plan":
+            return client.apply_plan(args.plan)
         case "models", "roll":
             return client.roll(args.name, args.version, args.timeout)
         case "apps", "list":

@@ -4,13 +4,16 @@ saying what happened."""
 
 from __future__ import annotations
 
+import json
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ketch.cli.http_client import READ_TIMEOUT_S, request_json
 from ketch.cli.status import apps_table, models_table
+from ketch.errors import KetchError
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,22 @@ class AdminClient:
             f"{bounds['target_inflight']} requests in flight per worker, "
             f"cold start timeout {bounds['cold_start_timeout_s']:g} s",
         )
+
+    def apply_plan(self, path: Path) -> Outcome:
+        """Serve the models the plan at ``path`` sizes as it plans them."""
+        try:
+            plan = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise KetchError(f"cannot read the plan {path}: {exc}") from None
+        answer = self._change("POST", "/admin/plan", plan)
+        lines = [
+            f"model {_label(model)} planned: batches of up to {model['max_batch_size']}, "
+            f"{model['batching']['max_delay_ms']:g} ms delay, "
+            f"{model['pool']['min_replicas']}-{model['pool']['max_replicas']} replicas, "
+            f"{model['resources']['threads']} threads"
+            for model in answer["models"]
+        ]
+        return Outcome(answer, "\n".join(lines))
 
     def roll(self, name: str, version: str, timeout_s: float | None) -> Outcome:
         """Send requests without a version to ``version``, once it has a ready worker."""

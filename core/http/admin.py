@@ -1,9 +1,11 @@
 """The management API under ``/admin``: change a running server without restarting it.
 
 Models: list them, add one from a runtime artifact, remove one (its queued requests finish
-first), set a pool's replica bounds, and roll requests without a version forward or back to
-another version (the target gets a ready worker before any request is sent to it, and
-requests already queued on the previous version finish there: none fails for the switch).
+first), set a pool's replica bounds, apply a plan ``ketch plan`` wrote (batch sizes, delays,
+replicas, threads and tuners: :mod:`ketch.planning.applied`), and roll requests without a
+version forward or back to another version (the target gets a ready worker before any request
+is sent to it, and requests already queued on the previous version finish there: none fails
+for the switch).
 Applications: list, add, remove, link and unlink models, change the policy and its params.
 Pipelines: add one (``POST /admin/pipelines``); it is listed and removed as an application.
 
@@ -21,6 +23,7 @@ applications, so a removal cannot race a roll of the same model. Every route nee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,6 +45,7 @@ from ketch.http.admin_changes import (
     Changes,
     ModelAdded,
     PipelineAdded,
+    PlanApplied,
     PoolSet,
     Rolled,
     VersionsRemoved,
@@ -58,6 +62,7 @@ from ketch.http.admin_shapes import (
 )
 from ketch.http.endpoints import Endpoints, decode_body, json_response
 from ketch.observability import events
+from ketch.planning.applied import Plan, planned_spec, tuner_of
 from ketch.plugin_manager import Plugins
 from ketch.pools.scaling import PoolManager
 from ketch.serving import status
@@ -112,6 +117,7 @@ class Admin:
         changes.handle(ModelAdded, self._add_model)
         changes.handle(VersionsRemoved, self._remove_versions)
         changes.handle(PoolSet, self._set_pool)
+        changes.handle(PlanApplied, self._apply_plan)
         changes.handle(Rolled, self._roll)
         changes.handle(AppAdded, self._add_app)
         changes.handle(PipelineAdded, self._add_pipeline)
@@ -132,6 +138,7 @@ class Admin:
             endpoints.route(model + "/pool", self.set_pool, ["PATCH"]),
             endpoints.route(version + "/pool", self.set_pool, ["PATCH"]),
             endpoints.route(model + "/roll", self.roll, ["POST"]),
+            endpoints.route("/admin/plan", self.apply_plan, ["POST"]),
             endpoints.route("/admin/apps", self.list_apps, ["GET"]),
             endpoints.route("/admin/apps", self.add_app, ["POST"]),
             endpoints.route("/admin/pipelines", self.add_pipeline, ["POST"]),
@@ -296,9 +303,42 @@ class Admin:
                 pool = msgspec.structs.replace(current, **fields)
             except (TypeError, ValueError) as exc:
                 raise PredictionError(400, str(exc), **queue.labels()) from None
-            queue.set_pool(pool)
+            queue.reconfigure(msgspec.structs.replace(queue.spec, pool=pool))
             self._report(events.pool_changed(queue.spec))
             return queue
+
+    async def apply_plan(self, request: Request) -> Response:
+        plan = decode_body(await request.body(), Plan)
+        models = await self._changes.submit(PlanApplied(models=plan.models))
+        return json_response({"models": models})
+
+    async def _apply_plan(self, change: PlanApplied) -> list[ModelStatus]:
+        """Every version of each model the plan sizes, served as it plans: checked whole
+        first, so a plan that cannot apply to one model changes none."""
+        for name in sorted(change.models):
+            if not self._dispatcher.knows_model(name):
+                raise PredictionError(
+                    404, f"the plan sizes model {name!r}, which this server does not serve"
+                )
+        async with contextlib.AsyncExitStack() as locks:
+            for name in sorted(change.models):  # in one order: no two plans wait on each other
+                await locks.enter_async_context(self._model_locks[name])
+            planned = []
+            for name, model in sorted(change.models.items()):
+                for version in self._dispatcher.versions(name):
+                    queue = self._dispatcher.queue_for(name, version)
+                    try:
+                        planned.append((queue, planned_spec(queue.spec, model), model))
+                    except ValueError as exc:
+                        raise PredictionError(400, f"the plan: {exc}", **queue.labels()) from None
+            for queue, spec, model in planned:
+                # The workers running now are marked for renewal, and the tuner set, before
+                # the queue tells the pool of its new settings: the pool then acts on all.
+                renewing = spec.resources != queue.spec.resources and self._pools.renew(queue)
+                self._pools.tune(spec.key, tuner_of(model))
+                queue.reconfigure(spec)
+                self._report(events.plan_applied(spec, renewing))
+            return [self._describe(queue) for queue, _, _ in planned]
 
     async def roll(self, request: Request) -> Response:
         body = decode_body(await request.body(), Roll)

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from ketch.planning.applied import PlannedModel
 from ketch.specs.apps import AppSpec
 from ketch.specs.models import ModelSpec
 from ketch.specs.pipelines import PipelineSpec
@@ -52,6 +53,12 @@ class PoolSet(_Change, tag="pool_set"):
     name: str
     version: str | None
     fields: dict[str, Any]
+
+
+class PlanApplied(_Change, tag="plan_applied"):
+    """A plan ``ketch plan`` wrote, applied to every version of the models it sizes."""
+
+    models: dict[str, PlannedModel]
 
 
 class Rolled(_Change, tag="rolled"):
@@ -108,6 +115,7 @@ Change = (
     ModelAdded
     | VersionsRemoved
     | PoolSet
+    | PlanApplied
     | Rolled
     | AppAdded
     | PipelineAdded

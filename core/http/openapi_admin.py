@@ -17,6 +17,7 @@ from ketch.http.openapi_parts import (
     request_body,
     schema_ref,
 )
+from ketch.planning.applied import Plan
 
 
 def admin_operations() -> dict[str, dict[str, Any]]:
@@ -100,6 +101,25 @@ def admin_operations() -> dict[str, dict[str, Any]]:
                     why={
                         503: "The version has no ready worker in time, or is unhealthy: "
                         "requests without a version stay where they were."
+                    },
+                ),
+            }
+        },
+        "/admin/plan": {
+            "post": {
+                "summary": "Serve the models a plan sizes (the plan.json ketch plan wrote) as it "
+                "plans them: batch size, delay, replicas, threads and tuner, on every version. "
+                "Workers running with other threads are replaced, each once a new one is ready.",
+                "requestBody": request_body(Plan),
+                "responses": answers_of(
+                    "Every model version the plan changed.",
+                    schema_ref(admin.ModelsList),
+                    400,
+                    404,
+                    why={
+                        400: "The body is not a plan, or a model refuses a planned value; "
+                        "nothing changed.",
+                        404: "The plan sizes a model this server does not serve; nothing changed.",
                     },
                 ),
             }

@@ -187,6 +187,25 @@ def pool_changed(spec: ModelSpec) -> Event:
     )
 
 
+def plan_applied(spec: ModelSpec, renewing: bool) -> Event:
+    """A plan applied through the management API to one model version."""
+    threads = spec.resources.threads
+    renewed = ", its workers renewed with the new threads" if renewing else ""
+    return Event(
+        "plan_applied",
+        f"model {spec.label()} planned: batches of up to {spec.max_batch_size}, "
+        f"{spec.max_delay_ms:g} ms delay, {spec.pool.min_replicas} replicas, "
+        f"{threads} threads{renewed}",
+        {
+            **_model(spec),
+            "max_batch_size": spec.max_batch_size,
+            "max_delay_ms": spec.max_delay_ms,
+            "replicas": spec.pool.min_replicas,
+            "threads": threads,
+        },
+    )
+
+
 def app_changed(name: str, policy: str, models: list[str], afresh: str | None) -> Event:
     state = "its policy keeps what it learnt" if afresh is None else f"afresh: {afresh}"
     return Event(

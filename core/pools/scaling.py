@@ -7,6 +7,9 @@ one immediately) and shrinks only after it has had more workers than it needs fo
 processes. The decision itself is :func:`scale_step`, a pure function. A pool a plan sized
 (``ketch serve --plan``) also follows its tuner (:mod:`ketch.planning.tuner`): it runs at
 least the replicas the tuner asks for from its arrival envelope, within ``max_replicas``.
+When a version's resources change while it runs (a plan applied through the management API),
+its pool renews its workers: each one started before is replaced by one started with the new
+resources, and leaves once it is idle and its replacement is ready, so capacity never drops.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ketch.pools.supervisor import WorkerProcesses
 from ketch.serving.dispatcher import Dispatcher
 from ketch.serving.queue import ModelQueue
 from ketch.serving.sink import ProcessKey, Worker, process_of
+from ketch.serving.stalls import WorkerSlot
 from ketch.serving.status import idle_started_workers
 from ketch.specs.models import ModelSpec, PoolSpec
 
@@ -131,9 +135,13 @@ class PoolManager:
         #: Each pool's pending look-again: when (``time.monotonic()``) and its timer.
         self._timers: dict[tuple[str, str], tuple[float, asyncio.TimerHandle]] = {}
         self._memory_task: asyncio.Task[None] | None = None
-        #: The tuners of the pools a plan sized, and the task that samples their queues.
+        #: The tuners of the pools a plan sized.
         self._tuners: dict[tuple[str, str], Tuner] = {}
-        self._tuning: asyncio.Task[None] | None = None
+        #: Per pool being renewed: the processes started before its resources changed.
+        self._stale: dict[tuple[str, str], set[ProcessKey]] = {}
+        #: The task that samples tuned and renewing pools, while there are any.
+        self._sampling: asyncio.Task[None] | None = None
+        self._running = False
 
     def manage(self, spec: ModelSpec) -> None:
         queue = self._dispatcher.add_model(spec)
@@ -207,35 +215,64 @@ class PoolManager:
         self._workers.release(spec, still_starting=set(queue.starting))
         self._dispatcher.forget(spec.key)
 
-    def tune(self, key: tuple[str, str], tuner: Tuner) -> None:
-        """Size pool ``key`` by ``tuner`` too (a plan's, :mod:`ketch.planning.tuner`)."""
-        self._tuners[key] = tuner
+    def tune(self, key: tuple[str, str], tuner: Tuner | None) -> None:
+        """Size pool ``key`` by ``tuner`` too (a plan's, :mod:`ketch.planning.tuner`; None:
+        by its autoscaler alone again)."""
+        if tuner is None:
+            self._tuners.pop(key, None)
+        else:
+            self._tuners[key] = tuner
+        self._sample_if_needed()
+
+    def renew(self, queue: ModelQueue) -> bool:
+        """Replace the workers the pool runs now (its resources are about to change, which
+        :meth:`ModelQueue.reconfigure` then tells the pool) with workers started from then
+        on: each old one leaves once it is idle and enough new ones are ready to carry the load
+        without it. Whether there were any to replace."""
+        stale = self._workers.started(queue.spec)
+        if stale:
+            self._stale[queue.spec.key] = stale
+            self._sample_if_needed()
+        return bool(stale)
 
     def start(self) -> None:
+        self._running = True
         self._memory_task = asyncio.create_task(self._check_memory(), name="ketch-memory")
-        if self._tuners:
-            self._tuning = asyncio.create_task(self._follow_tuners(), name="ketch-tuner")
+        self._sample_if_needed()
+
+    def _sample_if_needed(self) -> None:
+        if self._running and (self._tuners or self._stale) and self._sampling is None:
+            self._sampling = asyncio.create_task(self._sample(), name="ketch-tuner")
 
     async def stop(self) -> None:
         for key in list(self._timers):
             self._cancel_timer(key)
-        for task in (self._memory_task, self._tuning):
+        self._running = False
+        for task in (self._memory_task, self._sampling):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _follow_tuners(self) -> None:
-        while True:
+    async def _sample(self) -> None:
+        """Feed the tuners their queues' arrivals, and look at renewing pools again (an old
+        worker that was busy may be idle now), until neither is left."""
+        while self._tuners or self._stale:
             await asyncio.sleep(SAMPLE_S)  # the envelope's sampling period, not a wait for a peer
             now = time.monotonic()
-            for key, tuner in self._tuners.items():
+            for key, tuner in list(self._tuners.items()):
                 queue = self._queues.get(key)
                 if queue is None:
                     continue
                 before = tuner.wanted
                 if tuner.update(now, queue.arrived) != before:
                     self.pool_changed(queue)
+            for key in list(self._stale):
+                if (queue := self._queues.get(key)) is not None:
+                    self.pool_changed(queue)
+                else:
+                    del self._stale[key]
+        self._sampling = None
 
     async def _check_memory(self) -> None:
         while True:
@@ -264,17 +301,53 @@ class PoolManager:
             return
         now = time.monotonic()
         spec = queue.spec
+        stale_ready, stale_starting = self._stale_of(queue)
         current = queue.ready_replicas + len(queue.starting)
+        # Old workers being renewed do not count: their replacements start now.
+        counted = current - len(stale_ready) - stale_starting
         active, last_request_at = self._load_of(queue)
         tuner = self._tuners.get(spec.key)
         tuned = tuner.wanted if tuner is not None else 0
-        step = scale_step(spec.pool, current, active, now - last_request_at, now, state, tuned)
+        step = scale_step(spec.pool, counted, active, now - last_request_at, now, state, tuned)
         started = 0
         while started < step and self._workers.spawn(spec):
             started += 1
         if step < 0:
             self._scale_down(queue, -step, current, _why_fewer(spec.pool, current))
+        if stale_ready:
+            self._retire_stale(queue, stale_ready, needed=counted + max(step, 0))
         self._wake_later(queue, state, now, backing_off=started < step)
+
+    def _stale_of(self, queue: ModelQueue) -> tuple[list[WorkerSlot], int]:
+        """The ready workers, and the number of starting ones, that ``queue``'s renewal
+        replaces (those that exited are forgotten)."""
+        key = queue.spec.key
+        stale = self._stale.get(key)
+        if stale is None:
+            return [], 0
+        stale &= self._workers.started(queue.spec)
+        if not stale:
+            del self._stale[key]
+            return [], 0
+        ready = [slot for slot in queue.worker_slots() if slot.info.launch in stale]
+        return ready, len(stale & set(queue.starting))
+
+    def _retire_stale(self, queue: ModelQueue, stale: list[WorkerSlot], needed: int) -> None:
+        """Let go of the ``stale`` workers the ready new ones can do without (keeping as many
+        as the ``needed`` workers lack of new ones): the idle ones now, the busy ones once
+        they answer what they hold (they take no new batch; the sampler looks again)."""
+        new_ready = queue.ready_replicas - len(stale)
+        spare = max(0, new_ready + len(stale) - needed) if new_ready < needed else len(stale)
+        kept = [slot for slot in stale if not queue.holds_state(slot.info.identity)]
+        going = sorted(kept, key=lambda slot: len(slot.batches))[:spare]  # the idle first
+        why = "renewed: the model's resources changed, a worker started with them replaces it"
+        for slot in going:
+            if slot.batches:
+                slot.leaving = True
+                continue
+            assert slot.info.launch is not None  # the pool started it
+            self._workers.retire(slot.info.launch)
+            self._dispatcher.retire(slot.info, why)
 
     def _hand_over(self, queue: ModelQueue) -> None:
         """Let go of the workers this gateway started while it held the lease (it lost it

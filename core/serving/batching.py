@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ketch.specs.models import ModelSpec
+
 #: Grow only while a full batch took less than this fraction of the target.
 INCREASE_BELOW = 0.8
 #: Shrink to at most this fraction of the limit when a batch took longer than the target.
@@ -63,3 +65,10 @@ class BatchSizer:
         elif latency_s < INCREASE_BELOW * self.target_s and batch_size >= self.limit:
             grown = self.limit * 2.0 if self.slow_start else self.limit + 1.0
             self.size = min(float(self.max_size), grown)
+
+
+def batch_sizer(spec: ModelSpec) -> BatchSizer | None:
+    """A new worker's sizer for ``spec``; None without an ``slo_ms`` to adapt to."""
+    if spec.slo_ms is None:
+        return None
+    return BatchSizer(batch_latency_target_s(spec.slo_ms, spec.max_delay_ms), spec.batch_limit)

@@ -24,12 +24,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from msgspec.structs import replace
-
 from ketch.observability.metrics import ModelMetrics
 from ketch.observability.statistics import ModelStatistics
 from ketch.serving import refusals
-from ketch.serving.batching import BatchSizer, batch_latency_target_s
+from ketch.serving.batching import batch_sizer
 from ketch.serving.cache import PredictionCache
 from ketch.serving.jobs import (
     Backoff,
@@ -46,7 +44,7 @@ from ketch.serving.jobs import (
 )
 from ketch.serving.sink import BatchSink, PoolListener, ProcessKey, Worker
 from ketch.serving.stalls import STALL_CHECK_S, Batch, StallWatch, WorkerSlot, pick_worker
-from ketch.specs.models import ModelSpec, PoolSpec, cache_limit
+from ketch.specs.models import ModelSpec, cache_limit
 from ketch.types import Outputs
 from ketch.zmq_transport.broker import RemoteError
 
@@ -261,9 +259,14 @@ class ModelQueue:
         if self.backoff is not None and not self._workers:
             raise refusals.backing_off(self.spec, self.backoff, time.monotonic())
 
-    def set_pool(self, pool: PoolSpec) -> None:
-        """New replica bounds (or timings), which the pool follows at once."""
-        self.spec = replace(self.spec, pool=pool)
+    def reconfigure(self, spec: ModelSpec) -> None:
+        """New settings for this version (pool, batching, resources): the pool follows them at
+        once, the next batch takes the batch size and delay, workers started later the rest."""
+        old, self.spec = self.spec, spec
+        if (old.max_batch_size, old.max_delay_ms) != (spec.max_batch_size, spec.max_delay_ms):
+            for slot in self._workers.values():
+                slot.sizer = batch_sizer(spec)  # a new ceiling and target: adapt afresh
+        self.pump()
         self._load_moved(always=True)
 
     def _expire(self, job: Job) -> None:
@@ -479,11 +482,7 @@ class ModelQueue:
         hands its replies straight to this queue."""
         info.receiver = self
         self.backoff = None  # a worker is up: whatever crashed may have healed
-        sizer = None
-        if self.spec.slo_ms is not None:
-            target_s = batch_latency_target_s(self.spec.slo_ms, self.spec.max_delay_ms)
-            sizer = BatchSizer(target_s, self.spec.batch_limit)
-        self._workers[info.identity] = WorkerSlot(info, sizer)
+        self._workers[info.identity] = WorkerSlot(info, batch_sizer(self.spec))
         wake_all(self._ready_waiters)
         if self._cold_start_began is not None:
             self._metrics.cold_start_done(time.monotonic() - self._cold_start_began)

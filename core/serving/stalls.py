@@ -63,11 +63,15 @@ class WorkerSlot:
     stalled_batches: int = 0
     #: The last batch sent to it (0: none yet): who waited longest for one.
     last_batch_id: int = 0
+    #: Its pool is replacing it (renewing its workers): it takes no new batch, and leaves
+    #: once those it holds are answered.
+    leaving: bool = False
 
     @property
     def has_room(self) -> bool:
         return (
             not self.unreachable
+            and not self.leaving
             and not self.stalled_batches
             and len(self.batches) < self.info.capacity
         )

@@ -49,8 +49,10 @@ def load(plan: WorkerPlan) -> tuple[ModelSpec, Predict]:
             apply_resources(declared.resources)  # before the runtime imports its framework
         runtime = plugins.runtime_class(runtime_name)(artifact, options)
         spec = runtime.announced_spec(declared)
-        if declared is None:
-            apply_resources(spec.resources)  # the function's own, known once it is imported
+        if declared is None and plan.resources is None:
+            # A hand-started worker: the function's own, known once it is imported (a pool's
+            # plan carries them already, with what a plan or the management API set over them).
+            apply_resources(spec.resources)
         return spec, batch_predict(runtime, spec)
     except Exception as exc:
         if not isinstance(exc, TargetLoadError):

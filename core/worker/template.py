@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from ketch.specs.models import ModelSpec
+from ketch.specs.resources import Resources
+from ketch.specs.resources import apply as apply_resources
 from ketch.types import Predict
 from ketch.worker.plan import WorkerPlan
 from ketch.worker.run import load, redirect_output
@@ -121,6 +123,10 @@ class _Zygote:
                 os.close(fd)
             self._control.close()
             redirect_output(output_fd)
+            if plan.resources is not None:
+                # Its own plan's: they may have changed since the template loaded (a plan
+                # applied live gives the workers started after it other threads).
+                apply_resources(Resources.from_dict(plan.resources))
             worker.serve(self._spec.to_dict(), self._spec.label(), self._predict, plan.options())
             code = 0
         except SystemExit as exc:

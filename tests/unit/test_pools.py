@@ -266,7 +266,8 @@ async def test_a_spawn_refused_while_the_template_loads_happens_once_it_is_ready
 async def test_raising_min_replicas_starts_workers_at_once_without_traffic() -> None:
     async with pools() as harness:
         queue = harness.manage()
-        queue.set_pool(msgspec.structs.replace(queue.spec.pool, min_replicas=2, max_replicas=2))
+        pool = msgspec.structs.replace(queue.spec.pool, min_replicas=2, max_replicas=2)
+        queue.reconfigure(msgspec.structs.replace(queue.spec, pool=pool))
         assert len(harness.started()) == 2
         for pid in harness.started():
             harness.ready(queue, pid)
@@ -284,3 +285,32 @@ async def test_a_released_pool_lets_its_workers_go_and_starts_no_more() -> None:
         assert harness.processes.retired == [pid]
         assert harness.sink.dropped == [(worker, "model 'm:1' was removed")]
         assert len(harness.started()) == 1  # losing its worker did not start another
+
+
+@in_loop
+async def test_a_renewed_pool_replaces_each_old_worker_once_a_new_one_is_ready() -> None:
+    async with pools() as harness:
+        harness.manager.start()  # its sampler looks again at an old worker that was busy
+        queue = harness.manage(min_replicas=2, max_replicas=2)
+        old = harness.started()
+        workers = {pid: harness.ready(queue, pid) for pid in old}
+        busy = queue.submit([1], within())
+        busy_pid = next(pid for pid, w in workers.items() if w is harness.sink.sent[0].worker)
+        resources = msgspec.structs.replace(queue.spec.resources, threads=2)
+        assert harness.manager.renew(queue)
+        queue.reconfigure(msgspec.structs.replace(queue.spec, resources=resources))
+        new = [pid for pid in harness.started() if pid not in old]
+        assert len(new) == 2  # both replacements start at once, beside the old workers
+        assert harness.processes.retired == []  # none ready yet: the old ones keep serving
+        harness.ready(queue, new[0])
+        (idle_pid,) = set(old) - {busy_pid}
+        assert harness.processes.retired == [idle_pid]  # one new ready: one old one goes
+        harness.ready(queue, new[1])
+        assert harness.processes.retired == [idle_pid]  # the other still computes its batch
+        later = queue.submit([2], within())
+        assert harness.sink.sent[-1].worker is not workers[busy_pid]  # it takes no new batch
+        harness.reply_all()
+        assert await busy == [1] and await later == [2]
+        await harness.processes.wait_until(lambda: len(harness.processes.retired) == 2)
+        assert harness.processes.retired == [idle_pid, busy_pid]
+        assert queue.ready_replicas == 2 and len(harness.started()) == 4  # no more started
