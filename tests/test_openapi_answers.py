@@ -97,6 +97,11 @@ def _requests(folder: Path) -> list[tuple[str, str, Any]]:
         ("PATCH", "/admin/models/plus_one/pool", {"max_replicas": 2}),
         ("PATCH", "/admin/models/echo/versions/2/pool", {"idle_timeout_s": 30}),
         ("POST", "/admin/models/echo/roll", {"version": "2"}),
+        ("POST", "/admin/plan", {"models": {"plus_two": {"max_batch_size": 2, "max_delay_ms": 1,
+                                  "replicas": 1, "resources": {"cpus": 1}}}}),  # fmt: skip
+        ("POST", "/admin/plan", {"models": {"nope": {"max_batch_size": 2, "max_delay_ms": 1,
+                                  "replicas": 1, "resources": {"cpus": 1}}}}),  # fmt: skip
+        ("POST", "/admin/plan", {"models": {"plus_two": {"max_batch_size": 0}}}),
         ("POST", "/admin/apps", {"name": "pair", "models": ["plus_one"], "policy": "single"}),
         ("POST", "/admin/pipelines", {"name": "pipe2", "steps": ["plus_one", "plus_two"]}),
         ("POST", "/admin/pipelines", {"name": "pipe3", "steps": [{"step": "loop"}]}),

@@ -156,7 +156,7 @@ def test_a_repository_unload_at_one_gateway_unloads_the_model_at_the_other(
     assert answer_of(first, "/models/plus_one/predict", {"inputs": [1.0]})["outputs"] == [2.0]
 
 
-def test_a_pipeline_added_at_one_gateway_is_served_by_the_other(
+def test_a_pipeline_added_and_planned_at_one_gateway_is_served_so_by_the_other(
     start_gateway: Callable[..., KetchServer],
 ) -> None:
     first, second = start_gateway(), start_gateway()
@@ -164,5 +164,12 @@ def test_a_pipeline_added_at_one_gateway_is_served_by_the_other(
     made = admin(first, "POST", "/admin/pipelines", body)
     assert made.status_code == 201, made.text
     assert answer_of(second, "/apps/both/predict", {"input": 1.0})["output"] == 4.0
+    planned = {"max_batch_size": 3, "max_delay_ms": 2.0, "replicas": 1,
+               "resources": {"cpus": 1}, "planned_peaks": {"0.1": 5, "1": 20}}  # fmt: skip
+    plan = admin(second, "POST", "/admin/plan", {"models": {"plus_two": planned}})
+    assert plan.status_code == 200, plan.text
+    at_first = first.model_status("plus_two")
+    assert (at_first["max_batch_size"], at_first["pool"]["min_replicas"]) == (3, 1)
+    assert at_first["resources"]["threads"] == 1
     assert admin(second, "DELETE", "/admin/apps/both").status_code == 200
     assert first.client.post("/apps/both/predict", json={"input": 1.0}).status_code == 404
