@@ -23,6 +23,9 @@ TOKEN = "openapi-test-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
+PLANNED = {"max_batch_size": 2, "max_delay_ms": 1, "replicas": 1, "resources": {"cpus": 1}}
+
+
 def _tensor(name: str, shape: list[int], data: list[Any]) -> dict[str, Any]:
     return {"name": name, "shape": shape, "datatype": "FP64", "data": data}
 
@@ -97,10 +100,8 @@ def _requests(folder: Path) -> list[tuple[str, str, Any]]:
         ("PATCH", "/admin/models/plus_one/pool", {"max_replicas": 2}),
         ("PATCH", "/admin/models/echo/versions/2/pool", {"idle_timeout_s": 30}),
         ("POST", "/admin/models/echo/roll", {"version": "2"}),
-        ("POST", "/admin/plan", {"models": {"plus_two": {"max_batch_size": 2, "max_delay_ms": 1,
-                                  "replicas": 1, "resources": {"cpus": 1}}}}),  # fmt: skip
-        ("POST", "/admin/plan", {"models": {"nope": {"max_batch_size": 2, "max_delay_ms": 1,
-                                  "replicas": 1, "resources": {"cpus": 1}}}}),  # fmt: skip
+        ("POST", "/admin/plan", {"models": {"plus_two": PLANNED}}),
+        ("POST", "/admin/plan", {"models": {"nope": PLANNED}}),
         ("POST", "/admin/plan", {"models": {"plus_two": {"max_batch_size": 0}}}),
         ("POST", "/admin/apps", {"name": "pair", "models": ["plus_one"], "policy": "single"}),
         ("POST", "/admin/pipelines", {"name": "pipe2", "steps": ["plus_one", "plus_two"]}),
