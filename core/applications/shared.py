@@ -33,6 +33,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ketch.applications.memory import AnsweredQuery
+from ketch.applications.redis_streams import Outage, read_streams
 from ketch.applications.state import (
     SavedState,
     SharedStateError,
@@ -48,8 +49,6 @@ log = logging.getLogger("ketch.apps")
 #: Feedback entries a stream keeps (about; Redis trims whole nodes): a gateway that starts
 #: with a policy state older than the oldest of them has missed some.
 STREAM_LENGTH = 100_000
-#: How long one read of the streams blocks, so that applications added since are read too.
-READ_BLOCK_MS = 1000
 _JSON = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 _REMEMBER = """
@@ -200,7 +199,13 @@ class RedisQueries:
         self._bounds = (max_queries, max_bytes)
         self._held = (0, 0)
         self._background: set[asyncio.Future[Any]] = set()
-        self._failing: str | None = None
+        named = app.replace("%", "%%")  # the messages are logging's formats
+        self._outage = Outage(
+            log,
+            f"application {named!r}: the queries it answers are not kept for feedback "
+            "(Redis: %s); feedback for them will be a 404",
+            f"application {named!r}: queries are kept in Redis again",
+        )
 
     async def remember(self, answered: AnsweredQuery) -> None:
         answered.kept = True
@@ -218,19 +223,9 @@ class RedisQueries:
                 keys=self._keys, args=[answered.query.id, record, answered.size(), *self._bounds]
             )
         except redis.RedisError as exc:
-            # The answer still goes out: serving matters more than its feedback.
-            if self._failing != str(exc):
-                self._failing = str(exc)
-                log.error(
-                    "application %r: the queries it answers are not kept for feedback (Redis: "
-                    "%s); feedback for them will be a 404",
-                    self._app,
-                    exc,
-                )
+            self._outage.failed(str(exc))  # the answer still goes out: serving comes first
             return
-        if self._failing is not None:
-            self._failing = None
-            log.warning("application %r: queries are kept in Redis again", self._app)
+        self._outage.worked()
         self._held = (int(count), int(nbytes))
 
     async def recall(self, query_id: str) -> AnsweredQuery | None:
@@ -299,7 +294,11 @@ class FeedbackLog:
         #: This gateway's own entries not yet taught, by stream id.
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._failing: str | None = None
+        self._outage = Outage(
+            log,
+            "the applications' feedback cannot be read from Redis (%s)",
+            "the applications' feedback is read from Redis again",
+        )
         self._followed = asyncio.Event()
 
     def follow(self, app: str, since: str | None) -> None:
@@ -363,20 +362,11 @@ class FeedbackLog:
                 self._followed.clear()
                 await self._followed.wait()
                 continue
-            streams: Any = {_key(app, "feedback"): at for app, at in self._positions.items()}
-            try:
-                read: Any = await self._shared.client.xread(streams, count=256, block=READ_BLOCK_MS)
-            except redis.RedisError as exc:
-                self._report_failure(str(exc))
-                await asyncio.sleep(READ_BLOCK_MS / 1000)  # a pause before trying Redis again
-                continue
-            if self._failing is not None:
-                self._failing = None
-                log.warning("the applications' feedback is read from Redis again")
-            for stream, entries in read:
-                app = stream.decode().split("{", 1)[1].split("}", 1)[0]
-                for stream_id, fields in entries:
-                    self._apply(app, stream_id.decode(), fields)
+            streams = {_key(app, "feedback"): at for app, at in self._positions.items()}
+            for stream, stream_id, fields in await read_streams(
+                self._shared.client, streams, 256, self._outage
+            ):
+                self._apply(stream.split("{", 1)[1].split("}", 1)[0], stream_id, fields)
 
     def _apply(self, app: str, stream_id: str, fields: dict[bytes, bytes]) -> None:
         if app in self._positions:
@@ -410,8 +400,3 @@ class FeedbackLog:
             return
         if waiting is not None and not waiting.done():
             waiting.set_result(None)
-
-    def _report_failure(self, why: str) -> None:
-        if self._failing != why:
-            self._failing = why
-            log.error("the applications' feedback cannot be read from Redis (%s)", why)

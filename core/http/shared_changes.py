@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import redis
 
+from ketch.applications.redis_streams import Outage, read_streams
 from ketch.applications.shared import SharedState
 from ketch.http.admin_changes import Change, Changes, decode_change, encode_change
 from ketch.serving.jobs import PredictionError
@@ -32,8 +33,6 @@ from ketch.serving.jobs import PredictionError
 log = logging.getLogger("ketch.admin")
 
 STREAM = "ketch:admin:changes"
-#: How long one read of the stream blocks before it is made again.
-READ_BLOCK_MS = 1000
 #: The longest a gateway waits to apply the change it appended (Redis may be gone meanwhile).
 APPLY_TIMEOUT_S = 120.0
 
@@ -50,13 +49,17 @@ class SharedChanges:
         #: What applying this gateway's own entries gave, by stream id, until taken.
         self._outcomes: dict[str, asyncio.Future[Any]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._failing: str | None = None
+        self._outage = Outage(
+            log,
+            "cannot read the management changes from Redis: %s",
+            "the management changes are read from Redis again",
+        )
 
     async def catch_up(self) -> int:
         """Apply every change the log holds now; how many there were. Raises
         :class:`redis.RedisError` when Redis does not answer (the server does not start)."""
         applied = 0
-        while entries := await self._read(block_ms=None):
+        while entries := await self._read(outage=None):
             for stream_id, fields in entries:
                 await self._apply(stream_id, fields)
                 applied += 1
@@ -100,24 +103,14 @@ class SharedChanges:
 
     async def _follow(self) -> None:
         while True:
-            try:
-                entries = await self._read(block_ms=READ_BLOCK_MS)
-            except redis.RedisError as exc:
-                self._report_failure(str(exc))
-                await asyncio.sleep(READ_BLOCK_MS / 1000)  # a pause before trying Redis again
-                continue
-            if self._failing is not None:
-                self._failing = None
-                log.warning("the management changes are read from Redis again")
-            for stream_id, fields in entries:
+            for stream_id, fields in await self._read(self._outage):
                 await self._apply(stream_id, fields)
 
-    async def _read(self, block_ms: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
-        read: Any = await self._client.xread({STREAM: self._position}, count=64, block=block_ms)
-        entries = [(i.decode(), fields) for _, found in read or [] for i, fields in found]
-        if entries:
-            self._position = entries[-1][0]
-        return entries
+    async def _read(self, outage: Outage | None) -> list[tuple[str, dict[bytes, bytes]]]:
+        read = await read_streams(self._client, {STREAM: self._position}, 64, outage)
+        if read:
+            self._position = read[-1][1]
+        return [(stream_id, fields) for _, stream_id, fields in read]
 
     async def _apply(self, stream_id: str, fields: dict[bytes, bytes]) -> None:
         own = fields.get(b"gateway", b"").decode() == self._gateway
@@ -139,8 +132,3 @@ class SharedChanges:
             return
         if own:
             self._outcome(stream_id).set_result(result)
-
-    def _report_failure(self, why: str) -> None:
-        if self._failing != why:
-            self._failing = why
-            log.error("cannot read the management changes from Redis: %s", why)

@@ -34,6 +34,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from ketch.applications.redis_streams import Outage
 from ketch.pools.endpoints import dialable
 from ketch.pools.scaling import RemoteLoad
 from ketch.zmq_transport.protocol import PeerBroker
@@ -142,7 +143,7 @@ class Gateways:
         self._tasks: list[asyncio.Task[None]] = []
         #: Load messages on their way (each removes itself when sent).
         self._publishing: set[asyncio.Future[None]] = set()
-        self._failing: str | None = None
+        self._outage = Outage(log, "%s", "the gateways reach each other through Redis again")
         #: What each of this follower's pools last reported, so an unchanged one is not sent.
         self._reported: dict[tuple[str, str], tuple[int, float]] = {}
 
@@ -190,7 +191,7 @@ class Gateways:
         try:
             await self._client.publish(_LOAD, message)
         except redis.RedisError as exc:
-            self._report_failure(f"cannot share this gateway's load: {exc}")
+            self._outage.failed(f"cannot share this gateway's load: {exc}")
 
     async def _announce_periodically(self) -> None:
         while True:
@@ -214,11 +215,9 @@ class Gateways:
         except redis.RedisError as exc:
             # Each keeps its part until Redis is back: a holder that cannot renew its lease
             # goes on scaling (another may take over once the lease expires in Redis).
-            self._report_failure(f"cannot reach the other gateways through Redis: {exc}")
+            self._outage.failed(f"cannot reach the other gateways through Redis: {exc}")
             return
-        if self._failing is not None:
-            self._failing = None
-            log.warning("the gateways reach each other through Redis again")
+        self._outage.worked()
         if others != self._others:
             self._others = others
             self._pools.forget_gateways({a.gateway for a in others})
@@ -261,7 +260,7 @@ class Gateways:
                         if message.get("type") == "message" and self.leading:
                             self._heard(message["data"])
             except redis.RedisError as exc:
-                self._report_failure(f"cannot hear the other gateways' load: {exc}")
+                self._outage.failed(f"cannot hear the other gateways' load: {exc}")
                 await asyncio.sleep(ANNOUNCE_S)  # a pause before trying Redis again
 
     def _heard(self, data: bytes) -> None:
@@ -277,11 +276,6 @@ class Gateways:
             return
         if gateway != self.me.gateway:
             self._pools.remote_load((str(name), str(version)), gateway, load)
-
-    def _report_failure(self, why: str) -> None:
-        if self._failing != why:
-            self._failing = why
-            log.error("%s", why)
 
 
 def _name(key: bytes | str) -> str:
